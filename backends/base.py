@@ -1,0 +1,181 @@
+"""The adapter interface every backend implements, and the plan format it receives.
+
+This module runs inside a backend's own environment: it may import only the standard library and
+numpy, never a deep learning framework.
+
+The plan
+--------
+The parent validates a spec and sends the worker a *plan*: the spec normalized, JSON only.
+
+    {"name": "lazy_mlp", "seed": 0, "input_shape": [2, 20], "layers": [NODE, ...]}
+
+Every NODE has ``type``, ``name`` (its segment: the spec's ``name`` or its index in the parent
+list, as a string) and ``path`` (the dotted canonical prefix, e.g. ``"block.0"``). By type:
+
+- ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``
+- ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
+                  ([h, w] each, zero padding on both sides), ``bias``, ``init``
+- ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for (N, C)),
+                  ``eps``, ``momentum`` (PyTorch meaning: new = (1 - m) * old + m * batch), ``init``
+- ``max_pool2d``: ``pool``/``stride`` ([h, w] each)
+- ``flatten``, ``relu``, ``sigmoid``, ``tanh``
+- ``center``:     the parameter-free custom layer ``x - mean(x)``, mean over every element
+- ``sequential``: ``layers`` (a list of NODEs)
+- ``ref``:        ``to`` (the canonical path of an earlier layer): calling that very layer again,
+                  so its parameters are shared
+
+``init`` maps each parameter role of the node (``weight``, ``bias``, ``running_mean``,
+``running_var``) to an INIT: ``{"name": NAME, ARG: VALUE, ...}`` with every argument filled in,
+PyTorch ``torch.nn.init`` semantics, canonical layout ((out, in), (out, in, kh, kw)). ``default``
+means: leave the framework's own initialization in place.
+
+Canonical parameter names are ``<node path>.<role>``; canonical layouts are PyTorch's. Inputs and
+outputs cross the boundary in canonical layout (NCHW); an adapter converts to its framework's
+layout and back itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+
+PARAM_ROLES = {
+    "dense": ("weight", "bias"),
+    "conv2d": ("weight", "bias"),
+    "batch_norm": ("weight", "bias", "running_mean", "running_var"),
+}
+TRAINABLE_ROLES = {"weight", "bias"}
+# Exact values of the probability-mass-free truncation used by Keras and JAX variance scaling.
+TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device is not visible to this framework."""
+
+
+def iter_nodes(layers: list[dict]) -> Iterator[dict]:
+    """Every node of a plan, depth first in document order (sequential blocks before their children)."""
+    for node in layers:
+        yield node
+        if node["type"] == "sequential":
+            yield from iter_nodes(node["layers"])
+
+
+def param_roles(node: dict) -> tuple[str, ...]:
+    """The parameter roles a node owns (none for ``ref``: it owns nothing, it reuses)."""
+    roles = PARAM_ROLES.get(node["type"], ())
+    if node["type"] in ("dense", "conv2d") and not node["bias"]:
+        roles = ("weight",)
+    return roles
+
+
+def owned_params(plan: dict) -> Iterator[tuple[str, dict, str]]:
+    """``(canonical name, node, role)`` for every parameter the plan creates, in document order."""
+    for node in iter_nodes(plan["layers"]):
+        for role in param_roles(node):
+            yield f"{node['path']}.{role}", node, role
+
+
+def torch_fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a canonical-layout weight, as ``torch.nn.init`` computes them."""
+    if len(shape) < 2:
+        raise ValueError(f"fans need at least 2 dimensions, got shape {tuple(shape)}")
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
+    """``torch.nn.init.calculate_gain`` without torch (used by adapters with no such helper)."""
+    if nonlinearity in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                        "conv_transpose2d", "conv_transpose3d", "sigmoid"):
+        return 1.0
+    if nonlinearity == "tanh":
+        return 5.0 / 3
+    if nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if nonlinearity == "leaky_relu":
+        slope = 0.01 if param is None else param
+        return math.sqrt(2.0 / (1 + slope ** 2))
+    if nonlinearity == "selu":
+        return 3.0 / 4
+    raise ValueError(f"unsupported nonlinearity {nonlinearity!r}")
+
+
+def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
+                 dtype: str | None, shared_with=(), initialized: bool = True,
+                 touch: str | None = None) -> dict:
+    """One parameter as an adapter reports it (before or after the first forward, or after init).
+
+    ``shape`` is canonical with ``None`` for dimensions not known yet; ``native_shape`` is what
+    the framework itself reports (``None`` when it cannot say); ``touch`` is what the framework
+    does when the value is read before it exists (the exception, as text) or None.
+    """
+    return {
+        "name": name,
+        "native_name": native_name,
+        "role": role,
+        "shape": None if shape is None else [None if d is None else int(d) for d in shape],
+        "native_shape": None if native_shape is None else [None if d is None else int(d)
+                                                           for d in native_shape],
+        "dtype": dtype,
+        "trainable": role in TRAINABLE_ROLES,
+        "kind": "parameter" if role in TRAINABLE_ROLES else "buffer",
+        "shared_with": sorted(shared_with),
+        "initialized": initialized,
+        "touch": touch,
+    }
+
+
+class BaseAdapter:
+    """One framework, seen through the plan. Subclasses live in ``backends/<name>/adapter.py``
+    as ``class Adapter(BaseAdapter)`` and import their framework only inside methods (or in
+    ``setup``), so that importing the class costs nothing.
+
+    The worker calls, per plan: ``seed``, ``build``, ``inspect`` (before), ``forward`` (the first
+    forward: lazy sizes get inferred), ``inspect`` (after), ``seed``, ``initialize``, ``inspect``
+    and ``values`` (the record), then ``load`` and ``forward`` again with the probe parameters.
+    """
+
+    #: the framework's import name, for the environment record
+    framework: str = ""
+
+    def setup(self, device: str) -> dict:
+        """Import the framework and pick the device (``auto``, ``cpu`` or ``cuda``).
+
+        Returns ``{"device": "cpu" | "cuda:0" ..., "device_name": ..., "versions": {pkg: ver}}``.
+        Raises DeviceUnavailable when ``cuda`` is asked for and none is visible.
+        """
+        raise NotImplementedError
+
+    def seed(self, seed: int) -> None:
+        """Seed the framework's random state so the same plan gives the same values."""
+        raise NotImplementedError
+
+    def build(self, plan: dict) -> Any:
+        """The model for the plan: lazy modules where sizes are open, eager ones where given."""
+        raise NotImplementedError
+
+    def inspect(self, model: Any, plan: dict) -> list[dict]:
+        """Every distinct parameter and buffer now, as ``param_record`` dicts (shared once)."""
+        raise NotImplementedError
+
+    def forward(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Inference-mode forward of a canonical-layout (NCHW) float32 input; canonical output."""
+        raise NotImplementedError
+
+    def initialize(self, model: Any, plan: dict) -> dict[str, str]:
+        """Apply every plan initializer; return ``{name: "native: ..." | "custom: ..."}``."""
+        raise NotImplementedError
+
+    def values(self, model: Any, plan: dict) -> dict[str, np.ndarray]:
+        """Every distinct parameter's values in canonical layout, as float32 numpy arrays."""
+        raise NotImplementedError
+
+    def load(self, model: Any, plan: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Set parameters from canonical-layout arrays (the probe used to compare numerics)."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work to finish (no-op on CPU)."""

@@ -1,0 +1,196 @@
+"""``python -m harness compare | setup | list``: the command line, as a pipeline of small steps.
+
+Exit status: 0 when every record is ok and every check passed, 1 when a check or a backend
+failed, 2 for user errors (bad spec, unknown backend, bad --python), which print one line and
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import analysis, report
+from .envs import ROOT, EnvError, UserError, discover, ensure_env, parse_python_overrides, select
+from .runner import run_worker
+from .spec import SpecError, Spec, load_spec
+
+SPECS_DIR = ROOT / "specs"
+REPORTS_DIR = ROOT / "reports"
+REFERENCE = "numpy"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_spec_files() -> list[Path]:
+    return sorted(p for p in SPECS_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def load_specs(paths: list[str], seed: int | None) -> list[Spec]:
+    files = [Path(p) for p in paths] if paths else default_spec_files()
+    specs = [load_spec(f, seed) for f in files]
+    seen = {}
+    for s in specs:
+        if s.name in seen:
+            raise SpecError(s.file, "name", f"{s.name!r} is also the name of {seen[s.name]}")
+        seen[s.name] = s.file
+    return specs
+
+
+def new_run_dir(out: str | None) -> tuple[Path, str]:
+    if out:
+        path = Path(out)
+        return path, path.name
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    path, n = REPORTS_DIR / run_id, 1
+    while path.exists():
+        n += 1
+        path = REPORTS_DIR / f"{run_id}-{n}"
+    return path, path.name
+
+
+def point_latest(run_dir: Path) -> None:
+    """``reports/latest`` -> the newest run, replaced atomically."""
+    link, tmp = REPORTS_DIR / "latest", REPORTS_DIR / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+
+
+def run_backend(backend, python, specs, args, work: Path, logs: Path):
+    """Provision (unless --python), run the worker, keep its log; a WorkerResult or an error."""
+    env_info = {"interpreter": str(python) if python else str(backend.env_python)}
+    try:
+        python = python or ensure_env(backend, progress)
+    except EnvError as exc:
+        env_info["error"] = str(exc)
+        failed = [{"spec": s.name, "status": "failed", "error": str(exc)} for s in specs]
+        return env_info, failed, [{} for _ in specs]
+    progress(f"[{backend.name}] running {len(specs)} specs with {python}")
+    result = run_worker(backend.name, python, specs, work / backend.name, device=args.device,
+                        timeout=args.timeout, progress=progress)
+    logs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.log, logs / f"{backend.name}.log")
+    env_info.update(worker=result.environment, wall_s=result.wall_s, log=f"logs/{backend.name}.log")
+    if result.errors:
+        env_info["error"] = "; ".join(result.errors)
+    return env_info, result.records, result.arrays
+
+
+def cmd_compare(args) -> int:
+    specs = load_specs(args.spec, args.seed)
+    backends = select(args.backend)
+    overrides = parse_python_overrides(args.python, discover())
+    run_dir, run_id = new_run_dir(args.out)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    raw, environments = {}, {}
+    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        for b in backends:
+            environments[b.name], records, arrays = run_backend(
+                b, overrides.get(b.name), specs, args, Path(tmp), run_dir / "logs")
+            raw[b.name] = list(zip(records, arrays))
+    reference = {rec["spec"]: arr.get("probe_output") for rec, arr in raw.get(REFERENCE, [])}
+    by_name = {s.name: s for s in specs}
+    results = []
+    for b in backends:
+        for rec, arr in raw[b.name]:
+            rec["backend"] = b.name
+            ref = reference.get(rec["spec"]) if b.name != REFERENCE else None
+            results.append(analysis.analyze(by_name[rec["spec"]], b.defaults, rec, arr, ref))
+    results.sort(key=lambda r: ([s.name for s in specs].index(r["spec"]),
+                                [b.name for b in backends].index(r["backend"])))
+    run = {"id": run_id, "started": started, "device": args.device,
+           "command": "python -m harness " + " ".join(sys.argv[1:]),
+           "seed_note": "from each spec" if args.seed is None else str(args.seed)}
+    document = report.results_document(run, specs, results, environments)
+    markdown = report.render(run, specs, results, environments,
+                             {b.name: b.defaults for b in backends})
+    report.write_run(run_dir, document, markdown)
+    if not args.out:
+        point_latest(run_dir)
+    return _print_outcome(results, run_dir)
+
+
+def _print_outcome(results: list[dict], run_dir: Path) -> int:
+    failed = [r for r in results if not r.get("passed")]
+    for r in results:
+        status = "ok" if r.get("passed") else ("FAILED" if r["status"] == "ok" else r["status"])
+        detail = "" if r.get("passed") else \
+            f": {r.get('error') or str(len(report._failed_checks(r))) + ' checks failed'}"
+        print(f"{r['backend']:>8}  {r['spec']:<20} {status}{detail}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 1 if failed else 0
+
+
+def cmd_setup(args) -> int:
+    status = 0
+    for b in select(args.backend):
+        try:
+            python = ensure_env(b, progress)
+            print(f"{b.name}: ready ({python})")
+        except EnvError as exc:
+            print(f"{b.name}: FAILED: {exc}")
+            status = 1
+    return status
+
+
+def cmd_list(args) -> int:
+    print("backends:")
+    for b in discover().values():
+        print(f"  {b.name:<8} {b.framework:<20} env {b.env_state():<8} {b.env_dir}")
+    print("built-in specs:")
+    for f in default_spec_files():
+        try:
+            s = load_spec(f)
+            kind = "lazy" if s.lazy else "eager"
+            print(f"  {s.name:<16} {kind:<6} {len(s.params):>3} params  {f.relative_to(ROOT)}")
+        except SpecError as exc:
+            print(f"  INVALID {exc}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=(
+        "Compare one model spec across deep learning frameworks: parameter shapes, lazy "
+        "inference, initializers against their analytic distributions, sharing, numerics."))
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="run specs on backends and write a markdown report")
+    c.add_argument("spec", nargs="*", help="spec files (YAML or JSON); default: every file in specs/")
+    c.add_argument("--backend", action="append", help="backend to run (repeatable; default: all)")
+    c.add_argument("--out", help="write the run's files straight into this directory")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--seed", type=int, help="override every spec's seed")
+    c.add_argument("--python", action="append", metavar="NAME=PATH",
+                   help="use this interpreter for backend NAME instead of its managed environment")
+    c.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a worker may go without progress before it is killed (600)")
+    c.set_defaults(func=cmd_compare)
+    s = sub.add_parser("setup", help="create (or refresh) the backends' environments")
+    s.add_argument("--backend", action="append", help="backend (repeatable; default: all)")
+    s.set_defaults(func=cmd_setup)
+    ls = sub.add_parser("list", help="backends, their environment state, the built-in specs")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "timeout", 1) <= 0:
+        print("error: --timeout: must be positive", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (SpecError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written for this run", file=sys.stderr)
+        return 130

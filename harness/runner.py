@@ -1,0 +1,162 @@
+"""Run one backend's worker over a list of specs in that backend's interpreter, and read back its
+results (JSON plus ``.npz`` with ``allow_pickle=False``). A worker that cannot start, crashes or
+makes no progress for ``timeout`` seconds yields failed records with the cause and its log's tail;
+what it finished before that is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .envs import ROOT, tail
+from .spec import Spec
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class WorkerResult:
+    """What one backend's worker produced: its environment and one record per spec."""
+    backend: str
+    environment: dict | None
+    records: list[dict]
+    arrays: list[dict[str, np.ndarray]]
+    log: Path
+    wall_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def make_input(spec: Spec) -> np.ndarray:
+    """The spec's example input: standard normal, canonical (NCHW) layout, from the spec's seed."""
+    return np.random.default_rng([spec.seed, 1]).standard_normal(spec.input_shape) \
+        .astype(np.float32)
+
+
+def make_probe(spec: Spec) -> dict[str, np.ndarray]:
+    """Parameters every backend loads before the numerics forward, so outputs are comparable:
+    weights and biases U(+-1/sqrt(fan_in)), batch-norm scale and variance in [0.5, 1.5]."""
+    rng = np.random.default_rng([spec.seed, 2])
+    out = {}
+    for p in spec.params:
+        fan_shape = p.shape if len(p.shape) >= 2 else p.layer_weight_shape
+        if p.layer_type == "batch_norm" and p.role in ("weight", "running_var"):
+            values = rng.uniform(0.5, 1.5, p.shape)
+        elif p.layer_type == "batch_norm":
+            values = rng.normal(0.0, 0.1, p.shape)
+        else:
+            bound = 1.0 / np.sqrt(fan_shape[1] * np.prod(fan_shape[2:], dtype=int))
+            values = rng.uniform(-bound, bound, p.shape)
+        out[p.name] = values.astype(np.float32)
+    return out
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop the worker and anything it started (it leads its own process group)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _exit_cause(rc: int | None, timed_out: bool, timeout: float) -> str:
+    if timed_out:
+        return f"timed out: no progress for {timeout:g} s (the worker was killed)"
+    if rc is not None and rc < 0:
+        return f"worker killed by signal {signal.Signals(-rc).name}"
+    return f"worker exited with status {rc} before finishing this spec"
+
+
+def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *, device: str,
+               timeout: float, progress=print) -> WorkerResult:
+    """Start ``python -m backends.worker`` for ``specs`` and collect what it writes."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = work_dir / "out"
+    np.savez(work_dir / "inputs.npz", **{str(i): make_input(s) for i, s in enumerate(specs)})
+    np.savez(work_dir / "probe.npz", **{f"{i}/{name}": v for i, s in enumerate(specs)
+                                        for name, v in make_probe(s).items()})
+    request = {"schema_version": SCHEMA_VERSION, "backend": backend, "device": device,
+               "plans": [s.plan for s in specs], "inputs": str(work_dir / "inputs.npz"),
+               "probe": str(work_dir / "probe.npz"), "out_dir": str(out_dir)}
+    (work_dir / "request.json").write_text(json.dumps(request, indent=1))
+    log_path = work_dir / "worker.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        PYTHONUNBUFFERED="1")
+
+    started = time.monotonic()
+    timed_out, rc, done, seen = False, None, 0, 0
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen([str(python), "-m", "backends.worker",
+                                     str(work_dir / "request.json")],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=ROOT, env=env, start_new_session=True)
+        except OSError as exc:
+            return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
+        last_progress = time.monotonic()
+        while True:
+            try:
+                rc = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
+            markers = finished + (out_dir / "worker.json").exists()
+            if markers > seen:  # set up, or one more spec finished: progress
+                if finished > done:
+                    progress(f"[{backend}] {finished}/{len(specs)} specs done")
+                seen, done, last_progress = markers, finished, time.monotonic()
+            if time.monotonic() - last_progress > timeout:
+                timed_out = True
+                _kill(proc)
+                rc = proc.returncode
+                break
+    return _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout,
+                    time.monotonic() - started)
+
+
+def _failed_all(backend, specs, log_path, error) -> WorkerResult:
+    records = [{"spec": s.name, "status": "failed", "error": error, "log_tail": tail(log_path)}
+               for s in specs]
+    return WorkerResult(backend, None, records, [{} for _ in specs], log_path, errors=[error])
+
+
+def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) -> WorkerResult:
+    environment, errors = None, []
+    fatal = out_dir / "fatal.json"
+    if fatal.exists():
+        errors.append(json.loads(fatal.read_text())["error"])
+    if (out_dir / "worker.json").exists():
+        environment = json.loads((out_dir / "worker.json").read_text())
+    cause = errors[0] if errors else _exit_cause(rc, timed_out, timeout)
+    records, arrays = [], []
+    for i, spec in enumerate(specs):
+        rec_file, npz_file = out_dir / f"{i}.json", out_dir / f"{i}.npz"
+        if rec_file.exists():
+            record = json.loads(rec_file.read_text())
+            with np.load(npz_file, allow_pickle=False) as data:
+                arrays.append({k: data[k] for k in data.files})
+            if record["status"] != "ok":
+                record["log_tail"] = tail(log_path)
+        else:
+            record = {"spec": spec.name, "status": "failed", "error": cause,
+                      "log_tail": tail(log_path)}
+            arrays.append({})
+        records.append(record)
+    if timed_out or (rc not in (0, None) and not errors):
+        errors.append(_exit_cause(rc, timed_out, timeout))
+    return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors)

@@ -1,0 +1,398 @@
+"""Load and validate a model spec, and compute from it alone every parameter's canonical name,
+shape, fans and initializer (the expectations the backends are held to), plus the *plan* that
+workers build from (see backends/base.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from . import initializers as inits
+
+LAYER_TYPES = ("dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu", "sigmoid", "tanh",
+               "center", "sequential", "ref")
+ROLES = {"dense": ("weight", "bias"), "conv2d": ("weight", "bias"),
+         "batch_norm": ("weight", "bias", "running_mean", "running_var")}
+TRAINABLE_ROLES = ("weight", "bias")
+
+
+class SpecError(Exception):
+    """A user error in a spec: names the file and the field path."""
+
+    def __init__(self, file: str | Path, where: str, message: str):
+        super().__init__(f"{file}: {where}: {message}" if where else f"{file}: {message}")
+        self.file, self.where, self.message = str(file), where, message
+
+
+# ---------------------------------------------------------------- schema
+_INT1 = {"type": "integer", "minimum": 1}
+_INT0 = {"type": "integer", "minimum": 0}
+_PAIR1 = {"oneOf": [_INT1, {"type": "array", "items": _INT1, "minItems": 2, "maxItems": 2}]}
+_PAIR0 = {"oneOf": [_INT0, {"type": "array", "items": _INT0, "minItems": 2, "maxItems": 2}]}
+_INIT = {"$ref": "#/$defs/init"}
+_COMMON = {"type": {"enum": list(LAYER_TYPES)},
+           "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}}
+_INITS = {"weight_init": _INIT, "bias_init": _INIT}
+_FIELDS = {
+    "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS}, ["units"]),
+    "conv2d": ({"channels": _INT1, "kernel": _PAIR1, "stride": _PAIR1, "padding": _PAIR0,
+                "in_channels": _INT1, "bias": {"type": "boolean"}, **_INITS},
+               ["channels", "kernel"]),
+    "batch_norm": ({"num_features": _INT1, "eps": {"type": "number", "exclusiveMinimum": 0},
+                    "momentum": {"type": "number", "minimum": 0, "maximum": 1}, **_INITS}, []),
+    "max_pool2d": ({"pool": _PAIR1, "stride": _PAIR1}, ["pool"]),
+    "sequential": ({"layers": {"type": "array", "minItems": 1,
+                               "items": {"$ref": "#/$defs/layer"}}}, ["layers"]),
+    "ref": ({"to": {"type": "string", "minLength": 1}}, ["to"]),
+}
+SCHEMA = {
+    "type": "object",
+    "required": ["name", "input", "layers"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},
+        "description": {"type": "string"},
+        "input": {"type": "array", "items": _INT1, "minItems": 2},
+        "seed": _INT0,
+        "init": {"type": "object", "additionalProperties": False,
+                 "properties": {"weight": _INIT, "bias": _INIT}},
+        "layers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/layer"}},
+    },
+    "$defs": {
+        "init": inits.init_schema(),
+        "layer": {
+            "type": "object", "required": ["type"], "properties": {"type": _COMMON["type"]},
+            "allOf": [{"if": {"required": ["type"], "properties": {"type": {"const": t}}},
+                       "then": {"properties": {**_COMMON, **_FIELDS.get(t, ({}, []))[0]},
+                                "required": _FIELDS.get(t, ({}, []))[1],
+                                "additionalProperties": False}} for t in LAYER_TYPES],
+        },
+    },
+}
+
+
+def _field_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _schema_error(doc, file) -> None:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is None:
+        return
+    while error.context:  # descend into oneOf/anyOf to the most specific complaint
+        error = jsonschema.exceptions.best_match(error.context)
+    message = error.message
+    if error.validator == "enum" and error.validator_value == list(inits.CATALOGUE):
+        message = f"unknown initializer {error.instance!r}; known: {', '.join(inits.CATALOGUE)}"
+    raise SpecError(file, _field_path(error.absolute_path) or "(document)", message)
+
+
+# ---------------------------------------------------------------- the validated spec
+@dataclass
+class ParamSpec:
+    """One parameter or buffer as the spec defines it, in canonical naming and layout."""
+    name: str
+    role: str
+    layer_type: str
+    shape: tuple[int, ...]
+    lazy_shape: tuple[int | None, ...]  # what is known before the first forward
+    init: dict                          # normalized; may be {"name": "default"}
+    init_field: str                     # where in the spec the init came from
+    layer_weight_shape: tuple[int, ...] | None
+    shared_with: list[str] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> bool:
+        return self.role in TRAINABLE_ROLES
+
+    @property
+    def fans(self) -> tuple[int, int] | None:
+        return inits.fans(self.shape) if len(self.shape) >= 2 else None
+
+    def resolved_init(self, defaults: dict) -> dict:
+        """The concrete canonical init, resolving ``default`` with a backend's declared defaults."""
+        if self.init["name"] != "default":
+            return self.init
+        return defaults[self.layer_type][self.role]
+
+    def expected(self, defaults: dict) -> dict:
+        return inits.expected_distribution(self.resolved_init(defaults), self.shape,
+                                           self.layer_weight_shape)
+
+
+@dataclass
+class Spec:
+    file: str
+    name: str
+    description: str
+    input_shape: tuple[int, ...]
+    seed: int
+    plan: dict
+    params: list[ParamSpec]
+    output_shape: tuple[int, ...]
+
+    @property
+    def param_count(self) -> int:
+        """Trainable scalars, shared ones once (what ``sum(p.numel() for p in parameters())``
+        gives in PyTorch)."""
+        return sum(math.prod(p.shape) for p in self.params if p.trainable)
+
+    @property
+    def lazy(self) -> bool:
+        return any(None in p.lazy_shape for p in self.params)
+
+    def param(self, name: str) -> ParamSpec:
+        return next(p for p in self.params if p.name == name)
+
+
+def _pair(value, default) -> list[int]:
+    value = default if value is None else value
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+class _Builder:
+    """Walks the validated document once: plan nodes, shapes, inits, sharing."""
+
+    def __init__(self, file, doc):
+        self.file, self.doc = file, doc
+        self.top_init = {k: inits.normalize(v) for k, v in doc.get("init", {}).items()}
+        self.nodes: dict[str, dict] = {}        # canonical path -> plan node (completed)
+        self.where: dict[str, str] = {}         # canonical path -> spec field path
+        self.params: dict[str, ParamSpec] = {}  # canonical name -> ParamSpec
+
+    def fail(self, where, message):
+        raise SpecError(self.file, where, message)
+
+    def layers(self, raw_layers, prefix, where) -> list[dict]:
+        nodes, seen = [], set()
+        for i, raw in enumerate(raw_layers):
+            here = f"{where}[{i}]"
+            seg = raw.get("name", str(i))
+            if seg in seen:
+                self.fail(f"{here}.name", f"duplicate layer name {seg!r} in the same block")
+            seen.add(seg)
+            path = f"{prefix}.{seg}" if prefix else seg
+            node = self.node(raw, seg, path, here)
+            self.nodes[path], self.where[path] = node, here
+            nodes.append(node)
+        return nodes
+
+    def node(self, raw, seg, path, where) -> dict:
+        t = raw["type"]
+        node = {"type": t, "name": seg, "path": path}
+        if t == "dense":
+            node.update(units=raw["units"], in_units=raw.get("in_units"), bias=raw.get("bias", True))
+        elif t == "conv2d":
+            node.update(channels=raw["channels"], in_channels=raw.get("in_channels"),
+                        kernel=_pair(raw["kernel"], None), stride=_pair(raw.get("stride"), 1),
+                        padding=_pair(raw.get("padding"), 0), bias=raw.get("bias", True))
+        elif t == "batch_norm":
+            node.update(num_features=raw.get("num_features"), spatial=None,
+                        eps=float(raw.get("eps", 1e-5)), momentum=float(raw.get("momentum", 0.1)))
+        elif t == "max_pool2d":
+            node.update(pool=_pair(raw["pool"], None),
+                        stride=_pair(raw.get("stride"), None) if "stride" in raw
+                        else _pair(raw["pool"], None))
+        elif t == "sequential":
+            node["layers"] = self.layers(raw["layers"], path, f"{where}.layers")
+        elif t == "ref":
+            node["to"] = self.resolve_ref(raw["to"], path, f"{where}.to")
+        if t in ROLES:
+            node["init"] = self.layer_inits(raw, t, where)
+        return node
+
+    def resolve_ref(self, to, path, where) -> str:
+        if to in self.nodes:
+            target = to
+        else:
+            named = [p for p in self.nodes if p.rsplit(".", 1)[-1] == to]
+            if len(named) != 1:
+                known = ", ".join(repr(p) for p in self.nodes if not p.split(".")[-1].isdigit())
+                why = "is ambiguous" if named else "names no earlier layer"
+                self.fail(where, f"{to!r} {why}; write the full dotted path "
+                                 f"(named layers so far: {known or 'none'})")
+            target = named[0]
+        while self.nodes[target]["type"] == "ref":
+            target = self.nodes[target]["to"]
+        return target
+
+    def layer_inits(self, raw, t, where) -> dict:
+        out = {}
+        for role in ROLES[t]:
+            if role == "bias" and not raw.get("bias", True):
+                if "bias_init" in raw:
+                    self.fail(f"{where}.bias_init", "is given but the layer has bias: false")
+                continue
+            if role.startswith("running_"):
+                out[role] = {"name": "zeros" if role == "running_mean" else "ones"}
+            elif f"{role}_init" in raw:
+                out[role] = inits.normalize(raw[f"{role}_init"])
+                out[role]["_field"] = f"{where}.{role}_init"
+            elif t != "batch_norm" and role in self.top_init:
+                out[role] = dict(self.top_init[role], _field=f"init.{role}")
+            else:
+                out[role] = {"name": "default", "_field": f"{where} ({role}: default)"}
+        return out
+
+    # ------------------------------------------------------------ shapes (PyTorch semantics)
+    def infer(self, nodes, shape, alias_prefix=None) -> tuple[int, ...]:
+        for node in nodes:
+            shape = self.apply(node, shape, alias_prefix)
+        return shape
+
+    def apply(self, node, shape, alias_prefix) -> tuple[int, ...]:
+        t, where = node["type"], self.where[node["path"]]
+        if t == "sequential":
+            return self.infer(node["layers"], shape, alias_prefix)
+        if t == "ref":
+            target = self.nodes[node["to"]]
+            prefix = self.alias(node["path"], alias_prefix)
+            return self.apply_as(target, shape, prefix, where)
+        return self.apply_as(node, shape, alias_prefix, where)
+
+    @staticmethod
+    def alias(path, alias_prefix):
+        return path if alias_prefix is None else alias_prefix
+
+    def apply_as(self, node, shape, alias_prefix, where) -> tuple[int, ...]:
+        """Shape after ``node``; ``alias_prefix`` set when reached through a ``ref`` (replay)."""
+        t = node["type"]
+        if t == "sequential":
+            out = shape
+            for child in node["layers"]:
+                sub = None if alias_prefix is None else \
+                    alias_prefix + child["path"][len(node["path"]):]
+                out = self.apply_as(child, out, sub, where) if child["type"] != "ref" else \
+                    self.apply_as(self.nodes[child["to"]], out, sub, where)
+            return out
+        if t == "dense":
+            if len(shape) < 2:
+                self.fail(where, f"dense needs an input with a feature axis, got shape {shape}")
+            given, n_in = node["in_units"], shape[-1]
+            self.check_given(given, n_in, where, "in_units", "features")
+            out = shape[:-1] + (node["units"],)
+            self.add_params(node, {"weight": (node["units"], n_in), "bias": (node["units"],)},
+                            {"weight": (node["units"], given), "bias": (node["units"],)},
+                            alias_prefix, where)
+            return out
+        if t == "conv2d":
+            self.need_rank(shape, 4, t, where)
+            kh, kw = node["kernel"]
+            self.check_given(node["in_channels"], shape[1], where, "in_channels", "channels")
+            hw = [self.window(shape[2 + i], node["kernel"][i], node["stride"][i],
+                              node["padding"][i], where) for i in range(2)]
+            self.add_params(node, {"weight": (node["channels"], shape[1], kh, kw),
+                                   "bias": (node["channels"],)},
+                            {"weight": (node["channels"], node["in_channels"], kh, kw),
+                             "bias": (node["channels"],)}, alias_prefix, where)
+            return (shape[0], node["channels"], *hw)
+        if t == "batch_norm":
+            if len(shape) not in (2, 4):
+                self.fail(where, f"batch_norm takes (N, C) or (N, C, H, W) input, got {shape}")
+            if node["spatial"] is not None and node["spatial"] != (len(shape) == 4):
+                self.fail(where, "a shared batch_norm is used on inputs of different rank")
+            node["spatial"] = len(shape) == 4
+            self.check_given(node["num_features"], shape[1], where, "num_features", "channels")
+            c = (shape[1],)
+            lazy = (node["num_features"],)
+            self.add_params(node, dict.fromkeys(ROLES[t], c), dict.fromkeys(ROLES[t], lazy),
+                            alias_prefix, where)
+            return shape
+        if t == "max_pool2d":
+            self.need_rank(shape, 4, t, where)
+            hw = [self.window(shape[2 + i], node["pool"][i], node["stride"][i], 0, where)
+                  for i in range(2)]
+            return (shape[0], shape[1], *hw)
+        if t == "flatten":
+            return (shape[0], math.prod(shape[1:]))
+        return shape  # relu, sigmoid, tanh, center
+
+    def need_rank(self, shape, rank, t, where):
+        if len(shape) != rank:
+            self.fail(where, f"{t} needs a {rank}-D (N, C, H, W) input, got shape {shape}")
+
+    def check_given(self, given, actual, where, key, what):
+        if given is not None and given != actual:
+            self.fail(f"{where}.{key}", f"is {given} but the input here has {actual} {what}")
+
+    def window(self, size, k, s, p, where) -> int:
+        out = (size + 2 * p - k) // s + 1
+        if out < 1:
+            self.fail(where, f"window {k} (padding {p}) does not fit an input of size {size}")
+        return out
+
+    def add_params(self, node, shapes, lazy_shapes, alias_prefix, where):
+        w_shape = tuple(shapes["weight"]) if node["type"] != "batch_norm" else None
+        for role in ROLES[node["type"]]:
+            if role == "bias" and not node.get("bias", True):
+                continue
+            name, shape = f"{node['path']}.{role}", tuple(shapes[role])
+            if alias_prefix is not None:  # a replay through a ref: shapes must agree
+                have = self.params[name]
+                if have.shape != shape:
+                    self.fail(where, f"shares {node['path']!r}, whose {role} has shape "
+                                     f"{have.shape}, but here the input makes it {shape}")
+                have.shared_with.append(f"{alias_prefix}.{role}")
+                continue
+            init = node["init"][role]
+            field_ = init.pop("_field", where)
+            self.check_init(init, shape, w_shape, field_, name)
+            self.params[name] = ParamSpec(name, role, node["type"], shape,
+                                          tuple(lazy_shapes[role]), init, field_, w_shape)
+
+    def check_init(self, init, shape, w_shape, field_, name):
+        if init["name"] == "default":
+            return
+        problem = inits.check_arguments(init) or inits.check_fits(init, shape, w_shape)
+        if problem:
+            self.fail(field_, f"cannot initialize {name} (shape {shape}): {problem}")
+
+
+def load_document(path: Path) -> dict:
+    """Parse a YAML or JSON spec file; parse errors become SpecError with line and column."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(path, f"line {exc.lineno}, column {exc.colno}", exc.msg) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(path, where, str(getattr(exc, "problem", None) or exc)) from None
+    if not isinstance(doc, dict):
+        raise SpecError(path, "(document)", "a spec must be a mapping with name, input, layers")
+    return doc
+
+
+def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) -> Spec:
+    """Validate a parsed document fully and compute its plan and expectations."""
+    _schema_error(doc, file)
+    b = _Builder(file, doc)
+    nodes = b.layers(doc["layers"], "", "layers")
+    input_shape = tuple(doc["input"])
+    output_shape = b.infer(nodes, input_shape)
+    seed = doc.get("seed", 0) if seed is None else seed
+    plan = {"name": doc["name"], "seed": seed, "input_shape": list(input_shape), "layers": nodes}
+    params = list(b.params.values())
+    for p in params:
+        p.shared_with.sort()
+    return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
+                params, output_shape)
+
+
+def load_spec(path: str | Path, seed: int | None = None) -> Spec:
+    path = Path(path)
+    return build_spec(load_document(path), path, seed)
