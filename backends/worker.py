@@ -44,9 +44,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     _write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
-def load_adapter(backend: str):
-    module = importlib.import_module(f"backends.{backend}.adapter")
-    return module.Adapter()
+def load_adapter(module_name: str):
+    return importlib.import_module(module_name).Adapter()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -104,7 +103,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     backend = request["backend"]
     try:
-        adapter = load_adapter(backend)
+        adapter = load_adapter(request.get("adapter") or f"backends.{backend}.adapter")
         env = adapter.setup(request["device"])
     except BaseException as exc:  # the framework may fail to import in many ways
         traceback.print_exc()

@@ -81,14 +81,18 @@ def _exit_cause(rc: int | None, timed_out: bool, timeout: float) -> str:
 
 
 def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *, device: str,
-               timeout: float, progress=print) -> WorkerResult:
-    """Start ``python -m backends.worker`` for ``specs`` and collect what it writes."""
+               timeout: float, progress=print, adapter: str | None = None) -> WorkerResult:
+    """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
+
+    ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
+    from the project root."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir = work_dir / "out"
     np.savez(work_dir / "inputs.npz", **{str(i): make_input(s) for i, s in enumerate(specs)})
     np.savez(work_dir / "probe.npz", **{f"{i}/{name}": v for i, s in enumerate(specs)
                                         for name, v in make_probe(s).items()})
-    request = {"schema_version": SCHEMA_VERSION, "backend": backend, "device": device,
+    request = {"schema_version": SCHEMA_VERSION, "backend": backend, "adapter": adapter,
+               "device": device,
                "plans": [s.plan for s in specs], "inputs": str(work_dir / "inputs.npz"),
                "probe": str(work_dir / "probe.npz"), "out_dir": str(out_dir)}
     (work_dir / "request.json").write_text(json.dumps(request, indent=1))
@@ -125,6 +129,9 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                 _kill(proc)
                 rc = proc.returncode
                 break
+    finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
+    if finished > done:
+        progress(f"[{backend}] {finished}/{len(specs)} specs done")
     return _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout,
                     time.monotonic() - started)
 

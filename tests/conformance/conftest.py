@@ -1,0 +1,55 @@
+"""The conformance suite runs unchanged against one backend, chosen by HARNESS_BACKEND.
+
+The backend's worker runs in its own environment (created from backends/<name>/requirements.txt
+on first use, or HARNESS_PYTHON=PATH to use an existing interpreter); the suite itself runs in
+the harness's environment and never imports a framework. Known failures are listed, one per
+line with a reason, in backends/<name>/xfails.txt as ``<test id substring>  # reason``; they are
+strict xfails, so a fixed one turns the suite red until its line is removed.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.envs import ROOT, UserError, select
+
+BACKEND = os.environ.get("HARNESS_BACKEND", "")
+
+
+def pytest_configure(config):
+    if not BACKEND:
+        raise pytest.UsageError("tests/conformance needs HARNESS_BACKEND=<backend name> "
+                                "(e.g. `tox -e torch`, or HARNESS_BACKEND=torch pytest "
+                                "tests/conformance)")
+    try:
+        select([BACKEND])
+    except UserError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _xfails() -> list[tuple[str, str]]:
+    path = ROOT / "backends" / BACKEND / "xfails.txt"
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pattern, sep, reason = line.partition("#")
+        if not sep or not reason.strip():
+            raise pytest.UsageError(f"{path}:{n}: every xfail needs a reason after '#'")
+        out.append((pattern.strip(), reason.strip()))
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    xfails = _xfails()
+    for item in items:
+        for pattern, reason in xfails:
+            if pattern in item.nodeid:
+                item.add_marker(pytest.mark.xfail(reason=f"{BACKEND}: {reason}", strict=True))
+
+
+def pytest_report_header(config):
+    return f"conformance backend: {BACKEND}"
