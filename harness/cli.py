@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import analysis, report
+from . import analysis, plots, report
 from .envs import ROOT, EnvError, UserError, discover, ensure_env, parse_python_overrides, select
 from .runner import run_worker
 from .spec import SpecError, Spec, load_spec
@@ -110,13 +110,33 @@ def cmd_compare(args) -> int:
     run = {"id": run_id, "started": started, "device": args.device,
            "command": "python -m harness " + " ".join(sys.argv[1:]),
            "seed_note": "from each spec" if args.seed is None else str(args.seed)}
+    defaults = {b.name: b.defaults for b in backends}
+    figure = _defaults_figure(run_dir, specs, results, raw, defaults)
     document = report.results_document(run, specs, results, environments)
-    markdown = report.render(run, specs, results, environments,
-                             {b.name: b.defaults for b in backends})
+    markdown = report.render(run, specs, results, environments, defaults, figure)
     report.write_run(run_dir, document, markdown)
     if not args.out:
         point_latest(run_dir)
     return _print_outcome(results, run_dir)
+
+
+def _defaults_figure(run_dir, specs, results, raw, defaults) -> str | None:
+    """Histograms of each backend's default dense/conv weight init, for the report."""
+    arrays = {(rec["backend"], rec["spec"]): arr for b in raw.values() for rec, arr in b}
+    panels = []
+    for (backend, layer, role), example in report.default_examples(specs, results,
+                                                                   defaults).items():
+        if example is None or role != "weight" or layer == "batch_norm":
+            continue
+        spec_name, q = example
+        values = arrays.get((backend, spec_name), {}).get(f"param/{q['name']}")
+        if values is not None:
+            panels.append({"label": f"{backend}: {layer} weight ({spec_name} {q['name']})",
+                           "values": values, "expected": q["expected"]})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = "default_init.png"
+    return name if plots.init_histograms(run_dir / name, panels,
+                                         "default initializers, observed vs analytic") else None
 
 
 def _print_outcome(results: list[dict], run_dir: Path) -> int:

@@ -210,43 +210,45 @@ def _numerics_section(recs) -> str:
     return _table(["backend", "max abs error", "tolerance", "verdict"], rows)
 
 
-def _defaults_section(specs, records, backends, defaults_by_backend) -> str:
+def default_examples(specs, records, defaults_by_backend) -> dict:
+    """For each (backend, layer type, role) with a declared default: the largest parameter of
+    this run that used it, as ``(spec name, param record)``, or None."""
+    layer_of = {(s.name, p.name): p.layer_type for s in specs for p in s.params}
+    out = {}
+    for backend, layers in defaults_by_backend.items():
+        for layer, roles in layers.items():
+            for role in roles:
+                candidates = [(r["spec"], q) for r in records if r["backend"] == backend
+                              for q in r.get("params", [])
+                              if q.get("init", {}).get("name") == "default"
+                              and q["name"].endswith("." + role)
+                              and layer_of.get((r["spec"], q["name"])) == layer]
+                out[(backend, layer, role)] = max(
+                    candidates, key=lambda c: c[1].get("stats", {}).get("n", 0), default=None)
+    return out
+
+
+def _defaults_section(specs, records, defaults_by_backend, figure) -> str:
     out = ["What each framework does when the spec says `default` (declared in "
-           "`backends/<name>/backend.yaml`, with the framework source it comes from), and one "
-           "parameter of each kind from this run measured against it.\n\n"]
+           "`backends/<name>/backend.yaml`, with the framework source it comes from), measured "
+           "on the largest parameter of each kind that used it in this run.\n\n"]
     rows = []
-    for b in backends:
-        for layer, roles in defaults_by_backend.get(b, {}).items():
-            for role, init in roles.items():
-                example = None
-                for r in records:
-                    if r["backend"] != b:
-                        continue
-                    for q in r.get("params", []):
-                        if q.get("init", {}).get("name") == "default" and \
-                                q["name"].endswith("." + role) and \
-                                _layer_type(specs, r["spec"], q["name"]) == layer:
-                            example = (r["spec"], q)
-                            break
-                    if example:
-                        break
-                if example is None:
-                    rows.append([b, f"{layer}.{role}", inits.describe(init), "–", "–", "–", "–",
-                                 "not used in this run"])
-                    continue
-                spec_name, q = example
-                rows.append([b, f"{layer}.{role}", inits.describe(init),
-                             f"{spec_name}: {q['name']} {_fmt(q['shape'])}",
-                             q["expected"]["description"], *_stat_cells(q)[:2],
-                             _verdict(q["passed"])])
+    examples = default_examples(specs, records, defaults_by_backend)
+    for (backend, layer, role), example in examples.items():
+        init = defaults_by_backend[backend][layer][role]
+        if example is None:
+            rows.append([backend, f"{layer}.{role}", inits.describe(init), "not used in this run",
+                         "–", "–", "–", "–"])
+            continue
+        spec_name, q = example
+        rows.append([backend, f"{layer}.{role}", inits.describe(init),
+                     f"{spec_name}: {q['name']} {_fmt(q['shape'])}",
+                     q["expected"]["description"], *_stat_cells(q)[:2], _verdict(q["passed"])])
     out.append(_table(["backend", "parameter kind", "default", "example", "expected",
                        "mean obs / exp", "std obs / exp", "verdict"], rows))
+    if figure:
+        out.append(f"\n![default initial values per backend]({figure})\n")
     return "".join(out)
-
-
-def _layer_type(specs, spec_name, param_name):
-    spec = next(s for s in specs if s.name == spec_name)
-    return next((p.layer_type for p in spec.params if p.name == param_name), None)
 
 
 LEGEND = f"""\
@@ -267,7 +269,7 @@ LEGEND = f"""\
 
 
 def render(run: dict, specs, records: list[dict], environments: dict,
-           defaults_by_backend: dict) -> str:
+           defaults_by_backend: dict, defaults_figure: str | None = None) -> str:
     backends = list(environments)
     ok = all(r.get("passed") for r in records)
     parts = [f"# Comparison report {run['id']}\n\n",
@@ -291,7 +293,8 @@ def render(run: dict, specs, records: list[dict], environments: dict,
                   "\n### Parameter sharing\n\n", _sharing_section(spec, recs),
                   "\n### Numerics against the NumPy reference\n\n", _numerics_section(recs)]
     parts += ["\n## What `default` means in each framework\n\n",
-              _defaults_section(specs, records, backends, defaults_by_backend), "\n", LEGEND]
+              _defaults_section(specs, records, defaults_by_backend, defaults_figure), "\n",
+              LEGEND]
     return "".join(parts)
 
 
