@@ -47,7 +47,7 @@ PARAM_ROLES = {
     "batch_norm": ("weight", "bias", "running_mean", "running_var"),
 }
 TRAINABLE_ROLES = {"weight", "bias"}
-# Exact values of the probability-mass-free truncation used by Keras and JAX variance scaling.
+# Std of N(0, 1) cut to [-2, 2]: Keras and JAX variance scaling divide their std by it.
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
 
 

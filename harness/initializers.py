@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978  # std of N(0, 1) cut at +-2
+from backends.base import TRUNCATED_NORMAL_STD_CORRECTION, calculate_gain
+from backends.base import torch_fans as fans
+
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 
@@ -128,18 +130,6 @@ def check_fits(init: dict, shape: tuple[int, ...], layer_weight_shape: tuple | N
     if init["name"] == "dirac" and shape[0] % init["groups"]:
         return f"dirac with groups={init['groups']} needs out channels {shape[0]} divisible by it"
     return None
-
-
-def fans(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(fan_in, fan_out) on the canonical layout, as torch.nn.init computes them."""
-    receptive = math.prod(shape[2:])
-    return shape[1] * receptive, shape[0] * receptive
-
-
-def calculate_gain(nonlinearity: str, a: float) -> float:
-    """torch.nn.init.calculate_gain as kaiming_* calls it (with ``a`` as the leaky slope)."""
-    return {"tanh": 5.0 / 3, "relu": math.sqrt(2.0), "selu": 0.75,
-            "leaky_relu": math.sqrt(2.0 / (1 + a * a))}.get(nonlinearity, 1.0)
 
 
 def _uniform(lo: float, hi: float) -> dict:

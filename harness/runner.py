@@ -102,7 +102,6 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
         PYTHONUNBUFFERED="1")
 
     started = time.monotonic()
-    timed_out, rc, done, seen = False, None, 0, 0
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.Popen([str(python), "-m", "backends.worker",
@@ -111,29 +110,41 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                                     cwd=ROOT, env=env, start_new_session=True)
         except OSError as exc:
             return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
-        last_progress = time.monotonic()
-        while True:
-            try:
-                rc = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
-            markers = finished + (out_dir / "worker.json").exists()
-            if markers > seen:  # set up, or one more spec finished: progress
-                if finished > done:
-                    progress(f"[{backend}] {finished}/{len(specs)} specs done")
-                seen, done, last_progress = markers, finished, time.monotonic()
-            if time.monotonic() - last_progress > timeout:
-                timed_out = True
-                _kill(proc)
-                rc = proc.returncode
-                break
+        try:
+            rc, timed_out, _ = _supervise(proc, backend, specs, out_dir, timeout, progress)
+        except BaseException:  # Ctrl-C or any bug here: never leave a worker running
+            _kill(proc)
+            raise
+    return _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout,
+                    time.monotonic() - started)
+
+
+def _supervise(proc, backend, specs, out_dir, timeout, progress):
+    """Wait for the worker, reporting progress; kill it after ``timeout`` s without any.
+    Returns (exit status, timed out, specs finished)."""
+    timed_out, rc, done, seen = False, None, 0, 0
+    last_progress = time.monotonic()
+    while True:
+        try:
+            rc = proc.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
+        markers = finished + (out_dir / "worker.json").exists()
+        if markers > seen:  # set up, or one more spec finished: progress
+            if finished > done:
+                progress(f"[{backend}] {finished}/{len(specs)} specs done")
+            seen, done, last_progress = markers, finished, time.monotonic()
+        if time.monotonic() - last_progress > timeout:
+            timed_out = True
+            _kill(proc)
+            rc = proc.returncode
+            break
     finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
     if finished > done:
         progress(f"[{backend}] {finished}/{len(specs)} specs done")
-    return _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout,
-                    time.monotonic() - started)
+    return rc, timed_out, finished
 
 
 def _failed_all(backend, specs, log_path, error) -> WorkerResult:

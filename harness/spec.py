@@ -361,9 +361,12 @@ class _Builder:
 def load_document(path: Path) -> dict:
     """Parse a YAML or JSON spec file; parse errors become SpecError with line and column."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, f"byte {exc.start}", "not UTF-8 text; a spec is YAML or JSON") \
+            from None
     try:
         doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
