@@ -150,6 +150,7 @@ def analyze(spec: Spec, defaults: dict, record: dict, arrays: dict,
     ``passed``, ``param_count`` and ``passed`` to a worker record. Returns it."""
     if record.get("status") != "ok":
         record.setdefault("params", [])
+        record.setdefault("lazy", {"before": [], "after": []})
         record.update(checks=[], passed=False, param_count=None)
         return record
     reported = {p["name"]: p for p in record["params"]}

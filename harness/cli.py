@@ -47,6 +47,8 @@ def load_specs(paths: list[str], seed: int | None) -> list[Spec]:
 def new_run_dir(out: str | None) -> tuple[Path, str]:
     if out:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out: {out} exists and is not a directory")
         return path, path.name
     run_id = time.strftime("%Y%m%d-%H%M%S")
     path, n = REPORTS_DIR / run_id, 1
@@ -177,8 +179,22 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description=(
+    p = _Parser(prog="python -m harness", description=(
         "Compare one model spec across deep learning frameworks: parameter shapes, lazy "
         "inference, initializers against their analytic distributions, sharing, numerics."))
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", action="append", help="backend to run (repeatable; default: all)")
     c.add_argument("--out", help="write the run's files straight into this directory")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    c.add_argument("--seed", type=int, help="override every spec's seed")
+    c.add_argument("--seed", type=_seed, help="override every spec's seed")
     c.add_argument("--python", action="append", metavar="NAME=PATH",
                    help="use this interpreter for backend NAME instead of its managed environment")
     c.add_argument("--timeout", type=float, default=600.0,

@@ -84,8 +84,15 @@ def _field_path(parts) -> str:
     return out
 
 
+# JSON Schema's "integer" admits 3.0; a size or seed written as a float is a mistake here.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool)))
+
+
 def _schema_error(doc, file) -> None:
-    validator = jsonschema.Draft202012Validator(SCHEMA)
+    validator = _Validator(SCHEMA)
     error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
     if error is None:
         return

@@ -1,0 +1,512 @@
+"""Spec loading and validation: canonical names, shapes, lazy shapes, inits, sharing, the plan,
+and one precise SpecError (file + field path) per kind of mistake."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from unit_helpers import BUILTIN_SPECS, SPECS_DIR, doc
+
+from backends.base import iter_nodes
+from harness import initializers as inits
+from harness.spec import SpecError, build_spec, load_spec
+
+
+def spec_of(name):
+    return load_spec(SPECS_DIR / f"{name}.yaml")
+
+
+def shapes(spec):
+    return {p.name: (p.shape, p.lazy_shape) for p in spec.params}
+
+
+# ------------------------------------------------------------------ the built-in specs
+
+@pytest.mark.parametrize("path", BUILTIN_SPECS, ids=lambda p: p.name)
+def test_builtin_spec_loads(path):
+    """Every file in specs/ validates and yields unique canonical names with integer shapes."""
+    spec = load_spec(path)
+    names = [p.name for p in spec.params]
+    assert names and len(names) == len(set(names))
+    assert spec.name == path.stem
+    for p in spec.params:
+        assert all(type(d) is int and d >= 1 for d in p.shape), p
+        assert len(p.lazy_shape) == len(p.shape)
+        assert all(d is None or d == s for d, s in zip(p.lazy_shape, p.shape)), p
+    assert all(type(d) is int for d in spec.output_shape)
+    json.dumps(spec.plan)  # the plan crosses a process boundary as JSON
+
+
+def test_builtin_specs_cover_the_documented_set():
+    """The built-in specs the README lists are all there."""
+    assert {p.stem for p in BUILTIN_SPECS} >= {"lazy_mlp", "mlp_4_3_1", "tied", "nested",
+                                               "small_cnn", "init_catalogue"}
+
+
+def test_lazy_mlp_shapes():
+    """lazy_mlp: index-named dense params, (out, in) layout, input sizes open before forward."""
+    spec = spec_of("lazy_mlp")
+    assert shapes(spec) == {
+        "0.weight": ((256, 20), (256, None)),
+        "0.bias": ((256,), (256,)),
+        "2.weight": ((10, 256), (10, None)),
+        "2.bias": ((10,), (10,)),
+    }
+    assert spec.output_shape == (2, 10)
+    assert spec.lazy
+    assert spec.param_count == 256 * 20 + 256 + 10 * 256 + 10
+    assert all(p.init == {"name": "default"} for p in spec.params)
+
+
+def test_mlp_4_3_1_is_eager():
+    """Giving in_units makes every shape known before the first forward."""
+    spec = spec_of("mlp_4_3_1")
+    assert not spec.lazy
+    assert all(p.lazy_shape == p.shape for p in spec.params)
+    assert spec.param("0.weight").init == {"name": "xavier_uniform", "gain": 1.0}
+    assert spec.param("2.weight").init == {"name": "constant", "val": 42.0}
+    assert spec.param_count == 4 * 3 + 3 + 3 + 1
+
+
+def test_tied_shares_and_counts_once():
+    """tied: the ref makes shared.* reachable as 4.*, counted once in param_count."""
+    spec = spec_of("tied")
+    assert [p.name for p in spec.params] == ["0.weight", "0.bias", "shared.weight", "shared.bias",
+                                             "6.weight", "6.bias"]
+    assert spec.param("shared.weight").shared_with == ["4.weight"]
+    assert spec.param("shared.bias").shared_with == ["4.bias"]
+    assert spec.param("shared.weight").shape == (8, 8)
+    assert spec.param("0.weight").shared_with == []
+    assert spec.param_count == (20 * 8 + 8) + (8 * 8 + 8) + (8 + 1)
+    assert spec.output_shape == (2, 1)
+
+
+def test_nested_names_and_init_precedence():
+    """nested: dotted names through blocks; top-level init fills dense layers, overrides win."""
+    spec = spec_of("nested")
+    assert shapes(spec) == {
+        "features.0.weight": ((8, 4), (8, None)),
+        "features.0.bias": ((8,), (8,)),
+        "features.inner.0.weight": ((4, 8), (4, 8)),
+        "features.inner.0.bias": ((4,), (4,)),
+        "1.weight": ((1, 4), (1, None)),
+        "1.bias": ((1,), (1,)),
+    }
+    p = spec.param
+    assert p("features.0.weight").init == {"name": "xavier_normal", "gain": 1.0}
+    assert p("features.0.weight").init_field == "init.weight"
+    assert p("features.0.bias").init == {"name": "zeros"}
+    assert p("features.inner.0.weight").init == {
+        "name": "kaiming_normal", "a": 0.0, "mode": "fan_in", "nonlinearity": "tanh"}
+    assert p("features.inner.0.weight").init_field == "layers[0].layers[3].layers[0].weight_init"
+    assert p("features.inner.0.bias").init == {"name": "zeros"}
+    assert p("1.weight").init == {"name": "xavier_normal", "gain": 1.0}
+    assert p("1.bias").init == {"name": "constant", "val": 0.5}
+    assert p("1.bias").init_field == "layers[1].bias_init"
+
+
+def test_top_level_init_does_not_touch_batch_norm():
+    """The top-level init is for dense/conv only; batch norm keeps `default`, stats are fixed."""
+    spec = build_spec(doc([{"type": "conv2d", "channels": 4, "kernel": 3},
+                           {"type": "batch_norm"}], input=(2, 3, 8, 8),
+                          init={"weight": "ones", "bias": {"name": "constant", "val": 2}}))
+    assert spec.param("0.weight").init == {"name": "ones"}
+    assert spec.param("0.bias").init == {"name": "constant", "val": 2.0}
+    assert spec.param("1.weight").init == {"name": "default"}
+    assert spec.param("1.bias").init == {"name": "default"}
+    assert spec.param("1.running_mean").init == {"name": "zeros"}
+    assert spec.param("1.running_var").init == {"name": "ones"}
+
+
+def test_small_cnn_shapes():
+    """small_cnn: conv (out, in, kh, kw), batch norm per channel, strided conv, flatten, dense."""
+    spec = spec_of("small_cnn")
+    assert shapes(spec) == {
+        "0.weight": ((8, 3, 3, 3), (8, None, 3, 3)),
+        "0.bias": ((8,), (8,)),
+        "1.weight": ((8,), (None,)),
+        "1.bias": ((8,), (None,)),
+        "1.running_mean": ((8,), (None,)),
+        "1.running_var": ((8,), (None,)),
+        "4.weight": ((16, 8, 3, 3), (16, 8, 3, 3)),
+        "4.bias": ((16,), (16,)),
+        "7.weight": ((10, 256), (10, None)),  # 16 channels * 4 * 4 after the stride-2 conv
+        "7.bias": ((10,), (10,)),
+    }
+    assert spec.output_shape == (4, 10)
+    assert [p.trainable for p in spec.params if p.name.startswith("1.")] == [True, True, False,
+                                                                            False]
+    assert spec.param("0.weight").fans == (3 * 9, 8 * 9)
+    assert spec.param_count == (8 * 27 + 8) + 16 + (16 * 72 + 16) + (10 * 256 + 10)
+
+
+def test_conv_and_pool_output_arithmetic():
+    """Output sizes follow floor((size + 2p - k) / s) + 1 for conv and pooling."""
+    spec = build_spec(doc([{"type": "conv2d", "channels": 5, "kernel": [3, 5], "stride": [2, 1],
+                            "padding": [0, 2]},
+                           {"type": "max_pool2d", "pool": 2, "stride": [1, 3]}],
+                          input=(1, 2, 11, 10)))
+    # conv: h (11 - 3) // 2 + 1 = 5, w (10 + 4 - 5) // 1 + 1 = 10
+    # pool: h (5 - 2) // 1 + 1 = 4, w (10 - 2) // 3 + 1 = 3
+    assert spec.output_shape == (1, 5, 4, 3)
+    assert spec.param("0.weight").shape == (5, 2, 3, 5)
+
+
+# ------------------------------------------------------------------ the plan
+
+@pytest.mark.parametrize("path", BUILTIN_SPECS, ids=lambda p: p.name)
+def test_plan_nodes_are_complete(path):
+    """Every plan node has type/name/path (path = parent path + name) and fully filled inits."""
+    spec = load_spec(path)
+    plan = spec.plan
+    assert plan["name"] == spec.name and plan["input_shape"] == list(spec.input_shape)
+    assert plan["seed"] == spec.seed
+
+    def walk(nodes, prefix):
+        for node in nodes:
+            assert {"type", "name", "path"} <= set(node)
+            assert node["path"] == (f"{prefix}.{node['name']}" if prefix else node["name"])
+            if node["type"] == "sequential":
+                walk(node["layers"], node["path"])
+            if node["type"] in ("dense", "conv2d", "batch_norm"):
+                for role, init in node["init"].items():
+                    entry = inits.CATALOGUE[init["name"]]
+                    assert set(init) == {"name", *entry.args}, (node["path"], role, init)
+            if node["type"] in ("dense", "conv2d"):
+                expected_roles = {"weight", "bias"} if node["bias"] else {"weight"}
+                assert set(node["init"]) == expected_roles
+
+    walk(plan["layers"], "")
+    owned = {f"{n['path']}.{role}" for n in iter_nodes(plan["layers"]) if "init" in n
+             for role in n["init"]}
+    assert owned == {p.name for p in spec.params}
+
+
+def test_nested_plan_paths():
+    """The nested plan lists every node, blocks before their children, in document order."""
+    plan = spec_of("nested").plan
+    assert [(n["type"], n["name"], n["path"]) for n in iter_nodes(plan["layers"])] == [
+        ("sequential", "features", "features"),
+        ("dense", "0", "features.0"),
+        ("relu", "1", "features.1"),
+        ("center", "2", "features.2"),
+        ("sequential", "inner", "features.inner"),
+        ("dense", "0", "features.inner.0"),
+        ("tanh", "1", "features.inner.1"),
+        ("dense", "1", "1"),
+    ]
+    inner = plan["layers"][0]["layers"][3]["layers"][0]
+    assert inner["in_units"] == 8 and inner["units"] == 4 and inner["bias"] is True
+    assert plan["layers"][1]["in_units"] is None
+
+
+def test_plan_fills_in_init_arguments():
+    """Defaults of every initializer argument are written into the plan (ints become floats)."""
+    plan = spec_of("init_catalogue").plan
+    by_path = {n["path"]: n for n in iter_nodes(plan["layers"])}
+    assert by_path["kaiming_uniform"]["init"]["weight"] == {
+        "name": "kaiming_uniform", "a": 0.0, "mode": "fan_in", "nonlinearity": "leaky_relu"}
+    assert by_path["vs_trunc"]["init"]["weight"] == {
+        "name": "variance_scaling", "scale": 1.0, "mode": "fan_in",
+        "distribution": "truncated_normal"}
+    assert by_path["trunc_normal"]["init"]["bias"] == {
+        "name": "trunc_normal", "mean": 0.0, "std": 1.0, "a": -2.0, "b": 2.0}
+    assert by_path["conv_dirac"]["init"]["weight"] == {"name": "dirac", "groups": 1}
+    assert by_path["sparse"]["init"]["weight"] == {"name": "sparse", "sparsity": 0.1, "std": 0.01}
+    assert by_path["eye"]["bias"] is False and "bias" not in by_path["eye"]["init"]
+
+
+def test_untruncated_normal_is_normalized():
+    """variance_scaling's untruncated_normal alias reaches the plan as normal."""
+    spec = build_spec(doc([{"type": "dense", "units": 3, "weight_init": {
+        "name": "variance_scaling", "distribution": "untruncated_normal"}}]))
+    assert spec.plan["layers"][0]["init"]["weight"]["distribution"] == "normal"
+
+
+# ------------------------------------------------------------------ refs and sharing
+
+REF_BLOCK = doc([
+    {"type": "sequential", "name": "blk", "layers": [
+        {"type": "dense", "units": 6},
+        {"type": "relu"},
+        {"type": "sequential", "name": "in", "layers": [{"type": "dense", "units": 6,
+                                                         "bias": False}]}]},
+    {"type": "ref", "to": "blk"},
+    {"type": "ref", "to": "blk.in"},
+    {"type": "dense", "units": 2},
+], input=(2, 6))
+
+
+def test_ref_to_a_block_aliases_every_child_param():
+    """A ref to a whole sequential block shares every parameter inside it, nested ones too."""
+    spec = build_spec(REF_BLOCK, "ref.yaml")
+    assert {p.name: p.shared_with for p in spec.params} == {
+        "blk.0.weight": ["1.0.weight"],
+        "blk.0.bias": ["1.0.bias"],
+        "blk.in.0.weight": ["1.in.0.weight", "2.0.weight"],
+        "3.weight": [],
+        "3.bias": [],
+    }
+    assert spec.param_count == (36 + 6) + 36 + (12 + 2)
+    refs = [n for n in iter_nodes(spec.plan["layers"]) if n["type"] == "ref"]
+    assert [(n["path"], n["to"]) for n in refs] == [("1", "blk"), ("2", "blk.in")]
+
+
+def test_ref_to_a_ref_resolves_to_the_owner():
+    """A ref naming another ref reaches the original layer; aliases accumulate on the owner."""
+    spec = build_spec(doc([{"type": "dense", "units": 20, "name": "a"},
+                           {"type": "ref", "to": "a", "name": "again"},
+                           {"type": "ref", "to": "again"}]))
+    assert spec.param("a.weight").shared_with == ["2.weight", "again.weight"]
+    assert spec.plan["layers"][2]["to"] == "a"
+    assert [p.name for p in spec.params] == ["a.weight", "a.bias"]
+
+
+def test_ambiguous_ref_is_an_error():
+    """A bare name matching layers in two blocks must be written as a full dotted path."""
+    layers = [{"type": "sequential", "name": "b1", "layers": [{"type": "dense", "units": 20,
+                                                               "name": "x"}]},
+              {"type": "sequential", "name": "b2", "layers": [{"type": "dense", "units": 20,
+                                                               "name": "x"}]},
+              {"type": "ref", "to": "x"}]
+    with pytest.raises(SpecError) as err:
+        build_spec(doc(layers), "amb.yaml")
+    assert err.value.where == "layers[2].to" and "ambiguous" in str(err.value)
+    ok = build_spec(doc(layers[:2] + [{"type": "ref", "to": "b2.x"}]))
+    assert ok.param("b2.x.weight").shared_with == ["2.weight"]
+
+
+# ------------------------------------------------------------------ bad specs
+
+CONV_IN = (2, 3, 8, 8)
+BAD = {
+    "unknown layer type": (
+        doc([{"type": "dense2", "units": 3}]), "layers[0].type", "'dense2'"),
+    "unknown initializer (string)": (
+        doc([{"type": "dense", "units": 3, "weight_init": "glorot"}]),
+        "layers[0].weight_init", "unknown initializer 'glorot'"),
+    "unknown initializer (object)": (
+        doc([{"type": "dense", "units": 3, "weight_init": {"name": "glorot", "gain": 2}}]),
+        "layers[0].weight_init.name", "unknown initializer 'glorot'"),
+    "unknown top-level initializer": (
+        doc([{"type": "dense", "units": 3}], init={"bias": "nope"}), "init.bias",
+        "unknown initializer 'nope'"),
+    "unknown initializer argument": (
+        doc([{"type": "dense", "units": 3, "weight_init": {"name": "xavier_uniform", "gian": 2}}]),
+        "layers[0].weight_init", "'gian'"),
+    "sparse without sparsity": (
+        doc([{"type": "dense", "units": 3, "weight_init": {"name": "sparse"}}]),
+        "layers[0].weight_init", "'sparsity' is a required property"),
+    "negative std": (
+        doc([{"type": "dense", "units": 3, "bias_init": {"name": "normal", "std": -1}}]),
+        "layers[0].bias_init.std", "-1"),
+    "negative units": (doc([{"type": "dense", "units": -3}]), "layers[0].units", "-3"),
+    "zero units": (doc([{"type": "dense", "units": 0}]), "layers[0].units", "0"),
+    "zero channels": (doc([{"type": "conv2d", "channels": 0, "kernel": 3}], input=CONV_IN),
+                      "layers[0].channels", "0"),
+    "negative kernel entry": (doc([{"type": "conv2d", "channels": 2, "kernel": [3, -1]}],
+                                  input=CONV_IN), "layers[0].kernel[1]", "-1"),
+    "zero input size": (doc([{"type": "dense", "units": 3}], input=(2, 0)), "input[1]", "0"),
+    "missing units": (doc([{"type": "dense"}]), "layers[0]", "'units' is a required property"),
+    "missing layers": ({"name": "t", "input": [2, 3]}, "(document)", "'layers'"),
+    "unexpected layer field": (
+        doc([{"type": "dense", "units": 3, "activation": "relu"}]), "layers[0]", "'activation'"),
+    "unexpected top-level field": (
+        doc([{"type": "dense", "units": 3}], optimizer="sgd"), "(document)", "'optimizer'"),
+    "unexpected field in a nested block": (
+        doc([{"type": "sequential", "layers": [{"type": "relu", "units": 3}]}]),
+        "layers[0].layers[0]", "'units'"),
+    "ref to an unknown name": (
+        doc([{"type": "dense", "units": 3}, {"type": "ref", "to": "nope"}]), "layers[1].to",
+        "'nope' names no earlier layer"),
+    "ref to a later layer": (
+        doc([{"type": "ref", "to": "later"}, {"type": "dense", "units": 3, "name": "later"}]),
+        "layers[0].to", "'later' names no earlier layer"),
+    "ref whose shapes disagree": (
+        doc([{"type": "dense", "units": 3, "name": "a"}, {"type": "dense", "units": 5},
+             {"type": "ref", "to": "a"}]), "layers[2]", "shares 'a'"),
+    "in_units contradicting the input": (
+        doc([{"type": "dense", "units": 3, "in_units": 7}]), "layers[0].in_units",
+        "is 7 but the input here has 20"),
+    "in_channels contradicting the input": (
+        doc([{"type": "conv2d", "channels": 3, "kernel": 1, "in_channels": 4}], input=CONV_IN),
+        "layers[0].in_channels", "is 4 but the input here has 3"),
+    "eye on a 4-D conv weight": (
+        doc([{"type": "conv2d", "channels": 2, "kernel": 3, "weight_init": "eye"}], input=CONV_IN),
+        "layers[0].weight_init", "eye fills 2-D"),
+    "dirac on a dense weight via the top-level init": (
+        doc([{"type": "dense", "units": 3}], init={"weight": "dirac"}), "init.weight",
+        "dirac fills 3-D to 5-D"),
+    "dirac groups not dividing out channels": (
+        doc([{"type": "conv2d", "channels": 3, "kernel": 3,
+              "weight_init": {"name": "dirac", "groups": 2}}], input=CONV_IN),
+        "layers[0].weight_init", "groups=2"),
+    "xavier on a bias": (
+        doc([{"type": "dense", "units": 3, "bias_init": "xavier_uniform"}]),
+        "layers[0].bias_init", "xavier_uniform fills at least 2-D"),
+    "fan_in_uniform on a batch-norm weight": (
+        doc([{"type": "batch_norm", "weight_init": "fan_in_uniform"}], input=(2, 5)),
+        "layers[0].weight_init", "fan_in"),
+    "uniform with a == b": (
+        doc([{"type": "dense", "units": 3, "weight_init": {"name": "uniform", "a": 1, "b": 1}}]),
+        "layers[0].weight_init", "a < b"),
+    "uniform with a > b": (
+        doc([{"type": "dense", "units": 3, "bias_init": {"name": "uniform", "a": 2, "b": -2}}]),
+        "layers[0].bias_init", "a < b"),
+    "trunc_normal with a > b": (
+        doc([{"type": "dense", "units": 3, "weight_init": {"name": "trunc_normal", "a": 1,
+                                                           "b": 0}}]),
+        "layers[0].weight_init", "a < b"),
+    "duplicate sibling names": (
+        doc([{"type": "dense", "units": 3, "name": "x"}, {"type": "dense", "units": 3,
+                                                          "name": "x"}]),
+        "layers[1].name", "duplicate layer name 'x'"),
+    "layer name that is not an identifier": (
+        doc([{"type": "dense", "units": 3}, {"type": "relu", "name": "0"}]),
+        "layers[1].name", "does not match"),
+    "bias_init with bias: false": (
+        doc([{"type": "dense", "units": 3, "bias": False, "bias_init": "zeros"}]),
+        "layers[0].bias_init", "bias: false"),
+    "conv on a 2-D input": (
+        doc([{"type": "conv2d", "channels": 2, "kernel": 3}]), "layers[0]", "4-D"),
+    "pooling window larger than its input": (
+        doc([{"type": "max_pool2d", "pool": 9}], input=CONV_IN), "layers[0]", "window 9"),
+    "conv kernel larger than its padded input": (
+        doc([{"type": "conv2d", "channels": 2, "kernel": 12, "padding": 1}], input=CONV_IN),
+        "layers[0]", "window 12"),
+    "batch norm on a 3-D input": (
+        doc([{"type": "batch_norm"}], input=(2, 3, 4)), "layers[0]", "batch_norm"),
+    "empty layer list": (doc([]), "layers", None),
+    "input with one axis": (doc([{"type": "relu"}], input=(5,)), "input", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_spec_names_file_and_field(case):
+    """A bad spec raises one SpecError whose text is 'FILE: FIELD PATH: message'."""
+    document, where, fragment = BAD[case]
+    with pytest.raises(SpecError) as err:
+        build_spec(document, "where.yaml")
+    exc = err.value
+    assert exc.file == "where.yaml"
+    assert exc.where == where
+    assert str(exc).startswith(f"where.yaml: {where}: ")
+    if fragment:
+        assert fragment in exc.message
+    assert "\n" not in str(exc)
+
+
+def test_error_in_a_layer_inside_a_block_gives_the_nested_path():
+    """Errors deep inside blocks name the full path through the blocks' layers lists."""
+    bad = doc([{"type": "sequential", "name": "a", "layers": [
+        {"type": "relu"},
+        {"type": "sequential", "layers": [{"type": "dense", "units": 3,
+                                            "weight_init": {"name": "orthogonal", "gain": 0}}]}]}])
+    with pytest.raises(SpecError) as err:
+        build_spec(bad, "deep.yaml")
+    assert err.value.where == "layers[0].layers[1].layers[0].weight_init.gain"
+
+
+CONV6 = (2, 4, 6, 6)
+INTEGRAL_FLOATS = {
+    "units=3.0": doc([{"type": "dense", "units": 3.0}], input=(2, 4)),
+    "input=2,4.0": doc([{"type": "dense", "units": 3}], input=(2, 4.0)),
+    "seed=1.0": doc([{"type": "dense", "units": 3}], input=(2, 4), seed=1.0),
+    "kernel=3.0": doc([{"type": "conv2d", "channels": 4, "kernel": 3.0}], input=CONV6),
+    "stride=1.0,1": doc([{"type": "conv2d", "channels": 4, "kernel": 3,
+                          "stride": [1.0, 1]}], input=CONV6),
+    "dirac-groups=2.0": doc([{"type": "conv2d", "channels": 4, "kernel": 3,
+                              "weight_init": {"name": "dirac", "groups": 2.0}}], input=CONV6),
+}
+
+
+@pytest.mark.parametrize("case", list(INTEGRAL_FLOATS), ids=list(INTEGRAL_FLOATS))
+def test_integral_floats_are_rejected_or_made_ints(case):
+    """A float where an integer belongs (3.0; JSON Schema's "integer" accepts it) is either a
+    SpecError or becomes a real int: never a crash, nor a float that later crashes a worker."""
+    try:
+        spec = build_spec(INTEGRAL_FLOATS[case], "floats.yaml")
+    except SpecError:
+        return
+    assert type(spec.seed) is int and type(spec.plan["seed"]) is int
+    assert all(type(d) is int for d in spec.input_shape)
+    assert all(type(d) is int for p in spec.params for d in p.shape)
+    node = spec.plan["layers"][0]
+    assert all(type(node[k]) is int for k in ("units", "channels") if k in node)
+    assert all(type(d) is int for k in ("kernel", "stride", "padding") if k in node
+               for d in node[k])
+    assert all(type(i["groups"]) is int for i in node["init"].values() if "groups" in i)
+
+
+# ------------------------------------------------------------------ files
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path):
+    """A YAML parse error is a SpecError naming the file, line and column."""
+    f = tmp_path / "broken.yaml"
+    f.write_text("name: x\ninput: [2, 3\nlayers: []\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert str(err.value).startswith(f"{f}: line 3, column 7: ")
+
+
+def test_json_spec_file_works(tmp_path):
+    """A .json spec is parsed as JSON and validated like YAML."""
+    f = tmp_path / "mlp.json"
+    f.write_text(json.dumps(doc([{"type": "dense", "units": 4}], input=(2, 3), name="jmlp")))
+    spec = load_spec(f)
+    assert spec.name == "jmlp" and spec.file == str(f)
+    assert spec.param("0.weight").shape == (4, 3)
+
+
+def test_json_syntax_error_gives_line_and_column(tmp_path):
+    """A JSON parse error is a SpecError naming the file, line and column."""
+    f = tmp_path / "broken.json"
+    f.write_text('{"name": "j",\n "layers": [}')
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert str(err.value).startswith(f"{f}: line 2, column 13: ")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "42\n"],
+                         ids=["list", "string", "empty", "number"])
+def test_non_mapping_document(tmp_path, text):
+    """A document that is not a mapping is a SpecError at (document)."""
+    f = tmp_path / "odd.yaml"
+    f.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert err.value.where == "(document)" and str(err.value).startswith(str(f))
+
+
+def test_missing_file(tmp_path):
+    """A spec path that does not exist is a SpecError naming it, not an OSError."""
+    f = tmp_path / "nowhere.yaml"
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert str(err.value).startswith(f"{f}: cannot read")
+
+
+def test_undecodable_file_is_a_spec_error(tmp_path):
+    """A spec file that is not text (invalid UTF-8) is a SpecError, not a UnicodeDecodeError."""
+    f = tmp_path / "binary.yaml"
+    f.write_bytes(b"\xff\xfe\x00name: x\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert str(err.value).startswith(str(f))
+
+
+def test_seed_override_and_default():
+    """The spec's seed defaults to 0 and an explicit override replaces it in spec and plan."""
+    assert spec_of("lazy_mlp").seed == 0
+    spec = load_spec(SPECS_DIR / "lazy_mlp.yaml", seed=7)
+    assert spec.seed == 7 and spec.plan["seed"] == 7
+
+
+def test_param_count_is_trainable_scalars_only():
+    """Running statistics are buffers: not trainable, not in param_count."""
+    spec = build_spec(doc([{"type": "batch_norm", "num_features": 5}], input=(2, 5)))
+    assert spec.param_count == 10
+    assert math.prod(spec.param("0.running_var").shape) == 5
+    assert not spec.param("0.running_var").trainable
