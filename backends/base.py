@@ -15,7 +15,8 @@ list, as a string) and ``path`` (the dotted canonical prefix, e.g. ``"block.0"``
 - ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``
 - ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
                   ([h, w] each, zero padding on both sides), ``bias``, ``init``
-- ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for (N, C)),
+- ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for
+                  (N, C)),
                   ``eps``, ``momentum`` (PyTorch meaning: new = (1 - m) * old + m * batch), ``init``
 - ``max_pool2d``: ``pool``/``stride`` ([h, w] each)
 - ``flatten``, ``relu``, ``sigmoid``, ``tanh``
@@ -56,7 +57,7 @@ class DeviceUnavailable(RuntimeError):
 
 
 def iter_nodes(layers: list[dict]) -> Iterator[dict]:
-    """Every node of a plan, depth first in document order (sequential blocks before their children)."""
+    """Every node of a plan, depth first in document order (a block before its children)."""
     for node in layers:
         yield node
         if node["type"] == "sequential":

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from scipy import stats as st
 
-from .spec import ParamSpec, Spec
+from .spec import Spec
 
 ALPHA = 1e-6
 Z = float(st.norm.isf(ALPHA / 2))       # ~4.89 standard errors
@@ -105,7 +105,8 @@ def value_checks(values: np.ndarray, expected: dict) -> list[dict]:
     if kind == "continuous":
         return continuous_checks(flat, frozen(expected), expected["support"])
     if kind == "constant":
-        return [_exact("exact", flat, _f32(expected["value"]), f"every value == {expected['value']:g}")]
+        return [_exact("exact", flat, _f32(expected["value"]),
+                       f"every value == {expected['value']:g}")]
     if kind == "eye":
         return [_exact("exact", v, np.eye(*v.shape), "identity")]
     if kind == "dirac":

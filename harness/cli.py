@@ -199,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
         "inference, initializers against their analytic distributions, sharing, numerics."))
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="run specs on backends and write a markdown report")
-    c.add_argument("spec", nargs="*", help="spec files (YAML or JSON); default: every file in specs/")
+    c.add_argument("spec", nargs="*",
+                   help="spec files (YAML or JSON); default: every file in specs/")
     c.add_argument("--backend", action="append", help="backend to run (repeatable; default: all)")
     c.add_argument("--out", help="write the run's files straight into this directory")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

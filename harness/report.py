@@ -145,7 +145,7 @@ def _lazy_section(spec, recs) -> str:
             lazy = r.get("lazy") or {}
             b = next((q for q in lazy.get("before", []) if q["name"] == p.name), None)
             a = next((q for q in lazy.get("after", []) if q["name"] == p.name), None)
-            row.append(f"{_fmt(b['shape']) if b else 'absent'} → {_fmt(a['shape']) if a else 'absent'}")
+            row.append(" → ".join(_fmt(q["shape"]) if q else "absent" for q in (b, a)))
             if b and b.get("touch"):
                 touches.setdefault(r["backend"], b["touch"])
         rows.append(row)

@@ -40,7 +40,8 @@ _COMMON = {"type": {"enum": list(LAYER_TYPES)},
            "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}}
 _INITS = {"weight_init": _INIT, "bias_init": _INIT}
 _FIELDS = {
-    "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS}, ["units"]),
+    "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS},
+              ["units"]),
     "conv2d": ({"channels": _INT1, "kernel": _PAIR1, "stride": _PAIR1, "padding": _PAIR0,
                 "in_channels": _INT1, "bias": {"type": "boolean"}, **_INITS},
                ["channels", "kernel"]),
@@ -198,7 +199,8 @@ class _Builder:
         t = raw["type"]
         node = {"type": t, "name": seg, "path": path}
         if t == "dense":
-            node.update(units=raw["units"], in_units=raw.get("in_units"), bias=raw.get("bias", True))
+            node.update(units=raw["units"], in_units=raw.get("in_units"),
+                        bias=raw.get("bias", True))
         elif t == "conv2d":
             node.update(channels=raw["channels"], in_channels=raw.get("in_channels"),
                         kernel=_pair(raw["kernel"], None), stride=_pair(raw.get("stride"), 1),
@@ -208,8 +210,7 @@ class _Builder:
                         eps=float(raw.get("eps", 1e-5)), momentum=float(raw.get("momentum", 0.1)))
         elif t == "max_pool2d":
             node.update(pool=_pair(raw["pool"], None),
-                        stride=_pair(raw.get("stride"), None) if "stride" in raw
-                        else _pair(raw["pool"], None))
+                    stride=_pair(raw.get("stride", raw["pool"]), None))
         elif t == "sequential":
             node["layers"] = self.layers(raw["layers"], path, f"{where}.layers")
         elif t == "ref":
@@ -252,36 +253,23 @@ class _Builder:
         return out
 
     # ------------------------------------------------------------ shapes (PyTorch semantics)
-    def infer(self, nodes, shape, alias_prefix=None) -> tuple[int, ...]:
+    def infer(self, nodes, shape) -> tuple[int, ...]:
         for node in nodes:
-            shape = self.apply(node, shape, alias_prefix)
+            shape = self.apply(node, shape)
         return shape
 
-    def apply(self, node, shape, alias_prefix) -> tuple[int, ...]:
-        t, where = node["type"], self.where[node["path"]]
-        if t == "sequential":
-            return self.infer(node["layers"], shape, alias_prefix)
+    def apply(self, node, shape, alias_prefix=None, where=None) -> tuple[int, ...]:
+        """Shape after ``node``. ``alias_prefix`` is set when the node is reached again through
+        a ``ref``: its parameters must then agree with their first use, and are recorded as
+        shared under that prefix (the name PyTorch's state_dict gives the second use)."""
+        t, where = node["type"], where or self.where[node["path"]]
         if t == "ref":
-            target = self.nodes[node["to"]]
-            prefix = self.alias(node["path"], alias_prefix)
-            return self.apply_as(target, shape, prefix, where)
-        return self.apply_as(node, shape, alias_prefix, where)
-
-    @staticmethod
-    def alias(path, alias_prefix):
-        return path if alias_prefix is None else alias_prefix
-
-    def apply_as(self, node, shape, alias_prefix, where) -> tuple[int, ...]:
-        """Shape after ``node``; ``alias_prefix`` set when reached through a ``ref`` (replay)."""
-        t = node["type"]
+            return self.apply(self.nodes[node["to"]], shape, alias_prefix or node["path"], where)
         if t == "sequential":
-            out = shape
             for child in node["layers"]:
-                sub = None if alias_prefix is None else \
-                    alias_prefix + child["path"][len(node["path"]):]
-                out = self.apply_as(child, out, sub, where) if child["type"] != "ref" else \
-                    self.apply_as(self.nodes[child["to"]], out, sub, where)
-            return out
+                sub = alias_prefix and alias_prefix + child["path"][len(node["path"]):]
+                shape = self.apply(child, shape, sub, where if alias_prefix else None)
+            return shape
         if t == "dense":
             if len(shape) < 2:
                 self.fail(where, f"dense needs an input with a feature axis, got shape {shape}")

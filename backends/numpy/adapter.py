@@ -52,8 +52,8 @@ def _trunc_normal(rng, shape, mean, std, a, b):
     if not (std > 0 and a < b):
         raise ValueError(f"trunc_normal needs std > 0 and a < b, got std={std}, a={a}, b={b}")
     lo, hi = (a - mean) / std, (b - mean) / std
-    l, h = (-hi, -lo) if hi < 0 else (lo, hi)  # by symmetry, so erfc stays accurate in the tails
-    mass = 0.5 * (math.erfc(l / math.sqrt(2)) - math.erfc(h / math.sqrt(2)))
+    lo_t, hi_t = (-hi, -lo) if hi < 0 else (lo, hi)  # by symmetry: erfc stays accurate in tails
+    mass = 0.5 * (math.erfc(lo_t / math.sqrt(2)) - math.erfc(hi_t / math.sqrt(2)))
     peak = 0.0 if lo <= 0 <= hi else min(lo * lo, hi * hi)  # smallest z^2 on [lo, hi]
     flat = 0.0 if mass <= 0 else math.exp(min(0.0, math.log(mass * math.sqrt(2 * math.pi)
                                                             / (hi - lo)) + peak / 2))

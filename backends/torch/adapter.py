@@ -1,4 +1,5 @@
-"""The PyTorch adapter: plans become ``nn.Sequential`` trees whose state_dict keys are canonical names.
+"""The PyTorch adapter: plans become ``nn.Sequential`` trees whose state_dict keys are the
+canonical names.
 
 torch is imported in ``setup`` only, so importing this module costs nothing.
 """
@@ -32,7 +33,7 @@ def _center_class(nn):
 
 
 class Adapter(base.BaseAdapter):
-    """PyTorch: lazy modules where the plan leaves sizes open, ``torch.nn.init`` for initializers."""
+    """PyTorch: lazy modules where the plan leaves sizes open, ``torch.nn.init`` to initialize."""
 
     framework = "torch"
 
@@ -240,7 +241,7 @@ def _planned_shape(node: dict, role: str) -> list:
 def _touch(tensor) -> str | None:
     """What torch does when an uninitialized tensor's shape is read (the exception, as text)."""
     try:
-        tensor.shape
+        _ = tensor.shape
     except Exception as exc:  # torch 2.13: RuntimeError "Can't access the shape of ..."
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None

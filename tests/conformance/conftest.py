@@ -8,7 +8,6 @@ strict xfails, so a fixed one turns the suite red until its line is removed.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 

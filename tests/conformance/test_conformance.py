@@ -76,7 +76,8 @@ def test_worker_reports_its_environment(run, backend):
     assert not run.errors, run.errors
     env = run.environment
     assert env is not None and env["backend"] == backend.name
-    assert env["versions"] and all(isinstance(v, (str, type(None))) for v in env["versions"].values())
+    versions = env["versions"]
+    assert versions and all(isinstance(v, (str, type(None))) for v in versions.values())
     assert env["device"] == "cpu" or env["device"].startswith("cuda")
     assert Path(env["executable"]).exists()
 
