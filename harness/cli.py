@@ -76,8 +76,13 @@ def run_backend(backend, python, specs, args, work: Path, logs: Path):
         env_info["error"] = str(exc)
         failed = [{"spec": s.name, "status": "failed", "error": str(exc)} for s in specs]
         return env_info, failed, [{} for _ in specs]
+    device = args.device
+    if device not in ("auto", *backend.devices):
+        device = "cpu"
+        env_info["note"] = f"runs on the CPU only; --device {args.device} applies to the others"
+        progress(f"[{backend.name}] {env_info['note']}")
     progress(f"[{backend.name}] running {len(specs)} specs with {python}")
-    result = run_worker(backend.name, python, specs, work / backend.name, device=args.device,
+    result = run_worker(backend.name, python, specs, work / backend.name, device=device,
                         timeout=args.timeout, progress=progress)
     logs.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.log, logs / f"{backend.name}.log")

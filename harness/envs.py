@@ -44,6 +44,7 @@ class Backend:
     folder: Path
     framework: str
     defaults: dict  # layer type -> role -> normalized canonical init
+    devices: tuple[str, ...] = ("cpu", "cuda")  # what --device may ask of it
 
     @property
     def requirements(self) -> Path:
@@ -82,7 +83,8 @@ def _load_backend(folder: Path) -> Backend:
                     for layer, roles in meta.get("defaults", {}).items()}
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{meta_file}: cannot read backend metadata: {exc}") from None
-    return Backend(folder.name, folder, meta.get("framework", folder.name), defaults)
+    return Backend(folder.name, folder, meta.get("framework", folder.name), defaults,
+                   tuple(meta.get("devices", ("cpu", "cuda"))))
 
 
 def discover() -> dict[str, Backend]:

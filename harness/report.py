@@ -93,17 +93,16 @@ def _summary(records, backends) -> str:
 def _environments(environments: dict) -> str:
     rows = []
     for b, env in environments.items():
-        if not env.get("worker"):
-            rows.append([b, "–", "–", "–", "–", env.get("interpreter", "–"),
-                         env.get("error", "did not start")])
-            continue
-        w = env["worker"]
+        w = env.get("worker") or {}
         versions = ", ".join(f"{k} {v}" for k, v in w.get("versions", {}).items() if v)
-        rows.append([b, versions, w.get("python"), w.get("numpy"),
-                     f"{w.get('device')} ({w.get('device_name')})", w.get("executable"),
-                     f"{env.get('wall_s', 0):.1f} s"])
+        device = f"{w['device']} ({w.get('device_name')})" if w else "–"
+        notes = "; ".join(n for n in (env.get("note"), env.get("error")) if n)
+        rows.append([b, versions or "–", w.get("python", "–"), w.get("numpy", "–"), device,
+                     w.get("executable") or env.get("interpreter", "–"),
+                     f"{env['wall_s']:.1f} s" if "wall_s" in env else "–",
+                     notes or ("ok" if w else "did not start")])
     return _table(["backend", "framework", "python", "numpy", "device", "interpreter",
-                   "worker wall time"], rows)
+                   "worker wall time", "notes"], rows)
 
 
 def _failures(records) -> str:
