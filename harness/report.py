@@ -150,7 +150,8 @@ def _lazy_section(spec, recs) -> str:
         rows.append(row)
     text = _table(header, rows)
     for backend, touch in touches.items():
-        text += f"\n{backend}, reading a parameter before the first forward: `{_md(touch)}`\n"
+        touch = _md(touch).replace("`", "'")
+        text += f"\n{backend}, reading a parameter before the first forward: `{touch}`\n"
     return text
 
 
@@ -196,9 +197,8 @@ def _sharing_section(spec, recs) -> str:
     rows = [[p.name, ", ".join(p.shared_with)] + [
         ", ".join(next((q.get("shared_with") or [] for q in r.get("params", [])
                         if q["name"] == p.name), [])) or "–" for r in recs] for p in shared]
-    text = ""
-    if shared:
-        text += _table(["parameter", "expected aliases"] + [r["backend"] for r in recs], rows)
+    text = "No parameter is shared in this spec.\n" if not shared else \
+        _table(["parameter", "expected aliases"] + [r["backend"] for r in recs], rows)
     text += "\nDistinct trainable scalars (shared ones once): expected " \
         f"{spec.param_count}; " + ", ".join(f"{r['backend']} {_fmt(r.get('param_count'))}"
                                              for r in recs) + ".\n"
@@ -213,8 +213,10 @@ def _numerics_section(recs) -> str:
             rows.append([r["backend"], _fmt(c["observed"], 3), _fmt(c["expected"], 3),
                          _verdict(c["passed"])])
     if not rows:
-        return "Not compared: the numpy reference backend is not part of this run.\n"
-    return _table(["backend", "max abs error", "tolerance", "verdict"], rows)
+        return "Not compared: no backend besides the numpy reference ran this spec, or the " \
+            "reference is not part of this run.\n"
+    return _table(["backend", "max abs error", "tolerance", "verdict"], rows) + \
+        "\nEach backend against the NumPy reference's output for the same probe parameters.\n"
 
 
 def default_examples(specs, records, defaults_by_backend) -> dict:
