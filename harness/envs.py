@@ -33,6 +33,14 @@ class EnvError(Exception):
     """An environment could not be created; the message carries the log's tail."""
 
 
+def display_path(path) -> str:
+    """A path relative to the project when it lies inside it (shorter in messages)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def env_root() -> Path:
     return Path(os.environ.get("HARNESS_ENV_DIR", ROOT / ".envs"))
 
@@ -144,7 +152,7 @@ def ensure_env(backend: Backend, progress=print) -> Path:
             return backend.env_python
         log_path = root / f"{backend.name}-setup.log"
         progress(f"[setup] {backend.name}: environment {state}; creating {backend.env_dir} and "
-                 f"installing {backend.requirements.relative_to(ROOT)} (log: {log_path})")
+                 f"installing {display_path(backend.requirements)} (log: {log_path})")
         started = time.monotonic()
         shutil.rmtree(backend.env_dir, ignore_errors=True)
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import initializers as inits
 from .analysis import ALPHA, Z, frozen
-from .envs import ROOT
+from .envs import display_path
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -45,14 +45,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _display_path(path: str) -> str:
-    """A spec's path relative to the project when it lies inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return path
 
 
 def _verdict(ok: bool) -> str:
@@ -291,7 +283,7 @@ def render(run: dict, specs, records: list[dict], environments: dict,
         recs = [r for r in records if r["spec"] == spec.name]
         parts += [f"\n## Spec `{spec.name}`\n\n", f"{spec.description.strip()}\n\n" if
                   spec.description else "",
-                  f"File `{_display_path(spec.file)}`; input {_fmt(spec.input_shape)}, output "
+                  f"File `{display_path(spec.file)}`; input {_fmt(spec.input_shape)}, output "
                   f"{_fmt(spec.output_shape)}; verdicts: " +
                   ", ".join(f"{r['backend']} {_verdict(r.get('passed'))}" for r in recs) + ".\n",
                   "\n### Shapes: canonical vs native\n\n", _shape_section(spec, recs),
