@@ -178,7 +178,8 @@ def cmd_list(args) -> int:
         try:
             s = load_spec(f)
             kind = "lazy" if s.lazy else "eager"
-            print(f"  {s.name:<16} {kind:<6} {len(s.params):>3} params  {f.relative_to(ROOT)}")
+            print(f"  {s.name:<16} {kind:<6} {len(s.params):>3} tensors {s.param_count:>9} "
+                  f"trainable scalars  {f.relative_to(ROOT)}")
         except SpecError as exc:
             print(f"  INVALID {exc}")
     return 0
