@@ -67,8 +67,10 @@ def point_latest(run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def run_backend(backend, python, specs, args, work: Path, logs: Path):
-    """Provision (unless --python), run the worker, keep its log; a WorkerResult or an error."""
+def run_backend(backend, python, specs, args, work: Path):
+    """Provision (unless --python) and run one backend's worker over every spec.
+
+    Returns (environment info, one record per spec, one dict of arrays per spec)."""
     env_info = {"interpreter": str(python) if python else str(backend.env_python)}
     try:
         python = python or ensure_env(backend, progress)
@@ -84,9 +86,7 @@ def run_backend(backend, python, specs, args, work: Path, logs: Path):
     progress(f"[{backend.name}] running {len(specs)} specs with {python}")
     result = run_worker(backend.name, python, specs, work / backend.name, device=device,
                         timeout=args.timeout, progress=progress)
-    logs.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.log, logs / f"{backend.name}.log")
-    env_info.update(worker=result.environment, wall_s=result.wall_s, log=f"logs/{backend.name}.log")
+    env_info.update(worker=result.environment, wall_s=result.wall_s, log=str(result.log))
     if result.errors:
         env_info["error"] = "; ".join(result.errors)
     return env_info, result.records, result.arrays
@@ -97,28 +97,23 @@ def cmd_compare(args) -> int:
     backends = select(args.backend)
     overrides = parse_python_overrides(args.python, discover())
     run_dir, run_id = new_run_dir(args.out)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    raw, environments = {}, {}
+    run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "device": args.device, "command": "python -m harness " + " ".join(sys.argv[1:]),
+           "seed_note": "from each spec" if args.seed is None else str(args.seed)}
+    environments, records, arrays = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         for b in backends:
-            environments[b.name], records, arrays = run_backend(
-                b, overrides.get(b.name), specs, args, Path(tmp), run_dir / "logs")
-            raw[b.name] = list(zip(records, arrays))
-    reference = {rec["spec"]: arr.get("probe_output") for rec, arr in raw.get(REFERENCE, [])}
-    by_name = {s.name: s for s in specs}
-    results = []
-    for b in backends:
-        for rec, arr in raw[b.name]:
-            rec["backend"] = b.name
-            ref = reference.get(rec["spec"]) if b.name != REFERENCE else None
-            results.append(analysis.analyze(by_name[rec["spec"]], b.defaults, rec, arr, ref))
-    results.sort(key=lambda r: ([s.name for s in specs].index(r["spec"]),
-                                [b.name for b in backends].index(r["backend"])))
-    run = {"id": run_id, "started": started, "device": args.device,
-           "command": "python -m harness " + " ".join(sys.argv[1:]),
-           "seed_note": "from each spec" if args.seed is None else str(args.seed)}
-    defaults = {b.name: b.defaults for b in backends}
-    figure = _defaults_figure(run_dir, specs, results, raw, defaults)
+            environments[b.name], records[b.name], arrays[b.name] = run_backend(
+                b, overrides.get(b.name), specs, args, Path(tmp))
+        reference = arrays.get(REFERENCE)
+        results = [analysis.analyze(
+            spec, b.defaults, dict(records[b.name][i], backend=b.name), arrays[b.name][i],
+            reference[i].get("probe_output") if reference and b.name != REFERENCE else None)
+            for i, spec in enumerate(specs) for b in backends]
+        # Nothing goes into the run directory until every backend is done.
+        _keep_logs(environments, run_dir / "logs")
+        defaults = {b.name: b.defaults for b in backends}
+        figure = _defaults_figure(run_dir, specs, results, arrays, defaults)
     document = report.results_document(run, specs, results, environments)
     markdown = report.render(run, specs, results, environments, defaults, figure)
     report.write_run(run_dir, document, markdown)
@@ -127,16 +122,25 @@ def cmd_compare(args) -> int:
     return _print_outcome(results, run_dir)
 
 
-def _defaults_figure(run_dir, specs, results, raw, defaults) -> str | None:
+def _keep_logs(environments: dict, logs: Path) -> None:
+    """Copy each worker's log next to the report; the record then names the copy."""
+    for name, env in environments.items():
+        if env.get("log"):
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(env["log"], logs / f"{name}.log")
+            env["log"] = f"logs/{name}.log"
+
+
+def _defaults_figure(run_dir, specs, results, arrays, defaults) -> str | None:
     """Histograms of each backend's default dense/conv weight init, for the report."""
-    arrays = {(rec["backend"], rec["spec"]): arr for b in raw.values() for rec, arr in b}
+    index = {s.name: i for i, s in enumerate(specs)}
     panels = []
     for (backend, layer, role), example in report.default_examples(specs, results,
                                                                    defaults).items():
         if example is None or role != "weight" or layer == "batch_norm":
             continue
         spec_name, q = example
-        values = arrays.get((backend, spec_name), {}).get(f"param/{q['name']}")
+        values = arrays[backend][index[spec_name]].get(f"param/{q['name']}")
         if values is not None:
             panels.append({"label": f"{backend}: {layer} weight ({spec_name} {q['name']})",
                            "values": values, "expected": q["expected"]})
