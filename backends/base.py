@@ -79,6 +79,23 @@ def owned_params(plan: dict) -> Iterator[tuple[str, dict, str]]:
             yield f"{node['path']}.{role}", node, role
 
 
+def given_in_size(node: dict) -> int | None:
+    """The input size the plan gives a node with parameters (None: inferred lazily)."""
+    key = {"dense": "in_units", "conv2d": "in_channels", "batch_norm": "num_features"}
+    return node.get(key.get(node["type"], ""))
+
+
+def param_shapes(node: dict, n: int | None) -> dict[str, tuple]:
+    """Canonical shape of each parameter a node owns, for input size ``n`` (None: not known)."""
+    if node["type"] == "dense":
+        shapes = {"weight": (node["units"], n), "bias": (node["units"],)}
+    elif node["type"] == "conv2d":
+        shapes = {"weight": (node["channels"], n, *node["kernel"]), "bias": (node["channels"],)}
+    else:
+        shapes = dict.fromkeys(PARAM_ROLES.get(node["type"], ()), (n,))
+    return {role: shapes[role] for role in param_roles(node)}
+
+
 def torch_fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) of a canonical-layout weight, as ``torch.nn.init`` computes them."""
     if len(shape) < 2:

@@ -119,6 +119,11 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                     time.monotonic() - started)
 
 
+def _finished(out_dir: Path, n: int) -> int:
+    """How many specs the worker has completed (a record file is written last)."""
+    return sum((out_dir / f"{i}.json").exists() for i in range(n))
+
+
 def _supervise(proc, backend, specs, out_dir, timeout, progress):
     """Wait for the worker, reporting progress; kill it after ``timeout`` s without any.
     Returns (exit status, timed out, specs finished)."""
@@ -130,7 +135,7 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress):
             break
         except subprocess.TimeoutExpired:
             pass
-        finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
+        finished = _finished(out_dir, len(specs))
         markers = finished + (out_dir / "worker.json").exists()
         if markers > seen:  # set up, or one more spec finished: progress
             if finished > done:
@@ -141,7 +146,7 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress):
             _kill(proc)
             rc = proc.returncode
             break
-    finished = sum((out_dir / f"{i}.json").exists() for i in range(len(specs)))
+    finished = _finished(out_dir, len(specs))
     if finished > done:
         progress(f"[{backend}] {finished}/{len(specs)} specs done")
     return rc, timed_out, finished

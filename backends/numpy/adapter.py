@@ -14,9 +14,9 @@ import platform
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backends.base import (PARAM_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
-                           DeviceUnavailable, calculate_gain, iter_nodes, owned_params,
-                           param_record, param_roles, torch_fans)
+from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, DeviceUnavailable,
+                           calculate_gain, given_in_size, iter_nodes, owned_params, param_record,
+                           param_roles, param_shapes, torch_fans)
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
 # What `default` means here: PyTorch's own initialization of each role.
@@ -118,7 +118,7 @@ def _variance_scaling(rng, shape, w, scale, mode, distribution):
     var = scale / _fan(shape, mode, ("fan_in", "fan_out", "fan_avg"))
     if distribution == "uniform":
         return _u(rng, shape, math.sqrt(3 * var))
-    if distribution in ("normal", "untruncated_normal"):
+    if distribution == "normal":
         return rng.normal(0.0, math.sqrt(var), shape)
     if distribution == "truncated_normal":
         s = math.sqrt(var) / TRUNCATED_NORMAL_STD_CORRECTION
@@ -224,23 +224,6 @@ _LAYERS = {
 }
 
 
-def _in_size(node: dict) -> int | None:
-    """The input size the plan gives a parameterized node (None: inferred at the first forward)."""
-    return node.get({"dense": "in_units", "conv2d": "in_channels",
-                     "batch_norm": "num_features"}.get(node["type"], ""))
-
-
-def _shapes(node: dict, n: int | None) -> dict[str, tuple]:
-    """Canonical shape of each owned parameter of a node whose input size is n (None: unknown)."""
-    if node["type"] == "dense":
-        shapes = {"weight": (node["units"], n), "bias": (node["units"],)}
-    elif node["type"] == "conv2d":
-        shapes = {"weight": (node["channels"], n, *node["kernel"]), "bias": (node["channels"],)}
-    else:
-        shapes = dict.fromkeys(PARAM_ROLES.get(node["type"], ()), (n,))
-    return {role: shapes[role] for role in param_roles(node)}
-
-
 class _Model:
     """A built plan: nodes by canonical path, one float32 array (None: lazy) per parameter."""
 
@@ -283,13 +266,13 @@ class Adapter(BaseAdapter):
             model.nodes[node["path"]] = node
             for role in param_roles(node):
                 model.params[f"{node['path']}.{role}"] = None
-            if _in_size(node) is not None:
-                self._create(model, node, _in_size(node))
+            if given_in_size(node) is not None:
+                self._create(model, node, given_in_size(node))
         return model
 
     def _create(self, model: _Model, node: dict, n: int) -> None:
         """Create a node's parameters for input size n, with the default initialization."""
-        shapes = _shapes(node, n)
+        shapes = param_shapes(node, n)
         wshape = shapes["weight"] if node["type"] in ("dense", "conv2d") else None
         for role, shape in shapes.items():
             init = _default(node, role)
@@ -315,7 +298,7 @@ class Adapter(BaseAdapter):
         aliases, records = _aliases(model), []
         for name, node, role in owned_params(plan):
             arr = model.params[name]
-            shape = _shapes(node, _in_size(node))[role] if arr is None else arr.shape
+            shape = param_shapes(node, given_in_size(node))[role] if arr is None else arr.shape
             records.append(param_record(
                 name, role, shape, name, None if arr is None else arr.shape,
                 dtype=None if arr is None else str(arr.dtype), shared_with=aliases.get(name, ()),
@@ -348,7 +331,7 @@ class Adapter(BaseAdapter):
             n = x.shape[-1] if kind == "dense" else x.shape[1]
             if model.params[f"{node['path']}.weight"] is None:
                 self._create(model, node, n)
-            for role, want in _shapes(node, n).items():
+            for role, want in param_shapes(node, n).items():
                 have = model.params[f"{node['path']}.{role}"]
                 if have.shape != want:
                     raise ValueError(

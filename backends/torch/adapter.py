@@ -132,8 +132,9 @@ class Adapter(base.BaseAdapter):
         for name, node, role, _, tensor in self._params(model, plan):
             keys = keys_of[id(tensor)]
             if self.nn.parameter.is_lazy(tensor):
+                planned = base.param_shapes(node, base.given_in_size(node))[role]
                 records.append(base.param_record(
-                    name, role, _planned_shape(node, role), keys[0], None, dtype=None,
+                    name, role, planned, keys[0], None, dtype=None,
                     shared_with=keys[1:], initialized=False, touch=_touch(tensor)))
             else:
                 records.append(base.param_record(
@@ -181,7 +182,7 @@ class Adapter(base.BaseAdapter):
             if dist == "uniform":
                 limit = math.sqrt(3.0) * std
                 nn.init.uniform_(tensor, -limit, limit)
-            elif dist in ("normal", "untruncated_normal"):
+            elif dist == "normal":
                 nn.init.normal_(tensor, 0.0, std)
             elif dist == "truncated_normal":
                 std /= base.TRUNCATED_NORMAL_STD_CORRECTION
@@ -225,17 +226,6 @@ class Adapter(base.BaseAdapter):
         """Wait for queued CUDA work (no-op on CPU)."""
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-
-
-def _planned_shape(node: dict, role: str) -> list:
-    """The canonical shape the plan implies, None where torch will infer it."""
-    if node["type"] == "dense":
-        return [node["units"], node["in_units"]] if role == "weight" else [node["units"]]
-    if node["type"] == "conv2d":
-        if role == "weight":
-            return [node["channels"], node["in_channels"], *node["kernel"]]
-        return [node["channels"]]
-    return [node["num_features"]]
 
 
 def _touch(tensor) -> str | None:

@@ -442,13 +442,17 @@ def test_integral_floats_are_rejected_or_made_ints(case):
 
 # ------------------------------------------------------------------ files
 
-def test_yaml_syntax_error_gives_line_and_column(tmp_path):
-    """A YAML parse error is a SpecError naming the file, line and column."""
-    f = tmp_path / "broken.yaml"
-    f.write_text("name: x\ninput: [2, 3\nlayers: []\n")
+@pytest.mark.parametrize("file, text, where", [
+    ("broken.yaml", "name: x\ninput: [2, 3\nlayers: []\n", "line 3, column 7"),
+    ("broken.json", '{"name": "j",\n "layers": [}', "line 2, column 13"),
+], ids=["yaml", "json"])
+def test_syntax_error_gives_line_and_column(tmp_path, file, text, where):
+    """A YAML or JSON parse error is a SpecError naming the file, line and column."""
+    f = tmp_path / file
+    f.write_text(text)
     with pytest.raises(SpecError) as err:
         load_spec(f)
-    assert str(err.value).startswith(f"{f}: line 3, column 7: ")
+    assert str(err.value).startswith(f"{f}: {where}: ")
 
 
 def test_json_spec_file_works(tmp_path):
@@ -460,13 +464,6 @@ def test_json_spec_file_works(tmp_path):
     assert spec.param("0.weight").shape == (4, 3)
 
 
-def test_json_syntax_error_gives_line_and_column(tmp_path):
-    """A JSON parse error is a SpecError naming the file, line and column."""
-    f = tmp_path / "broken.json"
-    f.write_text('{"name": "j",\n "layers": [}')
-    with pytest.raises(SpecError) as err:
-        load_spec(f)
-    assert str(err.value).startswith(f"{f}: line 2, column 13: ")
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "42\n"],
