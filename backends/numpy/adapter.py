@@ -14,9 +14,9 @@ import platform
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, DeviceUnavailable,
-                           calculate_gain, given_in_size, iter_nodes, owned_params, param_record,
-                           param_roles, param_shapes, torch_fans)
+from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
+                           DeviceUnavailable, calculate_gain, given_in_size, iter_nodes,
+                           owned_params, param_record, param_roles, param_shapes, torch_fans)
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
 # What `default` means here: PyTorch's own initialization of each role.
@@ -301,7 +301,8 @@ class Adapter(BaseAdapter):
             shape = param_shapes(node, given_in_size(node))[role] if arr is None else arr.shape
             records.append(param_record(
                 name, role, shape, name, None if arr is None else arr.shape,
-                dtype=None if arr is None else str(arr.dtype), shared_with=aliases.get(name, ()),
+                dtype=None if arr is None else str(arr.dtype),
+                trainable=role in TRAINABLE_ROLES, shared_with=aliases.get(name, ()),
                 initialized=arr is not None))
         return records
 

@@ -135,11 +135,13 @@ class Adapter(base.BaseAdapter):
                 planned = base.param_shapes(node, base.given_in_size(node))[role]
                 records.append(base.param_record(
                     name, role, planned, keys[0], None, dtype=None,
-                    shared_with=keys[1:], initialized=False, touch=_touch(tensor)))
+                    trainable=tensor.requires_grad, shared_with=keys[1:], initialized=False,
+                    touch=_touch(tensor)))
             else:
                 records.append(base.param_record(
                     name, role, tensor.shape, keys[0], tensor.shape,
-                    dtype=str(tensor.dtype).removeprefix("torch."), shared_with=keys[1:]))
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    trainable=tensor.requires_grad, shared_with=keys[1:]))
         return records
 
     def forward(self, model, x: np.ndarray) -> np.ndarray:
