@@ -142,7 +142,8 @@ def _defaults_figure(run_dir, specs, results, arrays, defaults) -> str | None:
         spec_name, q = example
         values = arrays[backend][index[spec_name]].get(f"param/{q['name']}")
         if values is not None:
-            panels.append({"label": f"{backend}: {layer} weight ({spec_name} {q['name']})",
+            panels.append({"row": backend,
+                           "label": f"{backend}: {layer} weight ({spec_name} {q['name']})",
                            "values": values, "expected": q["expected"]})
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "default_init.png"

@@ -11,7 +11,8 @@ from .analysis import frozen
 
 
 def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
-    """One histogram per panel (``label``, ``values``, ``expected``), written atomically as PNG.
+    """Histograms (``label``, ``values``, ``expected``) with the analytic density on top, one
+    row per distinct ``row`` key (e.g. one row per backend), written atomically as PNG.
 
     Returns False (and writes nothing) when there is nothing to draw or no matplotlib."""
     if not panels:
@@ -23,21 +24,17 @@ def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        values = np.asarray(panel["values"], dtype=np.float64).ravel()
-        ax.hist(values, bins=60, density=True, color="#8fb3d9", edgecolor="none",
-                label="observed")
-        expected = panel["expected"]
-        if expected["kind"] == "continuous":
-            dist = frozen(expected)
-            lo, hi = values.min(), values.max()
-            pad = 0.1 * (hi - lo or 1.0)
-            x = np.linspace(lo - pad, hi + pad, 400)
-            ax.plot(x, dist.pdf(x), color="#c0392b", lw=1.5, label="analytic")
-        ax.set_title(panel["label"], fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel(expected["description"], fontsize=7)
+    rows: dict = {}
+    for panel in panels:
+        rows.setdefault(panel.get("row"), []).append(panel)
+    ncols = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.8 * ncols, 2.7 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows.values()):
+        for c in range(len(row), ncols):
+            axes[r][c].set_visible(False)
+        for ax, panel in zip(axes[r], row):
+            _histogram(ax, panel)
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -46,3 +43,18 @@ def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
     plt.close(fig)
     os.replace(tmp, path)
     return True
+
+
+def _histogram(ax, panel: dict) -> None:
+    values = np.asarray(panel["values"], dtype=np.float64).ravel()
+    ax.hist(values, bins=60, density=True, color="#8fb3d9", edgecolor="none", label="observed")
+    expected = panel["expected"]
+    if expected["kind"] == "continuous":
+        dist = frozen(expected)
+        lo, hi = values.min(), values.max()
+        pad = 0.1 * (hi - lo or 1.0)
+        x = np.linspace(lo - pad, hi + pad, 400)
+        ax.plot(x, dist.pdf(x), color="#c0392b", lw=1.5, label="analytic")
+    ax.set_title(panel["label"], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel(expected["description"], fontsize=7)
