@@ -122,16 +122,17 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
 
 
 def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
-                 dtype: str | None, trainable: bool, shared_with=(), initialized: bool = True,
-                 touch: str | None = None) -> dict:
+                 dtype: str | None, trainable: bool | None, shared_with=(),
+                 initialized: bool = True, touch: str | None = None) -> dict:
     """One parameter as an adapter reports it (before or after the first forward, or after init).
 
     ``shape`` is canonical with ``None`` for dimensions not known yet; ``native_shape`` is what
     the framework itself reports, in its own terms (Gluon writes an unknown size as 0; ``None``
     when it cannot say); ``trainable`` is the framework's own flag (``requires_grad``, Keras's
     ``trainable``, Gluon's ``grad_req``), never derived from the role, so that the harness can
-    check it; ``touch`` is what the framework does when the value is read before it exists (the
-    exception, as text) or None.
+    check it (None while the framework has no variable to ask, e.g. Keras before ``build``);
+    ``touch`` is what the framework does when the value is read before it exists (the exception,
+    as text) or None.
     """
     return {
         "name": name,
@@ -141,7 +142,7 @@ def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
         "native_shape": None if native_shape is None else [None if d is None else int(d)
                                                            for d in native_shape],
         "dtype": dtype,
-        "trainable": bool(trainable),
+        "trainable": None if trainable is None else bool(trainable),
         "kind": "parameter" if role in TRAINABLE_ROLES else "buffer",
         "shared_with": sorted(shared_with),
         "initialized": initialized,
