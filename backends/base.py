@@ -122,7 +122,7 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
 
 
 def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
-                 dtype: str | None, trainable: bool | None, shared_with=(),
+                 dtype: str | None, trainable: bool, shared_with=(),
                  initialized: bool = True, touch: str | None = None) -> dict:
     """One parameter as an adapter reports it (before or after the first forward, or after init).
 
@@ -130,9 +130,8 @@ def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
     the framework itself reports, in its own terms (Gluon writes an unknown size as 0; ``None``
     when it cannot say); ``trainable`` is the framework's own flag (``requires_grad``, Keras's
     ``trainable``, Gluon's ``grad_req``), never derived from the role, so that the harness can
-    check it (None while the framework has no variable to ask, e.g. Keras before ``build``);
-    ``touch`` is what the framework does when the value is read before it exists (the exception,
-    as text) or None.
+    check it; ``touch`` is what the framework does when the value is read before it exists (the
+    exception, as text) or None.
     """
     return {
         "name": name,
@@ -142,7 +141,7 @@ def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
         "native_shape": None if native_shape is None else [None if d is None else int(d)
                                                            for d in native_shape],
         "dtype": dtype,
-        "trainable": None if trainable is None else bool(trainable),
+        "trainable": bool(trainable),
         "kind": "parameter" if role in TRAINABLE_ROLES else "buffer",
         "shared_with": sorted(shared_with),
         "initialized": initialized,
@@ -198,6 +197,12 @@ class BaseAdapter:
     def load(self, model: Any, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """Set parameters from canonical-layout arrays (the probe used to compare numerics)."""
         raise NotImplementedError
+
+    def early_access(self, model: Any) -> str | None:
+        """What the framework does when the model's parameters are read before the first
+        forward, as text (e.g. the exception), for frameworks that have no per-parameter object
+        yet to report it on (a parameter record's ``touch`` covers the others); None otherwise."""
+        return None
 
     def synchronize(self) -> None:
         """Wait for queued device work to finish (no-op on CPU)."""

@@ -60,6 +60,7 @@ def run_plan(adapter, plan: dict, x: np.ndarray, probe: dict[str, np.ndarray] | 
     model = adapter.build(plan)
     timings["build_s"] = time.perf_counter() - t0
     before = adapter.inspect(model, plan)
+    early = adapter.early_access(model)
 
     t0 = time.perf_counter()
     output = adapter.forward(model, x)
@@ -86,7 +87,7 @@ def run_plan(adapter, plan: dict, x: np.ndarray, probe: dict[str, np.ndarray] | 
         "spec": plan["name"],
         "status": "ok",
         "error": None,
-        "lazy": {"before": before, "after": after},
+        "lazy": {"before": before, "after": after, "early_access": early},
         "params": params,
         "output_shape": list(np.shape(output)),
         "timings": timings,

@@ -136,15 +136,25 @@ def _lazy_section(spec, recs) -> str:
             lazy = r.get("lazy") or {}
             b = next((q for q in lazy.get("before", []) if q["name"] == p.name), None)
             a = next((q for q in lazy.get("after", []) if q["name"] == p.name), None)
-            row.append(" → ".join(_fmt(q["shape"]) if q else "absent" for q in (b, a)))
+            row.append(" → ".join(_lazy_cell(q) for q in (b, a)))
             if b and b.get("touch"):
                 touches.setdefault(r["backend"], b["touch"])
+            elif lazy.get("early_access"):
+                touches.setdefault(r["backend"], lazy["early_access"])
         rows.append(row)
     text = _table(header, rows)
+    text += ("\n`absent`: the framework has no such parameter yet; `declared`: it exists but "
+             "holds no value yet.\n")
     for backend, touch in touches.items():
         touch = _md(touch).replace("`", "'")
         text += f"\n{backend}, reading a parameter before the first forward: `{touch}`\n"
     return text
+
+
+def _lazy_cell(q: dict | None) -> str:
+    if q is None:
+        return "absent"
+    return _fmt(q["shape"]) + ("" if q.get("initialized", True) else " declared")
 
 
 def _stat_cells(p) -> list[str]:

@@ -214,6 +214,15 @@ class Adapter(base.BaseAdapter):
             x = x.transpose(0, 3, 1, 2)
         return x.reshape(x.shape[0], -1)
 
+    def early_access(self, model: _Model) -> str | None:
+        """Before ``init`` a linen module is an unbound declaration: asking it for its
+        variables raises."""
+        try:
+            _ = model.module.variables
+        except Exception as exc:  # flax 0.12: ValueError "Can't access variables on unbound..."
+            return f"module.variables: {type(exc).__name__}: {exc}"
+        return None
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, model: _Model, x: np.ndarray) -> np.ndarray:

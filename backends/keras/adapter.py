@@ -121,8 +121,8 @@ class _Model:
     """A built plan: the top ``keras.Sequential`` and, per canonical node path, the Keras layer
     that owns that node's variables (``ref`` nodes map to their target's layer)."""
 
-    def __init__(self, model, owners: dict):
-        self.model, self.owners = model, owners
+    def __init__(self, model, owners: dict, plan: dict):
+        self.model, self.owners, self.plan = model, owners, plan
 
 
 class Adapter(base.BaseAdapter):
@@ -177,7 +177,7 @@ class Adapter(base.BaseAdapter):
         built = {}
         with self.keras.device(self.device):
             model, _ = self._sequential(plan["layers"], built, len(plan["input_shape"]), None)
-        return _Model(model, {path: owner for path, (_, owner, _) in built.items()})
+        return _Model(model, {path: owner for path, (_, owner, _) in built.items()}, plan)
 
     def _sequential(self, nodes: list[dict], built: dict, rank: int, name: str | None):
         """One ``keras.Sequential`` and the input rank after it. ``built`` maps canonical paths
@@ -286,21 +286,23 @@ class Adapter(base.BaseAdapter):
         for node in plan["layers"]:
             reach(node, node["path"])
         records = []
-        for name, node, role, layer, var in self._params(model, plan):
-            aliases = [n for n in names_of[(id(layer), role)] if n != name]
-            if var is None:
-                planned = base.param_shapes(node, base.given_in_size(node))[role]
-                records.append(base.param_record(  # no variable yet, so no flag to report
-                    name, role, planned, f"{layer.name}/{_attr(node, role)} (not built)", None,
-                    dtype=None, trainable=None, shared_with=aliases,
-                    initialized=False, touch=_touch(layer, _attr(node, role))))
+        for name, _, role, layer, var in self._params(model, plan):
+            if var is None:  # variables appear in build(), at the first call: none yet
                 continue
+            aliases = [n for n in names_of[(id(layer), role)] if n != name]
             native = tuple(var.shape)
             canonical = native if len(native) < 2 else (native[-1], native[-2], *native[:-2])
             records.append(base.param_record(  # BN's moving statistics: trainable=False
                 name, role, canonical, var.path, native, dtype=str(var.dtype),
                 trainable=var.trainable, shared_with=aliases))
         return records
+
+    def early_access(self, model: _Model) -> str | None:
+        """What reading an unbuilt layer's variable (and its parameter count) does."""
+        for _, node, role, layer, var in self._params(model, model.plan):
+            if var is None:
+                return f"{layer.name}.{_touch(layer, _attr(node, role))}"
+        return None
 
     def forward(self, model: _Model, x: np.ndarray) -> np.ndarray:
         """Inference-mode call (``training=False``); the first one builds the lazy layers."""

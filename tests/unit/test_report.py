@@ -204,3 +204,19 @@ def test_render_does_not_modify_records(numpy_run, numpy_defaults):
     before = copy.deepcopy(records)
     render(specs, records, {"numpy": {"interpreter": "p"}}, {"numpy": numpy_defaults})
     assert records == before
+
+
+def test_lazy_table_tells_absent_declared_and_early_access(numpy_run, numpy_defaults):
+    """Before the first forward: a parameter with no value yet is `declared`, one the framework
+    has not created is `absent`, and a framework-level early-access note is shown when no
+    parameter carries a touch message."""
+    specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp"])
+    md = render(specs, records, {}, {"numpy": numpy_defaults})
+    assert "| 0.weight | (256, ?) | (256, ?) declared → (256, 20) |" in md
+    flax_like = copy.deepcopy(records[0])
+    flax_like["backend"] = "other"
+    flax_like["lazy"]["before"] = []
+    flax_like["lazy"]["early_access"] = "ValueError: Can't access variables on unbound modules"
+    md = render(specs, [flax_like], {}, {"other": numpy_defaults})
+    assert "| 0.weight | (256, ?) | absent → (256, 20) |" in md
+    assert "other, reading a parameter before the first forward: `ValueError: Can't" in md
