@@ -174,6 +174,10 @@ class Adapter(base.BaseAdapter):
         """A ``keras.Sequential`` tree with no input shape; layers given their input size are
         built eagerly, the rest at the first call."""
         self.keras.utils.clear_session(free_memory=False)  # auto names restart: sequential, dense
+        # the spec's own layer names, which Keras's auto names (dense, dense_1, ...) must avoid
+        self._reserved = {n["name"] for n in base.iter_nodes(plan["layers"])
+                          if not n["name"].isdigit()}
+        self._taken: set[str] = set()
         built = {}
         with self.keras.device(self.device):
             model, _ = self._sequential(plan["layers"], built, len(plan["input_shape"]), None)
@@ -198,7 +202,26 @@ class Adapter(base.BaseAdapter):
                 built[node["path"]] = (layers, owner, 2 if node["type"] == "flatten" else rank)
             layers, _, rank = built[node["path"]]
             calls.extend(layers)
-        return self.keras.Sequential(calls, name=name), rank
+        return self._new(self.keras.Sequential, calls, name=name), rank
+
+    def _new(self, cls, *args, name: str | None = None, **kwargs):
+        """``cls(*args, name=name, **kwargs)`` with a name no other layer of this model has:
+        a Sequential refuses two layers of one name, and a spec may name a layer ``dense``
+        next to an unnamed one that Keras would auto-name ``dense`` too. An unnamed layer keeps
+        Keras's auto name unless that is taken (then the next one: Keras's counter advances); a
+        named one gets ``name_1``, ... only if its name is already used elsewhere in the spec."""
+        if name is not None:
+            unique, k = name, 0
+            while unique in self._taken:
+                k += 1
+                unique = f"{name}_{k}"
+            layer = cls(*args, name=unique, **kwargs)
+        else:
+            layer = cls(*args, **kwargs)
+            while layer.name in self._taken or layer.name in self._reserved:
+                layer = cls(*args, **kwargs)
+        self._taken.add(layer.name)
+        return layer
 
     def _layers(self, node: dict, name: str | None, rank: int) -> tuple[list, object]:
         """The Keras layers realizing one leaf node on an input of this rank (4: NHWC), and the
@@ -207,20 +230,20 @@ class Adapter(base.BaseAdapter):
         L, (ph, pw) = self.keras.layers, node.get("padding", (0, 0))
         if node["type"] == "dense" and rank == 4:
             # dense acts on the last canonical axis, W: NHWC -> NCHW around it, and back
-            return [L.Permute((3, 1, 2)), layer, L.Permute((2, 3, 1))], layer
+            return [self._new(L.Permute, (3, 1, 2)), layer, self._new(L.Permute, (2, 3, 1))], layer
         if node["type"] == "conv2d" and layer.padding == "valid" and (ph or pw):
-            return [L.ZeroPadding2D(((ph, ph), (pw, pw))), layer], layer
+            return [self._new(L.ZeroPadding2D, ((ph, ph), (pw, pw))), layer], layer
         if node["type"] == "flatten" and rank == 4:
             # Keras flattens NHWC in (h, w, c) order; canonical is (c, h, w), so permute first
             # and the dense kernel after it keeps the canonical order of its inputs.
-            return [L.Permute((3, 1, 2)), layer], layer
+            return [self._new(L.Permute, (3, 1, 2)), layer], layer
         return [layer], layer
 
     def _layer(self, node: dict, name: str | None, rank: int):
         """The Keras layer of one leaf node."""
         L, kind = self.keras.layers, node["type"]
         if kind == "dense":
-            layer = L.Dense(node["units"], use_bias=node["bias"], name=name)
+            layer = self._new(L.Dense, node["units"], use_bias=node["bias"], name=name)
             if node["in_units"] is not None:
                 layer.build((None,) * (rank - 1) + (node["in_units"],))
             return layer
@@ -229,28 +252,28 @@ class Adapter(base.BaseAdapter):
             # Keras pads 'valid' or 'same'; 'same' is torch's symmetric padding only for
             # stride 1 and kernel 2p+1, other padding is an explicit ZeroPadding2D before it.
             same = (ph or pw) and stride == [1, 1] and kernel == [2 * ph + 1, 2 * pw + 1]
-            layer = L.Conv2D(node["channels"], tuple(kernel), strides=tuple(stride),
-                             padding="same" if same else "valid", use_bias=node["bias"],
-                             name=name)
+            layer = self._new(L.Conv2D, node["channels"], tuple(kernel), strides=tuple(stride),
+                              padding="same" if same else "valid", use_bias=node["bias"],
+                              name=name)
             if node["in_channels"] is not None:
                 layer.build((None, None, None, node["in_channels"]))
             return layer
         if kind == "batch_norm":
             # Keras: moving = momentum * moving + (1 - momentum) * batch, torch the other way
-            layer = L.BatchNormalization(axis=-1, momentum=1.0 - node["momentum"],
-                                         epsilon=node["eps"], name=name)
+            layer = self._new(L.BatchNormalization, axis=-1, momentum=1.0 - node["momentum"],
+                              epsilon=node["eps"], name=name)
             if node["num_features"] is not None:
                 n = node["num_features"]
                 layer.build((None, None, None, n) if node["spatial"] else (None, n))
             return layer
         if kind == "max_pool2d":
-            return L.MaxPooling2D(tuple(node["pool"]), tuple(node["stride"]), name=name)
+            return self._new(L.MaxPooling2D, tuple(node["pool"]), tuple(node["stride"]), name=name)
         if kind == "flatten":
-            return L.Flatten(name=name)
+            return self._new(L.Flatten, name=name)
         if kind in ("relu", "sigmoid", "tanh"):
-            return L.Activation(kind, name=name)
+            return self._new(L.Activation, kind, name=name)
         if kind == "center":
-            return self.Center(name=name)
+            return self._new(self.Center, name=name)
         raise ValueError(f"{node['path']}: unsupported layer type {kind!r}")
 
     # -- parameters ---------------------------------------------------------------------------
