@@ -195,7 +195,8 @@ class BaseAdapter:
         raise NotImplementedError
 
     def load(self, model: Any, plan: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Set parameters from canonical-layout arrays (the probe used to compare numerics)."""
+        """Set parameters from canonical-layout arrays (the probe used to compare numerics).
+        ``arrays`` has exactly the plan's owned names (the worker checks); check the shapes."""
         raise NotImplementedError
 
     def early_access(self, model: Any) -> str | None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.base import owned_params
+
 SCHEMA_VERSION = 1
 
 
@@ -81,6 +83,11 @@ def run_plan(adapter, plan: dict, x: np.ndarray, probe: dict[str, np.ndarray] | 
     arrays = {f"param/{name}": np.array(v) for name, v in values.items()}  # a copy: load() follows
     arrays["output"] = np.asarray(output)
     if probe is not None:
+        names = {name for name, _, _ in owned_params(plan)}
+        if set(probe) != names:
+            raise ValueError(f"probe names do not match the plan: missing "
+                             f"{sorted(names - set(probe))}, "
+                             f"unexpected {sorted(set(probe) - names)}")
         adapter.load(model, plan, probe)
         arrays["probe_output"] = np.asarray(adapter.forward(model, x))
     record = {

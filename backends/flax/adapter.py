@@ -418,11 +418,6 @@ class Adapter(base.BaseAdapter):
     def load(self, model: _Model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """Replace the variables with canonical arrays (transposed to native), checked first."""
         params = list(self._params(model))
-        missing = sorted({p[0] for p in params} - set(arrays))
-        extra = sorted(set(arrays) - {p[0] for p in params})
-        if missing or extra:
-            raise ValueError(f"probe names do not match the plan: missing {missing}, "
-                             f"unexpected {extra}")
         flat = self.tree.flatten_dict(model.variables, sep="/")
         for name, _, _, native_name, arr, _ in params:
             new = np.transpose(np.asarray(arrays[name], np.float32), _native_axes(arr.ndim))

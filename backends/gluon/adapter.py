@@ -426,11 +426,6 @@ class Adapter(base.BaseAdapter):
     def load(self, model: _Model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """``set_data`` from canonical arrays, every name and shape checked first."""
         params = list(self._params(model, plan))
-        names = {p[0] for p in params}
-        if names != set(arrays):
-            raise ValueError(f"probe names do not match the plan: missing "
-                             f"{sorted(names - set(arrays))}, unexpected "
-                             f"{sorted(set(arrays) - names)}")
         for name, _, _, param in params:
             if tuple(np.shape(arrays[name])) != tuple(param.shape):
                 raise ValueError(f"{name}: probe shape {tuple(np.shape(arrays[name]))} != "

@@ -428,11 +428,6 @@ class Adapter(base.BaseAdapter):
     def load(self, model: _Model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """Assign canonical arrays (transposed to Keras's layout), checking names and shapes."""
         params = list(self._params(model, plan))
-        missing = sorted({p[0] for p in params} - set(arrays))
-        extra = sorted(set(arrays) - {p[0] for p in params})
-        if missing or extra:
-            raise ValueError(f"probe names do not match the plan: missing {missing}, "
-                             f"unexpected {extra}")
         native = {name: to_native(np.asarray(arrays[name], dtype=np.float32))
                   for name, *_ in params}
         for name, _, _, _, var in params:

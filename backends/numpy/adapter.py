@@ -363,9 +363,6 @@ class Adapter(BaseAdapter):
     def load(self, model: _Model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """Set every owned parameter from canonical arrays; all are checked before any is set."""
         names = [name for name, _, _ in owned_params(plan)]
-        if set(arrays) != set(names):
-            raise ValueError(f"load: missing {sorted(set(names) - set(arrays))}, "
-                             f"unknown {sorted(set(arrays) - set(names))}")
         new = {name: np.array(arrays[name], dtype=np.float32) for name in names}
         for name in names:
             if new[name].shape != self._require(model, name).shape:

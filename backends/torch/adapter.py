@@ -211,11 +211,6 @@ class Adapter(base.BaseAdapter):
     def load(self, model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
         """Copy canonical arrays into the parameters, checking names and shapes."""
         params = list(self._params(model, plan))
-        missing = sorted({p[0] for p in params} - set(arrays))
-        extra = sorted(set(arrays) - {p[0] for p in params})
-        if missing or extra:
-            raise ValueError(f"probe names do not match the plan: missing {missing}, "
-                             f"unexpected {extra}")
         with self.torch.no_grad():
             for name, _, _, _, tensor in params:
                 arr = np.asarray(arrays[name])
