@@ -248,15 +248,16 @@ def _defaults_section(specs, records, defaults_by_backend, figure) -> str:
     for (backend, layer, role), example in examples.items():
         init = defaults_by_backend[backend][layer][role]
         if example is None:
-            rows.append([backend, f"{layer}.{role}", inits.describe(init), "not used in this run",
-                         "–", "–", "–", "–"])
+            rows.append([backend, f"{layer}.{role}", inits.describe(init), "–",
+                         "not used in this run", "–", "–", "–", "–"])
             continue
         spec_name, q = example
         rows.append([backend, f"{layer}.{role}", inits.describe(init),
-                     f"{spec_name}: {q['name']} {_fmt(q['shape'])}",
+                     q.get("init_impl") or "–", f"{spec_name}: {q['name']} {_fmt(q['shape'])}",
                      q["expected"]["description"], *_stat_cells(q)[:2], _verdict(q["passed"])])
-    out.append(_table(["backend", "parameter kind", "default", "example", "expected",
-                       "mean obs / exp", "std obs / exp", "verdict"], rows))
+    out.append(_table(["backend", "parameter kind", "default (canonical terms)",
+                       "in the framework's terms", "example", "expected", "mean obs / exp",
+                       "std obs / exp", "verdict"], rows))
     if figure:
         out.append(f"\n![default initial values per backend]({figure})\n")
     return "".join(out)
@@ -267,8 +268,8 @@ LEGEND = f"""\
 - **Canonical** names and shapes are PyTorch's (`block.0.weight`; dense `(out, in)`, conv
   `(out, in, kh, kw)`), computed from the spec alone; **native** ones are what each framework
   calls and stores them as.
-- **Lazy**: `?` is a dimension not known before the first forward; `absent` means the framework
-  had no such parameter yet.
+- **Lazy**: `?` is a dimension not known before the first forward; `declared` means the
+  parameter exists but holds no value yet; `absent` means the framework had not created it yet.
 - **Initial values** are tested against the analytic distribution of the initializer on the
   canonical shape: mean and variance within {Z:.2f} standard errors (n >= 30 and n >= 256),
   every value inside the support, a Kolmogorov-Smirnov test (p >= {ALPHA:g}); constants, eye,
