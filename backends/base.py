@@ -16,8 +16,8 @@ list, as a string) and ``path`` (the dotted canonical prefix, e.g. ``"block.0"``
 - ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
                   ([h, w] each, zero padding on both sides), ``bias``, ``init``
 - ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for
-                  (N, C)),
-                  ``eps``, ``momentum`` (PyTorch meaning: new = (1 - m) * old + m * batch), ``init``
+                  (N, C)), ``eps``, ``momentum`` (PyTorch meaning: new = (1 - m) * old + m *
+                  batch), ``init``
 - ``max_pool2d``: ``pool``/``stride`` ([h, w] each)
 - ``flatten``, ``relu``, ``sigmoid``, ``tanh``
 - ``center``:     the parameter-free custom layer ``x - mean(x)``, mean over every element
@@ -94,6 +94,21 @@ def param_shapes(node: dict, n: int | None) -> dict[str, tuple]:
     else:
         shapes = dict.fromkeys(PARAM_ROLES.get(node["type"], ()), (n,))
     return {role: shapes[role] for role in param_roles(node)}
+
+
+def dirac_kernel(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    """torch's ``dirac_`` on a canonical ``(out, in, *kernel)`` shape: a centred 1 per (group,
+    channel) pair, zeros elsewhere. Deterministic, so every adapter realizes it from this one
+    array in its own layout (the analysis keeps an independent copy to check it against)."""
+    if not 3 <= len(shape) <= 5 or shape[0] % groups:
+        raise ValueError(f"dirac needs a 3-5-D parameter with out divisible by groups={groups}, "
+                         f"got shape {tuple(shape)}")
+    out, out_g = np.zeros(shape, np.float32), shape[0] // groups
+    centre = tuple(k // 2 for k in shape[2:])
+    for g in range(groups):
+        for i in range(min(out_g, shape[1])):
+            out[(g * out_g + i, i) + centre] = 1
+    return out
 
 
 def torch_fans(shape: tuple[int, ...]) -> tuple[int, int]:

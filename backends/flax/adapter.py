@@ -391,7 +391,8 @@ class Adapter(base.BaseAdapter):
             return self._canonical_init(lambda key, shape, dtype: jnp.eye(*shape, dtype=dtype)), \
                 "custom: jnp.eye on the canonical (out, in) matrix, transposed to (in, out)"
         if kind == "dirac":
-            return self._canonical_init(functools.partial(_dirac, jnp, groups=args["groups"])), \
+            return self._canonical_init(lambda key, shape, dtype: jnp.asarray(
+                base.dirac_kernel(shape, args["groups"]), dtype)), \
                 "custom: centred ones per group on (out, in, kh, kw), transposed to native"
         if kind == "sparse":
             return self._canonical_init(functools.partial(
@@ -456,16 +457,6 @@ def _positions(element, node: dict, position: str, index: dict):
             yield from _positions(sub, child, f"{position}.{child['name']}", index)
     elif base.param_roles(node):
         yield position, node, element
-
-
-def _dirac(jnp, key, shape, dtype, groups):
-    """torch's dirac_: a centred 1 per (group, channel) pair on (out, in, *kernel)."""
-    out_g = shape[0] // groups
-    n = min(out_g, shape[1])
-    outs = [g * out_g + i for g in range(groups) for i in range(n)]
-    ins = [i for _ in range(groups) for i in range(n)]
-    centre = tuple(k // 2 for k in shape[2:])
-    return jnp.zeros(shape, dtype).at[(np.array(outs), np.array(ins), *centre)].set(1)
 
 
 def _sparse(jnp, jr, key, shape, dtype, sparsity, std):

@@ -111,16 +111,7 @@ def _framework_classes(mx):
             self.groups = groups
 
         def _init_weight(self, _, arr):
-            shape = arr.shape
-            if not 3 <= len(shape) <= 5 or shape[0] % self.groups:
-                raise ValueError(f"dirac needs a 3-5-D parameter with out divisible by "
-                                 f"groups={self.groups}, got shape {shape}")
-            out, out_g = np.zeros(shape, np.float32), shape[0] // self.groups
-            centre = tuple(k // 2 for k in shape[2:])
-            for g in range(self.groups):
-                for i in range(min(out_g, shape[1])):
-                    out[(g * out_g + i, i) + centre] = 1
-            arr[:] = nd.array(out, ctx=arr.context)
+            arr[:] = nd.array(base.dirac_kernel(arr.shape, self.groups), ctx=arr.context)
 
     class Sparse(mx.init.Initializer):
         """torch's ``sparse_``: N(0, std^2) with ceil(sparsity * rows) zeros in every column, at

@@ -96,16 +96,9 @@ def _keras_classes(keras):
             self.groups = groups
 
         def __call__(self, shape, dtype=None):
-            *spatial, n_in, n_out = shape
-            if not 1 <= len(spatial) <= 3 or n_out % self.groups:
-                raise ValueError(f"dirac needs a 3-5-D kernel with out divisible by "
-                                 f"groups={self.groups}, got shape {tuple(shape)}")
-            out, out_g = np.zeros(shape), n_out // self.groups
-            centre = tuple(k // 2 for k in spatial)
-            for g in range(self.groups):
-                for i in range(min(out_g, n_in)):
-                    out[centre + (i, g * out_g + i)] = 1
-            return ops.convert_to_tensor(out, dtype=dtype)
+            canonical = (shape[-1], shape[-2], *shape[:-2])
+            kernel = to_native(base.dirac_kernel(canonical, self.groups))
+            return ops.convert_to_tensor(kernel, dtype=dtype)
 
     class Bimodal(SeededInitializer):
         """U(-10, 10) with every |x| < 5 set to 0 (the PyTorch tutorials' custom init)."""

@@ -15,8 +15,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
-                           DeviceUnavailable, calculate_gain, given_in_size, iter_nodes,
-                           owned_params, param_record, param_roles, param_shapes, torch_fans)
+                           DeviceUnavailable, calculate_gain, dirac_kernel, given_in_size,
+                           iter_nodes, owned_params, param_record, param_roles, param_shapes,
+                           torch_fans)
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
 # What `default` means here: PyTorch's own initialization of each role.
@@ -79,19 +80,6 @@ def _eye(rng, shape, w):
     return np.eye(*shape)
 
 
-def _dirac(rng, shape, w, groups):
-    """Identity-preserving conv kernel: a centred 1 per (group, channel) pair."""
-    if not 3 <= len(shape) <= 5 or shape[0] % groups:
-        raise ValueError(f"dirac needs a 3-5-D parameter with out divisible by groups={groups}, "
-                         f"got shape {shape}")
-    out, out_g = np.zeros(shape), shape[0] // groups
-    centre = tuple(k // 2 for k in shape[2:])
-    for g in range(groups):
-        for i in range(min(out_g, shape[1])):
-            out[(g * out_g + i, i) + centre] = 1
-    return out
-
-
 def _sparse(rng, shape, w, sparsity, std):
     """N(0, std^2) with exactly ceil(sparsity * rows) zeros per column, in random rows."""
     if len(shape) != 2:
@@ -146,7 +134,8 @@ _INITS = {
     "zeros": (lambda rng, s, w: np.zeros(s), "numpy.zeros"),
     "ones": (lambda rng, s, w: np.ones(s), "numpy.ones"),
     "eye": (_eye, "numpy.eye"),
-    "dirac": (_dirac, "numpy (centred ones per group)"),
+    "dirac": (lambda rng, s, w, groups: dirac_kernel(s, groups),
+              "numpy (centred ones per group)"),
     "uniform": (lambda rng, s, w, a, b: rng.uniform(a, b, s), "numpy Generator.uniform"),
     "normal": (lambda rng, s, w, mean, std: rng.normal(mean, std, s), "numpy Generator.normal"),
     "trunc_normal": (lambda rng, s, w, mean, std, a, b: _trunc_normal(rng, s, mean, std, a, b),
