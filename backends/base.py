@@ -1,18 +1,21 @@
-"""The adapter interface every backend implements, and the plan format it receives.
+"""The adapter interface every backend implements, the plan it receives, and the plan walks that
+every adapter would otherwise write again (tree building with refs resolved, positions and
+aliases of shared parameters, device resolution, channels-last conversions, the initialize /
+inspect / values / load templates).
 
-This module runs inside a backend's own environment: it may import only the standard library and
-numpy, never a deep learning framework.
+This module runs inside a backend's own environment: it imports only the standard library,
+numpy and ``backends.protocol``, never a deep learning framework.
 
 The plan
 --------
-The parent validates a spec and sends the worker a *plan*: the spec normalized, JSON only.
+The parent validates a spec and sends the worker a ``protocol.Plan``: name, seed, input shape
+and a tree of ``protocol.PlanNode``. Every node has ``type``, ``name`` (its segment: the spec's
+name or its index in the parent list, as a string), ``path`` (the dotted canonical prefix, e.g.
+``"block.0"``) and ``in_rank`` (the rank of its input at its first use: 2 for (N, F), 4 for
+NCHW). By type:
 
-    {"name": "lazy_mlp", "seed": 0, "input_shape": [2, 20], "layers": [NODE, ...]}
-
-Every NODE has ``type``, ``name`` (its segment: the spec's ``name`` or its index in the parent
-list, as a string) and ``path`` (the dotted canonical prefix, e.g. ``"block.0"``). By type:
-
-- ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``
+- ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``;
+                  acts on the last axis of its input (any rank), as torch's Linear
 - ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
                   ([h, w] each, zero padding on both sides), ``bias``, ``init``
 - ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for
@@ -21,26 +24,28 @@ list, as a string) and ``path`` (the dotted canonical prefix, e.g. ``"block.0"``
 - ``max_pool2d``: ``pool``/``stride`` ([h, w] each)
 - ``flatten``, ``relu``, ``sigmoid``, ``tanh``
 - ``center``:     the parameter-free custom layer ``x - mean(x)``, mean over every element
-- ``sequential``: ``layers`` (a list of NODEs)
-- ``ref``:        ``to`` (the canonical path of an earlier layer): calling that very layer again,
-                  so its parameters are shared
+- ``sequential``: ``layers`` (a list of nodes)
+- ``ref``:        ``to`` (the canonical path of an earlier layer, never another ref): that very
+                  layer called again, so its parameters are shared
 
 ``init`` maps each parameter role of the node (``weight``, ``bias``, ``running_mean``,
 ``running_var``) to an INIT: ``{"name": NAME, ARG: VALUE, ...}`` with every argument filled in,
-PyTorch ``torch.nn.init`` semantics, canonical layout ((out, in), (out, in, kh, kw)). ``default``
+``torch.nn.init`` semantics on the canonical layout ((out, in), (out, in, kh, kw)). ``default``
 means: leave the framework's own initialization in place.
 
 Canonical parameter names are ``<node path>.<role>``; canonical layouts are PyTorch's. Inputs and
-outputs cross the boundary in canonical layout (NCHW); an adapter converts to its framework's
-layout and back itself.
+outputs cross the boundary in canonical layout (NCHW); ``to_device`` / ``to_host`` convert.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
+
+from backends.protocol import ParamRecord, Plan, PlanNode
 
 PARAM_ROLES = {
     "dense": ("weight", "bias"),
@@ -50,51 +55,204 @@ PARAM_ROLES = {
 TRAINABLE_ROLES = {"weight", "bias"}
 # Std of N(0, 1) cut to [-2, 2]: Keras and JAX variance scaling divide their std by it.
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
+#: the one wording of a refused GPU request (the conformance suite checks for it)
+CUDA_UNAVAILABLE = "CUDA requested, but {framework} sees no usable GPU: {why}"
 
 
 class DeviceUnavailable(RuntimeError):
-    """The requested device is not visible to this framework."""
+    """The requested device is not usable by this framework."""
 
 
-def iter_nodes(layers: list[dict]) -> Iterator[dict]:
+# ----------------------------------------------------------------------------- plan walks
+
+def iter_nodes(layers: list[PlanNode]) -> Iterator[PlanNode]:
     """Every node of a plan, depth first in document order (a block before its children)."""
     for node in layers:
         yield node
-        if node["type"] == "sequential":
-            yield from iter_nodes(node["layers"])
+        if node.type == "sequential":
+            yield from iter_nodes(node.layers)
 
 
-def param_roles(node: dict) -> tuple[str, ...]:
+def param_roles(node: PlanNode) -> tuple[str, ...]:
     """The parameter roles a node owns (none for ``ref``: it owns nothing, it reuses)."""
-    roles = PARAM_ROLES.get(node["type"], ())
-    if node["type"] in ("dense", "conv2d") and not node["bias"]:
+    roles = PARAM_ROLES.get(node.type, ())
+    if node.type in ("dense", "conv2d") and not node.bias:
         roles = ("weight",)
     return roles
 
 
-def owned_params(plan: dict) -> Iterator[tuple[str, dict, str]]:
+def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
     """``(canonical name, node, role)`` for every parameter the plan creates, in document order."""
-    for node in iter_nodes(plan["layers"]):
+    for node in iter_nodes(plan.layers):
         for role in param_roles(node):
-            yield f"{node['path']}.{role}", node, role
+            yield f"{node.path}.{role}", node, role
 
 
-def given_in_size(node: dict) -> int | None:
+def given_in_size(node: PlanNode) -> int | None:
     """The input size the plan gives a node with parameters (None: inferred lazily)."""
-    key = {"dense": "in_units", "conv2d": "in_channels", "batch_norm": "num_features"}
-    return node.get(key.get(node["type"], ""))
+    return {"dense": node.in_units, "conv2d": node.in_channels,
+            "batch_norm": node.num_features}.get(node.type)
 
 
-def param_shapes(node: dict, n: int | None) -> dict[str, tuple]:
+def param_shapes(node: PlanNode, n: int | None) -> dict[str, tuple]:
     """Canonical shape of each parameter a node owns, for input size ``n`` (None: not known)."""
-    if node["type"] == "dense":
-        shapes = {"weight": (node["units"], n), "bias": (node["units"],)}
-    elif node["type"] == "conv2d":
-        shapes = {"weight": (node["channels"], n, *node["kernel"]), "bias": (node["channels"],)}
+    if node.type == "dense":
+        shapes = {"weight": (node.units, n), "bias": (node.units,)}
+    elif node.type == "conv2d":
+        shapes = {"weight": (node.channels, n, *node.kernel), "bias": (node.channels,)}
     else:
-        shapes = dict.fromkeys(PARAM_ROLES.get(node["type"], ()), (n,))
+        shapes = dict.fromkeys(PARAM_ROLES.get(node.type, ()), (n,))
     return {role: shapes[role] for role in param_roles(node)}
 
+
+@dataclass
+class Calls:
+    """What ``make_layer`` returns when one plan leaf is several framework layers in a row (e.g.
+    a padding layer before a conv): the layers to call, and the one owning the parameters."""
+    layers: list
+    owner: Any
+
+
+@dataclass
+class Tree:
+    """A built plan: the top container, and per canonical node path the framework object that
+    owns that node's parameters (a ``ref``'s path maps to its target's object)."""
+    root: Any
+    owners: dict[str, Any] = field(default_factory=dict)
+
+
+def build_tree(plan: Plan, make_layer: Callable[[PlanNode], Any],
+               make_block: Callable[[PlanNode, list], Any]) -> Tree:
+    """Build the framework's tree for a plan, depth first in document order.
+
+    ``make_layer(leaf)`` returns the framework layer (or a ``Calls``); ``make_block(node, items)``
+    returns the container of ``items`` for a sequential node (the top level is a sequential node
+    with an empty name and path). A ``ref`` puts the very object built for its target into its
+    container again: that is what sharing means in every framework here."""
+    tree = Tree(None)
+    built: dict[str, list] = {}
+
+    def walk(node: PlanNode):
+        items = []
+        for child in node.layers:
+            if child.type == "ref":
+                if child.to not in built:
+                    raise ValueError(f"{child.path}: ref to unknown layer {child.to!r}")
+                calls = built[child.to]
+                tree.owners[child.path] = tree.owners[child.to]
+            elif child.type == "sequential":
+                block = walk(child)
+                calls, tree.owners[child.path] = [block], block
+            else:
+                made = make_layer(child)
+                calls, owner = (made.layers, made.owner) if isinstance(made, Calls) \
+                    else ([made], made)
+                tree.owners[child.path] = owner
+            built[child.path] = calls
+            items.extend(calls)
+        return make_block(node, items)
+
+    tree.root = walk(PlanNode("sequential", "", "", layers=plan.layers))
+    return tree
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place a parameterized leaf is reached in a forward pass: its canonical ``path`` there
+    (``"4"`` for the second use of a shared layer), the plan child indices from the top down to
+    it (refs followed into their targets), and the leaf that owns the parameters."""
+    path: str
+    index: tuple[int, ...]
+    node: PlanNode
+
+    @property
+    def is_owner(self) -> bool:
+        """True at the parameters' own place (their canonical name), False at an alias."""
+        return self.path == self.node.path
+
+
+def positions(plan: Plan) -> list[Position]:
+    """Every position of a parameterized leaf, in forward order."""
+    by_path = {n.path: n for n in iter_nodes(plan.layers)}
+    out: list[Position] = []
+
+    def reach(node: PlanNode, path: str, index: tuple[int, ...]) -> None:
+        node = by_path[node.to] if node.type == "ref" else node
+        if node.type == "sequential":
+            for i, child in enumerate(node.layers):
+                reach(child, f"{path}.{child.name}", index + (i,))
+        elif param_roles(node):
+            out.append(Position(path, index, node))
+
+    for i, node in enumerate(plan.layers):
+        reach(node, node.name, (i,))
+    return out
+
+
+def shared_aliases(plan: Plan, key: Callable[[Position], Hashable]) -> dict[str, list[str]]:
+    """{canonical name: the other names under which the framework reaches the same parameter}.
+
+    ``key(position)`` identifies the framework object found at a position (e.g. ``id`` of the
+    module there): positions with equal keys share their parameters. So sharing is what the
+    framework really does, not what the plan says it should."""
+    groups: dict[Hashable, list[Position]] = {}
+    for pos in positions(plan):
+        groups.setdefault(key(pos), []).append(pos)
+    out: dict[str, list[str]] = {}
+    for members in groups.values():
+        for owner in (p for p in members if p.is_owner):
+            for role in param_roles(owner.node):
+                out[f"{owner.path}.{role}"] = sorted(f"{p.path}.{role}" for p in members
+                                                     if p is not owner)
+    return out
+
+
+# ----------------------------------------------------------------------------- layouts and devices
+
+def nchw_to_nhwc(x):
+    """A canonical NCHW activation in channels-last layout (other ranks unchanged)."""
+    return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+def nhwc_to_nchw(x):
+    """A channels-last activation back in canonical NCHW layout (other ranks unchanged)."""
+    return x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
+
+
+def kernel_to_canonical(arr):
+    """A channels-last kernel ``(*spatial, in, out)`` as ``(out, in, *spatial)``; vectors as they
+    are. Works on numpy arrays and on any framework array with ``transpose``."""
+    n = arr.ndim
+    return arr if n < 2 else arr.transpose(n - 1, n - 2, *range(n - 2))
+
+
+def kernel_to_native(arr):
+    """A canonical ``(out, in, *spatial)`` kernel as channels-last ``(*spatial, in, out)``."""
+    n = arr.ndim
+    return arr if n < 2 else arr.transpose(*range(2, n), 1, 0)
+
+
+def native_shape_to_canonical(shape, layout: str):
+    """A native parameter shape in canonical order, for ``layout`` as in ``kernel_layout``."""
+    shape = tuple(shape)
+    if layout == "channels_last" and len(shape) >= 2:
+        return (shape[-1], shape[-2], *shape[:-2])
+    return shape
+
+
+def resolve_device(requested: str, gpus: int, why: str, framework: str) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` request, given how many GPUs the framework sees.
+
+    ``auto`` takes a GPU when there is one; ``cuda`` without one raises DeviceUnavailable with
+    the one wording every backend uses (``why`` says what the framework said)."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {requested!r} (expected auto, cpu or cuda)")
+    if requested == "cuda" and gpus < 1:
+        raise DeviceUnavailable(CUDA_UNAVAILABLE.format(framework=framework, why=why))
+    return "cuda" if requested == "cuda" or (requested == "auto" and gpus > 0) else "cpu"
+
+
+# ----------------------------------------------------------------------------- initializer helpers
 
 def dirac_kernel(shape: tuple[int, ...], groups: int) -> np.ndarray:
     """torch's ``dirac_`` on a canonical ``(out, in, *kernel)`` shape: a centred 1 per (group,
@@ -136,89 +294,274 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     raise ValueError(f"unsupported nonlinearity {nonlinearity!r}")
 
 
-def param_record(name: str, role: str, shape, native_name: str, native_shape, *,
-                 dtype: str | None, trainable: bool, shared_with=(),
-                 initialized: bool = True, touch: str | None = None) -> dict:
-    """One parameter as an adapter reports it (before or after the first forward, or after init).
+def init_args(init: dict) -> dict:
+    """An INIT's arguments (everything but its name)."""
+    return {k: v for k, v in init.items() if k != "name"}
 
-    ``shape`` is canonical with ``None`` for dimensions not known yet; ``native_shape`` is what
-    the framework itself reports, in its own terms (Gluon writes an unknown size as 0; ``None``
-    when it cannot say); ``trainable`` is the framework's own flag (``requires_grad``, Keras's
-    ``trainable``, Gluon's ``grad_req``), never derived from the role, so that the harness can
-    check it; ``touch`` is what the framework does when the value is read before it exists (the
-    exception, as text) or None.
-    """
-    return {
-        "name": name,
-        "native_name": native_name,
-        "role": role,
-        "shape": None if shape is None else [None if d is None else int(d) for d in shape],
-        "native_shape": None if native_shape is None else [None if d is None else int(d)
-                                                           for d in native_shape],
-        "dtype": dtype,
-        "trainable": bool(trainable),
-        "kind": "parameter" if role in TRAINABLE_ROLES else "buffer",
-        "shared_with": sorted(shared_with),
-        "initialized": initialized,
-        "touch": touch,
-    }
+
+def kaiming_gain_and_fan(init: dict) -> tuple[float, str]:
+    """(gain, canonical fan mode) of a xavier_* / kaiming_* INIT: both are variance scaling
+    with scale gain^2 (xavier: fan_avg; kaiming: its mode)."""
+    if init["name"].startswith("xavier"):
+        return init["gain"], "fan_avg"
+    return calculate_gain(init["nonlinearity"], init["a"]), init["mode"]
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+@dataclass
+class ParamRef:
+    """One parameter the model has now: canonical name, plan node and role, the framework's own
+    name for it, and ``handle``, whatever the adapter needs to reach it (a tensor, a variable,
+    a Parameter, a key into a variable tree)."""
+    name: str
+    node: PlanNode
+    role: str
+    native_name: str
+    handle: Any = None
+
+
+@dataclass
+class ParamInfo:
+    """What the framework says about one parameter now (see ``BaseAdapter.describe``)."""
+    native_shape: tuple | None           # in the framework's own terms; None: it cannot say
+    dtype: str | None
+    trainable: bool | None               # the framework's own flag
+    initialized: bool = True             # False: it exists but holds no value yet
+    touch: str | None = None             # what reading it now does (the exception, as text)
+    shape: tuple | None = None           # canonical, where the base cannot derive it
 
 
 class BaseAdapter:
-    """One framework, seen through the plan. Subclasses live in ``backends/<name>/adapter.py``
-    as ``class Adapter(BaseAdapter)`` and import their framework only inside methods (or in
-    ``setup``), so that importing the class costs nothing.
+    """One framework, seen through the plan. A backend is ``backends/<name>/adapter.py`` with
+    ``class Adapter(BaseAdapter)`` (or a subclass of another backend's ``Adapter``: see
+    backends/keras_jax). Import the framework only inside methods, so importing the class
+    costs nothing and the parent can load it.
 
-    The worker calls, per plan: ``seed``, ``build``, ``inspect`` (before), ``forward`` (the first
-    forward: lazy sizes get inferred), ``inspect`` (after), ``seed``, ``initialize``, ``inspect``
-    and ``values`` (the record), then ``load`` and ``forward`` again with the probe parameters.
+    **Must write** (framework work, each small):
+
+    - ``import_framework() -> {package: version}``: import the framework, keep its modules on
+      ``self``; also what runs once after import (custom classes that subclass framework ones).
+    - ``visible_gpus() -> (count, why)``: how many GPUs the framework sees (``why``: its words
+      when none).
+    - ``use_device(kind) -> (device, device name)``: make ``kind`` ("cpu" or "cuda") the place
+      every later array and model lives, and return the framework's own device object.
+    - ``seed(seed)``: seed the framework's random state.
+    - ``make_layer(leaf) -> layer | Calls`` and ``make_block(node, layers) -> container``:
+      one framework layer per plan leaf, lazy where the leaf leaves its input size None; the
+      base walks the plan (``build_tree``) and puts refs' targets in again.
+    - ``param_refs(model) -> [ParamRef]``: the plan's owned parameters that exist now, in
+      ``owned_params`` order (none yet, before a framework without deferred parameter objects
+      has seen an input).
+    - ``describe(model, ref) -> ParamInfo``, ``read(model, ref) -> numpy`` (native layout, a
+      copy), ``write(model, {name: (ref, numpy native)})``.
+    - ``share_key(model, position) -> hashable``: identifies the framework object found at a
+      ``Position`` of the model; equal keys are shared parameters.
+    - ``init_param(model, ref, init) -> "native: ..." | "custom: ..."``: realize one INIT on one
+      parameter with the framework's own initializer where the semantics match, else a custom
+      one in the framework's initializer protocol; ``default`` keeps the framework's own.
+    - compute: ``to_device(x)`` (canonical numpy -> framework array in its layout, on the
+      device), ``run(model, x, training=False)`` (forward of a device-resident input; returns a
+      device-resident output, never copied to the host; ``training`` selects batch statistics
+      and running-statistics updates), ``to_host(y)`` (-> canonical float32 numpy) and
+      ``block(value)`` (return once ``value`` is computed: asynchronous frameworks queue work
+      even on the CPU).
+
+    **May override**: ``configure(device, settings)`` (environment variables a framework reads
+    at import), ``finish_initialize(model)`` (after every ``init_param``), ``early_access(model)``,
+    ``kernel_layout`` ("canonical" or "channels_last": dense kernels (in, out), conv kernels
+    (kh, kw, in, out); values, loads and shapes are then converted by the base).
+
+    **setup sets**, for the rest of the class: ``self.device`` (the framework's device object,
+    from ``use_device``), ``self.device_kind`` ("cpu" or "cuda") and ``self.settings``.
+
+    The worker calls, per plan: ``seed``, ``build``, ``inspect`` (before), ``run`` (the first
+    forward: lazy sizes get inferred), ``inspect`` (after), ``seed``, ``initialize``,
+    ``inspect`` and ``values`` (the record), then ``load`` and ``run`` with the probe parameters.
     """
 
-    #: the framework's import name, for the environment record
-    framework: str = ""
+    #: "canonical" (PyTorch's layouts) or "channels_last" (Keras, Flax)
+    kernel_layout = "canonical"
+    #: the framework, as named in messages ("torch", "TensorFlow", "JAX")
+    framework = ""
 
-    def setup(self, device: str) -> dict:
-        """Import the framework and pick the device (``auto``, ``cpu`` or ``cuda``).
+    device: Any = None
+    device_kind: str = "cpu"
+    settings: dict = {}
 
-        Returns ``{"device": "cpu" | "cuda:0" ..., "device_name": ..., "versions": {pkg: ver}}``.
-        Raises DeviceUnavailable when ``cuda`` is asked for and none is visible.
-        """
+    # -- set-up ------------------------------------------------------------------------------
+
+    def setup(self, device: str, settings: dict | None = None) -> dict:
+        """Import the framework and pick the device; returns the environment's facts
+        (``device``, ``device_name``, ``versions``). Template: write the hooks instead."""
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {device!r} (expected auto, cpu or cuda)")
+        self.settings = dict(settings or {})
+        self.configure(device, self.settings)
+        versions = self.import_framework()
+        gpus, why = self.visible_gpus() if device != "cpu" else (0, "not asked for")
+        self.device_kind = resolve_device(device, gpus, why, self.framework)
+        self.device, name = self.use_device(self.device_kind)
+        return {"device": "cuda:0" if self.device_kind == "cuda" else "cpu",
+                "device_name": name, "versions": versions}
+
+    def configure(self, device: str, settings: dict) -> None:
+        """Set what the framework reads once, at import (environment variables)."""
+
+    def import_framework(self) -> dict[str, str | None]:
+        raise NotImplementedError
+
+    def visible_gpus(self) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def use_device(self, kind: str) -> tuple[Any, str]:
         raise NotImplementedError
 
     def seed(self, seed: int) -> None:
-        """Seed the framework's random state so the same plan gives the same values."""
         raise NotImplementedError
 
-    def build(self, plan: dict) -> Any:
-        """The model for the plan: lazy modules where sizes are open, eager ones where given."""
+    # -- building ----------------------------------------------------------------------------
+
+    def build(self, plan: Plan) -> Any:
+        """The model for the plan: ``finish_build`` of the tree ``build_tree`` makes."""
+        return self.finish_build(plan, build_tree(plan, self.make_layer, self.make_block))
+
+    def finish_build(self, plan: Plan, tree: Tree) -> Any:
+        """The model object the other methods receive (default: the tree itself)."""
+        return tree
+
+    def make_layer(self, node: PlanNode) -> Any:
         raise NotImplementedError
 
-    def inspect(self, model: Any, plan: dict) -> list[dict]:
-        """Every distinct parameter and buffer now, as ``param_record`` dicts (shared once)."""
+    def make_block(self, node: PlanNode, layers: list) -> Any:
         raise NotImplementedError
 
-    def forward(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Inference-mode forward of a canonical-layout (NCHW) float32 input; canonical output."""
+    # -- parameters --------------------------------------------------------------------------
+
+    def param_refs(self, model: Any) -> list[ParamRef]:
         raise NotImplementedError
 
-    def initialize(self, model: Any, plan: dict) -> dict[str, str]:
-        """Apply every plan initializer; return ``{name: "native: ..." | "custom: ..."}``."""
+    def describe(self, model: Any, ref: ParamRef) -> ParamInfo:
         raise NotImplementedError
 
-    def values(self, model: Any, plan: dict) -> dict[str, np.ndarray]:
-        """Every distinct parameter's values in canonical layout, as float32 numpy arrays."""
+    def read(self, model: Any, ref: ParamRef) -> np.ndarray:
         raise NotImplementedError
 
-    def load(self, model: Any, plan: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Set parameters from canonical-layout arrays (the probe used to compare numerics).
-        ``arrays`` has exactly the plan's owned names (the worker checks); check the shapes."""
+    def write(self, model: Any, arrays: dict[str, tuple[ParamRef, np.ndarray]]) -> None:
+        raise NotImplementedError
+
+    def share_key(self, model: Any, position: Position) -> Hashable:
         raise NotImplementedError
 
     def early_access(self, model: Any) -> str | None:
-        """What the framework does when the model's parameters are read before the first
-        forward, as text (e.g. the exception), for frameworks that have no per-parameter object
-        yet to report it on (a parameter record's ``touch`` covers the others); None otherwise."""
+        """What the framework does when parameters are read before the first forward, as text,
+        for frameworks that have no per-parameter object yet (``touch`` covers the others)."""
         return None
 
-    def synchronize(self) -> None:
-        """Wait for queued device work to finish (no-op on CPU)."""
+    def canonical_shape(self, ref: ParamRef, info: ParamInfo) -> tuple | None:
+        if info.shape is not None:
+            return info.shape
+        if info.native_shape is None:  # declared without a shape: what the plan knows
+            return param_shapes(ref.node, given_in_size(ref.node))[ref.role]
+        return native_shape_to_canonical(info.native_shape, self.kernel_layout)
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        return kernel_to_canonical(arr) if self.kernel_layout == "channels_last" else arr
+
+    def to_native(self, arr: np.ndarray) -> np.ndarray:
+        return kernel_to_native(arr) if self.kernel_layout == "channels_last" else arr
+
+    def inspect(self, model: Any, plan: Plan) -> list[ParamRecord]:
+        """Every parameter that exists now, once, with the names it is shared under."""
+        refs = self.param_refs(model)
+        if not refs:
+            return []
+        aliases = shared_aliases(plan, lambda pos: self.share_key(model, pos))
+        records = []
+        for ref in refs:
+            info = self.describe(model, ref)
+            shape = self.canonical_shape(ref, info)
+            native = None if info.native_shape is None else list(info.native_shape)
+            records.append(ParamRecord(
+                name=ref.name, role=ref.role, native_name=ref.native_name,
+                shape=None if shape is None else [None if d is None else int(d) for d in shape],
+                native_shape=native, dtype=info.dtype,
+                trainable=None if info.trainable is None else bool(info.trainable),
+                shared_with=aliases.get(ref.name, []), initialized=info.initialized,
+                touch=info.touch))
+        return records
+
+    def values(self, model: Any) -> dict[str, np.ndarray]:
+        """Every parameter's values in canonical layout, as float32 numpy copies."""
+        return {ref.name: np.array(self.to_canonical(self.read(model, ref)), dtype=np.float32)
+                for ref in self.param_refs(model)}
+
+    def load(self, model: Any, arrays: dict[str, np.ndarray]) -> None:
+        """Set every parameter from canonical arrays (the worker has checked the names); every
+        shape is checked before anything is written."""
+        new = {}
+        for ref in self.param_refs(model):
+            arr = np.asarray(arrays[ref.name], dtype=np.float32)
+            native = np.ascontiguousarray(self.to_native(arr))
+            have = self.describe(model, ref).native_shape
+            if have is None or tuple(native.shape) != tuple(have):
+                raise ValueError(f"{ref.name}: canonical shape {list(arr.shape)} is "
+                                 f"{list(native.shape)} in this framework's layout, but "
+                                 f"{ref.native_name} has shape {None if have is None else list(have)}")
+            new[ref.name] = (ref, native)
+        self.write(model, new)
+
+    # -- initialization ----------------------------------------------------------------------
+
+    def initialize(self, model: Any, plan: Plan) -> dict[str, str]:
+        """Apply every plan INIT in document order; return ``{name: how it was realized}``.
+
+        ``fan_in_uniform`` (PyTorch's default bias rule) is resolved here into the ``uniform``
+        it is, with the bound from its layer weight's canonical fan_in, so adapters see only
+        catalogue initializers with fixed arguments."""
+        refs = self.param_refs(model)
+        by_name = {ref.name: ref for ref in refs}
+        impls = {}
+        for ref in refs:
+            init = ref.node.init[ref.role]
+            try:
+                note = ""
+                if init["name"] == "fan_in_uniform":
+                    weight = by_name[f"{ref.node.path}.weight"]
+                    fan_in = torch_fans(self.canonical_shape(weight,
+                                                             self.describe(model, weight)))[0]
+                    bound = init["scale"] / math.sqrt(fan_in)
+                    init = {"name": "uniform", "a": -bound, "b": bound}
+                    note = f" (fan_in_uniform: scale/sqrt(fan_in={fan_in}) = {bound:.4g})"
+                impls[ref.name] = self.init_param(model, ref, init) + note
+            except Exception as exc:
+                raise ValueError(f"{ref.name}: initializer {init} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        self.finish_initialize(model)
+        return impls
+
+    def init_param(self, model: Any, ref: ParamRef, init: dict) -> str:
+        raise NotImplementedError
+
+    def finish_initialize(self, model: Any) -> None:
+        """Called once after every ``init_param`` (e.g. to re-run a functional ``init``)."""
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def to_device(self, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def run(self, model: Any, x: Any, *, training: bool = False) -> Any:
+        raise NotImplementedError
+
+    def to_host(self, y: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def block(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def forward(self, model: Any, x: np.ndarray, *, training: bool = False) -> np.ndarray:
+        """``run`` from host to host (for checks, never for timing)."""
+        y = self.run(model, self.to_device(np.asarray(x, dtype=np.float32)), training=training)
+        self.block(y)
+        return self.to_host(y)

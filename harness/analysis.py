@@ -1,141 +1,121 @@
 """Checks of what a backend produced against what the spec says it must produce: shapes, lazy
 inference, sharing, parameter counts, initial values against the analytic distribution of their
-initializer, and numerics against the NumPy reference.
+initializer (``harness.initializers``), and numerics against the NumPy reference.
 
-Thresholds come from one significance level, ALPHA, per test: a correct initializer fails a
-given test with probability about ALPHA, while a wrong scale, fan or layout on a large weight
-moves the statistic many standard errors and fails. Moment tests use z(ALPHA) standard errors
-(the mean from the distribution's variance, the variance from its fourth moment) and run only
-where n is large enough for the normal approximation; the Kolmogorov-Smirnov test is exact at
-any n; structural initializers (constants, eye, dirac, sparse zeros) are checked exactly.
+``analyze`` reads a worker's ``SpecRecord`` and arrays and returns a ``Result``; it never edits
+the record. Check names are the constants below, shared with the report.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as st
 
-from .spec import Spec
+from backends.protocol import ParamRecord, SpecRecord, Status, encode
 
-ALPHA = 1e-6
-Z = float(st.norm.isf(ALPHA / 2))       # ~4.89 standard errors
-MIN_N_MEAN = 30                          # CLT for the mean of a light-tailed distribution
-MIN_N_VAR = 256                          # ... and for the sample variance
-ORTHO_TOL = 1e-4                         # float32 QR gives ~1e-6; relative to gain^2
+from .initializers import Expectation
+from .spec import ParamSpec, Spec
+from .stats import Check, summarize
+
 NUMERICS_RTOL, NUMERICS_ATOL = 1e-4, 1e-5
 
-
-def summarize(values: np.ndarray) -> dict:
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
-        return {"n": 0}
-    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1
-            else 0.0, "min": float(v.min()), "max": float(v.max()),
-            "zero_fraction": float(np.mean(v == 0))}
-
-
-def frozen(expected: dict):
-    """The scipy distribution of a ``continuous`` expectation."""
-    p = expected["params"]
-    if expected["dist"] == "uniform":
-        return st.uniform(loc=p["low"], scale=p["high"] - p["low"])
-    if expected["dist"] == "normal":
-        return st.norm(loc=p["mean"], scale=p["std"])
-    return st.truncnorm((p["low"] - p["mean"]) / p["std"], (p["high"] - p["mean"]) / p["std"],
-                        loc=p["mean"], scale=p["std"])
+# record-level checks
+NAMES = "parameter names"
+OUTPUT_SHAPE = "output shape"
+PARAM_COUNT = "parameter count"
+LAZY_BEFORE = "lazy shapes before forward"
+LAZY_AFTER = "shapes after forward"
+NUMERICS = "numerics vs reference"
+# per-parameter checks (the value checks are named in harness.stats and harness.initializers)
+SHAPE, SHARED_WITH, TRAINABLE, VALUES = "shape", "shared_with", "trainable", "values"
 
 
-def _check(name: str, passed: bool, observed, expected, detail: str = "") -> dict:
-    return {"check": name, "passed": bool(passed), "observed": observed, "expected": expected,
-            "detail": detail}
+@dataclass
+class ParamResult:
+    """One canonical parameter of the spec, as one backend realized it."""
+    spec: ParamSpec
+    record: ParamRecord | None     # what the backend reported (None: it reported nothing)
+    init: dict                     # the spec's INIT; ``default`` carries its ``resolved`` one
+    expected: Expectation
+    stats: dict
+    checks: list[Check]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def to_json(self) -> dict:
+        reported = encode(self.record) if self.record else {
+            "name": self.name, "native_name": None, "native_shape": None, "shape": None}
+        return {**reported, "init": self.init, "expected": self.expected.to_json(),
+                "expected_shape": list(self.spec.shape),
+                "expected_shared_with": self.spec.shared_with, "stats": self.stats,
+                "checks": [c.to_json() for c in self.checks], "passed": self.passed}
 
 
-def _f32(x: float) -> float:
-    return float(np.float32(x))
+@dataclass
+class Result:
+    """One (spec, backend): the worker's record and every check made of it."""
+    backend: str
+    record: SpecRecord
+    checks: list[Check] = field(default_factory=list)
+    params: list[ParamResult] = field(default_factory=list)
+    param_count: int | None = None
+
+    @property
+    def spec(self) -> str:
+        return self.record.spec
+
+    @property
+    def ok(self) -> bool:
+        """The backend ran the spec to the end (its checks may still fail)."""
+        return self.record.status == Status.OK
+
+    @property
+    def passed(self) -> bool:
+        return self.ok and all(c.passed for c in self.checks) and \
+            all(p.passed for p in self.params)
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def param(self, name: str) -> ParamResult | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def failures(self) -> list[str]:
+        """One line per failed check."""
+        out = [f"{c.label}: observed {_brief(c.observed)}, expected {_brief(c.expected)}"
+               for c in self.checks if not c.passed]
+        for p in self.params:
+            out += [f"{p.name} {c.label}: observed {_brief(c.observed)}, expected "
+                    f"{_brief(c.expected)} ({c.detail})" for c in p.checks if not c.passed]
+        return out
+
+    @property
+    def n_checks(self) -> int:
+        return len(self.checks) + sum(len(p.checks) for p in self.params)
+
+    def to_json(self) -> dict:
+        rec = encode(self.record)
+        rec.update(backend=self.backend, checks=[c.to_json() for c in self.checks],
+                   params=[p.to_json() for p in self.params], param_count=self.param_count,
+                   passed=self.passed)
+        return rec
 
 
-def continuous_checks(v: np.ndarray, dist, support=(None, None), label="") -> list[dict]:
-    """Moments, bounds and a KS test of samples ``v`` against the frozen distribution."""
-    out, n = [], v.size
-    mean, var = float(dist.mean()), float(dist.var())
-    if n >= MIN_N_MEAN:
-        tol = Z * math.sqrt(var / n) + 1e-7 * (abs(mean) + 1)
-        out.append(_check(f"{label}mean", abs(v.mean() - mean) <= tol, float(v.mean()), mean,
-                          f"|mean - {mean:.4g}| <= {tol:.3g}"))
-    if n >= MIN_N_VAR and var > 0:
-        mu4 = (float(dist.stats(moments="k")) + 3) * var ** 2
-        tol = Z * math.sqrt((mu4 - var ** 2) / n)
-        s2 = float(v.var(ddof=1))
-        out.append(_check(f"{label}std", abs(s2 - var) <= tol, math.sqrt(s2), math.sqrt(var),
-                          f"|var - {var:.4g}| <= {tol:.3g}"))
-    lo, hi = support
-    if lo is not None:
-        ok = v.min() >= _f32(lo) - 1e-7 * abs(lo) and v.max() <= _f32(hi) + 1e-7 * abs(hi)
-        out.append(_check(f"{label}bounds", ok, [float(v.min()), float(v.max())], [lo, hi],
-                          "every value inside the support"))
-    if n >= 2:
-        p = float(st.kstest(v, dist.cdf).pvalue)
-        out.append(_check(f"{label}ks", p >= ALPHA, p, ALPHA,
-                          f"Kolmogorov-Smirnov p-value >= {ALPHA:g}"))
-    return out
-
-
-def _exact(name, values, target, detail) -> dict:
-    diff = float(np.max(np.abs(values - target))) if values.size else 0.0
-    return _check(name, diff == 0.0, diff, 0.0, detail)
-
-
-def _dirac(shape, groups) -> np.ndarray:
-    w = np.zeros(shape, dtype=np.float32)
-    out_g = shape[0] // groups
-    centre = tuple(k // 2 for k in shape[2:])
-    for g in range(groups):
-        for i in range(min(out_g, shape[1])):
-            w[(g * out_g + i, i) + centre] = 1
-    return w
-
-
-def value_checks(values: np.ndarray, expected: dict) -> list[dict]:
-    """Every check that defines ``expected`` (see harness.initializers) on ``values``."""
-    v = np.asarray(values, dtype=np.float64)
-    flat = v.ravel()
-    kind = expected["kind"]
-    if kind == "continuous":
-        return continuous_checks(flat, frozen(expected), expected["support"])
-    if kind == "constant":
-        return [_exact("exact", flat, _f32(expected["value"]),
-                       f"every value == {expected['value']:g}")]
-    if kind == "eye":
-        return [_exact("exact", v, np.eye(*v.shape), "identity")]
-    if kind == "dirac":
-        return [_exact("exact", v, _dirac(v.shape, expected["groups"]), "Dirac delta")]
-    if kind == "orthogonal":
-        m = v.reshape(v.shape[0], -1)
-        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-        g2 = expected["gain"] ** 2
-        dev = float(np.max(np.abs(gram - g2 * np.eye(gram.shape[0]))))
-        return [_check("gram", dev <= ORTHO_TOL * g2, dev, 0.0,
-                       f"max |W W^T - {g2:.4g} I| <= {ORTHO_TOL * g2:.2g} (smaller side)")]
-    if kind == "sparse":
-        zeros = (v == 0).sum(axis=0)
-        k = expected["zeros_per_column"]
-        out = [_check("zeros_per_column", bool(np.all(zeros == k)),
-                      [int(zeros.min()), int(zeros.max())], k,
-                      "exactly ceil(sparsity * rows) zeros in every column")]
-        return out + continuous_checks(flat[flat != 0], st.norm(0, expected["std"]),
-                                       label="nonzero_")
-    if kind == "bimodal":
-        n, p0 = flat.size, expected["zero_fraction"]
-        zf = float(np.mean(flat == 0))
-        tol = Z * math.sqrt(p0 * (1 - p0) / n)
-        nz = flat[flat != 0]
-        out = [_check("zero_fraction", abs(zf - p0) <= tol, zf, p0, f"|zeros - 1/2| <= {tol:.3g}")]
-        return out + continuous_checks(np.abs(nz), st.uniform(expected["low"],
-                                                              expected["high"] - expected["low"]),
-                                       (expected["low"], expected["high"]), label="magnitude_")
-    raise ValueError(f"unknown expectation kind {kind!r}")
+def _brief(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
 
 
 def _shape_fits(reported, lazy_shape) -> bool:
@@ -145,73 +125,72 @@ def _shape_fits(reported, lazy_shape) -> bool:
         r is None for r, e in zip(reported, lazy_shape) if e is None)
 
 
-def analyze(spec: Spec, defaults: dict, record: dict, arrays: dict,
-            reference: np.ndarray | None) -> dict:
-    """Add ``checks`` (record level), per-parameter ``init``/``expected``/``stats``/``checks``/
-    ``passed``, ``param_count`` and ``passed`` to a worker record. Returns it."""
-    if record.get("status") != "ok":
-        record.setdefault("params", [])
-        record.setdefault("lazy", {"before": [], "after": []})
-        record.update(checks=[], passed=False, param_count=None)
-        return record
-    reported = {p["name"]: p for p in record["params"]}
-    expected_names = [p.name for p in spec.params]
-    checks = [
-        _check("parameter names", set(reported) == set(expected_names),
-               sorted(set(reported) ^ set(expected_names)), [],
-               "the spec's canonical names, each once (names differing shown)"),
-        _check("output shape", record["output_shape"] == list(spec.output_shape),
-               record["output_shape"], list(spec.output_shape), "first forward's output"),
-    ]
-    count = sum(math.prod(p["shape"]) for p in record["params"] if p["trainable"])
-    record["param_count"] = count
-    checks.append(_check("parameter count", count == spec.param_count, count, spec.param_count,
-                         "trainable scalars, shared ones once"))
-    before = {p["name"]: p for p in record["lazy"]["before"]}
-    bad_before = [n for n, p in before.items() if n in expected_names and
-                  not _shape_fits(p["shape"], spec.param(n).lazy_shape)]
-    checks.append(_check("lazy shapes before forward", not bad_before, bad_before, [],
-                         "known dims match the spec, open dims unknown"))
-    after = {p["name"]: p["shape"] for p in record["lazy"]["after"]}
-    bad_after = [n for n in expected_names if after.get(n) != list(spec.param(n).shape)]
-    checks.append(_check("shapes after forward", not bad_after, bad_after, [],
-                         "every parameter materialized with its canonical shape"))
-    if reference is not None and "probe_output" in arrays:
-        out = arrays["probe_output"].astype(np.float64)
-        ref = reference.astype(np.float64)
-        same_shape = out.shape == ref.shape
-        err = float(np.max(np.abs(out - ref))) if same_shape else float("inf")
-        tol = NUMERICS_ATOL + NUMERICS_RTOL * float(np.max(np.abs(ref))) if same_shape else 0.0
-        checks.append(_check("numerics vs reference", err <= tol, err, tol,
-                             "max |output - numpy reference| with the same probe parameters"))
-    record["checks"] = checks
+def numerics_check(output: np.ndarray, reference: np.ndarray, detail: str) -> Check:
+    """max |output - reference| within atol + rtol * max |reference|."""
+    out, ref = np.asarray(output, np.float64), np.asarray(reference, np.float64)
+    if out.shape != ref.shape:
+        return Check(NUMERICS, False, f"shape {list(out.shape)}", f"shape {list(ref.shape)}",
+                     detail)
+    err = float(np.max(np.abs(out - ref))) if out.size else 0.0
+    tol = NUMERICS_ATOL + NUMERICS_RTOL * (float(np.max(np.abs(ref))) if ref.size else 0.0)
+    return Check(NUMERICS, err <= tol, err, tol, detail)
 
-    params = []
-    for p in spec.params:
-        rec = dict(reported.get(p.name) or {"name": p.name, "native_name": None,
-                                             "native_shape": None, "shape": None})
-        rec.update(init=p.init if p.init["name"] != "default" else
-                   {"name": "default", "resolved": p.resolved_init(defaults)},
-                   expected=p.expected(defaults), expected_shape=list(p.shape),
-                   expected_shared_with=p.shared_with)
-        values = arrays.get(f"param/{p.name}")
-        pchecks = [_check("shape", rec.get("shape") == list(p.shape), rec.get("shape"),
-                          list(p.shape), "canonical layout")]
-        if p.name in reported:
-            pchecks.append(_check("shared_with", rec["shared_with"] == p.shared_with,
-                                  rec["shared_with"], p.shared_with, "aliases of this parameter"))
-            pchecks.append(_check("trainable", rec["trainable"] == p.trainable, rec["trainable"],
-                                  p.trainable, "running statistics are not trainable"))
-        if values is not None and values.shape == tuple(p.shape):
-            rec["stats"] = summarize(values)
-            pchecks += value_checks(values, rec["expected"])
-        else:
-            rec["stats"] = summarize(values) if values is not None else {"n": 0}
-            pchecks.append(_check("values", False, None, list(p.shape),
-                                  "values missing or in the wrong shape"))
-        rec["checks"] = pchecks
-        rec["passed"] = all(c["passed"] for c in pchecks)
-        params.append(rec)
-    record["params"] = params
-    record["passed"] = all(c["passed"] for c in checks) and all(p["passed"] for p in params)
-    return record
+
+def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays: dict,
+            reference: np.ndarray | None) -> Result:
+    """Every check of one backend's record of one spec; ``reference`` is the NumPy reference's
+    probe output (None: not compared)."""
+    result = Result(backend, record)
+    if record.status != Status.OK:
+        return result
+    reported = {p.name: p for p in record.params}
+    expected_names = [p.name for p in spec.params]
+    count = sum(math.prod(p.shape) for p in record.params
+                if p.trainable and p.shape and None not in p.shape)
+    result.param_count = count
+    before = {p.name: p for p in record.lazy.before}
+    bad_before = [n for n, p in before.items() if n in expected_names and
+                  not _shape_fits(p.shape, spec.param(n).lazy_shape)]
+    after = {p.name: p.shape for p in record.lazy.after}
+    bad_after = [n for n in expected_names if after.get(n) != list(spec.param(n).shape)]
+    result.checks = [
+        Check(NAMES, set(reported) == set(expected_names),
+              sorted(set(reported) ^ set(expected_names)), [],
+              "the spec's canonical names, each once (names differing shown)"),
+        Check(OUTPUT_SHAPE, record.output_shape == list(spec.output_shape), record.output_shape,
+              list(spec.output_shape), "first forward's output"),
+        Check(PARAM_COUNT, count == spec.param_count, count, spec.param_count,
+              "trainable scalars, shared ones once"),
+        Check(LAZY_BEFORE, not bad_before, bad_before, [],
+              "known dims match the spec, open dims unknown"),
+        Check(LAZY_AFTER, not bad_after, bad_after, [],
+              "every parameter materialized with its canonical shape"),
+    ]
+    if reference is not None and "probe_output" in arrays:
+        result.checks.append(numerics_check(
+            arrays["probe_output"], reference,
+            "max |output - numpy reference| with the same probe parameters"))
+    result.params = [_param_result(p, reported.get(p.name), arrays.get(f"param/{p.name}"),
+                                   defaults) for p in spec.params]
+    return result
+
+
+def _param_result(p: ParamSpec, rec: ParamRecord | None, values, defaults) -> ParamResult:
+    init = p.init if p.init["name"] != "default" else \
+        {"name": "default", "resolved": p.resolved_init(defaults)}
+    expected = p.expected(defaults)
+    checks = [Check(SHAPE, rec is not None and rec.shape == list(p.shape),
+                    rec.shape if rec else None, list(p.shape), "canonical layout")]
+    if rec is not None:
+        checks.append(Check(SHARED_WITH, rec.shared_with == p.shared_with, rec.shared_with,
+                            p.shared_with, "aliases of this parameter"))
+        checks.append(Check(TRAINABLE, rec.trainable == p.trainable, rec.trainable, p.trainable,
+                            "running statistics are not trainable"))
+    if values is not None and values.shape == tuple(p.shape):
+        stats = summarize(values)
+        checks += expected.checks(np.asarray(values, dtype=np.float64))
+    else:
+        stats = summarize(values) if values is not None else {"n": 0}
+        checks.append(Check(VALUES, False, None, list(p.shape),
+                            "values missing or in the wrong shape"))
+    return ParamResult(p, rec, init, expected, stats, checks)

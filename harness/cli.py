@@ -15,10 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from backends.protocol import SpecRecord, failed_record
+
 from . import analysis, plots, report
-from .envs import ROOT, EnvError, UserError, discover, ensure_env, parse_python_overrides, select
-from .runner import run_worker
-from .spec import SpecError, Spec, load_spec
+from .analysis import Result
+from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env,
+                   parse_python_overrides, select)
+from .runner import BackendRun, run_worker
+from .spec import Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
 REPORTS_DIR = ROOT / "reports"
@@ -67,29 +73,37 @@ def point_latest(run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def run_backend(backend, python, specs, args, work: Path):
-    """Provision (unless --python) and run one backend's worker over every spec.
+@dataclass
+class Cell:
+    """One (spec, backend) of a run: the worker's record, its arrays and the analysis."""
+    spec: Spec
+    backend: Backend
+    record: SpecRecord
+    arrays: dict
+    result: Result | None = None
 
-    Returns (environment info, one record per spec, one dict of arrays per spec)."""
-    env_info = {"interpreter": str(python) if python else str(backend.env_python)}
+
+def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, list[Cell]]:
+    """Provision (unless --python) and run one backend's worker over every spec."""
+    env = BackendRun(interpreter=str(python) if python else str(backend.env_python))
     try:
         python = python or ensure_env(backend, progress)
     except EnvError as exc:
-        env_info["error"] = str(exc)
-        failed = [{"spec": s.name, "status": "failed", "error": str(exc)} for s in specs]
-        return env_info, failed, [{} for _ in specs]
+        env.error = str(exc)
+        return env, [Cell(s, backend, failed_record(s.name, str(exc)), {}) for s in specs]
     device = args.device
     if device not in ("auto", *backend.devices):
         device = "cpu"
-        env_info["note"] = f"runs on the CPU only; --device {args.device} applies to the others"
-        progress(f"[{backend.name}] {env_info['note']}")
+        env.note = f"runs on the CPU only; --device {args.device} applies to the others"
+        progress(f"[{backend.name}] {env.note}")
     progress(f"[{backend.name}] running {len(specs)} specs with {python}")
     result = run_worker(backend.name, python, specs, work / backend.name, device=device,
                         timeout=args.timeout, progress=progress)
-    env_info.update(worker=result.environment, wall_s=result.wall_s, log=str(result.log))
+    env.worker, env.wall_s, env.log = result.environment, result.wall_s, str(result.log)
     if result.errors:
-        env_info["error"] = "; ".join(result.errors)
-    return env_info, result.records, result.arrays
+        env.error = "; ".join(result.errors)
+    return env, [Cell(s, backend, rec, arr)
+                 for s, rec, arr in zip(specs, result.records, result.arrays)]
 
 
 def cmd_compare(args) -> int:
@@ -100,20 +114,26 @@ def cmd_compare(args) -> int:
     run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "device": args.device, "command": "python -m harness " + " ".join(sys.argv[1:]),
            "seed_note": "from each spec" if args.seed is None else str(args.seed)}
-    environments, records, arrays = {}, {}, {}
+    environments: dict[str, BackendRun] = {}
+    cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         for b in backends:
-            environments[b.name], records[b.name], arrays[b.name] = run_backend(
-                b, overrides.get(b.name), specs, args, Path(tmp))
-        reference = arrays.get(REFERENCE)
-        results = [analysis.analyze(
-            spec, b.defaults, dict(records[b.name][i], backend=b.name), arrays[b.name][i],
-            reference[i].get("probe_output") if reference and b.name != REFERENCE else None)
-            for i, spec in enumerate(specs) for b in backends]
+            environments[b.name], done = run_backend(b, overrides.get(b.name), specs, args,
+                                                     Path(tmp))
+            cells += done
+        reference = {c.spec.name: c.arrays.get("probe_output") for c in cells
+                     if c.backend.name == REFERENCE}
+        for c in cells:
+            ref = reference.get(c.spec.name) if c.backend.name != REFERENCE else None
+            c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name, c.record,
+                                        c.arrays, ref)
+        # report order: spec by spec, backends in their order within each
+        cells.sort(key=lambda c: specs.index(c.spec))
         # Nothing goes into the run directory until every backend is done.
         _keep_logs(environments, run_dir / "logs")
         defaults = {b.name: b.defaults for b in backends}
-        figure = _defaults_figure(run_dir, specs, results, arrays, defaults)
+        figure = _defaults_figure(run_dir, cells, defaults)
+    results = [c.result for c in cells]
     document = report.results_document(run, specs, results, environments)
     markdown = report.render(run, specs, results, environments, defaults, figure)
     report.write_run(run_dir, document, markdown)
@@ -122,44 +142,46 @@ def cmd_compare(args) -> int:
     return _print_outcome(results, run_dir)
 
 
-def _keep_logs(environments: dict, logs: Path) -> None:
+def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
     """Copy each worker's log next to the report; the record then names the copy."""
     for name, env in environments.items():
-        if env.get("log"):
+        if env.log:
             logs.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(env["log"], logs / f"{name}.log")
-            env["log"] = f"logs/{name}.log"
+            shutil.copyfile(env.log, logs / f"{name}.log")
+            env.log = f"logs/{name}.log"
 
 
-def _defaults_figure(run_dir, specs, results, arrays, defaults) -> str | None:
+def _defaults_figure(run_dir, cells: list[Cell], defaults) -> str | None:
     """Histograms of each backend's default dense/conv weight init, for the report."""
-    index = {s.name: i for i, s in enumerate(specs)}
+    arrays = {(c.backend.name, c.spec.name): c.arrays for c in cells}
     panels = []
-    for (backend, layer, role), example in report.default_examples(specs, results,
-                                                                   defaults).items():
+    examples = report.default_examples([c.spec for c in cells], [c.result for c in cells],
+                                       defaults)
+    for (backend, layer, role), example in examples.items():
         if example is None or role != "weight" or layer == "batch_norm":
             continue
         spec_name, q = example
-        values = arrays[backend][index[spec_name]].get(f"param/{q['name']}")
+        values = arrays[backend, spec_name].get(f"param/{q.name}")
         if values is not None:
             panels.append({"row": backend,
-                           "label": f"{backend}: {layer} weight ({spec_name} {q['name']})",
-                           "values": values, "expected": q["expected"]})
+                           "label": f"{backend}: {layer} weight ({spec_name} {q.name})",
+                           "values": values, "expected": q.expected})
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "default_init.png"
     return name if plots.init_histograms(run_dir / name, panels,
                                          "default initializers, observed vs analytic") else None
 
 
-def _print_outcome(results: list[dict], run_dir: Path) -> int:
-    failed = [r for r in results if not r.get("passed")]
+def _print_outcome(results: list[Result], run_dir: Path) -> int:
+    wb = max((len(r.backend) for r in results), default=8)
+    ws = max((len(r.spec) for r in results), default=20)
     for r in results:
-        status = "ok" if r.get("passed") else ("FAILED" if r["status"] == "ok" else r["status"])
-        detail = "" if r.get("passed") else \
-            f": {r.get('error') or str(len(report._failed_checks(r))) + ' checks failed'}"
-        print(f"{r['backend']:>8}  {r['spec']:<20} {status}{detail}")
+        status = "ok" if r.passed else ("FAILED" if r.ok else r.record.status.value)
+        detail = "" if r.passed else \
+            f": {r.record.error or str(len(r.failures())) + ' checks failed'}"
+        print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{detail}")
     print(f"report: {run_dir / 'report.md'}")
-    return 1 if failed else 0
+    return 0 if all(r.passed for r in results) else 1
 
 
 def cmd_setup(args) -> int:
@@ -176,8 +198,11 @@ def cmd_setup(args) -> int:
 
 def cmd_list(args) -> int:
     print("backends:")
-    for b in discover().values():
-        print(f"  {b.name:<8} {b.framework:<20} env {b.env_state():<8} {b.env_dir}")
+    backends = list(discover().values())
+    wn = max(len(b.name) for b in backends)
+    wf = max(len(b.framework) for b in backends)
+    for b in backends:
+        print(f"  {b.name:<{wn}}  {b.framework:<{wf}}  env {b.env_state():<8} {b.env_dir}")
     print("built-in specs:")
     for f in default_spec_files():
         try:

@@ -1,5 +1,7 @@
-"""The canonical initializer catalogue: names, arguments, which shapes each can fill, and the
-distribution each must produce on a canonical shape (computed from the spec alone).
+"""The canonical initializer catalogue. Each entry holds, in one place: its arguments, which
+shapes it can fill, which argument combinations it refuses, and the distribution it must produce
+on a canonical shape (an ``Expectation``, computed from the spec alone, that also knows how to
+test a sample against itself and how to draw itself in a figure).
 
 Semantics are ``torch.nn.init``'s, plus ``variance_scaling`` (Keras/JAX), ``fan_in_uniform``
 (PyTorch's default bias) and ``bimodal`` (the PyTorch tutorials' custom init); see
@@ -12,8 +14,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from backends.base import TRUNCATED_NORMAL_STD_CORRECTION, calculate_gain
 from backends.base import torch_fans as fans
+
+from . import stats
+from .stats import Check
 
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
@@ -23,13 +30,222 @@ _NONNEG = {"type": "number", "minimum": 0}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 
 
+# ----------------------------------------------------------------------------- expectations
+
+class Expectation:
+    """What a correct realization of an initializer produces on one canonical shape."""
+    kind = ""
+    description = ""
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **{k: v for k, v in vars(self).items()}}
+
+    def checks(self, values: np.ndarray) -> list[Check]:
+        """Every test that defines this expectation, on ``values`` (canonical shape)."""
+        raise NotImplementedError
+
+    def moments(self) -> tuple[float | None, float | None]:
+        """(mean, std) of the distribution, where it has simple ones (for the report)."""
+        return None, None
+
+    def density(self):
+        """A frozen scipy distribution to draw over a histogram, or None."""
+        return None
+
+
+@dataclass
+class Continuous(Expectation):
+    """A continuous distribution: ``uniform`` (low, high), ``normal`` (mean, std) or
+    ``truncnorm`` (mean, std cut to [low, high]); tested by moments, support and KS."""
+    dist: str
+    params: dict
+    support: list
+    description: str
+    kind = "continuous"
+
+    def frozen(self):
+        st, p = stats.scipy_stats(), self.params
+        if self.dist == "uniform":
+            return st.uniform(loc=p["low"], scale=p["high"] - p["low"])
+        if self.dist == "normal":
+            return st.norm(loc=p["mean"], scale=p["std"])
+        return st.truncnorm((p["low"] - p["mean"]) / p["std"], (p["high"] - p["mean"]) / p["std"],
+                            loc=p["mean"], scale=p["std"])
+
+    def checks(self, values):
+        return stats.continuous_checks(np.ravel(values), self.frozen(), self.support)
+
+    def moments(self):
+        d = self.frozen()
+        return float(d.mean()), float(d.std())
+
+    def density(self):
+        return self.frozen()
+
+
+@dataclass
+class Constant(Expectation):
+    value: float
+    description: str
+    kind = "constant"
+
+    def checks(self, values):
+        return [stats.exact_check(np.ravel(values), stats.f32(self.value),
+                                  f"every value == {self.value:g}")]
+
+    def moments(self):
+        return self.value, 0.0
+
+
+@dataclass
+class Eye(Expectation):
+    description: str = "identity matrix"
+    kind = "eye"
+
+    def checks(self, values):
+        return [stats.exact_check(values, np.eye(*values.shape), "identity")]
+
+
+@dataclass
+class Dirac(Expectation):
+    groups: int
+    description: str
+    kind = "dirac"
+
+    def checks(self, values):
+        return [stats.exact_check(values, dirac_reference(values.shape, self.groups),
+                                  "Dirac delta")]
+
+
+ORTHO_TOL = 1e-4  # float32 QR gives ~1e-6; relative to gain^2
+
+
+@dataclass
+class Orthogonal(Expectation):
+    gain: float
+    description: str
+    kind = "orthogonal"
+
+    def checks(self, values):
+        m = values.reshape(values.shape[0], -1)
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        g2 = self.gain ** 2
+        dev = float(np.max(np.abs(gram - g2 * np.eye(gram.shape[0]))))
+        return [Check("gram", dev <= ORTHO_TOL * g2, dev, 0.0,
+                      f"max |W W^T - {g2:.4g} I| <= {ORTHO_TOL * g2:.2g} (smaller side)")]
+
+
+@dataclass
+class Sparse(Expectation):
+    zeros_per_column: int
+    std: float
+    description: str
+    kind = "sparse"
+
+    def checks(self, values):
+        zeros, k, flat = (values == 0).sum(axis=0), self.zeros_per_column, values.ravel()
+        out = [Check("zeros_per_column", bool(np.all(zeros == k)),
+                     [int(zeros.min()), int(zeros.max())], k,
+                     "exactly ceil(sparsity * rows) zeros in every column")]
+        return out + stats.continuous_checks(flat[flat != 0],
+                                             stats.scipy_stats().norm(0, self.std),
+                                             subject="nonzero")
+
+
+@dataclass
+class Bimodal(Expectation):
+    zero_fraction: float
+    low: float
+    high: float
+    description: str
+    kind = "bimodal"
+
+    def checks(self, values):
+        flat = values.ravel()
+        n, p0 = flat.size, self.zero_fraction
+        zf = float(np.mean(flat == 0)) if n else 0.0
+        tol = stats.Z * math.sqrt(p0 * (1 - p0) / max(n, 1))
+        nonzero = np.abs(flat[flat != 0])
+        out = [Check("zero_fraction", abs(zf - p0) <= tol, zf, p0,
+                     f"|zero fraction - {p0:g}| <= {tol:.3g}")]
+        magnitude = stats.scipy_stats().uniform(self.low, self.high - self.low)
+        return out + stats.continuous_checks(nonzero, magnitude, (self.low, self.high),
+                                             subject="magnitude")
+
+
+def dirac_reference(shape, groups) -> np.ndarray:
+    """torch's dirac_ written out again, independently of backends.base.dirac_kernel (the
+    checker must not share the code it checks)."""
+    w = np.zeros(shape, dtype=np.float32)
+    out_g = shape[0] // groups
+    centre = tuple(k // 2 for k in shape[2:])
+    for g in range(groups):
+        for i in range(min(out_g, shape[1])):
+            w[(g * out_g + i, i) + centre] = 1
+    return w
+
+
+def _uniform(lo: float, hi: float) -> Continuous:
+    return Continuous("uniform", {"low": lo, "high": hi}, [lo, hi], f"U({lo:.4g}, {hi:.4g})")
+
+
+def _normal(mean: float, std: float, lo: float | None = None,
+            hi: float | None = None) -> Continuous:
+    if lo is None:
+        return Continuous("normal", {"mean": mean, "std": std}, [None, None],
+                          f"N({mean:.4g}, {std:.4g}^2)")
+    return Continuous("truncnorm", {"mean": mean, "std": std, "low": lo, "high": hi}, [lo, hi],
+                      f"N({mean:.4g}, {std:.4g}^2) cut to [{lo:.4g}, {hi:.4g}]")
+
+
+def _constant(value: float) -> Constant:
+    return Constant(float(value), f"all {value:g}")
+
+
+def _variance_scaling(init: dict, shape) -> Continuous:
+    fan_in, fan_out = fans(shape)
+    n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[init["mode"]]
+    variance = init["scale"] / n
+    if init["distribution"] == "uniform":
+        limit = math.sqrt(3 * variance)
+        return _uniform(-limit, limit)
+    if init["distribution"] == "normal":
+        return _normal(0.0, math.sqrt(variance))
+    std = math.sqrt(variance) / TRUNCATED_NORMAL_STD_CORRECTION
+    return _normal(0.0, std, -2 * std, 2 * std)
+
+
+def _kaiming_fan(init: dict, shape) -> int:
+    fan_in, fan_out = fans(shape)
+    return fan_in if init["mode"] == "fan_in" else fan_out
+
+
+def _sparse(i, s, w) -> Sparse:
+    k = math.ceil(i["sparsity"] * s[0])
+    return Sparse(k, i["std"], f"{k} zeros per column, rest N(0, {i['std']:.4g}^2)")
+
+
+def _interval(lo_arg: str, hi_arg: str) -> Callable[[dict], str | None]:
+    def check(init):
+        if not init[lo_arg] < init[hi_arg]:
+            return (f"{init['name']} needs {lo_arg} < {hi_arg}, got {lo_arg}={init[lo_arg]}, "
+                    f"{hi_arg}={init[hi_arg]}")
+        return None
+    return check
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
 @dataclass(frozen=True)
 class Initializer:
-    """One catalogue entry: its arguments (JSON Schema and default; no default = required)."""
+    """One catalogue entry: its arguments (JSON Schema and default; no default = required),
+    the ranks it fills, the argument combinations it refuses, and its expectation."""
+    expect: Callable[[dict, tuple, tuple | None], Expectation]
     args: dict[str, tuple[dict, Any]] = field(default_factory=dict)
     min_ndim: int = 0
     max_ndim: int | None = None
     needs_layer_fan: bool = False  # fan_in_uniform: a bias borrows its layer weight's fan_in
+    refuse: Callable[[dict], str | None] = lambda init: None
 
     def fits(self, ndim: int) -> bool:
         return ndim >= self.min_ndim and (self.max_ndim is None or ndim <= self.max_ndim)
@@ -47,32 +263,55 @@ _MODE = {"enum": ["fan_in", "fan_out"]}
 _KAIMING = {"a": (_NUMBER, 0.0), "mode": (_MODE, "fan_in"),
             "nonlinearity": ({"enum": list(NONLINEARITIES)}, "leaky_relu")}
 
+
+def _no_default(i, s, w):
+    raise ValueError("`default` has no expectation of its own: resolve it per backend first")
+
+
 CATALOGUE: dict[str, Initializer] = {
-    "default": Initializer(),
-    "constant": Initializer({"val": (_NUMBER, _REQUIRED)}),
-    "zeros": Initializer(),
-    "ones": Initializer(),
-    "eye": Initializer(min_ndim=2, max_ndim=2),
-    "dirac": Initializer({"groups": ({"type": "integer", "minimum": 1}, 1)},
+    "default": Initializer(_no_default),
+    "constant": Initializer(lambda i, s, w: _constant(i["val"]), {"val": (_NUMBER, _REQUIRED)}),
+    "zeros": Initializer(lambda i, s, w: _constant(0.0)),
+    "ones": Initializer(lambda i, s, w: _constant(1.0)),
+    "eye": Initializer(lambda i, s, w: Eye(), min_ndim=2, max_ndim=2),
+    "dirac": Initializer(lambda i, s, w: Dirac(i["groups"], f"Dirac delta (groups={i['groups']})"),
+                         {"groups": ({"type": "integer", "minimum": 1}, 1)},
                          min_ndim=3, max_ndim=5),
-    "uniform": Initializer({"a": (_NUMBER, 0.0), "b": (_NUMBER, 1.0)}),
-    "normal": Initializer({"mean": (_NUMBER, 0.0), "std": (_NONNEG, 1.0)}),
-    "trunc_normal": Initializer({"mean": (_NUMBER, 0.0), "std": (_POSITIVE, 1.0),
-                                 "a": (_NUMBER, -2.0), "b": (_NUMBER, 2.0)}),
-    "sparse": Initializer({"sparsity": ({"type": "number", "minimum": 0, "maximum": 1}, _REQUIRED),
-                           "std": (_POSITIVE, 0.01)}, min_ndim=2, max_ndim=2),
-    "xavier_uniform": Initializer({"gain": (_NONNEG, 1.0)}, min_ndim=2),
-    "xavier_normal": Initializer({"gain": (_NONNEG, 1.0)}, min_ndim=2),
-    "kaiming_uniform": Initializer(dict(_KAIMING), min_ndim=2),
-    "kaiming_normal": Initializer(dict(_KAIMING), min_ndim=2),
-    "orthogonal": Initializer({"gain": (_POSITIVE, 1.0)}, min_ndim=2),
-    "variance_scaling": Initializer({
+    "uniform": Initializer(lambda i, s, w: _uniform(i["a"], i["b"]),
+                           {"a": (_NUMBER, 0.0), "b": (_NUMBER, 1.0)}, refuse=_interval("a", "b")),
+    "normal": Initializer(lambda i, s, w: _normal(i["mean"], i["std"]),
+                          {"mean": (_NUMBER, 0.0), "std": (_NONNEG, 1.0)}),
+    "trunc_normal": Initializer(lambda i, s, w: _normal(i["mean"], i["std"], i["a"], i["b"]),
+                                {"mean": (_NUMBER, 0.0), "std": (_POSITIVE, 1.0),
+                                 "a": (_NUMBER, -2.0), "b": (_NUMBER, 2.0)},
+                                refuse=_interval("a", "b")),
+    "sparse": Initializer(_sparse, {"sparsity": ({"type": "number", "minimum": 0, "maximum": 1},
+                                                 _REQUIRED),
+                                    "std": (_POSITIVE, 0.01)}, min_ndim=2, max_ndim=2),
+    "xavier_uniform": Initializer(lambda i, s, w: _uniform(
+        -(b := i["gain"] * math.sqrt(6.0 / sum(fans(s)))), b), {"gain": (_NONNEG, 1.0)},
+        min_ndim=2),
+    "xavier_normal": Initializer(lambda i, s, w: _normal(
+        0.0, i["gain"] * math.sqrt(2.0 / sum(fans(s)))), {"gain": (_NONNEG, 1.0)}, min_ndim=2),
+    "kaiming_uniform": Initializer(lambda i, s, w: _uniform(
+        -(b := calculate_gain(i["nonlinearity"], i["a"]) * math.sqrt(3.0 / _kaiming_fan(i, s))),
+        b), dict(_KAIMING), min_ndim=2),
+    "kaiming_normal": Initializer(lambda i, s, w: _normal(
+        0.0, calculate_gain(i["nonlinearity"], i["a"]) / math.sqrt(_kaiming_fan(i, s))),
+        dict(_KAIMING), min_ndim=2),
+    "orthogonal": Initializer(lambda i, s, w: Orthogonal(
+        i["gain"], f"orthogonal, W W^T = {i['gain']:.4g}^2 I"), {"gain": (_POSITIVE, 1.0)},
+        min_ndim=2),
+    "variance_scaling": Initializer(lambda i, s, w: _variance_scaling(i, s), {
         "scale": (_POSITIVE, 1.0),
         "mode": ({"enum": ["fan_in", "fan_out", "fan_avg"]}, "fan_in"),
         "distribution": ({"enum": ["uniform", "normal", "untruncated_normal", "truncated_normal"]},
                          "truncated_normal")}, min_ndim=2),
-    "fan_in_uniform": Initializer({"scale": (_POSITIVE, 1.0)}, needs_layer_fan=True),
-    "bimodal": Initializer(),
+    "fan_in_uniform": Initializer(lambda i, s, w: _uniform(
+        -(b := i["scale"] / math.sqrt(fans(s if len(s) >= 2 else w)[0])), b),
+        {"scale": (_POSITIVE, 1.0)}, needs_layer_fan=True),
+    "bimodal": Initializer(lambda i, s, w: Bimodal(
+        0.5, 5.0, 10.0, "0 w.p. 1/2, else U(5, 10) with a random sign")),
 }
 
 
@@ -109,12 +348,7 @@ def normalize(raw: str | dict) -> dict:
 
 def check_arguments(init: dict) -> str | None:
     """Argument combinations the schema cannot express; a message or None."""
-    name = init["name"]
-    if name == "uniform" and not init["a"] < init["b"]:
-        return f"uniform needs a < b, got a={init['a']}, b={init['b']}"
-    if name == "trunc_normal" and not init["a"] < init["b"]:
-        return f"trunc_normal needs a < b, got a={init['a']}, b={init['b']}"
-    return None
+    return CATALOGUE[init["name"]].refuse(init)
 
 
 def check_fits(init: dict, shape: tuple[int, ...], layer_weight_shape: tuple | None) -> str | None:
@@ -133,79 +367,11 @@ def check_fits(init: dict, shape: tuple[int, ...], layer_weight_shape: tuple | N
     return None
 
 
-def _uniform(lo: float, hi: float) -> dict:
-    return {"kind": "continuous", "dist": "uniform", "params": {"low": lo, "high": hi},
-            "description": f"U({lo:.4g}, {hi:.4g})", "support": [lo, hi]}
-
-
-def _normal(mean: float, std: float, lo: float | None = None, hi: float | None = None) -> dict:
-    if lo is None:
-        return {"kind": "continuous", "dist": "normal", "params": {"mean": mean, "std": std},
-                "description": f"N({mean:.4g}, {std:.4g}^2)", "support": [None, None]}
-    return {"kind": "continuous", "dist": "truncnorm",
-            "params": {"mean": mean, "std": std, "low": lo, "high": hi},
-            "description": f"N({mean:.4g}, {std:.4g}^2) cut to [{lo:.4g}, {hi:.4g}]",
-            "support": [lo, hi]}
-
-
-def _constant(value: float) -> dict:
-    return {"kind": "constant", "value": float(value), "description": f"all {value:g}"}
-
-
-def _variance_scaling(init: dict, shape) -> dict:
-    fan_in, fan_out = fans(shape)
-    n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[init["mode"]]
-    variance = init["scale"] / n
-    if init["distribution"] == "uniform":
-        limit = math.sqrt(3 * variance)
-        return _uniform(-limit, limit)
-    if init["distribution"] == "normal":
-        return _normal(0.0, math.sqrt(variance))
-    std = math.sqrt(variance) / TRUNCATED_NORMAL_STD_CORRECTION
-    return _normal(0.0, std, -2 * std, 2 * std)
-
-
-_EXPECTATIONS: dict[str, Callable[[dict, tuple, tuple | None], dict]] = {
-    "constant": lambda i, s, w: _constant(i["val"]),
-    "zeros": lambda i, s, w: _constant(0.0),
-    "ones": lambda i, s, w: _constant(1.0),
-    "eye": lambda i, s, w: {"kind": "eye", "description": "identity matrix"},
-    "dirac": lambda i, s, w: {"kind": "dirac", "groups": i["groups"],
-                              "description": f"Dirac delta (groups={i['groups']})"},
-    "uniform": lambda i, s, w: _uniform(i["a"], i["b"]),
-    "normal": lambda i, s, w: _normal(i["mean"], i["std"]),
-    "trunc_normal": lambda i, s, w: _normal(i["mean"], i["std"], i["a"], i["b"]),
-    "sparse": lambda i, s, w: {
-        "kind": "sparse", "zeros_per_column": math.ceil(i["sparsity"] * s[0]), "std": i["std"],
-        "description": f"{math.ceil(i['sparsity'] * s[0])} zeros per column, rest "
-                       f"N(0, {i['std']:.4g}^2)"},
-    "xavier_uniform": lambda i, s, w: _uniform(
-        -(b := i["gain"] * math.sqrt(6.0 / sum(fans(s)))), b),
-    "xavier_normal": lambda i, s, w: _normal(0.0, i["gain"] * math.sqrt(2.0 / sum(fans(s)))),
-    "kaiming_uniform": lambda i, s, w: _uniform(
-        -(b := calculate_gain(i["nonlinearity"], i["a"]) * math.sqrt(3.0 / _kaiming_fan(i, s))), b),
-    "kaiming_normal": lambda i, s, w: _normal(
-        0.0, calculate_gain(i["nonlinearity"], i["a"]) / math.sqrt(_kaiming_fan(i, s))),
-    "orthogonal": lambda i, s, w: {"kind": "orthogonal", "gain": i["gain"],
-                                   "description": f"orthogonal, W W^T = {i['gain']:.4g}^2 I"},
-    "variance_scaling": lambda i, s, w: _variance_scaling(i, s),
-    "fan_in_uniform": lambda i, s, w: _uniform(
-        -(b := i["scale"] / math.sqrt(fans(s if len(s) >= 2 else w)[0])), b),
-    "bimodal": lambda i, s, w: {"kind": "bimodal", "zero_fraction": 0.5, "low": 5.0, "high": 10.0,
-                                "description": "0 w.p. 1/2, else U(5, 10) with a random sign"},
-}
-
-
-def _kaiming_fan(init: dict, shape) -> int:
-    fan_in, fan_out = fans(shape)
-    return fan_in if init["mode"] == "fan_in" else fan_out
-
-
 def expected_distribution(init: dict, shape: tuple[int, ...],
-                          layer_weight_shape: tuple | None = None) -> dict:
+                          layer_weight_shape: tuple | None = None) -> Expectation:
     """What a correct realization of ``init`` (never ``default``: resolve it first) produces on
-    a parameter of canonical ``shape``; JSON-ready."""
-    return _EXPECTATIONS[init["name"]](init, tuple(shape), layer_weight_shape)
+    a parameter of canonical ``shape``."""
+    return CATALOGUE[init["name"]].expect(init, tuple(shape), layer_weight_shape)
 
 
 def describe(init: dict) -> str:

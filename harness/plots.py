@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import frozen
 
 
 def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
@@ -49,12 +48,12 @@ def _histogram(ax, panel: dict) -> None:
     values = np.asarray(panel["values"], dtype=np.float64).ravel()
     ax.hist(values, bins=60, density=True, color="#8fb3d9", edgecolor="none", label="observed")
     expected = panel["expected"]
-    if expected["kind"] == "continuous":
-        dist = frozen(expected)
+    dist = expected.density()
+    if dist is not None:
         lo, hi = values.min(), values.max()
         pad = 0.1 * (hi - lo or 1.0)
         x = np.linspace(lo - pad, hi + pad, 400)
         ax.plot(x, dist.pdf(x), color="#c0392b", lw=1.5, label="analytic")
     ax.set_title(panel["label"], fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_xlabel(expected["description"], fontsize=7)
+    ax.set_xlabel(expected.description, fontsize=7)

@@ -16,22 +16,39 @@ from pathlib import Path
 
 import numpy as np
 
+from backends import protocol
+from backends.protocol import (EnvironmentRecord, FatalRecord, ProtocolError, Request,
+                               SpecRecord, Status, failed_record)
+
 from .envs import ROOT, tail
 from .spec import Spec
-
-SCHEMA_VERSION = 1
 
 
 @dataclass
 class WorkerResult:
     """What one backend's worker produced: its environment and one record per spec."""
     backend: str
-    environment: dict | None
-    records: list[dict]
+    environment: EnvironmentRecord | None
+    records: list[SpecRecord]
     arrays: list[dict[str, np.ndarray]]
     log: Path
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BackendRun:
+    """How one backend fared in a run, for the report's environment table: the interpreter,
+    what its worker said about itself, its wall time, log, and why it failed or ran elsewhere."""
+    interpreter: str
+    worker: EnvironmentRecord | None = None
+    wall_s: float | None = None
+    log: str | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return protocol.encode(self)
 
 
 def make_input(spec: Spec) -> np.ndarray:
@@ -81,7 +98,8 @@ def _exit_cause(rc: int | None, timed_out: bool, timeout: float) -> str:
 
 
 def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *, device: str,
-               timeout: float, progress=print, adapter: str | None = None) -> WorkerResult:
+               timeout: float, progress=print, adapter: str | None = None,
+               settings: dict | None = None) -> WorkerResult:
     """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
 
     ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
@@ -91,11 +109,11 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
     np.savez(work_dir / "inputs.npz", **{str(i): make_input(s) for i, s in enumerate(specs)})
     np.savez(work_dir / "probe.npz", **{f"{i}/{name}": v for i, s in enumerate(specs)
                                         for name, v in make_probe(s).items()})
-    request = {"schema_version": SCHEMA_VERSION, "backend": backend, "adapter": adapter,
-               "device": device,
-               "plans": [s.plan for s in specs], "inputs": str(work_dir / "inputs.npz"),
-               "probe": str(work_dir / "probe.npz"), "out_dir": str(out_dir)}
-    (work_dir / "request.json").write_text(json.dumps(request, indent=1))
+    request = Request(backend=backend, adapter=adapter or f"backends.{backend}.adapter",
+                      device=device, plans=[s.plan for s in specs],
+                      inputs=str(work_dir / "inputs.npz"), probe=str(work_dir / "probe.npz"),
+                      out_dir=str(out_dir), settings=dict(settings or {}))
+    (work_dir / "request.json").write_text(json.dumps(protocol.dump(request), indent=1))
     log_path = work_dir / "worker.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
@@ -153,33 +171,56 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress):
 
 
 def _failed_all(backend, specs, log_path, error) -> WorkerResult:
-    records = [{"spec": s.name, "status": "failed", "error": error, "log_tail": tail(log_path)}
-               for s in specs]
+    records = [failed_record(s.name, error, log_tail=tail(log_path)) for s in specs]
     return WorkerResult(backend, None, records, [{} for _ in specs], log_path, errors=[error])
+
+
+def _read_json(path: Path, cls, label: str):
+    """A protocol record from a worker's file; ProtocolError for anything that does not fit."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
+    return protocol.load(cls, data, label)
+
+
+def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile, pickle refusal, OSError, ...: all mean "not data"
+        raise ProtocolError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) -> WorkerResult:
     environment, errors = None, []
-    fatal = out_dir / "fatal.json"
-    if fatal.exists():
-        errors.append(json.loads(fatal.read_text())["error"])
-    if (out_dir / "worker.json").exists():
-        environment = json.loads((out_dir / "worker.json").read_text())
+    log_tail = tail(log_path)
+    try:
+        if (out_dir / "fatal.json").exists():
+            errors.append(_read_json(out_dir / "fatal.json", FatalRecord, "fatal.json").error)
+        if (out_dir / "worker.json").exists():
+            environment = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
+    except ProtocolError as exc:
+        errors.append(f"malformed worker output: {exc}")
     cause = errors[0] if errors else _exit_cause(rc, timed_out, timeout)
     records, arrays = [], []
     for i, spec in enumerate(specs):
-        rec_file, npz_file = out_dir / f"{i}.json", out_dir / f"{i}.npz"
-        if rec_file.exists():
-            record = json.loads(rec_file.read_text())
-            with np.load(npz_file, allow_pickle=False) as data:
-                arrays.append({k: data[k] for k in data.files})
-            if record["status"] != "ok":
-                record["log_tail"] = tail(log_path)
-        else:
-            record = {"spec": spec.name, "status": "failed", "error": cause,
-                      "log_tail": tail(log_path)}
-            arrays.append({})
+        rec_file = out_dir / f"{i}.json"
+        record, arr = failed_record(spec.name, cause, log_tail=log_tail), {}
+        if rec_file.exists() and environment is not None:
+            try:
+                record = _read_json(rec_file, SpecRecord, f"{i}.json")
+                arr = _read_npz(out_dir / f"{i}.npz", f"{i}.npz")
+                if record.spec != spec.name:
+                    raise ProtocolError(f"{i}.json: record of spec {record.spec!r}, "
+                                        f"expected {spec.name!r}")
+                if record.status != Status.OK:
+                    record.log_tail = log_tail
+            except ProtocolError as exc:
+                record, arr = failed_record(spec.name, f"malformed worker output: {exc}",
+                                            log_tail=log_tail), {}
         records.append(record)
+        arrays.append(arr)
     if timed_out or (rc not in (0, None) and not errors):
         errors.append(_exit_cause(rc, timed_out, timeout))
     return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors)

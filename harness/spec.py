@@ -13,6 +13,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from backends import protocol
+from backends.protocol import Plan
+
 from . import initializers as inits
 
 LAYER_TYPES = ("dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu", "sigmoid", "tanh",
@@ -145,7 +148,7 @@ class Spec:
     description: str
     input_shape: tuple[int, ...]
     seed: int
-    plan: dict
+    plan: Plan
     params: list[ParamSpec]
     output_shape: tuple[int, ...]
 
@@ -263,6 +266,13 @@ class _Builder:
         a ``ref``: its parameters must then agree with their first use, and are recorded as
         shared under that prefix (the name PyTorch's state_dict gives the second use)."""
         t, where = node["type"], where or self.where[node["path"]]
+        if t != "ref":
+            if alias_prefix is None:
+                node["in_rank"] = len(shape)
+            elif node["in_rank"] != len(shape):
+                self.fail(where, f"shares {node['path']!r}, first used on a "
+                                 f"{node['in_rank']}-D input, but here the input is "
+                                 f"{len(shape)}-D; a shared layer must see inputs of one rank")
         if t == "ref":
             return self.apply(self.nodes[node["to"]], shape, alias_prefix or node["path"], where)
         if t == "sequential":
@@ -383,7 +393,8 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     input_shape = tuple(doc["input"])
     output_shape = b.infer(nodes, input_shape)
     seed = doc.get("seed", 0) if seed is None else seed
-    plan = {"name": doc["name"], "seed": seed, "input_shape": list(input_shape), "layers": nodes}
+    plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
+                                  "input_shape": list(input_shape), "layers": nodes}, "plan")
     params = list(b.params.values())
     for p in params:
         p.shared_with.sort()

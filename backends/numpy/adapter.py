@@ -15,9 +15,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
-                           DeviceUnavailable, calculate_gain, dirac_kernel, given_in_size,
-                           iter_nodes, owned_params, param_record, param_roles, param_shapes,
-                           torch_fans)
+                           ParamInfo, ParamRef, calculate_gain, dirac_kernel, given_in_size,
+                           iter_nodes, owned_params, param_roles, param_shapes, torch_fans)
+from backends.protocol import Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
 # What `default` means here: PyTorch's own initialization of each role.
@@ -159,9 +159,9 @@ _INITS = {
 }
 
 
-def _default(node: dict, role: str) -> dict:
+def _default(node: PlanNode, role: str) -> dict:
     """The INIT that `default` stands for on this role: PyTorch's."""
-    if node["type"] == "batch_norm":
+    if node.type == "batch_norm":
         return {"name": _BN_DEFAULTS[role]}
     return _TORCH_DEFAULTS[role]
 
@@ -171,16 +171,16 @@ def _default(node: dict, role: str) -> dict:
 def _windows(node, x, size, stride):
     """(N, C, OH, OW, kh, kw) view of the floor-mode sliding windows of an NCHW array."""
     if x.shape[2] < size[0] or x.shape[3] < size[1]:
-        raise ValueError(f"{node['type']} {node['path']!r}: window {list(size)} is larger than "
+        raise ValueError(f"{node.type} {node.path!r}: window {list(size)} is larger than "
                          f"its (padded) input {list(x.shape[2:])}")
     return sliding_window_view(x, tuple(size), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
 
 
 def _conv2d(node, p, x):
     """Zero-padded strided cross-correlation, like torch's conv2d."""
-    (ph, pw) = node["padding"]
-    win = _windows(node, np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))), node["kernel"],
-                   node["stride"])
+    (ph, pw) = node.padding
+    win = _windows(node, np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))), node.kernel,
+                   node.stride)
     y = np.einsum("nchwij,ocij->nohw", win, p["weight"], optimize=True)
     return y + p["bias"][:, None, None] if "bias" in p else y
 
@@ -188,7 +188,7 @@ def _conv2d(node, p, x):
 def _batch_norm(node, p, x):
     """Inference-mode batch norm over channel axis 1, from the running statistics."""
     g = {role: v.reshape((-1,) + (1,) * (x.ndim - 2)) for role, v in p.items()}
-    return ((x - g["running_mean"]) / np.sqrt(g["running_var"] + node["eps"]) * g["weight"]
+    return ((x - g["running_mean"]) / np.sqrt(g["running_var"] + node.eps) * g["weight"]
             + g["bias"])
 
 
@@ -202,7 +202,7 @@ _LAYERS = {
     "dense": lambda n, p, x: x @ p["weight"].T + p["bias"] if "bias" in p else x @ p["weight"].T,
     "conv2d": _conv2d,
     "batch_norm": _batch_norm,
-    "max_pool2d": lambda n, p, x: _windows(n, x, n["pool"], n["stride"]).max(axis=(-2, -1)),
+    "max_pool2d": lambda n, p, x: _windows(n, x, n.pool, n.stride).max(axis=(-2, -1)),
     "flatten": lambda n, p, x: x.reshape(len(x), -1),
     "relu": lambda n, p, x: np.maximum(x, 0),
     "sigmoid": _sigmoid,
@@ -216,56 +216,55 @@ _LAYERS = {
 class _Model:
     """A built plan: nodes by canonical path, one float32 array (None: lazy) per parameter."""
 
-    def __init__(self, plan: dict):
+    def __init__(self, plan: Plan):
         self.plan, self.nodes, self.params = plan, {}, {}
 
 
 class Adapter(BaseAdapter):
-    """The NumPy reference: the spec's semantics, written out, with PyTorch's defaults."""
+    """The NumPy reference: the spec's semantics, written out, with PyTorch's defaults. It has no
+    layer objects, so it overrides ``build`` itself; its parameters live in one dict."""
 
-    framework = "numpy"
+    framework = "NumPy"
 
     def __init__(self):
         self.rng = np.random.default_rng()
 
-    def setup(self, device: str) -> dict:
-        """CPU only: NumPy has no accelerator."""
-        if device.startswith("cuda"):
-            raise DeviceUnavailable("the NumPy reference backend runs on the CPU only; "
-                                    f"device {device!r} is not available to it")
-        if device not in ("auto", "cpu"):
-            raise ValueError(f"unknown device {device!r} (expected auto, cpu or cuda)")
-        return {"device": "cpu", "device_name": platform.processor() or "cpu",
-                "versions": {"numpy": np.__version__}}
+    def import_framework(self) -> dict:
+        return {"numpy": np.__version__}
+
+    def visible_gpus(self) -> tuple[int, str]:
+        return 0, "NumPy has no accelerator; the reference runs on the CPU only"
+
+    def use_device(self, kind: str):
+        return "cpu", platform.processor() or "cpu"
 
     def seed(self, seed: int) -> None:
         """A fresh Generator: every sample this adapter draws comes from it."""
         self.rng = np.random.default_rng(seed)
 
-    def build(self, plan: dict) -> _Model:
+    def build(self, plan: Plan) -> _Model:
         """Index the nodes, check refs point backwards, create the parameters of known size."""
         model = _Model(plan)
-        for node in iter_nodes(plan["layers"]):
-            if node["type"] not in _LAYERS:
-                raise ValueError(f"unknown layer type {node['type']!r} at {node['path']!r}")
-            if node["type"] == "ref" and (node["to"] not in model.nodes
-                                          or node["path"].startswith(node["to"] + ".")):
-                raise ValueError(f"ref {node['path']!r}: {node['to']!r} is not an earlier layer "
+        for node in iter_nodes(plan.layers):
+            if node.type not in _LAYERS:
+                raise ValueError(f"unknown layer type {node.type!r} at {node.path!r}")
+            if node.type == "ref" and (node.to not in model.nodes
+                                       or node.path.startswith(node.to + ".")):
+                raise ValueError(f"ref {node.path!r}: {node.to!r} is not an earlier layer "
                                  "outside it")
-            model.nodes[node["path"]] = node
+            model.nodes[node.path] = node
             for role in param_roles(node):
-                model.params[f"{node['path']}.{role}"] = None
+                model.params[f"{node.path}.{role}"] = None
             if given_in_size(node) is not None:
                 self._create(model, node, given_in_size(node))
         return model
 
-    def _create(self, model: _Model, node: dict, n: int) -> None:
+    def _create(self, model: _Model, node: PlanNode, n: int) -> None:
         """Create a node's parameters for input size n, with the default initialization."""
         shapes = param_shapes(node, n)
-        wshape = shapes["weight"] if node["type"] in ("dense", "conv2d") else None
+        wshape = shapes["weight"] if node.type in ("dense", "conv2d") else None
         for role, shape in shapes.items():
-            init = _default(node, role)
-            model.params[f"{node['path']}.{role}"] = self._sample(init, shape, wshape)
+            model.params[f"{node.path}.{role}"] = self._sample(_default(node, role), shape, wshape)
 
     def _sample(self, init: dict, shape: tuple, wshape: tuple | None) -> np.ndarray:
         """Draw one INIT (never `default`) on a canonical shape, as float32."""
@@ -275,108 +274,86 @@ class Adapter(BaseAdapter):
         out = np.asarray(_INITS[init["name"]][0](self.rng, tuple(shape), wshape, **args))
         return np.ascontiguousarray(np.broadcast_to(out, shape), dtype=np.float32)
 
-    def _require(self, model: _Model, name: str) -> np.ndarray:
-        """A parameter that must exist by now."""
-        if model.params[name] is None:
-            raise ValueError(f"{name} does not exist yet: its size is inferred at the first "
+    # -- parameters: one dict, keyed by canonical name --------------------------------------
+
+    def param_refs(self, model: _Model) -> list[ParamRef]:
+        return [ParamRef(name, node, role, name, name) for name, node, role in
+                owned_params(model.plan)]
+
+    def describe(self, model: _Model, ref: ParamRef) -> ParamInfo:
+        arr = model.params[ref.name]
+        if arr is None:
+            return ParamInfo(None, None, ref.role in TRAINABLE_ROLES, initialized=False)
+        return ParamInfo(arr.shape, str(arr.dtype), ref.role in TRAINABLE_ROLES)
+
+    def read(self, model: _Model, ref: ParamRef) -> np.ndarray:
+        if model.params[ref.name] is None:
+            raise ValueError(f"{ref.name} does not exist yet: its size is inferred at the first "
                              "forward")
-        return model.params[name]
+        return model.params[ref.name].copy()
 
-    def inspect(self, model: _Model, plan: dict) -> list[dict]:
-        """Every owned parameter once, with the ref aliases under which it is shared."""
-        aliases, records = _aliases(model), []
-        for name, node, role in owned_params(plan):
-            arr = model.params[name]
-            shape = param_shapes(node, given_in_size(node))[role] if arr is None else arr.shape
-            records.append(param_record(
-                name, role, shape, name, None if arr is None else arr.shape,
-                dtype=None if arr is None else str(arr.dtype),
-                trainable=role in TRAINABLE_ROLES, shared_with=aliases.get(name, ()),
-                initialized=arr is not None))
-        return records
+    def write(self, model: _Model, arrays: dict) -> None:
+        model.params.update({name: np.array(arr, dtype=np.float32)
+                             for name, (_, arr) in arrays.items()})
 
-    def forward(self, model: _Model, x: np.ndarray) -> np.ndarray:
-        """Inference-mode forward in float64, returned as float32."""
-        x = np.asarray(x, dtype=np.float64)
-        for node in model.plan["layers"]:
+    def share_key(self, model: _Model, position) -> str:
+        """A ref reaches its target's node, whose parameters live under the target's path."""
+        return model.nodes[position.node.path].path
+
+    def init_param(self, model: _Model, ref: ParamRef, init: dict) -> str:
+        """Draw one INIT; `default` is PyTorch's rule."""
+        shape = self.read(model, ref).shape
+        wshape = (model.params[f"{ref.node.path}.weight"].shape
+                  if ref.node.type in ("dense", "conv2d") else None)
+        is_default = init["name"] == "default"
+        model.params[ref.name] = self._sample(_default(ref.node, ref.role) if is_default
+                                              else init, shape, wshape)
+        return DEFAULT_IMPL if is_default else f"custom: {_INITS[init['name']][1]}"
+
+    # -- compute: synchronous, float64 inside ------------------------------------------------
+
+    def to_device(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    def run(self, model: _Model, x: np.ndarray, *, training: bool = False) -> np.ndarray:
+        """Forward in float64 (inference mode: batch norm from its running statistics)."""
+        if training:
+            raise NotImplementedError("the NumPy reference has no training mode yet")
+        for node in model.plan.layers:
             x = self._apply(model, node, x)
-        return x.astype(np.float32)
+        return x
 
-    def _apply(self, model: _Model, node: dict, x: np.ndarray) -> np.ndarray:
+    def to_host(self, y: np.ndarray) -> np.ndarray:
+        return np.asarray(y, dtype=np.float32)
+
+    def block(self, value) -> None:
+        """Nothing is queued: NumPy computes when called."""
+
+    def _apply(self, model: _Model, node: PlanNode, x: np.ndarray) -> np.ndarray:
         """One node on x, creating lazy parameters and checking the input against existing ones."""
-        kind = node["type"]
+        kind = node.type
         if kind == "sequential":
-            for child in node["layers"]:
+            for child in node.layers:
                 x = self._apply(model, child, x)
             return x
         if kind == "ref":
-            return self._apply(model, model.nodes[node["to"]], x)
+            return self._apply(model, model.nodes[node.to], x)
         ndim = {"conv2d": 4, "max_pool2d": 4,
-                "batch_norm": 4 if node.get("spatial") else 2}.get(kind)
+                "batch_norm": 4 if node.spatial else 2}.get(kind)
         if ndim is not None and x.ndim != ndim or x.ndim < 2:
-            raise ValueError(f"{kind} {node['path']!r} expects a {ndim or '>=2'}-D input, "
+            raise ValueError(f"{kind} {node.path!r} expects a {ndim or '>=2'}-D input, "
                              f"got shape {list(x.shape)}")
         p = {}
         if param_roles(node):
             n = x.shape[-1] if kind == "dense" else x.shape[1]
-            if model.params[f"{node['path']}.weight"] is None:
+            if model.params[f"{node.path}.weight"] is None:
                 self._create(model, node, n)
             for role, want in param_shapes(node, n).items():
-                have = model.params[f"{node['path']}.{role}"]
+                have = model.params[f"{node.path}.{role}"]
                 if have.shape != want:
                     raise ValueError(
-                        f"{kind} {node['path']!r}: input of shape {list(x.shape)} needs "
-                        f"{node['path']}.{role} of shape {list(want)}, but it has "
+                        f"{kind} {node.path!r}: input of shape {list(x.shape)} needs "
+                        f"{node.path}.{role} of shape {list(want)}, but it has "
                         f"{list(have.shape)} (inferred or given earlier)")
                 p[role] = have.astype(np.float64)
         return _LAYERS[kind](node, p, x)
-
-    def initialize(self, model: _Model, plan: dict) -> dict[str, str]:
-        """Apply each owned parameter's INIT in plan order; `default` is PyTorch's rule."""
-        impls = {}
-        for name, node, role in owned_params(plan):
-            shape = self._require(model, name).shape
-            init = node.get("init", {}).get(role, {"name": "default"})
-            wshape = (model.params[f"{node['path']}.weight"].shape
-                      if node["type"] in ("dense", "conv2d") else None)
-            is_default = init["name"] == "default"
-            model.params[name] = self._sample(_default(node, role) if is_default else init,
-                                              shape, wshape)
-            impls[name] = DEFAULT_IMPL if is_default else f"custom: {_INITS[init['name']][1]}"
-        return impls
-
-    def values(self, model: _Model, plan: dict) -> dict[str, np.ndarray]:
-        """Copies of every owned parameter (later loads must not change what was recorded)."""
-        return {name: self._require(model, name).copy() for name, _, _ in owned_params(plan)}
-
-    def load(self, model: _Model, plan: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Set every owned parameter from canonical arrays; all are checked before any is set."""
-        names = [name for name, _, _ in owned_params(plan)]
-        new = {name: np.array(arrays[name], dtype=np.float32) for name in names}
-        for name in names:
-            if new[name].shape != self._require(model, name).shape:
-                raise ValueError(f"load: {name} has shape {list(model.params[name].shape)}, "
-                                 f"got {list(new[name].shape)}")
-        model.params.update(new)
-
-    def synchronize(self) -> None:
-        """Nothing is queued on the CPU."""
-
-
-def _aliases(model: _Model) -> dict[str, list[str]]:
-    """{owner name: the canonical names under which ref nodes also reach it}."""
-    out: dict[str, list[str]] = {}
-
-    def reach(node: dict, prefix: str) -> None:
-        if node["type"] == "ref":
-            reach(model.nodes[node["to"]], prefix)
-        elif node["type"] == "sequential":
-            for child in node["layers"]:
-                reach(child, f"{prefix}.{child['name']}")
-        elif prefix != node["path"]:
-            for role in param_roles(node):
-                out.setdefault(f"{node['path']}.{role}", []).append(f"{prefix}.{role}")
-
-    for node in model.plan["layers"]:
-        reach(node, node["path"])
-    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backends.protocol import Status
 from harness import analysis
 from harness.envs import ROOT, ensure_env, select
 from harness.runner import run_worker
@@ -48,8 +49,8 @@ def reference(tmp_path_factory):
     """Probe outputs of the NumPy reference (pure NumPy: it runs in this interpreter)."""
     result = run_worker("numpy", Path(sys.executable), SPECS, tmp_path_factory.mktemp("ref"),
                         device="cpu", timeout=TIMEOUT)
-    assert all(r["status"] == "ok" for r in result.records), result.records
-    return {r["spec"]: a["probe_output"] for r, a in zip(result.records, result.arrays)}
+    assert all(r.status == Status.OK for r in result.records), result.records
+    return {r.spec: a["probe_output"] for r, a in zip(result.records, result.arrays)}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +64,7 @@ def analyzed(run, backend, reference):
     out = {}
     for spec, rec, arrays in zip(SPECS, run.records, run.arrays):
         ref = reference[spec.name] if backend.name != "numpy" else None
-        out[spec.name] = analysis.analyze(spec, backend.defaults, dict(rec), arrays, ref)
+        out[spec.name] = analysis.analyze(spec, backend.defaults, backend.name, rec, arrays, ref)
     return out
 
 
@@ -75,93 +76,93 @@ def test_worker_reports_its_environment(run, backend):
     """The worker starts, names its framework's version, its interpreter and the device used."""
     assert not run.errors, run.errors
     env = run.environment
-    assert env is not None and env["backend"] == backend.name
-    versions = env["versions"]
-    assert versions and all(isinstance(v, (str, type(None))) for v in versions.values())
-    assert env["device"] == "cpu" or env["device"].startswith("cuda")
-    assert Path(env["executable"]).exists()
+    assert env is not None and env.backend == backend.name
+    assert env.versions and all(isinstance(v, (str, type(None))) for v in env.versions.values())
+    assert env.device == "cpu" or env.device.startswith("cuda")
+    assert Path(env.executable).exists()
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_spec_runs(analyzed, name):
     """Every spec builds, infers, initializes and runs without error."""
-    rec = analyzed[name]
-    assert rec["status"] == "ok", f"{rec.get('error')}\n{rec.get('traceback', '')}"
+    rec = analyzed[name].record
+    assert rec.status == Status.OK, f"{rec.error}\n{rec.traceback or ''}"
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_canonical_names_and_shapes(analyzed, name):
     """Exactly the spec's canonical parameters, each once, in canonical layout."""
-    rec = analyzed[name]
-    reported = {p["name"]: p.get("shape") for p in rec["params"]}
+    rec = analyzed[name].record
+    reported = {p.name: p.shape for p in rec.params}
     expected = {p.name: list(p.shape) for p in _spec(name).params}
     assert reported == expected
-    assert rec["output_shape"] == list(_spec(name).output_shape)
+    assert len(rec.params) == len(expected)
+    assert rec.output_shape == list(_spec(name).output_shape)
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_native_names_and_shapes(analyzed, name):
     """Each parameter also carries the framework's own name and shape (same number of values)."""
-    for p in analyzed[name]["params"]:
-        assert isinstance(p["native_name"], str) and p["native_name"], p
-        assert math.prod(p["native_shape"]) == math.prod(p["shape"]), p
-        assert p["dtype"] == "float32", p
+    for p in analyzed[name].record.params:
+        assert isinstance(p.native_name, str) and p.native_name, p
+        assert math.prod(p.native_shape) == math.prod(p.shape), p
+        assert p.dtype == "float32", p
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_lazy_shapes_before_and_after_first_forward(analyzed, name):
     """Before the first forward no open size is known (and none contradicts the spec); after it,
     every parameter exists with its full canonical shape."""
-    rec, spec = analyzed[name], _spec(name)
-    for p in rec["lazy"]["before"]:
-        lazy = spec.param(p["name"]).lazy_shape
-        assert len(p["shape"]) == len(lazy), p
-        for got, want in zip(p["shape"], lazy):
-            assert got == want or (got is None), (p["name"], p["shape"], lazy)
+    rec, spec = analyzed[name].record, _spec(name)
+    for p in rec.lazy.before:
+        lazy = spec.param(p.name).lazy_shape
+        assert len(p.shape) == len(lazy), p
+        for got, want in zip(p.shape, lazy):
+            assert got == want or (got is None), (p.name, p.shape, lazy)
         if None in lazy:
-            assert not p["initialized"], p
-    after = {p["name"]: p["shape"] for p in rec["lazy"]["after"]}
+            assert not p.initialized, p
+    after = {p.name: p.shape for p in rec.lazy.after}
     assert after == {p.name: list(p.shape) for p in spec.params}
 
 
 def test_eager_sizes_are_known_before_forward(analyzed):
     """Sizes given in the spec (in_units) are not left for inference."""
-    before = {p["name"]: p for p in analyzed["mlp_4_3_1"]["lazy"]["before"]}
+    before = {p.name: p for p in analyzed["mlp_4_3_1"].record.lazy.before}
     for p in _spec("mlp_4_3_1").params:
         if p.name in before:
-            assert before[p.name]["shape"] == list(p.shape)
+            assert before[p.name].shape == list(p.shape)
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_initial_values_match_their_analytic_distribution(analyzed, name):
     """Every parameter passes every check against its initializer's distribution."""
-    failures = [f"{p['name']} [{p['init']}] {c['check']}: observed {c['observed']}, expected "
-                f"{c['expected']} ({c['detail']})"
-                for p in analyzed[name]["params"] for c in p["checks"] if not c["passed"]]
+    failures = [f"{p.name} [{p.init}] {c.label}: observed {c.observed}, expected "
+                f"{c.expected} ({c.detail})"
+                for p in analyzed[name].params for c in p.checks if not c.passed]
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_initializer_realization_is_reported(analyzed, name):
     """Each parameter says whether its initializer was the framework's own or a custom one."""
-    for p in analyzed[name]["params"]:
-        assert p["init_impl"] and p["init_impl"].split(":")[0] in ("native", "custom"), p
+    for p in analyzed[name].record.params:
+        assert p.init_impl and p.init_impl.split(":")[0] in ("native", "custom"), p
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_sharing_and_parameter_count(analyzed, name):
     """Shared parameters appear once, with their aliases; the count counts them once."""
-    rec, spec = analyzed[name], _spec(name)
-    for p in rec["params"]:
-        assert p["shared_with"] == spec.param(p["name"]).shared_with, p["name"]
-    assert rec["param_count"] == spec.param_count
+    result, spec = analyzed[name], _spec(name)
+    for p in result.record.params:
+        assert p.shared_with == spec.param(p.name).shared_with, p.name
+    assert result.param_count == spec.param_count
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_trainable_state(analyzed, name):
     """Weights and biases are trainable; batch-norm running statistics are not."""
-    for p in analyzed[name]["params"]:
-        assert p["trainable"] == _spec(name).param(p["name"]).trainable, p["name"]
+    for p in analyzed[name].record.params:
+        assert p.trainable == _spec(name).param(p.name).trainable, p.name
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -189,7 +190,7 @@ def test_same_seed_same_values_other_seed_other_values(backend, python, run, tmp
             key = f"param/{p.name}"
             np.testing.assert_array_equal(again.arrays[i][key], first[key], err_msg=key)
         random = [p for p in _spec(name).params
-                  if p.expected(backend.defaults)["kind"] not in ("constant", "eye", "dirac")]
+                  if p.expected(backend.defaults).kind not in ("constant", "eye", "dirac")]
         assert random
         for p in random:
             key = f"param/{p.name}"
@@ -202,8 +203,10 @@ def test_device_request_is_honoured_or_refused_clearly(backend, python, tmp_path
                         timeout=TIMEOUT)
     rec = result.records[0]
     if result.environment is not None:
-        assert result.environment["device"].startswith("cuda")
-        assert rec["status"] == "ok" and rec["device"].startswith("cuda")
+        assert result.environment.device.startswith("cuda")
+        assert rec.status == Status.OK and rec.device.startswith("cuda")
     else:
-        assert rec["status"] == "failed"
-        assert "cuda" in rec["error"].lower(), rec["error"]
+        assert rec.status == Status.FAILED
+        # the one wording every backend uses (backends.base.CUDA_UNAVAILABLE)
+        assert rec.error.startswith("DeviceUnavailable: CUDA requested, but "), rec.error
+        assert "sees no usable GPU: " in rec.error, rec.error

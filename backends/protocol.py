@@ -1,0 +1,294 @@
+"""The typed protocol between the harness (parent) and a backend's worker: every record that
+crosses the process boundary, one schema version, one constructor for a failed record, and a
+strict decoder.
+
+Standard library only: the worker imports it in every backend environment (numpy 1.23 to 2.x,
+Python 3.10 to 3.12) and the parent imports it without any framework.
+
+Wire format: JSON. A record is written as ``{"schema_version": N, ...fields}`` by ``dump`` and
+read back by ``load(cls, data)``, which checks the version first and then every field's type
+against the dataclass annotations. Anything a worker wrote is untrusted: a wrong version, a
+missing or unexpected field or a value of the wrong type raises ``ProtocolError`` (never a
+KeyError or a silently misread field), which the parent turns into a failed record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+#: bump when any record below changes shape; the parent refuses other versions
+SCHEMA_VERSION = 2
+
+
+class Status(str, enum.Enum):
+    """What became of one (spec, backend) pair."""
+    OK = "ok"            # ran to the end; its checks decide whether it passed
+    FAILED = "failed"    # could not run (error says why)
+    SKIPPED = "skipped"  # not asked for (e.g. a phase turned off)
+
+
+class ProtocolError(ValueError):
+    """Worker output that does not fit the protocol (wrong version, field or type)."""
+
+
+# ----------------------------------------------------------------------------- plan (parent -> worker)
+
+@dataclass
+class PlanNode:
+    """One layer of a plan. ``name`` is its segment (the spec's name or its index), ``path`` the
+    dotted canonical prefix of its parameters, ``in_rank`` the rank of its input (4 = NCHW).
+    Only the fields of its ``type`` are set; see backends/base.py for their meaning."""
+    type: str
+    name: str
+    path: str
+    in_rank: int | None = None
+    units: int | None = None
+    in_units: int | None = None
+    bias: bool = True
+    channels: int | None = None
+    in_channels: int | None = None
+    kernel: list[int] | None = None
+    stride: list[int] | None = None
+    padding: list[int] | None = None
+    num_features: int | None = None
+    spatial: bool | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    pool: list[int] | None = None
+    layers: list[PlanNode] = field(default_factory=list)
+    to: str | None = None
+    #: role -> INIT: {"name": NAME, ARG: VALUE, ...} with every argument filled in
+    init: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A validated spec, as a worker builds it."""
+    name: str
+    seed: int
+    input_shape: list[int]
+    layers: list[PlanNode]
+
+
+@dataclass
+class Request:
+    """What the parent asks of one worker process (``request.json``). Arrays travel in ``.npz``
+    files: ``inputs`` holds one input per plan under its index (``"0"``, ``"1"``, ...), ``probe``
+    the probe parameters as ``"<index>/<canonical name>"``."""
+    backend: str
+    adapter: str                     # the adapter's module, importable from the project root
+    device: str                      # "auto", "cpu" or "cuda"
+    plans: list[Plan]
+    inputs: str
+    probe: str | None
+    out_dir: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- records (worker -> parent)
+
+@dataclass
+class ParamRecord:
+    """One parameter or buffer as an adapter reports it.
+
+    ``shape`` is canonical (PyTorch layout) with None for a size not known yet; ``native_shape``
+    is what the framework itself reports, in its own terms (Gluon writes an unknown size as 0;
+    None when it cannot say); ``trainable`` is the framework's own flag (None while the framework
+    has no variable to ask); ``touch`` is what the framework does when the value is read before
+    it exists (the exception, as text)."""
+    name: str
+    role: str
+    native_name: str | None
+    shape: list[int | None] | None
+    native_shape: list[int | None] | None
+    dtype: str | None
+    trainable: bool | None
+    shared_with: list[str] = field(default_factory=list)
+    initialized: bool = True
+    touch: str | None = None
+    init_impl: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "buffer" if self.role.startswith("running_") else "parameter"
+
+
+@dataclass
+class LazyRecord:
+    """Parameters before and after the first forward, and what reading them too early does
+    when the framework has no per-parameter object to say it on."""
+    before: list[ParamRecord] = field(default_factory=list)
+    after: list[ParamRecord] = field(default_factory=list)
+    early_access: str | None = None
+
+
+@dataclass
+class SpecRecord:
+    """Everything one worker learned about one plan. Arrays travel beside it in ``<i>.npz``:
+    ``param/<name>`` (initial values, canonical layout), ``output`` (first forward) and
+    ``probe_output`` (forward with the probe parameters)."""
+    spec: str
+    status: Status
+    error: str | None = None
+    traceback: str | None = None
+    log_tail: str | None = None
+    device: str | None = None
+    lazy: LazyRecord = field(default_factory=LazyRecord)
+    params: list[ParamRecord] = field(default_factory=list)
+    output_shape: list[int] | None = None
+    #: one-off phases in seconds, e.g. {"build": 0.01, "first_forward": 0.2}
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EnvironmentRecord:
+    """What a worker set up: written once, as ``worker.json``."""
+    backend: str
+    device: str                      # "cpu" or "cuda:0"
+    device_name: str
+    versions: dict[str, str | None]  # package -> version (the frameworks, and their backends)
+    python: str
+    executable: str
+    platform: str
+    numpy: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FatalRecord:
+    """Why a worker could not start at all (``fatal.json``)."""
+    error: str
+    traceback: str = ""
+
+
+def failed_record(spec: str, error: str, *, log_tail: str | None = None,
+                  traceback: str | None = None, device: str | None = None) -> SpecRecord:
+    """The one way to say that a spec could not run on a backend, wherever that is found out."""
+    return SpecRecord(spec=spec, status=Status.FAILED, error=error, traceback=traceback,
+                      log_tail=log_tail, device=device)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def encode(obj: Any) -> Any:
+    """A record (or anything inside one) as plain JSON data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [encode(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): encode(v) for k, v in obj.items()}
+    return obj
+
+
+def dump(record: Any) -> dict:
+    """``{"schema_version": SCHEMA_VERSION, ...}``: what goes into a worker's JSON file."""
+    return {"schema_version": SCHEMA_VERSION, **encode(record)}
+
+
+def load(cls: type, data: Any, where: str = "") -> Any:
+    """The record of type ``cls`` in ``data`` (as ``dump`` wrote it), version and types checked."""
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{label}: expected a JSON object, got {_kind(data)}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"{label}: written with protocol schema version {version!r}, but this harness "
+            f"reads version {SCHEMA_VERSION}: the worker ran other harness code than the parent "
+            "(an interpreter or PYTHONPATH pointing at another checkout?); run the worker from "
+            "the same checkout as `python -m harness`")
+    return decode(cls, {k: v for k, v in data.items() if k != "schema_version"}, label)
+
+
+def decode(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) as type ``tp``, or ProtocolError naming the field."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, _UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return decode(arm, value, where)
+            except ProtocolError as exc:
+                errors.append(str(exc))
+        raise ProtocolError(errors[0] if len(errors) == 1 else
+                            f"{where}: {_kind(value)} fits none of {_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {_kind(value)}")
+        return [decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected an object, got {_kind(value)}")
+        return {k: decode(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _decode_dataclass(tp, value, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ProtocolError(f"{where}: {value!r} is not one of "
+                                f"{[m.value for m in tp]}") from None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool):
+        if type(value) is tp:
+            return value
+    else:
+        raise TypeError(f"protocol: no decoder for {tp!r}")
+    raise ProtocolError(f"{where}: expected {tp.__name__}, got {_kind(value)}")
+
+
+_UnionType = type(int | None)
+
+
+def _decode_dataclass(cls, value, where):
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected an object ({cls.__name__}), got {_kind(value)}")
+    hints = _hints(cls)
+    unknown = sorted(set(value) - set(hints))
+    if unknown:
+        raise ProtocolError(f"{where}: unexpected field {unknown[0]!r} in {cls.__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in value:
+            kwargs[f.name] = decode(hints[f.name], value[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{where}: missing field {f.name!r} of {cls.__name__}")
+    return cls(**kwargs)
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _kind(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return type(value).__name__ if value is not None else "null"
+
+
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

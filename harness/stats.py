@@ -1,0 +1,99 @@
+"""Statistics, in one place: the checks of samples against an analytic distribution (moments,
+support, Kolmogorov-Smirnov), exact comparisons, and summaries.
+
+Thresholds come from one significance level, ALPHA, per test: a correct initializer fails a
+given test with probability about ALPHA, while a wrong scale, fan or layout on a large weight
+moves the statistic many standard errors and fails. Moment tests use z(ALPHA) standard errors
+(the mean from the distribution's variance, the variance from its fourth moment) and run only
+where n is large enough for the normal approximation; the Kolmogorov-Smirnov test is exact at
+any n. scipy is imported on first use only (``harness list`` and ``setup`` never need it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+ALPHA = 1e-6
+Z = NormalDist().inv_cdf(1 - ALPHA / 2)  # ~4.89 standard errors
+MIN_N_MEAN = 30                          # CLT for the mean of a light-tailed distribution
+MIN_N_VAR = 256                          # ... and for the sample variance
+
+# check names, shared by the analysis that makes them and the report that reads them
+MEAN, STD, BOUNDS, KS, EXACT = "mean", "std", "bounds", "ks", "exact"
+
+
+@dataclass
+class Check:
+    """One test: what was observed, what was expected, and whether they agree. ``subject``
+    qualifies a test of part of a sample (``nonzero``: the nonzero values)."""
+    name: str
+    passed: bool
+    observed: Any
+    expected: Any
+    detail: str = ""
+    subject: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.subject}_{self.name}" if self.subject else self.name
+
+    def to_json(self) -> dict:
+        return {"check": self.label, "passed": bool(self.passed), "observed": self.observed,
+                "expected": self.expected, "detail": self.detail}
+
+
+def scipy_stats():
+    """``scipy.stats``, imported when first needed (it costs about a second)."""
+    from scipy import stats
+    return stats
+
+
+def f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def summarize(values) -> dict:
+    """n, mean, std (ddof 1), min, max and the fraction of exact zeros."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return {"n": 0}
+    return {"n": int(v.size), "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "zero_fraction": float(np.mean(v == 0))}
+
+
+def continuous_checks(v: np.ndarray, dist, support=(None, None), subject: str = "") -> list[Check]:
+    """Moments, bounds and a KS test of samples ``v`` against a frozen scipy distribution."""
+    out, n = [], v.size
+    mean, var = float(dist.mean()), float(dist.var())
+    if n >= MIN_N_MEAN:
+        tol = Z * math.sqrt(var / n) + 1e-7 * (abs(mean) + 1)
+        out.append(Check(MEAN, abs(v.mean() - mean) <= tol, float(v.mean()), mean,
+                         f"|mean - {mean:.4g}| <= {tol:.3g}", subject))
+    if n >= MIN_N_VAR and var > 0:
+        mu4 = (float(dist.stats(moments="k")) + 3) * var ** 2
+        tol = Z * math.sqrt((mu4 - var ** 2) / n)
+        s2 = float(v.var(ddof=1))
+        out.append(Check(STD, abs(s2 - var) <= tol, math.sqrt(s2), math.sqrt(var),
+                         f"|var - {var:.4g}| <= {tol:.3g}", subject))
+    lo, hi = support
+    if lo is not None and n:
+        ok = v.min() >= f32(lo) - 1e-7 * abs(lo) and v.max() <= f32(hi) + 1e-7 * abs(hi)
+        out.append(Check(BOUNDS, ok, [float(v.min()), float(v.max())], [lo, hi],
+                         "every value inside the support", subject))
+    if n >= 2:
+        p = float(scipy_stats().kstest(v, dist.cdf).pvalue)
+        out.append(Check(KS, p >= ALPHA, p, ALPHA, f"Kolmogorov-Smirnov p-value >= {ALPHA:g}",
+                         subject))
+    return out
+
+
+def exact_check(values: np.ndarray, target, detail: str, name: str = EXACT) -> Check:
+    """Every value equal to ``target`` (an array or a scalar)."""
+    diff = float(np.max(np.abs(values - target))) if values.size else 0.0
+    return Check(name, diff == 0.0, diff, 0.0, detail)
