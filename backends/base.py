@@ -16,6 +16,9 @@ NCHW). By type:
 
 - ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``;
                   acts on the last axis of its input (any rank), as torch's Linear
+- ``my_dense``:   ``units``, ``in_units``, ``init``: ``relu(x W^T + b)`` as a hand-made layer
+                  whose two parameters the adapter creates itself, in the framework's idiom
+                  (d2l's MyLinear / MyDense), lazily where the framework allows it
 - ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
                   ([h, w] each, zero padding on both sides), ``bias``, ``init``
 - ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for
@@ -40,6 +43,7 @@ outputs cross the boundary in canonical layout (NCHW); ``to_device`` / ``to_host
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
@@ -49,6 +53,7 @@ from backends.protocol import ParamRecord, Plan, PlanNode
 
 PARAM_ROLES = {
     "dense": ("weight", "bias"),
+    "my_dense": ("weight", "bias"),
     "conv2d": ("weight", "bias"),
     "batch_norm": ("weight", "bias", "running_mean", "running_var"),
 }
@@ -90,13 +95,13 @@ def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
 
 def given_in_size(node: PlanNode) -> int | None:
     """The input size the plan gives a node with parameters (None: inferred lazily)."""
-    return {"dense": node.in_units, "conv2d": node.in_channels,
+    return {"dense": node.in_units, "my_dense": node.in_units, "conv2d": node.in_channels,
             "batch_norm": node.num_features}.get(node.type)
 
 
 def param_shapes(node: PlanNode, n: int | None) -> dict[str, tuple]:
     """Canonical shape of each parameter a node owns, for input size ``n`` (None: not known)."""
-    if node.type == "dense":
+    if node.type in ("dense", "my_dense"):
         shapes = {"weight": (node.units, n), "bias": (node.units,)}
     elif node.type == "conv2d":
         shapes = {"weight": (node.channels, n, *node.kernel), "bias": (node.channels,)}
@@ -277,6 +282,12 @@ def torch_fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+def fan(shape: tuple[int, ...], mode: str) -> float:
+    """torch's fan of a canonical weight for ``fan_in``, ``fan_out`` or ``fan_avg``."""
+    fan_in, fan_out = torch_fans(shape)
+    return {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+
+
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     """``torch.nn.init.calculate_gain`` without torch (used by adapters with no such helper)."""
     if nonlinearity in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
@@ -360,20 +371,30 @@ class BaseAdapter:
     - ``init_param(model, ref, init) -> "native: ..." | "custom: ..."``: realize one INIT on one
       parameter with the framework's own initializer where the semantics match, else a custom
       one in the framework's initializer protocol; ``default`` keeps the framework's own.
-    - compute: ``to_device(x)`` (canonical numpy -> framework array in its layout, on the
-      device), ``run(model, x, training=False)`` (forward of a device-resident input; returns a
-      device-resident output, never copied to the host; ``training`` selects batch statistics
-      and running-statistics updates), ``to_host(y)`` (-> canonical float32 numpy) and
+    - compute: ``from_numpy(arr)`` / ``to_numpy(value)`` (host <-> device copies, no layout
+      change; the base's ``to_device`` / ``to_host`` add the NCHW <-> NHWC conversion for
+      channels-last frameworks), ``run(model, x, training=False)`` (forward of a
+      device-resident input; returns a device-resident output, never copied to the host;
+      ``training`` selects batch statistics and running-statistics updates) and
       ``block(value)`` (return once ``value`` is computed: asynchronous frameworks queue work
       even on the CPU).
+    - training semantics: ``grads(model, x, cotangent)``, ``save(model, stem)``,
+      ``restore(model, path)`` (see each for the exact contract).
+    - timing: ``step(model, phase, mode, x, cotangent, lr)`` for every mode ``modes()``
+      lists, and ``matmul(n)``.
 
-    **May override**: ``configure(device, settings)`` (environment variables a framework reads
-    at import), ``finish_initialize(model)`` (after every ``init_param``), ``early_access(model)``,
-    ``kernel_layout`` ("canonical" or "channels_last": dense kernels (in, out), conv kernels
-    (kh, kw, in, out); values, loads and shapes are then converted by the base).
+    **May override**: ``configure(device, settings)`` (what a framework reads at import:
+    environment variables, thread counts), ``finish_initialize(model)`` (after every
+    ``init_param``), ``early_access(model)``, ``modes()``, ``semantics()``,
+    ``reset_memory_peak()`` / ``memory_peak()`` (GPU memory), ``kernel_layout``
+    ("canonical" or "channels_last": dense kernels (in, out), conv kernels (kh, kw, in, out);
+    values, loads, gradients and shapes are then converted by the base), and ``build`` itself
+    for a backend with no layer objects (the NumPy reference).
 
     **setup sets**, for the rest of the class: ``self.device`` (the framework's device object,
-    from ``use_device``), ``self.device_kind`` ("cpu" or "cuda") and ``self.settings``.
+    from ``use_device``), ``self.device_kind`` ("cpu" or "cuda") and ``self.settings`` (the
+    request's settings: ``threads``, ``tf32``; ``configure`` records what it applied in
+    ``self.settings["applied"]``).
 
     The worker calls, per plan: ``seed``, ``build``, ``inspect`` (before), ``run`` (the first
     forward: lazy sizes get inferred), ``inspect`` (after), ``seed``, ``initialize``,
@@ -397,13 +418,17 @@ class BaseAdapter:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r} (expected auto, cpu or cuda)")
         self.settings = dict(settings or {})
+        self.settings.setdefault("applied", {})
         self.configure(device, self.settings)
+        t0 = time.perf_counter()
         versions = self.import_framework()
+        t1 = time.perf_counter()
         gpus, why = self.visible_gpus() if device != "cpu" else (0, "not asked for")
         self.device_kind = resolve_device(device, gpus, why, self.framework)
         self.device, name = self.use_device(self.device_kind)
         return {"device": "cuda:0" if self.device_kind == "cuda" else "cpu",
-                "device_name": name, "versions": versions}
+                "device_name": name, "versions": versions, "import_s": t1 - t0,
+                "setup_s": time.perf_counter() - t1}
 
     def configure(self, device: str, settings: dict) -> None:
         """Set what the framework reads once, at import (environment variables)."""
@@ -505,9 +530,10 @@ class BaseAdapter:
             native = np.ascontiguousarray(self.to_native(arr))
             have = self.describe(model, ref).native_shape
             if have is None or tuple(native.shape) != tuple(have):
+                have = None if have is None else list(have)
                 raise ValueError(f"{ref.name}: canonical shape {list(arr.shape)} is "
                                  f"{list(native.shape)} in this framework's layout, but "
-                                 f"{ref.native_name} has shape {None if have is None else list(have)}")
+                                 f"{ref.native_name} has shape {have}")
             new[ref.name] = (ref, native)
         self.write(model, new)
 
@@ -548,13 +574,28 @@ class BaseAdapter:
 
     # -- compute -----------------------------------------------------------------------------
 
-    def to_device(self, x: np.ndarray) -> Any:
+    def from_numpy(self, arr: np.ndarray) -> Any:
+        """A host array as the framework's array on ``self.device`` (no layout change)."""
         raise NotImplementedError
 
-    def run(self, model: Any, x: Any, *, training: bool = False) -> Any:
+    def to_numpy(self, value: Any) -> np.ndarray:
+        """A framework array (on any device) as a host numpy copy (no layout change)."""
         raise NotImplementedError
+
+    def to_device(self, x: np.ndarray) -> Any:
+        """A canonical (NCHW) float32 activation on the device, in the framework's layout."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.kernel_layout == "channels_last":
+            x = nchw_to_nhwc(x)
+        return self.from_numpy(np.ascontiguousarray(x))
 
     def to_host(self, y: Any) -> np.ndarray:
+        """A device-resident activation as a canonical (NCHW) float32 numpy array."""
+        y = np.asarray(self.to_numpy(y), dtype=np.float32)
+        return np.ascontiguousarray(nhwc_to_nchw(y) if self.kernel_layout == "channels_last"
+                                    else y)
+
+    def run(self, model: Any, x: Any, *, training: bool = False) -> Any:
         raise NotImplementedError
 
     def block(self, value: Any) -> None:
@@ -562,6 +603,94 @@ class BaseAdapter:
 
     def forward(self, model: Any, x: np.ndarray, *, training: bool = False) -> np.ndarray:
         """``run`` from host to host (for checks, never for timing)."""
-        y = self.run(model, self.to_device(np.asarray(x, dtype=np.float32)), training=training)
+        y = self.run(model, self.to_device(x), training=training)
         self.block(y)
         return self.to_host(y)
+
+    # -- training semantics ------------------------------------------------------------------
+
+    def grads(self, model: Any, x: Any, cotangent: Any) -> tuple[Any, dict[str, Any]]:
+        """One training-mode forward of device-resident ``x``, the loss ``sum(output *
+        cotangent)`` (``cotangent`` device-resident, in the output's layout), and its backward.
+
+        Returns ``(output, {canonical name: gradient})``: every trainable parameter once (a
+        shared one under its canonical name, its uses accumulated as the framework does),
+        device-resident, in the parameter's native layout. Batch-norm running statistics are
+        updated exactly as one training step (forward and backward) updates them: once (MXNet
+        on the CPU updates them in the backward); parameters are not changed."""
+        raise NotImplementedError
+
+    def gradients(self, model: Any, x: np.ndarray, cotangent: np.ndarray):
+        """``grads`` from host to host: (canonical output, {name: canonical float32 gradient})."""
+        y, grads = self.grads(model, self.to_device(x), self.to_device(cotangent))
+        self.block((y, grads))
+        return self.to_host(y), {name: np.array(self.to_canonical(self.to_numpy(g)),
+                                                dtype=np.float32) for name, g in grads.items()}
+
+    def save(self, model: Any, stem: str) -> SavedFile:
+        """Write every parameter and buffer to ``stem`` plus the framework's own extension, in
+        its native format (torch.save of the state_dict, Keras .weights.h5, ...)."""
+        raise NotImplementedError
+
+    def restore(self, model: Any, path: str) -> str | None:
+        """Load a file ``save`` wrote (or a user's native checkpoint) into a freshly built model
+        of the same plan, with the framework's own safe loader (never an unrestricted pickle).
+        Raise a clear error naming the parameter when the file does not fit the plan. Return a
+        note on what loading needed (e.g. "one forward first, to build the lazy layers")."""
+        raise NotImplementedError
+
+    def semantics(self) -> dict[str, str]:
+        """Framework facts the report's semantics table states, measured or read from the
+        framework where possible (keys in ``SEMANTICS``)."""
+        return {}
+
+    # -- timing --------------------------------------------------------------------------------
+
+    def modes(self) -> dict[str, str]:
+        """{mode: the API that realizes it}: ``eager`` always; ``compiled`` for the framework's
+        idiomatic compiled mode (torch.compile, tf.function, jax.jit, hybridize); a framework
+        may add others (Keras on TensorFlow: ``xla``)."""
+        return {"eager": "eager"}
+
+    def step(self, model: Any, phase: str, mode: str, x: Any, cotangent: Any,
+             lr: float) -> Callable[[], Any]:
+        """A function doing one step of ``phase`` in ``mode`` on device-resident inputs and
+        returning a device-resident value that ``block`` waits on (nothing copied to the host):
+
+        - ``inference``: forward in inference mode; returns the output;
+        - ``train``: forward in training mode, loss ``sum(output * cotangent)``, backward with
+          every gradient materialized, and a plain SGD update ``p -= lr * grad`` of every
+          trainable parameter; returns something that is ready only once the update is done.
+
+        Building it may compile nothing yet: its first call pays for tracing and compilation."""
+        raise NotImplementedError
+
+    def matmul(self, n: int) -> Callable[[], Any]:
+        """A function multiplying two device-resident n x n float32 matrices with the
+        framework's own matmul (the roofline's peak)."""
+        raise NotImplementedError
+
+    def reset_memory_peak(self) -> None:
+        """Start a new peak of device memory (GPU only; nothing on the CPU)."""
+
+    def memory_peak(self) -> int | None:
+        """Peak device memory in bytes since ``reset_memory_peak`` (None where unknown)."""
+        return None
+
+
+#: what ``BaseAdapter.semantics`` may state, by key
+SEMANTICS = {
+    "batch_norm_momentum": "batch-norm momentum convention",
+    "batch_norm_running_var": "running variance updated with the biased or unbiased batch "
+                              "variance",
+    "gradient_accumulation": "how a parameter used twice gets its gradient",
+    "custom_parameters": "how a hand-made layer registers its parameters",
+}
+
+
+@dataclass
+class SavedFile:
+    """A native weights file: its path, the format's name, and the names stored in it."""
+    path: str
+    format: str
+    names: list[str]

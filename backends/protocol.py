@@ -36,7 +36,7 @@ class ProtocolError(ValueError):
     """Worker output that does not fit the protocol (wrong version, field or type)."""
 
 
-# ----------------------------------------------------------------------------- plan (parent -> worker)
+# ------------------------------------------------------------------------ plan (parent -> worker)
 
 @dataclass
 class PlanNode:
@@ -76,10 +76,38 @@ class Plan:
 
 
 @dataclass
+class Budget:
+    """How long the timer measures one step (see backends/timer.py)."""
+    warmup_calls: int = 3        # at least this many calls before measuring ...
+    warmup_s: float = 0.1        # ... and at least this long
+    min_block_s: float = 2e-3    # calls per block: grown until one block lasts this long
+    min_blocks: int = 20         # at least this many measured blocks ...
+    min_total_s: float = 0.2     # ... totalling at least this long
+
+
+@dataclass
+class TimingRequest:
+    """What to time, per plan: every mode the adapter offers (or those named) x phases x
+    batch sizes; ``roofline`` > 0 also times an n x n float32 matmul once per worker."""
+    budget: Budget = field(default_factory=Budget)
+    modes: list[str] | None = None
+    phases: list[str] = field(default_factory=lambda: ["inference", "train"])
+    batches: list[int] = field(default_factory=list)  # empty: the spec's own batch size
+    lr: float = 1e-3
+    roofline: int = 0
+
+
+@dataclass
 class Request:
     """What the parent asks of one worker process (``request.json``). Arrays travel in ``.npz``
-    files: ``inputs`` holds one input per plan under its index (``"0"``, ``"1"``, ...), ``probe``
-    the probe parameters as ``"<index>/<canonical name>"``."""
+    files: ``inputs`` holds per plan index ``i`` the input ``"i"``, the training cotangent
+    ``"i/cotangent"`` and an input of another width ``"i/mismatch"``; ``probe`` the probe
+    parameters as ``"<i>/<canonical name>"``.
+
+    ``task`` is ``compare`` (everything below, per plan), ``read_checkpoint`` (load the native
+    file ``checkpoint`` into the first plan's model and write its canonical parameters) or
+    ``write_checkpoint`` (load the canonical ``probe`` parameters and save a native file at
+    ``checkpoint``). ``checks`` False (a timing repeat) skips everything but the timing."""
     backend: str
     adapter: str                     # the adapter's module, importable from the project root
     device: str                      # "auto", "cpu" or "cuda"
@@ -88,9 +116,14 @@ class Request:
     probe: str | None
     out_dir: str
     settings: dict[str, Any] = field(default_factory=dict)
+    task: str = "compare"
+    checks: bool = True
+    timing: TimingRequest | None = None
+    checkpoint: str | None = None
+    reference_variants: bool = False  # the NumPy reference: also the biased-variance update
 
 
-# ----------------------------------------------------------------------------- records (worker -> parent)
+# --------------------------------------------------------------------- records (worker -> parent)
 
 @dataclass
 class ParamRecord:
@@ -128,10 +161,63 @@ class LazyRecord:
 
 
 @dataclass
+class PhaseError:
+    """Why one phase of a spec failed while the others went on."""
+    phase: str
+    error: str
+
+
+@dataclass
+class GradientRecord:
+    """The training-mode pass: arrays ``grad/<name>`` (canonical layout), ``train_output`` and
+    ``trained/<name>`` (every parameter and buffer after it: batch-norm running statistics
+    updated once)."""
+    names: list[str]                 # the gradients the framework returned
+    loss_value: float
+
+
+@dataclass
+class SaveLoadRecord:
+    """Native save, load into a freshly built model, and the outputs of both."""
+    format: str
+    file: str
+    size_bytes: int
+    names: list[str]                 # as stored in the file (native names)
+    identical: bool                  # the reloaded model's output equals the original's
+    max_abs_diff: float
+    note: str | None = None          # what loading needed (e.g. a forward to build first)
+
+
+@dataclass
+class MismatchRecord:
+    """A forward with an input of another width after the sizes were inferred."""
+    input_shape: list[int]
+    error: str | None                # the framework's own error (None: it raised none)
+    output_shape: list[int] | None = None
+
+
+@dataclass
+class TimingRecord:
+    """One timed step: raw block times (seconds) of ``number`` calls each. ``first_call_s``
+    is the first call alone (tracing and compilation included for compiled modes)."""
+    mode: str
+    phase: str                       # "inference" or "train" (or "matmul": the roofline)
+    batch: int
+    number: int = 0
+    block_times: list[float] = field(default_factory=list)
+    first_call_s: float | None = None
+    warmup_calls: int = 0
+    memory_peak: int | None = None   # bytes of device memory at the peak (GPU only)
+    error: str | None = None
+
+
+@dataclass
 class SpecRecord:
     """Everything one worker learned about one plan. Arrays travel beside it in ``<i>.npz``:
-    ``param/<name>`` (initial values, canonical layout), ``output`` (first forward) and
-    ``probe_output`` (forward with the probe parameters)."""
+    ``param/<name>`` (initial values, canonical layout), ``output`` (first forward),
+    ``probe_output`` (forward with the probe parameters), ``mode_output/<mode>`` (the same in a
+    compiled mode), ``grad/<name>``, ``train_output``, ``trained/<name>`` (the gradient pass),
+    ``reference_biased/<name>`` (the NumPy reference only)."""
     spec: str
     status: Status
     error: str | None = None
@@ -143,6 +229,13 @@ class SpecRecord:
     output_shape: list[int] | None = None
     #: one-off phases in seconds, e.g. {"build": 0.01, "first_forward": 0.2}
     phases: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None
+    phase_errors: list[PhaseError] = field(default_factory=list)
+    gradients: GradientRecord | None = None
+    save_load: SaveLoadRecord | None = None
+    mismatch: MismatchRecord | None = None
+    modes: dict[str, str] = field(default_factory=dict)   # timed mode -> the API realizing it
+    timings: list[TimingRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +250,16 @@ class EnvironmentRecord:
     platform: str
     numpy: str
     settings: dict[str, Any] = field(default_factory=dict)
+    semantics: dict[str, str] = field(default_factory=dict)
+    import_s: float | None = None    # importing the framework
+    setup_s: float | None = None     # the rest of set-up (device selection, ...)
+
+
+@dataclass
+class DoneRecord:
+    """Written last (``done.json``): what the worker measured once, after every plan."""
+    wall_s: float
+    roofline: TimingRecord | None = None
 
 
 @dataclass

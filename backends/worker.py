@@ -3,15 +3,22 @@
     python -m backends.worker REQUEST.json
 
 Standard library and numpy only (plus the one framework the adapter imports). The request
-(``protocol.Request``) names the backend, the device, the plans, and the ``.npz`` files holding
-inputs and probe parameters. Results go to files in ``out_dir``, never to stdout (stdout and
-stderr are the backend's log), each a ``protocol`` record:
+(``protocol.Request``) names the backend, the device, the plans, the ``.npz`` files holding
+inputs and probe parameters, and what to do. Results go to files in ``out_dir``, never to
+stdout (stdout and stderr are the backend's log), each a ``protocol`` record:
 
 - ``worker.json``: the ``EnvironmentRecord``, written once set up;
 - ``fatal.json``: a ``FatalRecord``, why the worker could not start at all, then exit 3;
-- ``<i>.json`` + ``<i>.npz`` per plan ``i``: the ``SpecRecord`` and its arrays (``param/<name>``,
-  ``output``, ``probe_output``); the ``.json`` is written last, so its presence means complete.
+- ``<i>.json`` + ``<i>.npz`` per plan ``i``: the ``SpecRecord`` and its arrays; the ``.json``
+  is written last, so its presence means complete;
+- ``done.json``: a ``DoneRecord`` (the worker's wall time, the roofline), written last.
 Every file is written to a temporary name and renamed, so the parent never reads half a file.
+
+Per plan (task ``compare``), each phase failing on its own (a ``PhaseError``) while the others
+go on: build, inspect, first forward (lazy inference), inspect, initialize, inspect and values;
+with the probe parameters: the numerics forward; the gradient pass (training mode); native save
+and load into a fresh model; timing (every mode x phase x batch, and each compiled mode's output
+for the numerics check); a forward with an input of another width.
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-from backends import protocol
+from backends import protocol, timer
 from backends.base import owned_params
-from backends.protocol import (EnvironmentRecord, FatalRecord, LazyRecord, Plan, Request,
-                               SpecRecord, Status)
+from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, GradientRecord,
+                               MismatchRecord, PhaseError, Plan, Request,
+                               SaveLoadRecord, SpecRecord, Status, TimingRecord)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -49,53 +58,217 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     _write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip()
+def error_text(exc: BaseException, limit: int = 2000) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
-class _Clock:
-    """One-off phase durations, in seconds."""
+class _Spec:
+    """One plan's run: its record, its arrays, and phases that fail on their own."""
 
-    def __init__(self):
-        self.phases: dict[str, float] = {}
+    def __init__(self, adapter, plan: Plan, data: dict[str, np.ndarray],
+                 probe: dict[str, np.ndarray] | None, request: Request):
+        self.adapter, self.plan, self.request = adapter, plan, request
+        self.x, self.cotangent = data["x"], data.get("cotangent")
+        self.mismatch_input = data.get("mismatch")
+        self.probe = probe
+        self.record = SpecRecord(spec=plan.name, status=Status.OK)
+        self.arrays: dict[str, np.ndarray] = {}
 
-    def __call__(self, phase: str, fn, *args, **kwargs):
+    def timed(self, phase: str, fn, *args):
         t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         finally:
-            self.phases[phase] = time.perf_counter() - t0
+            self.record.phases[phase] = time.perf_counter() - t0
+
+    def phase(self, name: str, fn) -> None:
+        """Run one optional phase; an exception fails that phase only."""
+        try:
+            fn()
+        except Exception as exc:
+            print(f"[worker] {self.plan.name}: phase {name} failed", flush=True)
+            traceback.print_exc()
+            self.record.phase_errors.append(PhaseError(name, error_text(exc)))
+
+    def load_probe(self, model) -> None:
+        if self.probe is not None:
+            self.adapter.load(model, self.probe)
+
+    # -- the phases ----------------------------------------------------------------------------
+
+    def run(self):
+        a, plan, rec = self.adapter, self.plan, self.record
+        checks = self.request.checks
+        a.seed(plan.seed)
+        model = self.timed("build", a.build, plan)
+        if checks:
+            rec.lazy.before = a.inspect(model, plan)
+            rec.lazy.early_access = a.early_access(model)
+        output = self.timed("first_forward", a.forward, model, self.x)
+        if checks:
+            rec.lazy.after = a.inspect(model, plan)
+        a.seed(plan.seed)
+        impls = self.timed("initialize", a.initialize, model, plan)
+        rec.output_shape = list(np.shape(output))
+        if checks:
+            rec.params = a.inspect(model, plan)
+            for p in rec.params:
+                p.init_impl = impls.get(p.name)
+            self.arrays.update({f"param/{n}": v for n, v in a.values(model).items()})
+            self.arrays["output"] = output
+        if self.probe is not None:
+            names = {name for name, _, _ in owned_params(plan)}
+            if set(self.probe) != names:
+                raise ValueError(f"probe names do not match the plan: missing "
+                                 f"{sorted(names - set(self.probe))}, "
+                                 f"unexpected {sorted(set(self.probe) - names)}")
+            self.load_probe(model)
+            if checks:
+                self.arrays["probe_output"] = a.forward(model, self.x)
+        if checks and self.cotangent is not None:
+            self.phase("gradients", lambda: self.gradients(model))
+            self.phase("save_load", lambda: self.save_load(model))
+        if self.request.timing is not None:
+            self.phase("timing", lambda: self.timing(model))
+        if checks and self.mismatch_input is not None:
+            self.phase("mismatch", lambda: self.mismatch(model))
+        return rec, self.arrays
+
+    def gradients(self, model) -> None:
+        """Probe parameters, one training-mode forward, loss sum(output * C), backward."""
+        a = self.adapter
+        self.load_probe(model)
+        y, grads = a.gradients(model, self.x, self.cotangent)
+        self.arrays["train_output"] = y
+        self.arrays.update({f"grad/{n}": g for n, g in grads.items()})
+        self.arrays.update({f"trained/{n}": v for n, v in a.values(model).items()})
+        loss = float(np.sum(y.astype(np.float64) * self.cotangent))
+        self.record.gradients = GradientRecord(sorted(grads), loss)
+        if self.request.reference_variants:  # the reference: frameworks' other estimator too
+            self.load_probe(model)
+            a.running_var_estimator = "biased"
+            try:
+                a.gradients(model, self.x, self.cotangent)
+            finally:
+                a.running_var_estimator = "unbiased"
+            self.arrays.update({f"reference_biased/{n}": v for n, v in a.values(model).items()})
+
+    def save_load(self, model) -> None:
+        """Native save, a fresh model of the same plan, native load, the same output?"""
+        a = self.adapter
+        with tempfile.TemporaryDirectory(prefix="harness-save-") as tmp:
+            saved = a.save(model, os.path.join(tmp, "model"))
+            a.seed(self.plan.seed + 1)  # the fresh model's own values must not matter
+            fresh = a.build(self.plan)
+            note = a.restore(fresh, saved.path)
+            size = os.path.getsize(saved.path)
+            original, reloaded = a.forward(model, self.x), a.forward(fresh, self.x)
+        same = original.shape == reloaded.shape
+        diff = float(np.max(np.abs(original.astype(np.float64) - reloaded))) if same and \
+            original.size else (0.0 if same else float("inf"))
+        self.record.save_load = SaveLoadRecord(
+            saved.format, os.path.basename(saved.path), size, list(saved.names),
+            bool(same and np.array_equal(original, reloaded)), diff, note)
+
+    def mismatch(self, model) -> None:
+        """After the sizes were inferred: an input of another width, and the framework's error."""
+        shape = list(self.mismatch_input.shape)
+        try:
+            y = self.adapter.forward(model, self.mismatch_input)
+        except Exception as exc:
+            self.record.mismatch = MismatchRecord(shape, error_text(exc, 400).splitlines()[0])
+        else:
+            self.record.mismatch = MismatchRecord(shape, None, list(y.shape))
+
+    def timing(self, model) -> None:
+        """Every mode x phase x batch with the one timer; each mode's inference output (at the
+        spec's batch, probe parameters) is kept for the numerics check before any training
+        step changes the parameters."""
+        a, t, rec = self.adapter, self.request.timing, self.record
+        offered = a.modes()
+        rec.modes = {m: api for m, api in offered.items() if t.modes is None or m in t.modes}
+        own = self.x.shape[0]
+        batches = sorted({own, *t.batches})
+        self.load_probe(model)
+        inputs = {}
+        for b in batches:
+            x = self.x if b == own else np.resize(self.x, (b, *self.x.shape[1:]))
+            c = self.cotangent if b == own else np.resize(self.cotangent,
+                                                          (b, *self.cotangent.shape[1:]))
+            inputs[b] = (a.to_device(x), None if c is None else a.to_device(c))
+        for phase in t.phases:
+            for mode in rec.modes:
+                for b in batches:
+                    print(f"[worker] timing {self.plan.name} {mode} {phase} batch {b}",
+                          flush=True)
+                    timing = TimingRecord(mode, phase, b)
+                    try:
+                        x, c = inputs[b]
+                        fn = a.step(model, phase, mode, x, c, t.lr)
+                        a.reset_memory_peak()
+                        m = timer.measure(fn, a.block, t.budget)
+                        timing.number, timing.block_times = m.number, m.block_times
+                        timing.first_call_s, timing.warmup_calls = m.first_call_s, m.warmup_calls
+                        timing.memory_peak = a.memory_peak()
+                        if phase == "inference" and b == own and self.probe is not None \
+                                and mode != "eager":  # eager: the numerics forward already
+                            value = fn()
+                            a.block(value)
+                            self.arrays[f"mode_output/{mode}"] = a.to_host(value)
+                    except Exception as exc:
+                        traceback.print_exc()
+                        timing.error = error_text(exc, 600)
+                    rec.timings.append(timing)
 
 
-def run_plan(adapter, plan: Plan, x: np.ndarray, probe: dict[str, np.ndarray] | None):
-    """Build, infer, initialize and inspect one plan; returns (record, arrays)."""
-    clock = _Clock()
+def roofline(adapter, request: Request) -> TimingRecord | None:
+    """The framework's own n x n float32 matmul on the device, timed like every step."""
+    n = request.timing.roofline if request.timing else 0
+    if not n:
+        return None
+    rec = TimingRecord("matmul", "matmul", n)
+    try:
+        m = timer.measure(adapter.matmul(n), adapter.block, request.timing.budget)
+        rec.number, rec.block_times, rec.first_call_s = m.number, m.block_times, m.first_call_s
+        rec.warmup_calls = m.warmup_calls
+    except Exception as exc:
+        traceback.print_exc()
+        rec.error = error_text(exc, 600)
+    return rec
+
+
+def checkpoint_task(adapter, request: Request, data, probe) -> tuple[SpecRecord, dict]:
+    """``read_checkpoint``: a native file -> canonical parameters and the output on the input;
+    ``write_checkpoint``: canonical parameters -> a native file, and the output."""
+    plan = request.plans[0]
+    rec, arrays = SpecRecord(spec=plan.name, status=Status.OK), {}
     adapter.seed(plan.seed)
-    model = clock("build", adapter.build, plan)
-    before = adapter.inspect(model, plan)
-    early = adapter.early_access(model)
-    output = clock("first_forward", adapter.forward, model, x)
-    after = adapter.inspect(model, plan)
-
-    adapter.seed(plan.seed)
-    impls = clock("initialize", adapter.initialize, model, plan)
-    params = adapter.inspect(model, plan)
-    for p in params:
-        p.init_impl = impls.get(p.name)
-    arrays = {f"param/{name}": v for name, v in adapter.values(model).items()}
-    arrays["output"] = np.asarray(output)
-    if probe is not None:
-        names = {name for name, _, _ in owned_params(plan)}
-        if set(probe) != names:
-            raise ValueError(f"probe names do not match the plan: missing "
-                             f"{sorted(names - set(probe))}, "
-                             f"unexpected {sorted(set(probe) - names)}")
+    model = adapter.build(plan)
+    if request.task == "read_checkpoint":
+        try:
+            note = adapter.restore(model, request.checkpoint)
+        except Exception as exc:  # the file does not fit the plan: the user's error
+            raise CheckpointError(error_text(exc)) from exc
+        arrays.update({f"param/{n}": v for n, v in adapter.values(model).items()})
+        fmt, name, names = "", os.path.basename(request.checkpoint), []
+    else:
+        adapter.forward(model, data["x"])  # sizes inferred, so every parameter exists
         adapter.load(model, probe)
-        arrays["probe_output"] = np.asarray(adapter.forward(model, x))
-    record = SpecRecord(spec=plan.name, status=Status.OK,
-                        lazy=LazyRecord(before=before, after=after, early_access=early),
-                        params=params, output_shape=list(np.shape(output)), phases=clock.phases)
-    return record, arrays
+        with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+            saved = adapter.save(model, os.path.join(tmp, "model"))
+            os.replace(saved.path, request.checkpoint)  # same filesystem: the parent's temp
+        fmt, name, names, note = saved.format, os.path.basename(saved.path), saved.names, None
+    rec.params = adapter.inspect(model, plan)
+    arrays["output"] = adapter.forward(model, data["x"])
+    rec.save_load = SaveLoadRecord(fmt, name, os.path.getsize(request.checkpoint), names,
+                                   True, 0.0, note)
+    return rec, arrays
+
+
+class CheckpointError(ValueError):
+    """A native checkpoint that does not fit the plan (missing or unexpected name, wrong
+    shape, another framework's file): the parent reports it as a user error."""
 
 
 def _read_arrays(path: str | None) -> dict[str, np.ndarray]:
@@ -105,44 +278,62 @@ def _read_arrays(path: str | None) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _by_plan(flat: dict[str, np.ndarray], keyed: bool) -> dict[str, dict[str, np.ndarray]]:
+    """``{"0": x, "0/cotangent": c}`` -> ``{"0": {"x": x, "cotangent": c}}``."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in flat.items():
+        index, _, name = key.partition("/")
+        out.setdefault(index, {})[name or ("x" if keyed else "")] = value
+    return out
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m backends.worker REQUEST.json", file=sys.stderr)
         return 2
-    request: Request = protocol.load(Request, json.loads(Path(argv[0]).read_text()), "request")
-    out = Path(request.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    out: Path | None = None
     try:
+        request: Request = protocol.load(Request, json.loads(Path(argv[0]).read_text()),
+                                         "request")
+        out = Path(request.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         adapter = importlib.import_module(request.adapter).Adapter()
         env = adapter.setup(request.device, request.settings)
     except BaseException as exc:  # the framework may fail to import in many ways
         traceback.print_exc()
-        write_record(out / "fatal.json", FatalRecord(_error_text(exc), traceback.format_exc()))
+        if out is not None:
+            write_record(out / "fatal.json", FatalRecord(error_text(exc), traceback.format_exc()))
         return 3
     write_record(out / "worker.json", EnvironmentRecord(
         backend=request.backend, device=env["device"], device_name=env["device_name"],
         versions=env["versions"], python=platform.python_version(), executable=sys.executable,
-        platform=platform.platform(), numpy=np.__version__, settings=adapter.settings))
+        platform=platform.platform(), numpy=np.__version__, settings=adapter.settings,
+        semantics=adapter.semantics(), import_s=env.get("import_s"),
+        setup_s=env.get("setup_s")))
 
-    inputs = _read_arrays(request.inputs)
-    probes: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in _read_arrays(request.probe).items():
-        index, name = key.split("/", 1)
-        probes.setdefault(index, {})[name] = value
-
+    inputs = _by_plan(_read_arrays(request.inputs), keyed=True)
+    probes = _by_plan(_read_arrays(request.probe), keyed=False)
     for i, plan in enumerate(request.plans):
         print(f"[worker] {request.backend}: {plan.name}", flush=True)
+        t0 = time.perf_counter()
         try:
-            record, arrays = run_plan(adapter, plan, inputs[str(i)], probes.get(str(i)))
+            data, probe = inputs[str(i)], probes.get(str(i))
+            if request.task == "compare":
+                record, arrays = _Spec(adapter, plan, data, probe, request).run()
+            else:
+                record, arrays = checkpoint_task(adapter, request, data, probe)
         except Exception as exc:
             traceback.print_exc()
-            record = protocol.failed_record(plan.name, _error_text(exc),
+            record = protocol.failed_record(plan.name, error_text(exc),
                                             traceback=traceback.format_exc())
             arrays = {}
-        record.device = env["device"]
+        record.device, record.wall_s = env["device"], time.perf_counter() - t0
         write_npz(out / f"{i}.npz", arrays)
         write_record(out / f"{i}.json", record)
         sys.stdout.flush()
+    write_record(out / "done.json", DoneRecord(time.perf_counter() - started,
+                                               roofline(adapter, request)))
     return 0
 
 

@@ -13,13 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.protocol import ParamRecord, SpecRecord, Status, encode
+from backends.protocol import ParamRecord, SpecRecord, Status, TimingRecord, encode
 
 from .initializers import Expectation
 from .spec import ParamSpec, Spec
-from .stats import Check, summarize
+from .stats import Check, TimingStats, summarize, timing_stats
 
 NUMERICS_RTOL, NUMERICS_ATOL = 1e-4, 1e-5
+#: gradients: the same relative tolerance, on the largest reference magnitude of each gradient
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+GRAD_FLOOR = 1e-2   # a gradient's scale is at least this fraction of the spec's largest
+#: gradient values are kept in results.json for parameters this small (the lessons' examples)
+SMALL = 16
 
 # record-level checks
 NAMES = "parameter names"
@@ -28,6 +33,11 @@ PARAM_COUNT = "parameter count"
 LAZY_BEFORE = "lazy shapes before forward"
 LAZY_AFTER = "shapes after forward"
 NUMERICS = "numerics vs reference"
+GRADIENT = "gradient vs reference"          # subject: the parameter
+TRAIN_OUTPUT = "training-mode output vs reference"
+RUNNING_STAT = "running statistic after one training step"  # subject: the buffer
+SAVE_LOAD = "save/load round trip"
+PHASE = "phase ran"                         # subject: the phase
 # per-parameter checks (the value checks are named in harness.stats and harness.initializers)
 SHAPE, SHARED_WITH, TRAINABLE, VALUES = "shape", "shared_with", "trainable", "values"
 
@@ -63,6 +73,29 @@ class ParamResult:
 
 
 @dataclass
+class TimingResult:
+    """One timed step with its statistics and what they mean for this spec."""
+    record: TimingRecord
+    stats: TimingStats | None
+    flops: float                      # per call (train: 3 x forward, the usual convention)
+    processes: list[float] = field(default_factory=list)  # medians of every process (repeats)
+
+    @property
+    def throughput(self) -> float | None:
+        """Samples per second."""
+        return self.record.batch / self.stats.median if self.stats else None
+
+    @property
+    def gflops(self) -> float | None:
+        return self.flops / self.stats.median / 1e9 if self.stats else None
+
+    def to_json(self) -> dict:
+        return {**encode(self.record), "stats": self.stats.to_json() if self.stats else None,
+                "flops_per_call": self.flops, "samples_per_s": self.throughput,
+                "gflops_per_s": self.gflops, "process_medians_s": self.processes}
+
+
+@dataclass
 class Result:
     """One (spec, backend): the worker's record and every check made of it."""
     backend: str
@@ -70,6 +103,11 @@ class Result:
     checks: list[Check] = field(default_factory=list)
     params: list[ParamResult] = field(default_factory=list)
     param_count: int | None = None
+    #: gradient and output values small enough to show (the lessons' examples)
+    small_values: dict[str, list[float]] = field(default_factory=dict)
+    timings: list[TimingResult] = field(default_factory=list)
+    #: documented semantic differences that a check took into account, in plain words
+    notes: list[str] = field(default_factory=list)
 
     @property
     def spec(self) -> str:
@@ -85,15 +123,19 @@ class Result:
         return self.ok and all(c.passed for c in self.checks) and \
             all(p.passed for p in self.params)
 
-    def check(self, name: str) -> Check | None:
-        return next((c for c in self.checks if c.name == name), None)
+    def check(self, name: str, subject: str = "") -> Check | None:
+        return next((c for c in self.checks if c.name == name and c.subject == subject), None)
+
+    def checks_named(self, name: str) -> list[Check]:
+        return [c for c in self.checks if c.name == name]
 
     def param(self, name: str) -> ParamResult | None:
         return next((p for p in self.params if p.name == name), None)
 
     def failures(self) -> list[str]:
         """One line per failed check."""
-        out = [f"{c.label}: observed {_brief(c.observed)}, expected {_brief(c.expected)}"
+        out = [f"{c.subject + ': ' if c.subject else ''}{c.name}: observed "
+               f"{_brief(c.observed)}, expected {_brief(c.expected)}"
                for c in self.checks if not c.passed]
         for p in self.params:
             out += [f"{p.name} {c.label}: observed {_brief(c.observed)}, expected "
@@ -106,9 +148,11 @@ class Result:
 
     def to_json(self) -> dict:
         rec = encode(self.record)
+        rec.pop("timings")
         rec.update(backend=self.backend, checks=[c.to_json() for c in self.checks],
                    params=[p.to_json() for p in self.params], param_count=self.param_count,
-                   passed=self.passed)
+                   small_values=self.small_values, notes=self.notes,
+                   timings=[t.to_json() for t in self.timings], passed=self.passed)
         return rec
 
 
@@ -137,12 +181,42 @@ def numerics_check(output: np.ndarray, reference: np.ndarray, detail: str) -> Ch
 
 
 def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays: dict,
-            reference: np.ndarray | None) -> Result:
-    """Every check of one backend's record of one spec; ``reference`` is the NumPy reference's
-    probe output (None: not compared)."""
+            reference: dict | None, semantics: dict | None = None) -> Result:
+    """Every check of one backend's record of one spec. ``reference`` is the NumPy
+    reference's arrays for the same spec (None: not compared); ``semantics`` what the
+    backend's backend.yaml declares (e.g. ``batch_norm_running_var: biased``)."""
     result = Result(backend, record)
     if record.status != Status.OK:
         return result
+    _structure_checks(result, spec, record)
+    reported = {q.name: q for q in record.params}
+    result.params = [_param_result(p, reported.get(p.name), arrays.get(f"param/{p.name}"),
+                                   defaults) for p in spec.params]
+    ref = reference or {}
+    if "probe_output" in arrays and "probe_output" in ref:
+        result.checks.append(numerics_check(
+            arrays["probe_output"], ref["probe_output"],
+            "max |output - numpy reference| with the same probe parameters"))
+    for key in sorted(k for k in arrays if k.startswith("mode_output/")):
+        if "probe_output" in ref:
+            mode = key.split("/", 1)[1]
+            check = numerics_check(arrays[key], ref["probe_output"],
+                                   f"the {mode} mode's output, same probe parameters")
+            check.subject = mode
+            result.checks.append(check)
+    if record.gradients is not None:
+        _gradient_checks(result, spec, arrays, ref, semantics or {})
+    if record.save_load is not None:
+        sl = record.save_load
+        result.checks.append(Check(SAVE_LOAD, sl.identical, sl.max_abs_diff, 0.0,
+                                   f"{sl.format}: a fresh model loads {sl.file} and gives a "
+                                   "bit-identical output"))
+    for err in record.phase_errors:
+        result.checks.append(Check(PHASE, False, err.error, "no error", "", err.phase))
+    return result
+
+
+def _structure_checks(result: Result, spec: Spec, record: SpecRecord) -> None:
     reported = {p.name: p for p in record.params}
     expected_names = [p.name for p in spec.params]
     count = sum(math.prod(p.shape) for p in record.params
@@ -153,7 +227,7 @@ def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays
                   not _shape_fits(p.shape, spec.param(n).lazy_shape)]
     after = {p.name: p.shape for p in record.lazy.after}
     bad_after = [n for n in expected_names if after.get(n) != list(spec.param(n).shape)]
-    result.checks = [
+    result.checks += [
         Check(NAMES, set(reported) == set(expected_names),
               sorted(set(reported) ^ set(expected_names)), [],
               "the spec's canonical names, each once (names differing shown)"),
@@ -166,13 +240,102 @@ def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays
         Check(LAZY_AFTER, not bad_after, bad_after, [],
               "every parameter materialized with its canonical shape"),
     ]
-    if reference is not None and "probe_output" in arrays:
-        result.checks.append(numerics_check(
-            arrays["probe_output"], reference,
-            "max |output - numpy reference| with the same probe parameters"))
-    result.params = [_param_result(p, reported.get(p.name), arrays.get(f"param/{p.name}"),
-                                   defaults) for p in spec.params]
-    return result
+
+
+def tolerance(reference: np.ndarray, rtol: float, atol: float) -> float:
+    """atol + rtol * max |reference|: float32 arithmetic in a framework against a float64
+    reference, relative to the largest value (sums of many float32 terms stay well inside
+    1e-4 of it; a transposed, wrongly summed or missing term does not)."""
+    return atol + rtol * (float(np.max(np.abs(reference))) if reference.size else 0.0)
+
+
+def _close(name: str, subject: str, got, want, rtol: float, atol: float, detail: str) -> Check:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return Check(name, False, f"shape {list(got.shape)}", f"shape {list(want.shape)}",
+                     detail, subject)
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    return Check(name, err <= tolerance(want, rtol, atol), err, tolerance(want, rtol, atol),
+                 detail, subject)
+
+
+def _gradient_checks(result: Result, spec: Spec, arrays: dict, ref: dict,
+                     semantics: dict) -> None:
+    """Gradients, the training-mode output and the running statistics after one training
+    step, against the NumPy reference; small values kept for the report."""
+    trainable = [p for p in spec.params if p.trainable]
+    for p in trainable:
+        got = arrays.get(f"grad/{p.name}")
+        if got is not None and got.size <= SMALL:
+            result.small_values[f"grad/{p.name}"] = [float(v) for v in got.ravel()]
+    if "train_output" in arrays and arrays["train_output"].size <= SMALL:
+        result.small_values["train_output"] = [float(v) for v in arrays["train_output"].ravel()]
+    if "train_output" not in ref:
+        return
+    # A gradient that is zero in exact arithmetic (a bias before batch norm) is float32
+    # rounding of terms as large as the model's other gradients: its scale is at least a
+    # hundredth of the largest gradient of the spec.
+    scale = max((float(np.max(np.abs(v))) for k, v in ref.items()
+                 if k.startswith("grad/") and v.size), default=0.0)
+    for p in trainable:
+        got, want = arrays.get(f"grad/{p.name}"), ref.get(f"grad/{p.name}")
+        if want is None:
+            continue
+        if got is None:
+            result.checks.append(Check(GRADIENT, False, "missing", list(want.shape),
+                                       "the backend returned no gradient", p.name))
+            continue
+        floor = GRAD_FLOOR * scale
+        check = _close(GRADIENT, p.name, got, want, GRAD_RTOL, GRAD_ATOL + GRAD_RTOL * floor,
+                       "max |grad - reference grad|, canonical layout")
+        result.checks.append(check)
+    result.checks.append(_close(TRAIN_OUTPUT, "", arrays["train_output"], ref["train_output"],
+                                NUMERICS_RTOL, NUMERICS_ATOL,
+                                "training-mode forward (batch statistics) with the probe"))
+    biased = semantics.get("batch_norm_running_var") == "biased"
+    for p in spec.params:
+        if not p.role.startswith("running_"):
+            continue
+        variant = "reference_biased" if biased and p.role == "running_var" else "trained"
+        want, got = ref.get(f"{variant}/{p.name}"), arrays.get(f"trained/{p.name}")
+        if want is None or got is None:
+            result.checks.append(Check(RUNNING_STAT, False, "missing", "present",
+                                       "running statistic after the training pass", p.name))
+            continue
+        how = "the biased batch variance (this framework's rule)" if variant != "trained" \
+            else "PyTorch's rule"
+        result.checks.append(_close(RUNNING_STAT, p.name, got, want, NUMERICS_RTOL,
+                                    NUMERICS_ATOL, f"after one training step, updated with "
+                                    f"{how}"))
+        if variant != "trained":
+            result.notes.append(
+                f"{p.name}: {result.backend} updates the running variance with the biased "
+                "batch variance (PyTorch uses the unbiased one, n/(n-1) times larger); "
+                "checked against that exact expectation, a documented semantic difference")
+
+
+def analyze_timings(results: list[Result], specs: list[Spec]) -> None:
+    """Statistics of every timed step, grouped with the same step timed in repeat processes
+    (``Result.timings``; the first process's blocks give the row's statistics)."""
+    by_spec = {s.name: s for s in specs}
+    for r in results:
+        spec = by_spec[r.spec]
+        for t in r.record.timings:
+            stats = timing_stats(t.block_times, t.number) if not t.error else None
+            forward = spec.flops_per_sample * t.batch
+            r.timings.append(TimingResult(t, stats, forward * (3 if t.phase == "train" else 1),
+                                          [stats.median] if stats else []))
+
+
+def add_repeat(result: Result, record: SpecRecord) -> None:
+    """Fold a repeat process's timings of the same spec into ``result``'s rows."""
+    for t in record.timings:
+        row = next((x for x in result.timings if (x.record.mode, x.record.phase,
+                                                  x.record.batch) == (t.mode, t.phase, t.batch)),
+                   None)
+        stats = timing_stats(t.block_times, t.number) if not t.error else None
+        if row is not None and stats is not None:
+            row.processes.append(stats.median)
 
 
 def _param_result(p: ParamSpec, rec: ParamRecord | None, values, defaults) -> ParamResult:

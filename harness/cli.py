@@ -17,11 +17,12 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from backends.protocol import SpecRecord, failed_record
+from backends import protocol
+from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
 from . import analysis, plots, report
 from .analysis import Result
-from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env,
+from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
 from .runner import BackendRun, run_worker
 from .spec import Spec, SpecError, load_spec
@@ -83,27 +84,74 @@ class Cell:
     result: Result | None = None
 
 
+#: timer budgets (protocol.Budget) per --timing depth
+BUDGETS = {"quick": Budget(warmup_calls=3, warmup_s=0.05, min_block_s=2e-3, min_blocks=20,
+                           min_total_s=0.1),
+           "full": Budget(warmup_calls=10, warmup_s=1.0, min_block_s=10e-3, min_blocks=50,
+                          min_total_s=2.0)}
+ROOFLINE_N = {"cpu": 1024, "cuda": 8192}
+
+
+def timing_request(args, device: str) -> TimingRequest | None:
+    if args.timing == "off":
+        return None
+    return TimingRequest(budget=BUDGETS[args.timing], batches=list(args.batch or []),
+                         roofline=ROOFLINE_N["cuda" if device == "cuda" else "cpu"]
+                         if args.roofline else 0)
+
+
 def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, list[Cell]]:
     """Provision (unless --python) and run one backend's worker over every spec."""
-    env = BackendRun(interpreter=str(python) if python else str(backend.env_python))
+    if args.device == "cuda" or (args.device == "auto" and gpu_present()):
+        backend = backend.for_device("cuda")  # its GPU build, where it has one
+    env = BackendRun(interpreter=str(python) if python else str(backend.env_python),
+                     declared=dict(backend.semantics))
     try:
         python = python or ensure_env(backend, progress)
     except EnvError as exc:
         env.error = str(exc)
         return env, [Cell(s, backend, failed_record(s.name, str(exc)), {}) for s in specs]
+    env.interpreter = str(python)
     device = args.device
     if device not in ("auto", *backend.devices):
         device = "cpu"
         env.note = f"runs on the CPU only; --device {args.device} applies to the others"
         progress(f"[{backend.name}] {env.note}")
     progress(f"[{backend.name}] running {len(specs)} specs with {python}")
+    reference = backend.name == REFERENCE
     result = run_worker(backend.name, python, specs, work / backend.name, device=device,
-                        timeout=args.timeout, progress=progress)
+                        timeout=args.timeout, progress=progress, settings=worker_settings(args),
+                        timing=None if reference else timing_request(args, device),
+                        reference_variants=reference)
     env.worker, env.wall_s, env.log = result.environment, result.wall_s, str(result.log)
+    env.done, env.device = result.done, device
     if result.errors:
         env.error = "; ".join(result.errors)
     return env, [Cell(s, backend, rec, arr)
                  for s, rec, arr in zip(specs, result.records, result.arrays)]
+
+
+def worker_settings(args) -> dict:
+    return {"threads": args.threads, "tf32": bool(args.tf32)}
+
+
+def run_repeats(args, backends, specs, cells, environments, work: Path) -> None:
+    """--repeats R: the timing again in R - 1 fresh processes per backend, one backend at a
+    time, in alternating order (forward, backward, forward, ...), folded into the rows."""
+    timed = [b for b in backends if b.name != REFERENCE and environments[b.name].worker]
+    for r in range(1, args.repeats):
+        for b in (timed[::-1] if r % 2 else timed):
+            env = environments[b.name]
+            progress(f"[{b.name}] timing repeat {r + 1}/{args.repeats}")
+            result = run_worker(b.name, Path(env.interpreter), specs,
+                                work / f"{b.name}-repeat{r}", device=env.device,
+                                timeout=args.timeout, progress=progress,
+                                settings=worker_settings(args),
+                                timing=timing_request(args, env.device), checks=False)
+            mine = [c for c in cells if c.backend.name == b.name]
+            for cell, rec in zip(mine, result.records):
+                if rec.status == Status.OK:
+                    analysis.add_repeat(cell.result, rec)
 
 
 def cmd_compare(args) -> int:
@@ -113,7 +161,11 @@ def cmd_compare(args) -> int:
     run_dir, run_id = new_run_dir(args.out)
     run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "device": args.device, "command": "python -m harness " + " ".join(sys.argv[1:]),
-           "seed_note": "from each spec" if args.seed is None else str(args.seed)}
+           "seed_note": "from each spec" if args.seed is None else str(args.seed),
+           "timing": None if args.timing == "off" else {
+               "depth": args.timing, "budget": protocol.encode(BUDGETS[args.timing]),
+               "threads": args.threads, "tf32": bool(args.tf32), "repeats": args.repeats,
+               "batches": list(args.batch or []), "roofline": bool(args.roofline)}}
     environments: dict[str, BackendRun] = {}
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
@@ -121,25 +173,61 @@ def cmd_compare(args) -> int:
             environments[b.name], done = run_backend(b, overrides.get(b.name), specs, args,
                                                      Path(tmp))
             cells += done
-        reference = {c.spec.name: c.arrays.get("probe_output") for c in cells
-                     if c.backend.name == REFERENCE}
+        reference = {c.spec.name: c.arrays for c in cells if c.backend.name == REFERENCE}
         for c in cells:
             ref = reference.get(c.spec.name) if c.backend.name != REFERENCE else None
             c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name, c.record,
-                                        c.arrays, ref)
+                                        c.arrays, ref, c.backend.semantics)
+        analysis.analyze_timings([c.result for c in cells], specs)
+        if args.timing != "off" and args.repeats > 1:
+            run_repeats(args, backends, specs, cells, environments, Path(tmp))
         # report order: spec by spec, backends in their order within each
-        cells.sort(key=lambda c: specs.index(c.spec))
+        order = {id(s): i for i, s in enumerate(specs)}
+        cells.sort(key=lambda c: order[id(c.spec)])
         # Nothing goes into the run directory until every backend is done.
         _keep_logs(environments, run_dir / "logs")
         defaults = {b.name: b.defaults for b in backends}
         figure = _defaults_figure(run_dir, cells, defaults)
+        figures = _timing_figures(run_dir, specs, [c.result for c in cells])
     results = [c.result for c in cells]
     document = report.results_document(run, specs, results, environments)
-    markdown = report.render(run, specs, results, environments, defaults, figure)
+    markdown = report.render(run, specs, results, environments, defaults, figure, figures)
     report.write_run(run_dir, document, markdown)
     if not args.out:
         point_latest(run_dir)
     return _print_outcome(results, run_dir)
+
+
+def _timing_figures(run_dir: Path, specs, results) -> dict:
+    """Per spec: a bar chart of its timings at its own batch size, and with a batch sweep,
+    throughput against batch size."""
+    out = {}
+    for spec in specs:
+        rows, series = [], {}
+        for r in results:
+            if r.spec != spec.name:
+                continue
+            for t in r.timings:
+                if t.stats is None:
+                    continue
+                if t.record.batch == spec.input_shape[0]:
+                    q = t.stats
+                    rows.append({"backend": r.backend, "mode": t.record.mode,
+                                 "phase": t.record.phase, "median": q.median,
+                                 "q1": q.median - q.iqr / 2, "q3": q.median + q.iqr / 2})
+                series.setdefault(f"{r.backend} {t.record.mode} {t.record.phase}", []).append(
+                    (t.record.batch, t.throughput))
+        names = {}
+        if rows:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if plots.timing_bars(run_dir / f"timing_{spec.name}.png",
+                                 f"{spec.name}: time per call", rows):
+                names["bars"] = f"timing_{spec.name}.png"
+            if plots.throughput_lines(run_dir / f"throughput_{spec.name}.png",
+                                      f"{spec.name}: throughput against batch size", series):
+                names["throughput"] = f"throughput_{spec.name}.png"
+        out[spec.name] = names
+    return out
 
 
 def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
@@ -184,14 +272,83 @@ def _print_outcome(results: list[Result], run_dir: Path) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def cmd_convert(args) -> int:
+    """Read a native checkpoint of the spec's model in one framework, write it in another's
+    native format, and prove it: both frameworks run the spec's input and must agree."""
+    spec = load_specs([args.spec], args.seed)[0]
+    source, target = select([args.source])[0], select([args.target])[0]
+    overrides = parse_python_overrides(args.python, discover())
+    weights, out = Path(args.weights), Path(args.out)
+    if not weights.is_file():
+        raise UserError(f"--weights: {args.weights}: no such file")
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out: {args.out}: must be a file path in an existing directory")
+    with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+        read = _checkpoint_worker(source, overrides, spec, args, Path(tmp) / "read",
+                                  task="read_checkpoint", checkpoint=str(weights.resolve()))
+        canonical = {k.split("/", 1)[1]: v for k, v in read.arrays.items()
+                     if k.startswith("param/")}
+        staged = out.parent / f".{out.name}.{os.getpid()}.tmp"
+        try:
+            written = _checkpoint_worker(target, overrides, spec, args, Path(tmp) / "write",
+                                         task="write_checkpoint", checkpoint=str(staged),
+                                         probes=[canonical])
+            check = analysis.numerics_check(written.arrays["output"], read.arrays["output"],
+                                            "the target's output against the source's")
+            if check.passed:
+                os.replace(staged, out)
+        finally:
+            staged.unlink(missing_ok=True)
+    sl = written.record.save_load
+    print(f"read   {args.weights} with {source.name}: {len(canonical)} tensors of {spec.name}"
+          + (f" ({read.record.save_load.note})" if read.record.save_load.note else ""))
+    verdict = "agree" if check.passed else "DISAGREE"
+    print(f"check  {source.name} and {target.name} outputs on the spec's input {verdict}: max "
+          f"|difference| {check.observed:.3g} (tolerance {check.expected:.3g})")
+    if not check.passed:
+        print("error: nothing written: the converted weights do not reproduce the model")
+        return 1
+    print(f"wrote  {out} for {target.name}: {sl.format}, {sl.size_bytes:,} bytes, "
+          f"{len(sl.names)} names")
+    native_suffix = "".join(Path(sl.file).suffixes)
+    if native_suffix and not out.name.endswith(native_suffix):
+        print(f"note   {target.name} names such files *{native_suffix}; rename it if the "
+              "framework's loader insists on that suffix")
+    return 0
+
+
+def _checkpoint_worker(backend, overrides, spec, args, work: Path, **job) -> Cell:
+    """One checkpoint task in ``backend``'s environment; its failure is reported here (a
+    checkpoint that does not fit the spec is the user's error: exit 2)."""
+    try:
+        python = overrides.get(backend.name) or ensure_env(backend, progress)
+    except EnvError as exc:
+        raise ToolError(f"{backend.name}: {exc}") from None
+    result = run_worker(backend.name, python, [spec], work, device=args.device,
+                        timeout=args.timeout, progress=progress, **job)
+    rec = result.records[0]
+    if rec.status != Status.OK:
+        if (rec.error or "").startswith("CheckpointError: "):
+            raise UserError(f"--weights: {args.weights} does not fit {spec.name} in "
+                            f"{backend.name}: {rec.error.removeprefix('CheckpointError: ')}")
+        raise ToolError(f"{backend.name} could not {job['task'].replace('_', ' ')}: "
+                        f"{rec.error}")
+    return Cell(spec, backend, rec, result.arrays[0])
+
+
+class ToolError(Exception):
+    """The harness or a framework failed (not the user's input): one line, exit status 1."""
+
+
 def cmd_setup(args) -> int:
     status = 0
     for b in select(args.backend):
+        b = b.for_device(args.device)
         try:
             python = ensure_env(b, progress)
-            print(f"{b.name}: ready ({python})")
+            print(f"{b.env_name}: ready ({python})")
         except EnvError as exc:
-            print(f"{b.name}: FAILED: {exc}")
+            print(f"{b.env_name}: FAILED: {exc}")
             status = 1
     return status
 
@@ -222,6 +379,42 @@ def _seed(text: str) -> int:
     return value
 
 
+MESSAGE_LIMIT = 2000
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message as one line: whitespace runs (newlines, tabs) become one space, other control
+    characters are escaped, and it is cut at ``limit`` characters."""
+    text = " ".join(text.split())
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more)"
+
+
+def default_threads() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _batches(text: str) -> list[int]:
+    values = [_positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,8,64, got {text!r}")
+    return sorted(set(values))
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other user error."""
 
@@ -245,9 +438,41 @@ def parser() -> argparse.ArgumentParser:
                    help="use this interpreter for backend NAME instead of its managed environment")
     c.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a worker may go without progress before it is killed (600)")
+    c.add_argument("--timing", choices=["off", "quick", "full"], default="quick",
+                   help="how deeply to time every mode and phase (default: quick)")
+    c.add_argument("--threads", type=_positive_int, default=default_threads(),
+                   help="intra-op threads for every framework (default: this machine's cores, "
+                        f"{default_threads()})")
+    c.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls/convolutions on GPUs that have it (default: off)")
+    c.add_argument("--repeats", type=_positive_int, default=1,
+                   help="time in R fresh worker processes per backend, alternating the "
+                        "backend order, and report the spread across them (default 1)")
+    c.add_argument("--batch", type=_batches, metavar="B1,B2,...",
+                   help="time at these batch sizes too (e.g. 1,8,64,256)")
+    c.add_argument("--roofline", action="store_true",
+                   help="also time each framework's own large float32 matmul and give every "
+                        "row's fraction of that measured peak")
     c.set_defaults(func=cmd_compare)
+    v = sub.add_parser("convert", help="convert a native checkpoint of a spec's model from one "
+                       "framework to another, and prove it by running both")
+    v.add_argument("spec", help="the spec the checkpoint is a model of")
+    v.add_argument("--from", dest="source", required=True, metavar="BACKEND",
+                   help="the framework the weights come from")
+    v.add_argument("--weights", required=True, help="the source's native weights file")
+    v.add_argument("--to", dest="target", required=True, metavar="BACKEND",
+                   help="the framework to write for")
+    v.add_argument("--out", required=True, help="the file to write (the target's format)")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    v.add_argument("--seed", type=_seed, help="the spec's seed (builds the model)")
+    v.add_argument("--python", action="append", metavar="NAME=PATH",
+                   help="use this interpreter for backend NAME")
+    v.add_argument("--timeout", type=float, default=600.0)
+    v.set_defaults(func=cmd_convert)
     s = sub.add_parser("setup", help="create (or refresh) the backends' environments")
     s.add_argument("--backend", action="append", help="backend (repeatable; default: all)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the GPU builds (requirements-cuda.txt, .envs/<name>-cuda)")
     s.set_defaults(func=cmd_setup)
     ls = sub.add_parser("list", help="backends, their environment state, the built-in specs")
     ls.set_defaults(func=cmd_list)
@@ -262,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (SpecError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except ToolError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written for this run", file=sys.stderr)
         return 130

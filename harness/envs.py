@@ -5,6 +5,7 @@ Python that built it) are unchanged. Nothing here imports a framework.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -50,17 +51,32 @@ class Backend:
     """A backend folder: ``adapter.py``, ``requirements.txt`` and ``backend.yaml``."""
     name: str
     folder: Path
-    framework: str
+    framework: str  # display name, e.g. "Keras 3 (JAX)"
     defaults: dict  # layer type -> role -> normalized canonical init
     devices: tuple[str, ...] = ("cpu", "cuda")  # what --device may ask of it
+    imports: tuple[str, ...] = ()  # top-level modules of its framework (never in the parent)
+    semantics: dict = field(default_factory=dict)  # declared semantic facts the checks use
+    flavor: str = ""  # "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda
 
     @property
     def requirements(self) -> Path:
-        return self.folder / "requirements.txt"
+        return self.folder / ("requirements-cuda.txt" if self.flavor == "cuda"
+                              else "requirements.txt")
+
+    @property
+    def env_name(self) -> str:
+        return f"{self.name}-{self.flavor}" if self.flavor else self.name
 
     @property
     def env_dir(self) -> Path:
-        return env_root() / self.name
+        return env_root() / self.env_name
+
+    def for_device(self, device: str) -> "Backend":
+        """The GPU build of this backend for ``cuda`` where it has one (requirements-cuda.txt),
+        else itself."""
+        if device == "cuda" and (self.folder / "requirements-cuda.txt").is_file():
+            return dataclasses.replace(self, flavor="cuda")
+        return self
 
     @property
     def env_python(self) -> Path:
@@ -83,16 +99,36 @@ class Backend:
             else "stale"
 
 
-def _load_backend(folder: Path) -> Backend:
+def _read_meta(folder: Path, seen: tuple[str, ...] = ()) -> dict:
+    """A backend.yaml, with ``extends: OTHER`` resolved: OTHER's keys, then this file's."""
     meta_file = folder / "backend.yaml"
     try:
         meta = yaml.safe_load(meta_file.read_text()) or {}
+        if not isinstance(meta, dict):
+            raise TypeError("not a mapping")
+    except (OSError, yaml.YAMLError, TypeError) as exc:
+        raise UserError(f"{display_path(meta_file)}: cannot read backend metadata: {exc}") \
+            from None
+    parent = meta.pop("extends", None)
+    if parent is None:
+        return meta
+    if parent in seen or not (BACKENDS_DIR / str(parent) / "backend.yaml").is_file():
+        raise UserError(f"{display_path(meta_file)}: extends: {parent!r} is not another "
+                        "backend's folder (or extends it in a cycle)")
+    return {**_read_meta(BACKENDS_DIR / parent, seen + (folder.name,)), **meta}
+
+
+def _load_backend(folder: Path) -> Backend:
+    meta = _read_meta(folder)
+    try:
         defaults = {layer: {role: inits.normalize(init) for role, init in roles.items()}
                     for layer, roles in meta.get("defaults", {}).items()}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{meta_file}: cannot read backend metadata: {exc}") from None
-    return Backend(folder.name, folder, meta.get("framework", folder.name), defaults,
-                   tuple(meta.get("devices", ("cpu", "cuda"))))
+        return Backend(folder.name, folder, str(meta.get("framework", folder.name)), defaults,
+                       tuple(meta.get("devices", ("cpu", "cuda"))),
+                       tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
+                        f"metadata: {type(exc).__name__}: {exc}") from None
 
 
 def discover() -> dict[str, Backend]:
@@ -134,6 +170,11 @@ def _run_logged(cmd: list, log) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
+def gpu_present() -> bool:
+    """An NVIDIA driver is loaded (what ``--device auto`` takes as "use the CUDA builds")."""
+    return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -145,13 +186,13 @@ def ensure_env(backend: Backend, progress=print) -> Path:
     """The backend's interpreter, creating or refreshing its environment first if needed."""
     root = env_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{backend.name}.lock", "w") as lock:
+    with open(root / f"{backend.env_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two harness runs never build one env at once
         state = backend.env_state()
         if state == "ready":
             return backend.env_python
-        log_path = root / f"{backend.name}-setup.log"
-        progress(f"[setup] {backend.name}: environment {state}; creating {backend.env_dir} and "
+        log_path = root / f"{backend.env_name}-setup.log"
+        progress(f"[setup] {backend.env_name}: environment {state}; creating {backend.env_dir} and "
                  f"installing {display_path(backend.requirements)} (log: {log_path})")
         started = time.monotonic()
         shutil.rmtree(backend.env_dir, ignore_errors=True)
@@ -162,9 +203,9 @@ def ensure_env(backend: Backend, progress=print) -> Path:
                              "-r", backend.requirements], log)
         except (OSError, subprocess.CalledProcessError) as exc:
             shutil.rmtree(backend.env_dir, ignore_errors=True)
-            raise EnvError(f"creating the {backend.name} environment failed ({exc}); "
+            raise EnvError(f"creating the {backend.env_name} environment failed ({exc}); "
                            f"log {log_path}:\n{tail(log_path)}") from None
         stamp = backend.env_dir / STAMP
         stamp.write_text(json.dumps({**backend.fingerprint(), "created": time.time()}))
-        progress(f"[setup] {backend.name}: ready in {time.monotonic() - started:.0f} s")
+        progress(f"[setup] {backend.env_name}: ready in {time.monotonic() - started:.0f} s")
         return backend.env_python

@@ -374,6 +374,21 @@ def expected_distribution(init: dict, shape: tuple[int, ...],
     return CATALOGUE[init["name"]].expect(init, tuple(shape), layer_weight_shape)
 
 
+def exact_values(init: dict, shape: tuple, layer_weight_shape: tuple | None = None):
+    """The values a deterministic initializer (constant, zeros, ones, eye, dirac) gives a
+    canonical shape, as float32; None for a random one (or ``default``)."""
+    if init["name"] == "default":
+        return None
+    e = expected_distribution(init, shape, layer_weight_shape)
+    if isinstance(e, Constant):
+        return np.full(shape, e.value, dtype=np.float32)
+    if isinstance(e, Eye):
+        return np.eye(*shape, dtype=np.float32)
+    if isinstance(e, Dirac):
+        return dirac_reference(shape, e.groups)
+    return None
+
+
 def describe(init: dict) -> str:
     """``kaiming_uniform(a=2.236, mode=fan_in, nonlinearity=leaky_relu)``."""
     args = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

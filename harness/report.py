@@ -15,10 +15,14 @@ from pathlib import Path
 
 from . import initializers as inits
 from . import stats
-from .analysis import NUMERICS, Result
+from .analysis import (GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, GRADIENT, NUMERICS, NUMERICS_ATOL,
+                       NUMERICS_RTOL, RUNNING_STAT, TRAIN_OUTPUT, Result)
+from .stats import SPREAD_WARNING, timing_stats
 from .envs import display_path
+from backends.base import SEMANTICS
 
 RESULTS_SCHEMA_VERSION = 2
+REFERENCE = "numpy"  # the NumPy reference: compared against, timed only as a baseline
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -218,13 +222,148 @@ def _sharing_section(spec, results) -> str:
 
 
 def _numerics_section(results) -> str:
-    rows = [[r.backend, _fmt(c.observed, 3), _fmt(c.expected, 3), _verdict(c.passed)]
-            for r in results if (c := r.check(NUMERICS))]
+    rows = [[r.backend, c.subject or "eager", _fmt(c.observed, 3), _fmt(c.expected, 3),
+             _verdict(c.passed)] for r in results for c in r.checks_named(NUMERICS)]
     if not rows:
         return "Not compared: no backend besides the numpy reference ran this spec, or the " \
             "reference is not part of this run.\n"
-    return _table(["backend", "max abs error", "tolerance", "verdict"], rows) + \
-        "\nEach backend against the NumPy reference's output for the same probe parameters.\n"
+    return _table(["backend", "mode", "max abs error", "tolerance", "verdict"], rows) + \
+        "\nEach backend against the NumPy reference's output for the same probe parameters " \
+        "(inference mode); compiled modes too, when timed: compilation must not change the " \
+        "numerics beyond the tolerance.\n"
+
+
+def _gradients_section(spec, results) -> str:
+    """Each gradient against the NumPy reference's, and the training-mode output."""
+    rows = []
+    for r in results:
+        if r.record.gradients is None:
+            continue
+        for c in r.checks_named(GRADIENT) + r.checks_named(TRAIN_OUTPUT):
+            small = r.small_values.get(f"grad/{c.subject}" if c.subject else "train_output")
+            rows.append([c.subject or "output (training mode)", r.backend,
+                         _fmt(c.observed, 3), _fmt(c.expected, 3), _verdict(c.passed),
+                         _values(small)])
+    if not rows:
+        return "Not compared: no backend besides the numpy reference ran the training pass.\n"
+    loss = "sum(output)" if spec.loss == "sum" else \
+        "sum(output * C), C drawn once from N(0, 1) (not all ones, so that a transposed or " \
+        "wrongly summed gradient shows)"
+    ref = next((r for r in results if r.backend == "numpy"), None)
+    text = (f"Every backend loads the probe parameters, runs the input forward in **training "
+            f"mode** and takes the gradient of the loss {loss}, in canonical layout. Tolerance "
+            f"per gradient: {GRAD_ATOL:g} + {GRAD_RTOL:g} * max(max |reference gradient|, "
+            f"{GRAD_FLOOR:g} * the spec's largest reference gradient) (float32 against a "
+            "float64 reference; the floor covers gradients that are zero in exact arithmetic, "
+            "like a bias before batch norm).\n\n")
+    text += _table(["gradient of", "backend", "max abs error", "tolerance", "verdict",
+                    "values (16 or fewer)"], rows)
+    if ref is not None and ref.small_values:
+        text += "\nNumPy reference values: " + "; ".join(
+            f"{escape(k.removeprefix('grad/'))} = {_values(v)}"
+            for k, v in ref.small_values.items()) + ".\n"
+    return text
+
+
+def _values(values) -> str:
+    if not values:
+        return "–"
+    return "[" + ", ".join(_fmt(v, 5) for v in values) + "]"
+
+
+def _batch_norm_section(spec, results) -> str:
+    rows, notes = [], []
+    for r in results:
+        for c in r.checks_named(RUNNING_STAT):
+            rows.append([c.subject, r.backend, _fmt(c.observed, 3), _fmt(c.expected, 3),
+                         c.detail, _verdict(c.passed)])
+        notes += [f"- {escape(n)}\n" for n in r.notes]
+    if not rows:
+        return ""
+    return ("\n### Batch norm in training mode\n\nAfter the training pass (one forward with "
+            "batch statistics, and its backward): the running statistics against the "
+            "reference's update with each framework's own rule (the spec's momentum has "
+            "PyTorch's meaning; every adapter maps it to its framework's convention).\n\n"
+            + _table(["running statistic", "backend", "max abs error", "tolerance", "rule",
+                      "verdict"], rows) + ("\n" + "".join(dict.fromkeys(notes)) if notes
+                                             else ""))
+
+
+def _save_load_section(results) -> str:
+    rows = []
+    for r in results:
+        sl = r.record.save_load
+        if sl is None:
+            continue
+        names = ", ".join(sl.names[:12]) + (f", … ({len(sl.names)} in all)"
+                                            if len(sl.names) > 12 else "")
+        rows.append([r.backend, sl.format, f"{sl.size_bytes:,} B", names,
+                     sl.note or "–", _verdict(sl.identical)])
+    if not rows:
+        return ""
+    return ("\n### Save and load, each in its native format\n\nThe model is saved with the "
+            "framework's own API, a freshly built model of the same spec (lazy where the spec "
+            "is) loads the file with the framework's own safe loader, and both must give a "
+            "bit-identical output.\n\n" +
+            _table(["backend", "format", "file size", "names stored in the file",
+                    "what loading needed", "bit-identical"], rows))
+
+
+def _mismatch_section(spec, results) -> str:
+    rows = [[r.backend, _fmt(r.record.mismatch.input_shape),
+             r.record.mismatch.error or f"no error: output {_fmt(r.record.mismatch.output_shape)}"]
+            for r in results if r.record.mismatch is not None]
+    if not rows:
+        return ""
+    return ("\n### A wider input after the sizes are fixed\n\nThe first forward fixed every "
+            f"lazy size from an input of shape {_fmt(spec.input_shape)}; this is what each "
+            "framework says when it then gets one more feature or channel (d2l's "
+            "lazy-initialization exercise).\n\n" +
+            _table(["backend", "input", "the framework's error"], rows))
+
+
+def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
+    rows_in = [(r, t) for r in results for t in r.timings]
+    if not rows_in:
+        return ""
+    fastest = {}
+    for r, t in rows_in:
+        if r.backend != REFERENCE and t.stats:
+            key = (t.record.phase, t.record.batch)
+            fastest[key] = min(fastest.get(key, math.inf), t.stats.median)
+    rows = []
+    for r, t in sorted(rows_in, key=lambda rt: (rt[1].record.phase, rt[1].record.batch,
+                                                 rt[0].backend, rt[1].record.mode)):
+        rec, st = t.record, t.stats
+        api = r.record.modes.get(rec.mode, rec.mode)
+        if st is None:
+            rows.append([r.backend, f"{rec.mode}: {api}", rec.phase, rec.batch, "–", "–", "–",
+                         "–", "–", "–", _fmt(rec.first_call_s, 3), f"error: {rec.error}"])
+            continue
+        warn = [f"noisy: IQR/median {st.spread:.0%} (above {SPREAD_WARNING:.0%})"] \
+            if st.noisy else []
+        if len(t.processes) > 1:
+            warn.append(f"across {len(t.processes)} processes: medians "
+                        f"{min(t.processes) * 1e3:.3g}–{max(t.processes) * 1e3:.3g} ms")
+        best = fastest.get((rec.phase, rec.batch))
+        ratio = "baseline (not ranked)" if r.backend == REFERENCE else \
+            f"{st.median / best:.2f}x" if best else "–"
+        peak = peaks.get(r.backend)
+        gflops = f"{t.gflops:.3g}" + (f" ({t.gflops / peak:.1%} of peak)" if peak else "")
+        rows.append([r.backend, f"{rec.mode}: {api}", rec.phase, rec.batch,
+                     f"{st.median * 1e3:.4g}", f"{st.iqr * 1e3:.3g}",
+                     f"{st.ci_low * 1e3:.4g}–{st.ci_high * 1e3:.4g}",
+                     f"{t.throughput:,.0f}", gflops, ratio,
+                     _fmt(rec.first_call_s, 3), "; ".join(warn) or "–"])
+    text = _table(["backend", "mode: API", "phase", "batch", "median ms", "IQR ms",
+                   "95% CI of median ms", "samples/s", "GFLOP/s", "vs fastest",
+                   "first call s", "warnings"], rows)
+    text += (f"\nForward: {spec.flops_per_sample:,.0f} FLOPs per sample (from the spec; a "
+             "training step is counted as 3x the forward). `first call` is the step's first "
+             "call alone: tracing and compilation included for compiled modes.\n")
+    for kind, name in figure.items():
+        text += f"\n![{kind} of {spec.name}]({name})\n"
+    return "\n### Timing\n\n" + text
 
 
 def default_examples(specs, results: list[Result], defaults_by_backend) -> dict:
@@ -267,33 +406,167 @@ def _defaults_section(specs, results, defaults_by_backend, figure) -> str:
     return "".join(out)
 
 
+def _semantics_section(environments: dict) -> str:
+    """Framework facts per backend: what each worker measured or read from its framework,
+    and what backend.yaml declares (which the checks hold it to)."""
+    keys = list(SEMANTICS)
+    for env in environments.values():
+        if env.worker:
+            keys += [k for k in env.worker.semantics if k not in keys]
+    rows = []
+    for key in keys:
+        row = [SEMANTICS.get(key, key)]
+        for env in environments.values():
+            said = env.worker.semantics.get(key) if env.worker else None
+            declared = env.declared.get(key)
+            cell = said or "–"
+            if declared:
+                cell += f" [declared: {declared}]"
+            row.append(cell)
+        rows.append(row)
+    if not rows or all(set(r[1:]) == {"–"} for r in rows):
+        return ""
+    return ("\n## Semantics: what each framework does\n\nWhat the workers report of their "
+            "frameworks (measured where possible); `declared` is what the backend's "
+            "backend.yaml states, with its source, and the checks hold it to.\n\n" +
+            _table(["fact", *environments], rows))
+
+
+def _timing_method(run: dict, environments: dict) -> str:
+    t = run.get("timing")
+    if not t:
+        return ("\n## Timing\n\nNot timed (`--timing off`).\n")
+    b = t["budget"]
+    rows = []
+    for name, env in environments.items():
+        if name == REFERENCE or env.worker is None:
+            continue
+        applied = env.worker.settings.get("applied", {})
+        rows.append([name, env.worker.device, ", ".join(f"{k} = {v}" for k, v in
+                                                         applied.items()) or "–"])
+    text = ("\n## How this was timed\n\n"
+            f"- One timer for every framework (backends/timer.py, modelled on "
+            f"torch.utils.benchmark's blocked_autorange): the first call timed alone; a "
+            f"warm-up of at least {b['warmup_calls']} calls and {b['warmup_s']:g} s; then "
+            f"blocks of `number` calls, grown until a block lasts at least "
+            f"{b['min_block_s'] * 1e3:g} ms, each ended by the framework's own wait on every "
+            f"value the block returned (asynchronous dispatch is timed until done); at least "
+            f"{b['min_blocks']} blocks and {b['min_total_s']:g} s. Statistics per call: median, "
+            "IQR, 10th/90th percentiles, a bootstrap 95 % confidence interval of the median; a "
+            f"warning where IQR / median exceeds {SPREAD_WARNING:.0%}.\n"
+            "- Inputs and parameters are on the device before timing; outputs stay there. "
+            "`inference`: forward in inference mode. `train`: forward in training mode, the "
+            "loss sum(output * C), backward with every gradient materialized, and a plain SGD "
+            "update (lr 1e-3).\n"
+            f"- Depth `{t['depth']}`; {t['threads']} intra-op threads for every framework "
+            "(also OMP/MKL/OpenBLAS variables, set before the framework is imported); TF32 "
+            f"{'allowed' if t['tf32'] else 'off'}; one backend timed at a time, never two "
+            "workers at once" + (f"; {t['repeats']} processes per backend in alternating order"
+                                 if t["repeats"] > 1 else "") + ".\n"
+            "- The NumPy reference is not timed: it is the numerical reference, not a "
+            "competitor.\n\n")
+    return text + _table(["backend", "device", "settings applied in the worker"], rows)
+
+
+def _one_off_section(specs, results, environments: dict) -> str:
+    rows = []
+    for name, env in environments.items():
+        if env.worker is None:
+            continue
+        for spec in specs:
+            r = next((x for x in results if x.backend == name and x.spec == spec.name), None)
+            if r is None or not r.ok:
+                continue
+            ph = r.record.phases
+            compile_first = {t.record.mode: t.record.first_call_s for t in r.timings
+                             if t.record.phase == "inference"
+                             and t.record.batch == spec.input_shape[0]}
+            rows.append([name, spec.name, _fmt(env.worker.import_s, 3), _fmt(ph.get("build"), 3),
+                         _fmt(ph.get("first_forward"), 3), _fmt(ph.get("initialize"), 3),
+                         ", ".join(f"{m} {_fmt(v, 3)}" for m, v in compile_first.items())
+                         or "–", _fmt(r.record.wall_s, 3)])
+    if not rows:
+        return ""
+    return ("\n## One-off costs (seconds)\n\n`import`: importing the framework (once per "
+            "worker). `build`: constructing the model. `first forward`: the first call, with "
+            "lazy shape inference. `initialize`: applying the spec's initializers. `first "
+            "inference call`: the first call of each mode's inference step (tracing and "
+            "compilation for compiled modes). `spec wall`: everything the worker did for the "
+            "spec, checks and timing included.\n\n" +
+            _table(["backend", "spec", "import", "build", "first forward", "initialize",
+                    "first inference call", "spec wall"], rows))
+
+
+def roofline_peaks(environments: dict) -> dict[str, float]:
+    """{backend: GFLOP/s of its own float32 matmul} where --roofline measured one."""
+    out = {}
+    for name, env in environments.items():
+        roof = env.done.roofline if env.done else None
+        st = timing_stats(roof.block_times, roof.number) if roof else None
+        if st:
+            out[name] = 2 * roof.batch ** 3 / st.median / 1e9
+    return out
+
+
+def _roofline_section(environments: dict) -> str:
+    rows = []
+    peaks = roofline_peaks(environments)
+    for name, env in environments.items():
+        roof = env.done.roofline if env.done else None
+        if roof is None:
+            continue
+        st = timing_stats(roof.block_times, roof.number)
+        rows.append([name, f"{roof.batch} x {roof.batch}",
+                     f"{st.median * 1e3:.4g}" if st else "–",
+                     f"{peaks[name]:.4g}" if name in peaks else roof.error or "–"])
+    if not rows:
+        return ""
+    return ("\n## Roofline: each framework's own float32 matmul\n\n" +
+            _table(["backend", "matmul", "median ms", "GFLOP/s (the peak the rows are "
+                    "measured against)"], rows))
+
+
 LEGEND = f"""\
 ## How to read this report
+- A **check** is one comparison of something a backend produced with what the spec alone
+  implies (a shape, a name, a count, a statistical test of initial values, an output or a
+  gradient against the NumPy reference, a save/load round trip). Backends differ in their
+  number of checks because a parameter's tests depend on its initializer *as that backend
+  realizes `default`*: a constant (zeros, ones) gets one exact check, a random one four
+  statistical tests; and because the NumPy reference is not compared with itself.
 - **Canonical** names and shapes are PyTorch's (`block.0.weight`; dense `(out, in)`, conv
   `(out, in, kh, kw)`), computed from the spec alone; **native** ones are what each framework
   calls and stores them as.
 - **Lazy**: `?` is a dimension not known before the first forward; `declared` means the
   parameter exists but holds no value yet; `absent` means the framework had not created it yet.
 - **Initial values** are tested against the analytic distribution of the initializer on the
-  canonical shape: mean and variance within {stats.Z:.2f} standard errors (n >= 30 and n >= 256),
-  every value inside the support, a Kolmogorov-Smirnov test (p >= {stats.ALPHA:g}); constants,
-  eye, dirac and sparse zeros exactly; orthogonal through W W^T. A correct initializer fails a
-  test with probability about {stats.ALPHA:g}; a wrong scale, fan or layout on a large weight
-  fails.
-- **Numerics**: every backend loads the same probe parameters and runs the spec's input forward
-  (inference mode); its output is compared with the NumPy reference.
+  canonical shape: mean and variance within {stats.Z:.2f} standard errors (only for n >= 30
+  and n >= 256 values: smaller samples show `–` there), every value inside the support, a
+  Kolmogorov-Smirnov test (p >= {stats.ALPHA:g}, for n >= 2); constants, eye, dirac and sparse
+  zeros exactly; orthogonal through W W^T. A correct initializer fails a test with
+  probability about {stats.ALPHA:g}; a wrong scale, fan or layout on a large weight fails.
+- **Numerics**: every backend loads the same probe parameters and runs the spec's input;
+  the output must be within {NUMERICS_ATOL:g} + {NUMERICS_RTOL:g} * max |reference output| of
+  the NumPy reference (float64 inside, float32 out). Gradients use {GRAD_ATOL:g} +
+  {GRAD_RTOL:g} * max |reference gradient|, per parameter.
+- **Timing**: per call, median and spread over blocks of calls; `vs fastest` is the ratio
+  to the fastest backend and mode for the same phase and batch. See "How this was timed".
 """
 
 
 def render(run: dict, specs, results: list[Result], environments: dict,
-           defaults_by_backend: dict, defaults_figure: str | None = None) -> str:
+           defaults_by_backend: dict, defaults_figure: str | None = None,
+           figures: dict | None = None) -> str:
     backends = list(environments) or list(dict.fromkeys(r.backend for r in results))
     ok = all(r.passed for r in results)
     parts = [f"# Comparison report {escape(run['id'])}\n\n",
              f"{escape(run['command'])} at {escape(run['started'])}, device "
              f"{escape(run['device'])}, seed {escape(run['seed_note'])}. Verdict: "
              f"**{'all checks passed' if ok else 'FAILURES'}**.\n\n## Summary\n\n",
-             _summary(results, backends), "\n## Environments\n\n", _environments(environments),
+             _summary(results, backends), "\n", LEGEND,
+             "\n## Environments\n\n", _environments(environments),
+             _semantics_section(environments), _timing_method(run, environments),
+             _one_off_section(specs, results, environments), _roofline_section(environments),
              "\n## Failures\n\n", _failures(results)]
     for spec in specs:
         recs = [r for r in results if r.spec == spec.name]
@@ -308,10 +581,14 @@ def render(run: dict, specs, results: list[Result], environments: dict,
                   "\n### Initial values against their analytic distribution\n\n",
                   _init_section(spec, recs),
                   "\n### Parameter sharing\n\n", _sharing_section(spec, recs),
-                  "\n### Numerics against the NumPy reference\n\n", _numerics_section(recs)]
+                  "\n### Numerics against the NumPy reference\n\n", _numerics_section(recs),
+                  "\n### Gradients against the NumPy reference\n\n",
+                  _gradients_section(spec, recs), _batch_norm_section(spec, recs),
+                  _save_load_section(recs), _mismatch_section(spec, recs),
+                  _timing_section(spec, recs, (figures or {}).get(spec.name, {}),
+                                  roofline_peaks(environments))]
     parts += ["\n## What `default` means in each framework\n\n",
-              _defaults_section(specs, results, defaults_by_backend, defaults_figure), "\n",
-              LEGEND]
+              _defaults_section(specs, results, defaults_by_backend, defaults_figure)]
     return "".join(parts)
 
 

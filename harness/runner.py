@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from backends import protocol
-from backends.protocol import (EnvironmentRecord, FatalRecord, ProtocolError, Request,
-                               SpecRecord, Status, failed_record)
+from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, ProtocolError,
+                               Request, SpecRecord, Status, TimingRequest, failed_record)
 
+from . import initializers as inits
 from .envs import ROOT, tail
 from .spec import Spec
 
@@ -34,6 +35,7 @@ class WorkerResult:
     log: Path
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    done: DoneRecord | None = None
 
 
 @dataclass
@@ -46,25 +48,51 @@ class BackendRun:
     log: str | None = None
     error: str | None = None
     note: str | None = None
+    device: str = "cpu"                 # what --device became for it
+    declared: dict = field(default_factory=dict)   # backend.yaml's semantics
+    done: DoneRecord | None = None      # the worker's last record (its wall time, roofline)
 
     def to_json(self) -> dict:
         return protocol.encode(self)
 
 
-def make_input(spec: Spec) -> np.ndarray:
-    """The spec's example input: standard normal, canonical (NCHW) layout, from the spec's seed."""
-    return np.random.default_rng([spec.seed, 1]).standard_normal(spec.input_shape) \
+def make_input(spec: Spec, shape: tuple | None = None) -> np.ndarray:
+    """The spec's example input: standard normal (or the spec's ``input_fill``), canonical
+    (NCHW) layout, from the spec's seed."""
+    shape = tuple(shape or spec.input_shape)
+    if spec.input_fill is not None:
+        return np.full(shape, spec.input_fill, dtype=np.float32)
+    return np.random.default_rng([spec.seed, 1]).standard_normal(shape).astype(np.float32)
+
+
+def make_cotangent(spec: Spec) -> np.ndarray:
+    """C in the training loss sum(output * C): N(0, 1) draws, so that a transposed or wrongly
+    summed gradient shows (all ones for ``loss: sum``)."""
+    if spec.loss == "sum":
+        return np.ones(spec.output_shape, dtype=np.float32)
+    return np.random.default_rng([spec.seed, 3]).standard_normal(spec.output_shape) \
         .astype(np.float32)
 
 
+def mismatch_shape(spec: Spec) -> tuple[int, ...]:
+    """The input shape with one more feature (2-D: last axis) or channel (4-D: axis 1): what
+    d2l's lazy-initialization exercise feeds a model whose sizes are already inferred."""
+    shape = list(spec.input_shape)
+    shape[1 if len(shape) == 4 else -1] += 1
+    return tuple(shape)
+
+
 def make_probe(spec: Spec) -> dict[str, np.ndarray]:
-    """Parameters every backend loads before the numerics forward, so outputs are comparable:
-    weights and biases U(+-1/sqrt(fan_in)), batch-norm scale and variance in [0.5, 1.5]."""
+    """Parameters every backend loads before the numerics forward and the gradient pass, so
+    outputs are comparable: weights and biases U(+-1/sqrt(fan_in)), batch-norm scale and
+    variance in [0.5, 1.5]; with ``probe: initial``, the spec's own (deterministic) values."""
     rng = np.random.default_rng([spec.seed, 2])
     out = {}
     for p in spec.params:
         fan_shape = p.shape if len(p.shape) >= 2 else p.layer_weight_shape
-        if p.layer_type == "batch_norm" and p.role in ("weight", "running_var"):
+        if spec.probe == "initial":
+            values = inits.exact_values(p.init, p.shape, p.layer_weight_shape)
+        elif p.layer_type == "batch_norm" and p.role in ("weight", "running_var"):
             values = rng.uniform(0.5, 1.5, p.shape)
         elif p.layer_type == "batch_norm":
             values = rng.normal(0.0, 0.1, p.shape)
@@ -73,6 +101,11 @@ def make_probe(spec: Spec) -> dict[str, np.ndarray]:
             values = rng.uniform(-bound, bound, p.shape)
         out[p.name] = values.astype(np.float32)
     return out
+
+
+#: the thread-count variables every BLAS / OpenMP runtime reads when it loads
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -99,25 +132,40 @@ def _exit_cause(rc: int | None, timed_out: bool, timeout: float) -> str:
 
 def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *, device: str,
                timeout: float, progress=print, adapter: str | None = None,
-               settings: dict | None = None) -> WorkerResult:
+               settings: dict | None = None, timing: TimingRequest | None = None,
+               checks: bool = True, reference_variants: bool = False, task: str = "compare",
+               checkpoint: str | None = None,
+               probes: list[dict[str, np.ndarray]] | None = None) -> WorkerResult:
     """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
 
     ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
-    from the project root."""
+    from the project root; the other options are ``protocol.Request``'s. ``settings["threads"]``
+    also sets the BLAS/OpenMP thread variables before the worker starts."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir = work_dir / "out"
-    np.savez(work_dir / "inputs.npz", **{str(i): make_input(s) for i, s in enumerate(specs)})
-    np.savez(work_dir / "probe.npz", **{f"{i}/{name}": v for i, s in enumerate(specs)
-                                        for name, v in make_probe(s).items()})
+    inputs = {}
+    for i, s in enumerate(specs):
+        inputs[str(i)] = make_input(s)
+        inputs[f"{i}/cotangent"] = make_cotangent(s)
+        inputs[f"{i}/mismatch"] = make_input(s, mismatch_shape(s))
+    np.savez(work_dir / "inputs.npz", **inputs)
+    probes = probes if probes is not None else [make_probe(s) for s in specs]
+    np.savez(work_dir / "probe.npz", **{f"{i}/{name}": v for i, p in enumerate(probes)
+                                        for name, v in p.items()})
+    settings = dict(settings or {})
     request = Request(backend=backend, adapter=adapter or f"backends.{backend}.adapter",
                       device=device, plans=[s.plan for s in specs],
                       inputs=str(work_dir / "inputs.npz"), probe=str(work_dir / "probe.npz"),
-                      out_dir=str(out_dir), settings=dict(settings or {}))
+                      out_dir=str(out_dir), settings=settings, task=task, checks=checks,
+                      timing=timing, checkpoint=checkpoint,
+                      reference_variants=reference_variants)
     (work_dir / "request.json").write_text(json.dumps(protocol.dump(request), indent=1))
     log_path = work_dir / "worker.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         PYTHONUNBUFFERED="1")
+    if settings.get("threads"):
+        env.update(dict.fromkeys(THREAD_VARIABLES, str(settings["threads"])))
 
     started = time.monotonic()
     with open(log_path, "wb") as log:
@@ -129,7 +177,8 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
         except OSError as exc:
             return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
         try:
-            rc, timed_out, _ = _supervise(proc, backend, specs, out_dir, timeout, progress)
+            rc, timed_out, _ = _supervise(proc, backend, specs, out_dir, timeout, progress,
+                                          _LogFollower(log_path, backend, progress))
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
             _kill(proc)
             raise
@@ -142,7 +191,37 @@ def _finished(out_dir: Path, n: int) -> int:
     return sum((out_dir / f"{i}.json").exists() for i in range(n))
 
 
-def _supervise(proc, backend, specs, out_dir, timeout, progress):
+class _LogFollower:
+    """Forwards the worker's own progress lines (``[worker] ...`` in its log: which spec, which
+    timing) to the user as they appear; reads only what is new, a bounded amount at a time."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, path: Path, backend: str, progress):
+        self.path, self.backend, self.progress, self.offset = path, backend, progress, 0
+        self.partial = b""
+
+    def __call__(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(self.CHUNK)
+        except OSError:
+            return
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()[-1024:]
+        for line in lines:
+            if line.startswith(b"[worker] timing "):
+                text = line[len(b"[worker] "):].decode("utf-8", "replace")
+                self.progress(f"[{self.backend}] {_printable(text)[:200]}")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: None):
     """Wait for the worker, reporting progress; kill it after ``timeout`` s without any.
     Returns (exit status, timed out, specs finished)."""
     timed_out, rc, done, seen = False, None, 0, 0
@@ -153,6 +232,7 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress):
             break
         except subprocess.TimeoutExpired:
             pass
+        follow()
         finished = _finished(out_dir, len(specs))
         markers = finished + (out_dir / "worker.json").exists()
         if markers > seen:  # set up, or one more spec finished: progress
@@ -221,6 +301,12 @@ def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) 
                                             log_tail=log_tail), {}
         records.append(record)
         arrays.append(arr)
+    done = None
+    if (out_dir / "done.json").exists():
+        try:
+            done = _read_json(out_dir / "done.json", DoneRecord, "done.json")
+        except ProtocolError as exc:
+            errors.append(f"malformed worker output: {exc}")
     if timed_out or (rc not in (0, None) and not errors):
         errors.append(_exit_cause(rc, timed_out, timeout))
-    return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors)
+    return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors, done)

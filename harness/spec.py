@@ -18,11 +18,14 @@ from backends.protocol import Plan
 
 from . import initializers as inits
 
-LAYER_TYPES = ("dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu", "sigmoid", "tanh",
-               "center", "sequential", "ref")
-ROLES = {"dense": ("weight", "bias"), "conv2d": ("weight", "bias"),
+LAYER_TYPES = ("dense", "my_dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu",
+               "sigmoid", "tanh", "center", "sequential", "ref")
+ROLES = {"dense": ("weight", "bias"), "my_dense": ("weight", "bias"), "conv2d": ("weight", "bias"),
          "batch_norm": ("weight", "bias", "running_mean", "running_var")}
 TRAINABLE_ROLES = ("weight", "bias")
+#: the training loss: sum(output * C) with a cotangent C the harness draws (not all ones, so a
+#: transposed or wrongly summed gradient shows), or the plain sum of the outputs (C = 1)
+LOSSES = ("cotangent", "sum")
 
 
 class SpecError(Exception):
@@ -45,6 +48,7 @@ _INITS = {"weight_init": _INIT, "bias_init": _INIT}
 _FIELDS = {
     "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS},
               ["units"]),
+    "my_dense": ({"units": _INT1, "in_units": _INT1, **_INITS}, ["units"]),
     "conv2d": ({"channels": _INT1, "kernel": _PAIR1, "stride": _PAIR1, "padding": _PAIR0,
                 "in_channels": _INT1, "bias": {"type": "boolean"}, **_INITS},
                ["channels", "kernel"]),
@@ -64,6 +68,9 @@ SCHEMA = {
         "description": {"type": "string"},
         "input": {"type": "array", "items": _INT1, "minItems": 2},
         "seed": _INT0,
+        "input_fill": {"type": "number"},
+        "loss": {"enum": list(LOSSES)},
+        "probe": {"enum": ["random", "initial"]},
         "init": {"type": "object", "additionalProperties": False,
                  "properties": {"weight": _INIT, "bias": _INIT}},
         "layers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/layer"}},
@@ -151,6 +158,15 @@ class Spec:
     plan: Plan
     params: list[ParamSpec]
     output_shape: tuple[int, ...]
+    flops: int = 0                # forward FLOPs at input_shape (harness.spec.forward_flops)
+    loss: str = "cotangent"       # see LOSSES
+    input_fill: float | None = None   # a constant input instead of N(0, 1) draws
+    probe: str = "random"         # "initial": numerics and gradients with the initial values
+
+    @property
+    def flops_per_sample(self) -> float:
+        """Every layer's work is proportional to the batch (``center``'s mean included)."""
+        return self.flops / self.input_shape[0]
 
     @property
     def param_count(self) -> int:
@@ -164,6 +180,17 @@ class Spec:
 
     def param(self, name: str) -> ParamSpec:
         return next(p for p in self.params if p.name == name)
+
+
+def forward_flops(node: dict, shape: tuple, out: tuple) -> int:
+    """Floating-point operations of one leaf's forward (a multiply-add is 2): dense and conv
+    by their products; every other layer one per output element (flatten: none)."""
+    t, n_out = node["type"], math.prod(out)
+    if t in ("dense", "my_dense"):
+        return 2 * n_out * shape[-1] + n_out * (node["bias"] + (t == "my_dense"))
+    if t == "conv2d":
+        return 2 * n_out * shape[1] * math.prod(node["kernel"]) + n_out * node["bias"]
+    return 0 if t == "flatten" else n_out
 
 
 def _pair(value, default) -> list[int]:
@@ -180,6 +207,7 @@ class _Builder:
         self.nodes: dict[str, dict] = {}        # canonical path -> plan node (completed)
         self.where: dict[str, str] = {}         # canonical path -> spec field path
         self.params: dict[str, ParamSpec] = {}  # canonical name -> ParamSpec
+        self.flops = 0                          # forward FLOPs at the spec's input
 
     def fail(self, where, message):
         raise SpecError(self.file, where, message)
@@ -201,7 +229,7 @@ class _Builder:
     def node(self, raw, seg, path, where) -> dict:
         t = raw["type"]
         node = {"type": t, "name": seg, "path": path}
-        if t == "dense":
+        if t in ("dense", "my_dense"):
             node.update(units=raw["units"], in_units=raw.get("in_units"),
                         bias=raw.get("bias", True))
         elif t == "conv2d":
@@ -280,9 +308,16 @@ class _Builder:
                 sub = alias_prefix and alias_prefix + child["path"][len(node["path"]):]
                 shape = self.apply(child, shape, sub, where if alias_prefix else None)
             return shape
-        if t == "dense":
+        out = self.leaf(node, shape, alias_prefix, where)
+        self.flops += forward_flops(node, shape, out)
+        return out
+
+    def leaf(self, node, shape, alias_prefix, where) -> tuple[int, ...]:
+        """Shape after a leaf node (see ``apply``), its parameters recorded."""
+        t = node["type"]
+        if t in ("dense", "my_dense"):
             if len(shape) < 2:
-                self.fail(where, f"dense needs an input with a feature axis, got shape {shape}")
+                self.fail(where, f"{t} needs an input with a feature axis, got shape {shape}")
             given, n_in = node["in_units"], shape[-1]
             self.check_given(given, n_in, where, "in_units", "features")
             out = shape[:-1] + (node["units"],)
@@ -398,8 +433,15 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     params = list(b.params.values())
     for p in params:
         p.shared_with.sort()
+    if doc.get("probe") == "initial":
+        for p in params:
+            if inits.exact_values(p.init, p.shape, p.layer_weight_shape) is None:
+                b.fail(p.init_field, f"probe: initial needs deterministic initial values, but "
+                                     f"{p.name} is initialized by {p.init['name']}")
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
-                params, output_shape)
+                params, output_shape, b.flops, doc.get("loss", "cotangent"),
+                None if doc.get("input_fill") is None else float(doc["input_fill"]),
+                doc.get("probe", "random"))
 
 
 def load_spec(path: str | Path, seed: int | None = None) -> Spec:

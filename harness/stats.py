@@ -97,3 +97,53 @@ def exact_check(values: np.ndarray, target, detail: str, name: str = EXACT) -> C
     """Every value equal to ``target`` (an array or a scalar)."""
     diff = float(np.max(np.abs(values - target))) if values.size else 0.0
     return Check(name, diff == 0.0, diff, 0.0, detail)
+
+
+# ----------------------------------------------------------------------------- timing statistics
+
+SPREAD_WARNING = 0.10   # IQR / median above this: the figure is noisy (torch.utils.benchmark's)
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass
+class TimingStats:
+    """Per-call seconds from raw block times, as ``torch.utils.benchmark.Measurement``
+    derives them: each block's time divided by its calls, then order statistics; plus a
+    bootstrap 95 % confidence interval of the median."""
+    n_blocks: int
+    number: int
+    median: float
+    iqr: float
+    p10: float
+    p90: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def spread(self) -> float:
+        """IQR / median."""
+        return self.iqr / self.median if self.median > 0 else math.inf
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > SPREAD_WARNING
+
+    def to_json(self) -> dict:
+        return {"n_blocks": self.n_blocks, "number": self.number, "median_s": self.median,
+                "iqr_s": self.iqr, "p10_s": self.p10, "p90_s": self.p90,
+                "ci95_median_s": [self.ci_low, self.ci_high], "spread": self.spread,
+                "noisy": self.noisy}
+
+
+def timing_stats(block_times, number: int, seed: int = 0) -> TimingStats | None:
+    """Statistics of per-call times; None without a usable sample."""
+    times = np.asarray(block_times, dtype=np.float64) / max(int(number), 1)
+    times = times[np.isfinite(times) & (times > 0)]
+    if times.size == 0:
+        return None
+    p10, q1, median, q3, p90 = np.percentile(times, [10, 25, 50, 75, 90])
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(times, size=(BOOTSTRAP_RESAMPLES, times.size)), axis=1)
+    lo, hi = np.percentile(medians, [2.5, 97.5])
+    return TimingStats(int(times.size), int(number), float(median), float(q3 - q1), float(p10),
+                       float(p90), float(lo), float(hi))

@@ -1,22 +1,38 @@
-"""The NumPy reference backend: the spec implemented directly in NumPy, with PyTorch's defaults.
+"""The NumPy reference backend: the spec implemented directly in NumPy, with PyTorch's semantics
+and defaults, forward and backward.
 
 Every owned parameter lives in one dict keyed by its canonical name (PyTorch layout), so a ``ref``
 node reaches the very arrays of its target. Sizes the plan leaves open are created at the first
-forward. Parameters are stored as float32; forward computes in float64 and returns float32, so the
-reference is as close to the exact result as float32 outputs allow.
+forward. Parameters are stored as float32; forward and backward compute in float64 (outputs and
+gradients are float64 until they cross to the host as float32), so the reference is as close to
+the exact result as float32 parameters allow.
+
+Each layer type is one class below with its ``forward`` and ``backward`` side by side. A forward
+pass walks the plan (``sequential`` and ``ref`` are structure only) and, when gradients are
+wanted, records every leaf call on a tape; the backward replays the tape in reverse, so a layer
+reached twice through a ``ref`` contributes twice and its gradients are summed, as autograd does.
+
+Training mode is PyTorch's: batch norm normalizes with the biased batch variance (eps inside the
+square root) and updates its running statistics at every call, ``new = (1 - m) * old + m *
+batch``, with the unbiased batch variance (``running_var_estimator = "unbiased"``, the default)
+or the biased one (``"biased"``: the Keras / Flax / Gluon convention, used by the worker for a
+second reference).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
-                           ParamInfo, ParamRef, calculate_gain, dirac_kernel, given_in_size,
-                           iter_nodes, owned_params, param_roles, param_shapes, torch_fans)
+                           ParamInfo, ParamRef, SavedFile, calculate_gain, dirac_kernel,
+                           given_in_size, iter_nodes, owned_params, param_roles, param_shapes,
+                           torch_fans)
 from backends.protocol import Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
@@ -27,6 +43,11 @@ _TORCH_DEFAULTS = {
     "bias": {"name": "fan_in_uniform", "scale": 1.0},
 }
 _BN_DEFAULTS = {"weight": "ones", "bias": "zeros", "running_mean": "zeros", "running_var": "ones"}
+# The hand-made layer's own: d2l's MyLinear draws both parameters with torch.randn.
+_MY_DENSE_DEFAULTS = {"weight": {"name": "normal", "mean": 0.0, "std": 1.0},
+                      "bias": {"name": "normal", "mean": 0.0, "std": 1.0}}
+#: layer types whose bias rule (fan_in_uniform) needs the layer's weight shape
+_WEIGHTED = ("dense", "my_dense", "conv2d")
 
 
 # ---------------------------------------------------------------- initializers (torch semantics)
@@ -159,14 +180,71 @@ _INITS = {
 }
 
 
+
 def _default(node: PlanNode, role: str) -> dict:
-    """The INIT that `default` stands for on this role: PyTorch's."""
+    """The INIT that `default` stands for on this role: PyTorch's (d2l's MyLinear for my_dense)."""
     if node.type == "batch_norm":
         return {"name": _BN_DEFAULTS[role]}
+    if node.type == "my_dense":
+        return _MY_DENSE_DEFAULTS[role]
     return _TORCH_DEFAULTS[role]
 
 
-# ---------------------------------------------------------------- layers (float64 in, float64 out)
+# ---------------------------------------------------------------- layers: forward and backward
+
+RUNNING_VAR_ESTIMATORS = ("unbiased", "biased")
+
+
+@dataclass
+class _Pass:
+    """One forward pass through a model: its mode, and what it records.
+
+    ``training`` selects batch statistics in batch norm, and their running update;
+    ``running_var_estimator`` which batch variance that update uses; ``tape``, when not None,
+    collects every leaf call ``(node, layer, p, saved)`` for the backward."""
+    model: _Model
+    training: bool = False
+    running_var_estimator: str = "unbiased"
+    tape: list | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.running_var_estimator not in RUNNING_VAR_ESTIMATORS:
+            raise ValueError(f"running_var_estimator must be one of {RUNNING_VAR_ESTIMATORS}, "
+                             f"got {self.running_var_estimator!r}")
+
+    def update(self, node: PlanNode, role: str, value: np.ndarray) -> None:
+        """Store a new value of one of ``node``'s buffers (in the storage's dtype)."""
+        name = f"{node.path}.{role}"
+        self.model.params[name] = np.asarray(value, dtype=self.model.params[name].dtype)
+
+
+class _Layer:
+    """One layer type, forward and backward side by side. ``p`` maps the node's roles to its
+    parameters in canonical layout; they, x, y, dy and dx are all float64.
+
+    - ``forward(node, p, x, ps) -> (y, saved)``: the output, and what the backward needs;
+    - ``backward(node, p, saved, dy) -> (dx, {role: gradient})``: given dL/dy, the gradient of
+      the loss with respect to the input and to each trainable parameter of this call.
+    """
+
+    @staticmethod
+    def forward(node: PlanNode, p: dict, x: np.ndarray, ps: _Pass):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(node: PlanNode, p: dict, saved, dy: np.ndarray):
+        raise NotImplementedError
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """An array as a matrix: one row per position, its last axis as columns."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A (C,) vector shaped to broadcast over channel axis 1 of an ``ndim``-D array."""
+    return v.reshape((-1,) + (1,) * (ndim - 2))
+
 
 def _windows(node, x, size, stride):
     """(N, C, OH, OW, kh, kw) view of the floor-mode sliding windows of an NCHW array."""
@@ -176,45 +254,226 @@ def _windows(node, x, size, stride):
     return sliding_window_view(x, tuple(size), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
 
 
-def _conv2d(node, p, x):
-    """Zero-padded strided cross-correlation, like torch's conv2d."""
-    (ph, pw) = node.padding
-    win = _windows(node, np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))), node.kernel,
-                   node.stride)
-    y = np.einsum("nchwij,ocij->nohw", win, p["weight"], optimize=True)
-    return y + p["bias"][:, None, None] if "bias" in p else y
+class _Dense(_Layer):
+    """``y = x W^T + b`` on the last axis of an input of any rank, as torch's Linear; the
+    gradients of W and b sum over every leading axis."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        y = x @ p["weight"].T
+        return (y + p["bias"] if "bias" in p else y), x
+
+    @staticmethod
+    def backward(node, p, x, dy):
+        grads = {"weight": _rows(dy).T @ _rows(x)}
+        if "bias" in p:
+            grads["bias"] = _rows(dy).sum(axis=0)
+        return dy @ p["weight"], grads
 
 
-def _batch_norm(node, p, x):
-    """Inference-mode batch norm over channel axis 1, from the running statistics."""
-    g = {role: v.reshape((-1,) + (1,) * (x.ndim - 2)) for role, v in p.items()}
-    return ((x - g["running_mean"]) / np.sqrt(g["running_var"] + node.eps) * g["weight"]
-            + g["bias"])
+class _MyDense(_Layer):
+    """The hand-made layer (d2l's MyLinear): ``relu(x W^T + b)``, W (out, in), b (out,), on
+    the last axis; relu's gradient is 0 where ``x W^T + b <= 0``."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        z, _ = _Dense.forward(node, p, x, ps)
+        return np.maximum(z, 0), (x, z > 0)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        x, positive = saved
+        return _Dense.backward(node, p, x, dy * positive)
 
 
-def _sigmoid(node, p, x):
-    """Logistic function without overflow for large |x|."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+class _Conv2d(_Layer):
+    """Zero-padded strided cross-correlation, as torch's conv2d:
+    ``y[n, o, h, w] = b[o] + sum_{c, i, j} W[o, c, i, j] * xpad[n, c, h*sh + i, w*sw + j]``.
+    Floor mode: input rows and columns that no window reaches get a zero gradient."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        (ph, pw) = node.padding
+        win = _windows(node, np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))), node.kernel,
+                       node.stride)
+        y = np.einsum("nchwij,ocij->nohw", win, p["weight"], optimize=True)
+        return (y + p["bias"][:, None, None] if "bias" in p else y), (x.shape, win)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        (n, c, h, w), win = saved
+        grads = {"weight": np.tensordot(dy, win, axes=([0, 2, 3], [0, 2, 3]))}  # (o, c, kh, kw)
+        if "bias" in p:
+            grads["bias"] = dy.sum(axis=(0, 2, 3))
+        (sh, sw), (ph, pw), (kh, kw) = node.stride, node.padding, node.kernel
+        oh, ow = dy.shape[2:]
+        taps = np.tensordot(dy, p["weight"], axes=([1], [0]))  # (n, oh, ow, c, kh, kw)
+        dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+        for i in range(kh):  # kernel tap (i, j) read xpad[:, :, h*sh + i, w*sw + j]
+            for j in range(kw):
+                dxpad[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += \
+                    taps[..., i, j].transpose(0, 3, 1, 2)
+        return dxpad[:, :, ph:ph + h, pw:pw + w], grads
+
+
+class _BatchNorm(_Layer):
+    """Batch norm over channel axis 1 of (N, C) or (N, C, H, W), as torch's BatchNorm1d/2d.
+
+    Inference: ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``.
+    Training: the same with the batch mean and the *biased* batch variance, per channel over
+    every other axis (n values); then, at every call, ``running = (1 - m) * running + m *
+    batch`` with the batch mean and the *unbiased* batch variance ``n / (n - 1) * var`` (or the
+    biased one: ``_Pass.running_var_estimator``). The backward goes through the batch
+    statistics too: every output of a channel depends on every input of that channel."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        g = {role: _per_channel(v, x.ndim) for role, v in p.items()}
+        if not ps.training:
+            return ((x - g["running_mean"]) / np.sqrt(g["running_var"] + node.eps) * g["weight"]
+                    + g["bias"]), None
+        axes, n = (0, *range(2, x.ndim)), x.size // x.shape[1]
+        if n < 2:  # torch: "Expected more than 1 value per channel when training"
+            raise ValueError(f"batch_norm {node.path!r}: training mode needs more than 1 value "
+                             f"per channel, got input shape {list(x.shape)}")
+        mean, var = x.mean(axis=axes), x.var(axis=axes)  # var: biased (divides by n)
+        batch_var = var * n / (n - 1) if ps.running_var_estimator == "unbiased" else var
+        m = node.momentum
+        ps.update(node, "running_mean", (1 - m) * p["running_mean"] + m * mean)
+        ps.update(node, "running_var", (1 - m) * p["running_var"] + m * batch_var)
+        inv_std = 1 / np.sqrt(var + node.eps)
+        xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
+        return xhat * g["weight"] + g["bias"], (xhat, inv_std)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        if saved is None:
+            raise ValueError(f"batch_norm {node.path!r}: the backward needs a training-mode "
+                             "forward")
+        xhat, inv_std = saved
+        axes, nd = (0, *range(2, dy.ndim)), dy.ndim
+        grads = {"weight": (dy * xhat).sum(axis=axes), "bias": dy.sum(axis=axes)}
+        dxhat = dy * _per_channel(p["weight"], nd)
+        dx = _per_channel(inv_std, nd) * (dxhat - _per_channel(dxhat.mean(axis=axes), nd)
+                                          - xhat * _per_channel((dxhat * xhat).mean(axis=axes),
+                                                                nd))
+        return dx, grads
+
+
+class _MaxPool2d(_Layer):
+    """Max over floor-mode windows without padding, as torch's max_pool2d.
+
+    The gradient of each output goes to one input of its window, where torch's kernels (CPU
+    and CUDA alike) put it: they scan the window in row-major order and keep a candidate
+    unless a later value is strictly greater, or is NaN. So on ties the *first* maximum wins,
+    and a window holding NaN sends its gradient to its *last* NaN. Where windows overlap, an
+    input that is the maximum of several receives the sum of their gradients."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        win = _windows(node, x, node.pool, node.stride)
+        return win.max(axis=(-2, -1)), (x.shape, win)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        x_shape, win = saved
+        n, c, oh, ow, kh, kw = win.shape
+        flat = win.reshape(n, c, oh, ow, kh * kw)
+        arg = flat.argmax(axis=-1)  # numpy: the first maximum (and the first NaN)
+        nan = np.isnan(flat)
+        if nan.any():  # torch: the last NaN
+            arg = np.where(nan.any(axis=-1), kh * kw - 1 - nan[..., ::-1].argmax(axis=-1), arg)
+        i, j = np.divmod(arg, kw)
+        rows = np.arange(oh)[:, None] * node.stride[0] + i  # (n, c, oh, ow) input positions
+        cols = np.arange(ow) * node.stride[1] + j
+        dx = np.zeros(x_shape)
+        np.add.at(dx, (np.arange(n)[:, None, None, None], np.arange(c)[:, None, None], rows,
+                       cols), dy)
+        return dx, {}
+
+
+class _Flatten(_Layer):
+    """(N, ...) -> (N, prod(...)), row-major as torch's Flatten."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return x.reshape(len(x), -1), x.shape
+
+    @staticmethod
+    def backward(node, p, shape, dy):
+        return dy.reshape(shape), {}
+
+
+class _ReLU(_Layer):
+    """``max(x, 0)``; gradient 1 where x > 0, else 0 (0 at 0, as torch's threshold_backward)."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return np.maximum(x, 0), x > 0
+
+    @staticmethod
+    def backward(node, p, positive, dy):
+        return dy * positive, {}
+
+
+class _Sigmoid(_Layer):
+    """The logistic function (no overflow for large |x|); gradient ``y (1 - y)``."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        e = np.exp(-np.abs(x))
+        y = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        return y, y
+
+    @staticmethod
+    def backward(node, p, y, dy):
+        return dy * y * (1 - y), {}
+
+
+class _Tanh(_Layer):
+    """``tanh(x)``; gradient ``1 - y^2``."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        y = np.tanh(x)
+        return y, y
+
+    @staticmethod
+    def backward(node, p, y, dy):
+        return dy * (1 - y * y), {}
+
+
+class _Center(_Layer):
+    """d2l's CenteredLayer: ``x - mean(x)``, the mean over every element (batch included);
+    gradient ``dy - mean(dy)``."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return x - x.mean(), None
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        return dy - dy.mean(), {}
 
 
 _LAYERS = {
-    "dense": lambda n, p, x: x @ p["weight"].T + p["bias"] if "bias" in p else x @ p["weight"].T,
-    "conv2d": _conv2d,
-    "batch_norm": _batch_norm,
-    "max_pool2d": lambda n, p, x: _windows(n, x, n.pool, n.stride).max(axis=(-2, -1)),
-    "flatten": lambda n, p, x: x.reshape(len(x), -1),
-    "relu": lambda n, p, x: np.maximum(x, 0),
-    "sigmoid": _sigmoid,
-    "tanh": lambda n, p, x: np.tanh(x),
-    "center": lambda n, p, x: x - x.mean(),
-    "sequential": None,  # handled by Adapter._apply
-    "ref": None,
+    "dense": _Dense,
+    "my_dense": _MyDense,
+    "conv2d": _Conv2d,
+    "batch_norm": _BatchNorm,
+    "max_pool2d": _MaxPool2d,
+    "flatten": _Flatten,
+    "relu": _ReLU,
+    "sigmoid": _Sigmoid,
+    "tanh": _Tanh,
+    "center": _Center,
+    "sequential": None,  # structure only: Adapter._apply walks it
+    "ref": None,         # structure only: the target called again, its parameters shared
 }
 
 
 class _Model:
-    """A built plan: nodes by canonical path, one float32 array (None: lazy) per parameter."""
+    """A built plan: nodes by canonical path, one array (None: lazy) per parameter, float32."""
 
     def __init__(self, plan: Plan):
         self.plan, self.nodes, self.params = plan, {}, {}
@@ -225,6 +484,9 @@ class Adapter(BaseAdapter):
     layer objects, so it overrides ``build`` itself; its parameters live in one dict."""
 
     framework = "NumPy"
+    #: the batch variance a training-mode batch norm folds into running_var: "unbiased"
+    #: (PyTorch's) or "biased" (Keras', Flax's, Gluon's); the worker switches it for a variant
+    running_var_estimator = "unbiased"
 
     def __init__(self):
         self.rng = np.random.default_rng()
@@ -262,7 +524,7 @@ class Adapter(BaseAdapter):
     def _create(self, model: _Model, node: PlanNode, n: int) -> None:
         """Create a node's parameters for input size n, with the default initialization."""
         shapes = param_shapes(node, n)
-        wshape = shapes["weight"] if node.type in ("dense", "conv2d") else None
+        wshape = shapes["weight"] if node.type in _WEIGHTED else None
         for role, shape in shapes.items():
             model.params[f"{node.path}.{role}"] = self._sample(_default(node, role), shape, wshape)
 
@@ -301,10 +563,10 @@ class Adapter(BaseAdapter):
         return model.nodes[position.node.path].path
 
     def init_param(self, model: _Model, ref: ParamRef, init: dict) -> str:
-        """Draw one INIT; `default` is PyTorch's rule."""
+        """Draw one INIT; `default` is PyTorch's rule (d2l's MyLinear's for my_dense)."""
         shape = self.read(model, ref).shape
         wshape = (model.params[f"{ref.node.path}.weight"].shape
-                  if ref.node.type in ("dense", "conv2d") else None)
+                  if ref.node.type in _WEIGHTED else None)
         is_default = init["name"] == "default"
         model.params[ref.name] = self._sample(_default(ref.node, ref.role) if is_default
                                               else init, shape, wshape)
@@ -312,32 +574,38 @@ class Adapter(BaseAdapter):
 
     # -- compute: synchronous, float64 inside ------------------------------------------------
 
-    def to_device(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
+    def from_numpy(self, arr: np.ndarray) -> np.ndarray:
+        """The reference computes in float64: a float64 copy."""
+        return np.array(arr, dtype=np.float64)
+
+    def to_numpy(self, value) -> np.ndarray:
+        """Outputs and gradients leave the reference as float32, as every framework's do."""
+        return np.array(value, dtype=np.float32)
 
     def run(self, model: _Model, x: np.ndarray, *, training: bool = False) -> np.ndarray:
-        """Forward in float64 (inference mode: batch norm from its running statistics)."""
-        if training:
-            raise NotImplementedError("the NumPy reference has no training mode yet")
-        for node in model.plan.layers:
-            x = self._apply(model, node, x)
-        return x
-
-    def to_host(self, y: np.ndarray) -> np.ndarray:
-        return np.asarray(y, dtype=np.float32)
+        """Forward in float64. Inference mode: batch norm from its running statistics; training
+        mode: from the batch's, its running statistics updated at every call."""
+        return self._forward(model, x, _Pass(model, training, self.running_var_estimator))
 
     def block(self, value) -> None:
         """Nothing is queued: NumPy computes when called."""
 
-    def _apply(self, model: _Model, node: PlanNode, x: np.ndarray) -> np.ndarray:
-        """One node on x, creating lazy parameters and checking the input against existing ones."""
+    def _forward(self, model: _Model, x: np.ndarray, ps: _Pass) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        for node in model.plan.layers:
+            x = self._apply(model, node, x, ps)
+        return x
+
+    def _apply(self, model: _Model, node: PlanNode, x: np.ndarray, ps: _Pass) -> np.ndarray:
+        """One node on x, creating lazy parameters and checking the input against existing ones;
+        a leaf call goes on the tape when the pass keeps one."""
         kind = node.type
         if kind == "sequential":
             for child in node.layers:
-                x = self._apply(model, child, x)
+                x = self._apply(model, child, x, ps)
             return x
         if kind == "ref":
-            return self._apply(model, model.nodes[node.to], x)
+            return self._apply(model, model.nodes[node.to], x, ps)
         ndim = {"conv2d": 4, "max_pool2d": 4,
                 "batch_norm": 4 if node.spatial else 2}.get(kind)
         if ndim is not None and x.ndim != ndim or x.ndim < 2:
@@ -345,7 +613,7 @@ class Adapter(BaseAdapter):
                              f"got shape {list(x.shape)}")
         p = {}
         if param_roles(node):
-            n = x.shape[-1] if kind == "dense" else x.shape[1]
+            n = x.shape[-1] if kind in ("dense", "my_dense") else x.shape[1]
             if model.params[f"{node.path}.weight"] is None:
                 self._create(model, node, n)
             for role, want in param_shapes(node, n).items():
@@ -356,4 +624,132 @@ class Adapter(BaseAdapter):
                         f"{node.path}.{role} of shape {list(want)}, but it has "
                         f"{list(have.shape)} (inferred or given earlier)")
                 p[role] = have.astype(np.float64)
-        return _LAYERS[kind](node, p, x)
+        layer = _LAYERS[kind]
+        y, saved = layer.forward(node, p, x, ps)
+        if ps.tape is not None:
+            ps.tape.append((node, layer, p, saved))
+        return y
+
+    # -- training semantics ------------------------------------------------------------------
+
+    def vjp(self, model: _Model, x: np.ndarray, cotangent: np.ndarray):
+        """One training-mode forward and its backward, for the loss ``sum(output * cotangent)``:
+        ``(output, dloss/dx, {canonical name: dloss/dparam})``, all float64. The tape is
+        replayed in reverse; a layer called several times (a ``ref``) adds each call's gradient
+        to its parameters' sum, as autograd does."""
+        tape: list = []
+        y = self._forward(model, x, _Pass(model, True, self.running_var_estimator, tape))
+        dy = np.asarray(cotangent, dtype=np.float64)
+        if dy.shape != y.shape:
+            raise ValueError(f"cotangent of shape {list(dy.shape)} for an output of shape "
+                             f"{list(y.shape)}")
+        grads: dict[str, np.ndarray] = {}
+        for node, layer, p, saved in reversed(tape):
+            dy, own = layer.backward(node, p, saved, dy)
+            for role, g in own.items():
+                name = f"{node.path}.{role}"
+                grads[name] = grads[name] + g if name in grads else g
+        return y, dy, grads
+
+    def grads(self, model: _Model, x: np.ndarray, cotangent: np.ndarray):
+        """(output, {canonical name: gradient}) for every trainable parameter, float64, in
+        canonical order; running statistics updated once per batch-norm call, parameters not
+        changed."""
+        y, _, grads = self.vjp(model, x, cotangent)
+        return y, {name: grads[name] for name, _, role in owned_params(model.plan)
+                   if role in TRAINABLE_ROLES}
+
+    def save(self, model: _Model, stem: str) -> SavedFile:
+        """Every parameter and running statistic, by canonical name, with ``np.savez``."""
+        lazy = [name for name, arr in model.params.items() if arr is None]
+        if lazy:
+            raise ValueError(f"cannot save {', '.join(lazy)}: not created yet (its size is "
+                             "inferred at the first forward)")
+        path = stem + ".npz"
+        np.savez(path, **model.params)
+        return SavedFile(path, "npz (numpy.savez, canonical names)", list(model.params))
+
+    def restore(self, model: _Model, path: str) -> None:
+        """Load an ``.npz`` of canonical names (``np.load``, no pickles) into a model of the
+        same plan, lazy or not: every name and shape is checked before anything is written (a
+        lazy size is taken from the file, then checked at the first forward)."""
+        data = np.load(os.fspath(path), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: not an .npz archive of named arrays")
+        with data:
+            stored = {name: data[name] for name in data.files}
+        want = [name for name, _, _ in owned_params(model.plan)]
+        missing, unexpected = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)} (the model has "
+                             f"{len(want)} parameters and running statistics)")
+        if unexpected:
+            raise ValueError(f"{path}: unexpected {', '.join(unexpected)} (not a parameter of "
+                             "this model)")
+        new = {}
+        for node in iter_nodes(model.plan.layers):
+            if not param_roles(node):
+                continue
+            n = self._in_size(model, node, stored)
+            for role, shape in param_shapes(node, n).items():
+                name, arr = f"{node.path}.{role}", stored[f"{node.path}.{role}"]
+                if arr.shape != shape:
+                    raise ValueError(f"{path}: {name} has shape {list(arr.shape)}, but the "
+                                     f"model needs {list(shape)}")
+                if arr.dtype.kind not in "fiu":
+                    raise ValueError(f"{path}: {name} has dtype {arr.dtype}, not a real number")
+                new[name] = np.array(arr, dtype=np.float32)
+        model.params.update(new)
+        return None
+
+    @staticmethod
+    def _in_size(model: _Model, node: PlanNode, stored: dict) -> int | None:
+        """A node's input size: the model's, else the plan's, else the file's (lazy)."""
+        axis = 0 if node.type == "batch_norm" else 1
+        have = model.params[f"{node.path}.weight"]
+        if have is not None:
+            return have.shape[axis]
+        if given_in_size(node) is not None:
+            return given_in_size(node)
+        shape = stored[f"{node.path}.weight"].shape
+        return shape[axis] if len(shape) > axis else None
+
+    def semantics(self) -> dict[str, str]:
+        running_var = ("unbiased (PyTorch's): n/(n-1) times the biased batch variance"
+                       if self.running_var_estimator == "unbiased" else
+                       "biased: the batch variance itself (Keras', Flax's, Gluon's)")
+        return {
+            "batch_norm_momentum": "PyTorch's: running = (1 - momentum) * running + momentum "
+                                   "* batch",
+            "batch_norm_running_var": running_var,
+            "gradient_accumulation": "sums over uses, as autograd",
+            "custom_parameters": "a dict of arrays by canonical name",
+        }
+
+    # -- timing --------------------------------------------------------------------------------
+
+    def modes(self) -> dict[str, str]:
+        return {"eager": "numpy (float64, the reference: a baseline, not ranked)"}
+
+    def step(self, model: _Model, phase: str, mode: str, x, cotangent, lr: float):
+        if mode not in self.modes():
+            raise ValueError(f"the NumPy reference has no mode {mode!r} "
+                             f"(only {list(self.modes())})")
+        if phase == "inference":
+            return lambda: self.run(model, x, training=False)
+        if phase != "train":
+            raise ValueError(f"unknown phase {phase!r} (expected inference or train)")
+
+        def train():
+            y, grads = self.grads(model, x, cotangent)
+            for name, g in grads.items():
+                model.params[name] -= lr * g  # in place, in the storage's dtype (float32)
+            return float(np.sum(y * cotangent))
+
+        return train
+
+    def matmul(self, n: int):
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        return lambda: a @ b

@@ -8,13 +8,13 @@ torch is imported in ``import_framework`` only, so importing this module costs n
 from __future__ import annotations
 
 import math
-import platform
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from backends import base
 from backends.protocol import Plan
+from backends.torch_support import TorchDevices
 
 #: initializers that are one ``torch.nn.init.<name>_`` call with the plan's arguments as keywords
 NATIVE_INITS = {"constant", "zeros", "ones", "eye", "dirac", "uniform", "normal", "trunc_normal",
@@ -24,40 +24,21 @@ NATIVE_INITS = {"constant", "zeros", "ones", "eye", "dirac", "uniform", "normal"
 
 @dataclass
 class _Model:
-    """A built plan: the ``nn.Sequential`` tree and the plan it came from."""
+    """A built plan: the ``nn.Sequential`` tree, the plan it came from, and its
+    ``torch.compile`` once a compiled step has asked for it."""
     net: Any
     plan: Plan
+    compiled: Any = None
 
 
-class Adapter(base.BaseAdapter):
+class Adapter(TorchDevices, base.BaseAdapter):
     """PyTorch: lazy modules where the plan leaves sizes open, ``torch.nn.init`` to initialize."""
 
-    framework = "torch"
-
     def import_framework(self) -> dict:
-        import torch
-        from torch import nn
-
-        class Center(nn.Module):
-            """The d2l CenteredLayer: ``x - x.mean()``, mean over every element."""
-
-            def forward(self, x):
-                return x - x.mean()
-
-        self.torch, self.nn, self.Center = torch, nn, Center
-        return {"torch": torch.__version__, "cuda": torch.version.cuda}
-
-    def visible_gpus(self) -> tuple[int, str]:
-        torch = self.torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0, \
-            f"torch.cuda.is_available() is False (torch {torch.__version__}, built for CUDA " \
-            f"{torch.version.cuda})"
-
-    def use_device(self, kind: str):
-        if kind == "cuda":
-            device = self.torch.device("cuda:0")
-            return device, self.torch.cuda.get_device_name(device)
-        return self.torch.device("cpu"), platform.processor() or "cpu"
+        versions = self.import_torch()
+        self.nn = self.torch.nn
+        self.Center, self.MyDense, self.LazyMyDense = _layer_classes(self.torch, self.nn)
+        return versions
 
     def seed(self, seed: int) -> None:
         """Seed torch's global generators (CPU and every CUDA device)."""
@@ -93,6 +74,10 @@ class Adapter(base.BaseAdapter):
             return (nn.BatchNorm2d if node.spatial else nn.BatchNorm1d)(node.num_features, **args)
         if kind == "max_pool2d":
             return nn.MaxPool2d(tuple(node.pool), tuple(node.stride))
+        if kind == "my_dense":
+            if node.in_units is None:
+                return self.LazyMyDense(node.units)
+            return self.MyDense(node.in_units, node.units)
         simple = {"flatten": nn.Flatten, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
                   "center": self.Center}
         if kind in simple:
@@ -136,6 +121,8 @@ class Adapter(base.BaseAdapter):
         nn, kind, args = self.nn, init["name"], base.init_args(init)
         if kind == "default":
             module = model.net.get_submodule(ref.node.path)
+            if isinstance(module, self.MyDense):
+                return "native: torch.randn in the hand-made MyDense (d2l's MyLinear)"
             return f"native: torch default ({type(module).reset_parameters.__qualname__})"
         with self.torch.no_grad():
             if kind in NATIVE_INITS:
@@ -162,23 +149,149 @@ class Adapter(base.BaseAdapter):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def to_device(self, x):
-        return self.torch.from_numpy(x).to(self.device)
+    def from_numpy(self, arr):
+        return self.torch.from_numpy(arr).to(self.device)
+
+    def to_numpy(self, value):
+        return value.detach().to("cpu", copy=True).numpy()
 
     def run(self, model, x, *, training=False):
-        """Forward in train() or eval() mode; without autograd (gradients have their own
-        primitive)."""
+        """Forward in train() or eval() mode, without autograd (``grads`` has its own)."""
         model.net.train(training)
         with self.torch.no_grad():
             return model.net(x)
 
-    def to_host(self, y):
-        return y.detach().cpu().numpy().astype("float32", copy=False)
+    # -- training semantics -------------------------------------------------------------------
 
-    def block(self, value):
-        """CPU ops run synchronously; CUDA ops queue until the device is synchronized."""
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
+    def _trainable(self, model):
+        return [ref for ref in self.param_refs(model) if ref.handle.requires_grad]
+
+    def grads(self, model, x, cotangent):
+        """``torch.autograd.grad`` of sum(output * C) in train() mode (no ``.grad`` touched)."""
+        refs = self._trainable(model)
+        model.net.train(True)
+        y = model.net(x)
+        grads = self.torch.autograd.grad((y * cotangent).sum(), [r.handle for r in refs])
+        return y.detach(), {r.name: g for r, g in zip(refs, grads)}
+
+    def save(self, model, stem):
+        path = stem + ".pt"
+        state = model.net.state_dict()
+        self.torch.save(state, path)
+        return base.SavedFile(path, "torch.save(state_dict()): zip of tensors", list(state))
+
+    def restore(self, model, path):
+        """``torch.load(weights_only=True)`` then ``load_state_dict(strict=True)``; lazy modules
+        take their shapes from the file (no forward needed)."""
+        try:
+            state = self.torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a PyTorch state_dict file (torch.load with "
+                             f"weights_only=True: {type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+        model.net.load_state_dict(state, strict=True)
+        return None
+
+    def semantics(self):
+        nn, torch = self.nn, self.torch
+
+        class Plain(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.zeros(2)  # a plain tensor attribute
+
+        plain = len(list(Plain().parameters()))
+        return {
+            "batch_norm_momentum": "new = (1 - momentum) * old + momentum * batch "
+                                   "(torch.nn.BatchNorm*, momentum=0.1)",
+            "batch_norm_running_var": "unbiased batch variance (n / (n - 1)); the output is "
+                                      "normalized with the biased one",
+            "gradient_accumulation": "autograd sums every use of a parameter into one gradient",
+            "custom_parameters": "nn.Parameter attributes of an nn.Module are registered; a "
+                                 f"plain tensor attribute is silently not ({plain} parameters "
+                                 "for a module holding one)",
+        }
+
+    # -- timing -------------------------------------------------------------------------------
+
+    def modes(self):
+        return {"eager": "nn.Module.__call__ (eager)",
+                "compiled": f"torch.compile(module) (inductor), torch {self.torch.__version__}"}
+
+    def _compiled(self, model):
+        if getattr(model, "compiled", None) is None:
+            model.compiled = self.torch.compile(model.net)
+        return model.compiled
+
+    def step(self, model, phase, mode, x, cotangent, lr):
+        torch = self.torch
+        net = model.net if mode == "eager" else self._compiled(model)
+        model.net.train(phase == "train")
+        if phase == "inference":
+            def infer():
+                with torch.no_grad():
+                    return net(x)
+            return infer
+        params = [r.handle for r in self._trainable(model)]
+
+        def train():
+            loss = (net(x) * cotangent).sum()
+            loss.backward()
+            with torch.no_grad():
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+            for p in params:
+                p.grad = None
+            return loss
+        return train
+
+    def matmul(self, n):
+        a, b = (self.torch.randn(n, n, device=self.device) for _ in range(2))
+        return lambda: a @ b
+
+
+
+def _layer_classes(torch, nn):
+    """The custom modules (defined late: they subclass torch classes)."""
+
+    class Center(nn.Module):
+        """The d2l CenteredLayer: ``x - x.mean()``, mean over every element."""
+
+        def forward(self, x):
+            return x - x.mean()
+
+    class MyDense(nn.Module):
+        """d2l's MyLinear: two hand-made ``nn.Parameter``s (registered by attribute
+        assignment), relu(x W^T + b); torch.randn is its own initialization."""
+
+        def __init__(self, in_units, units, draw=torch.randn):
+            super().__init__()
+            self.weight = nn.Parameter(draw(units, in_units))
+            self.bias = nn.Parameter(draw(units))
+
+        def forward(self, x):
+            return torch.relu(x @ self.weight.T + self.bias)
+
+    class LazyMyDense(nn.modules.lazy.LazyModuleMixin, MyDense):
+        """The same, lazily: ``UninitializedParameter``s until the first input gives in_units
+        (torch's LazyModuleMixin protocol, as LazyLinear)."""
+        cls_to_become = MyDense
+
+        def __init__(self, units):
+            super().__init__(0, units, draw=torch.empty)  # LazyModuleMixin's hooks, no draws
+            self.units = units
+            self.weight = nn.parameter.UninitializedParameter()
+            self.bias = nn.parameter.UninitializedParameter()
+
+        def initialize_parameters(self, x):
+            if self.has_uninitialized_params():
+                with torch.no_grad():
+                    self.weight.materialize((self.units, x.shape[-1]))
+                    self.bias.materialize((self.units,))
+                    self.weight.normal_()
+                    self.bias.normal_()
+
+    return Center, MyDense, LazyMyDense
 
 
 def _touch(tensor) -> str | None:

@@ -9,17 +9,17 @@ from backends.numpy.adapter import Adapter as Reference
 
 
 class Adapter(Reference):
-    def setup(self, device):
+    def import_framework(self):
         if os.environ.get("FAKE_BACKEND_NO_FRAMEWORK"):
             raise ImportError("No module named 'fakeframework'")
-        return super().setup(device)
+        return super().import_framework()
 
     def build(self, plan):
-        if plan["name"] == "crash":
+        if plan.name == "crash":
             print("fake backend: crashing now", flush=True)
             os._exit(7)
-        if plan["name"] == "hang":
+        if plan.name == "hang":
             time.sleep(3600)
-        if plan["name"] == "boom":
+        if plan.name == "boom":
             raise ValueError("fake backend: this plan cannot be built")
         return super().build(plan)

@@ -6,7 +6,7 @@ fan_out 256), as float32 like a backend's values."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +14,8 @@ import pytest
 from scipy import stats as st
 from unit_helpers import dense_spec
 
-from harness import analysis
+from backends.protocol import SpecRecord, Status, failed_record
+from harness import analysis, stats
 from harness import initializers as inits
 
 SHAPE = (256, 512)
@@ -24,6 +25,16 @@ TN = 0.87962566103423978
 
 def expected(init, shape=SHAPE, layer_weight_shape=None):
     return inits.expected_distribution(inits.normalize(init), shape, layer_weight_shape)
+
+
+def value_checks(values, expectation):
+    """The expectation's checks of ``values``, as results.json writes them."""
+    return [c.to_json() for c in expectation.checks(np.asarray(values, dtype=np.float64))]
+
+
+def analyze(spec, defaults, record, arrays, reference):
+    """analysis.analyze for the numpy backend, as results.json writes the result."""
+    return analysis.analyze(spec, defaults, "numpy", record, arrays, reference).to_json()
 
 
 def failed(checks):
@@ -83,11 +94,11 @@ CORRECT = {
 def test_correct_samples_pass(case):
     """A correct sample of each continuous initializer passes mean, std, bounds and KS."""
     init, sampler = CORRECT[case]
-    checks = analysis.value_checks(f32(sampler(rng(1), SHAPE)), expected(init))
+    checks = value_checks(f32(sampler(rng(1), SHAPE)), expected(init))
     names = {c["check"] for c in checks}
     assert {"mean", "std", "ks"} <= names
     e = expected(init)
-    if e["support"][0] is not None:
+    if e.support[0] is not None:
         assert "bounds" in names
     assert failed(checks) == []
 
@@ -101,7 +112,7 @@ ZERO_MEAN = [c for c in CORRECT if c not in ("uniform", "normal", "trunc_normal"
 def test_five_percent_wrong_scale_fails(case, factor):
     """A sample 5% too wide or too narrow fails (variance, bounds or KS), its mean still fine."""
     init, sampler = CORRECT[case]
-    checks = analysis.value_checks(f32(factor * sampler(rng(2), SHAPE)), expected(init))
+    checks = value_checks(f32(factor * sampler(rng(2), SHAPE)), expected(init))
     bad = failed(checks)
     assert bad and set(bad) <= {"std", "bounds", "ks"}
     assert "mean" not in bad
@@ -110,13 +121,13 @@ def test_five_percent_wrong_scale_fails(case, factor):
 def test_five_percent_wrong_std_of_a_shifted_normal_fails():
     """normal(mean=0.1, std=0.02) drawn with std 0.021 fails."""
     values = f32(rng(3).normal(0.1, 0.021, SHAPE))
-    assert "std" in failed(analysis.value_checks(values, expected(CORRECT["normal"][0])))
+    assert "std" in failed(value_checks(values, expected(CORRECT["normal"][0])))
 
 
 def test_wrong_mean_fails():
     """normal(mean=0.1, std=0.02) drawn around 0.101 fails the mean check."""
     values = f32(rng(3).normal(0.101, 0.02, SHAPE))
-    assert "mean" in failed(analysis.value_checks(values, expected(CORRECT["normal"][0])))
+    assert "mean" in failed(value_checks(values, expected(CORRECT["normal"][0])))
 
 
 SWAPPED = {
@@ -135,7 +146,7 @@ SWAPPED = {
 def test_swapped_fan_fails(case):
     """Using fan_out where the init says fan_in (or the reverse) on 256 x 512 fails."""
     init, sampler = SWAPPED[case]
-    assert failed(analysis.value_checks(f32(sampler(rng(4), SHAPE)), expected(init)))
+    assert failed(value_checks(f32(sampler(rng(4), SHAPE)), expected(init)))
 
 
 # ------------------------------------------------------------------ exact initializers
@@ -170,17 +181,17 @@ def test_exact_initializers_pass_and_one_bad_value_fails(case):
     """Constants, eye and dirac pass exactly; one corrupted value anywhere fails."""
     init, shape, make = EXACT[case]
     good = make()
-    checks = analysis.value_checks(good, expected(init, shape))
+    checks = value_checks(good, expected(init, shape))
     assert [c["check"] for c in checks] == ["exact"] and failed(checks) == []
     bad = good.copy()
     bad.flat[bad.size // 2 + 1] += np.float32(1e-3)
-    assert failed(analysis.value_checks(bad, expected(init, shape))) == ["exact"]
+    assert failed(value_checks(bad, expected(init, shape))) == ["exact"]
 
 
 def test_dirac_with_wrong_groups_fails():
     """A groups=1 dirac kernel does not pass as groups=2."""
     values = dirac((8, 4, 3, 3), 1)
-    assert failed(analysis.value_checks(values, expected({"name": "dirac", "groups": 2},
+    assert failed(value_checks(values, expected({"name": "dirac", "groups": 2},
                                                          (8, 4, 3, 3))))
 
 
@@ -199,17 +210,17 @@ def test_orthogonal_passes_with_its_gain_and_fails_with_another(shape, gain):
     """W W^T = gain^2 I on the smaller side passes; a 1% different gain fails."""
     good = orthogonal(shape, gain)
     init = {"name": "orthogonal", "gain": gain}
-    assert failed(analysis.value_checks(good, expected(init, shape))) == []
-    assert failed(analysis.value_checks(good * np.float32(1.01), expected(init, shape))) == \
+    assert failed(value_checks(good, expected(init, shape))) == []
+    assert failed(value_checks(good * np.float32(1.01), expected(init, shape))) == \
         ["gram"]
-    assert failed(analysis.value_checks(good, expected({"name": "orthogonal", "gain": 1.25 * gain},
+    assert failed(value_checks(good, expected({"name": "orthogonal", "gain": 1.25 * gain},
                                                        shape))) == ["gram"]
 
 
 def test_orthogonal_rejects_a_random_matrix():
     """A scaled Gaussian matrix is not orthogonal."""
     values = f32(rng(6).normal(0, 1 / math.sqrt(512), SHAPE))
-    assert failed(analysis.value_checks(values, expected("orthogonal"))) == ["gram"]
+    assert failed(value_checks(values, expected("orthogonal"))) == ["gram"]
 
 
 def sparse(zeros_per_column, std=0.01, seed=7):
@@ -223,7 +234,7 @@ def sparse(zeros_per_column, std=0.01, seed=7):
 
 def test_sparse_passes_with_ceil_zeros_per_column():
     """sparsity 0.1 on 256 rows: exactly 26 zeros per column, the rest N(0, 0.01^2), passes."""
-    checks = analysis.value_checks(sparse(26), expected({"name": "sparse", "sparsity": 0.1}))
+    checks = value_checks(sparse(26), expected({"name": "sparse", "sparsity": 0.1}))
     assert failed(checks) == []
     assert {"zeros_per_column", "nonzero_std", "nonzero_ks"} <= {c["check"] for c in checks}
 
@@ -231,7 +242,7 @@ def test_sparse_passes_with_ceil_zeros_per_column():
 @pytest.mark.parametrize("zeros", [25, 27])
 def test_sparse_with_a_wrong_zero_count_fails(zeros):
     """25 (floor instead of ceil) or 27 zeros per column fails."""
-    checks = analysis.value_checks(sparse(zeros), expected({"name": "sparse", "sparsity": 0.1}))
+    checks = value_checks(sparse(zeros), expected({"name": "sparse", "sparsity": 0.1}))
     assert "zeros_per_column" in failed(checks)
 
 
@@ -240,7 +251,7 @@ def test_sparse_with_one_column_off_fails():
     values = sparse(26)
     column = values[:, 3]
     column[np.flatnonzero(column)[0]] = 0.0
-    checks = analysis.value_checks(values, expected({"name": "sparse", "sparsity": 0.1}))
+    checks = value_checks(values, expected({"name": "sparse", "sparsity": 0.1}))
     assert failed(checks) == ["zeros_per_column"]
 
 
@@ -252,29 +263,29 @@ def bimodal(cut, seed=8):
 
 def test_bimodal_passes():
     """U(-10, 10) with |x| < 5 zeroed passes zero fraction and the magnitude tests."""
-    checks = analysis.value_checks(bimodal(5.0), expected("bimodal"))
+    checks = value_checks(bimodal(5.0), expected("bimodal"))
     assert failed(checks) == []
     assert {"zero_fraction", "magnitude_bounds", "magnitude_ks"} <= {c["check"] for c in checks}
 
 
 def test_bimodal_with_the_cut_at_4_fails():
     """Zeroing |x| < 4 instead of 5 fails: 40% zeros and magnitudes below 5."""
-    bad = failed(analysis.value_checks(bimodal(4.0), expected("bimodal")))
+    bad = failed(value_checks(bimodal(4.0), expected("bimodal")))
     assert "zero_fraction" in bad and "magnitude_bounds" in bad
 
 
-def test_unknown_expectation_kind_raises():
-    """value_checks refuses an expectation it does not know rather than passing it."""
+def test_default_has_no_expectation_of_its_own():
+    """`default` must be resolved per backend before it can be expected of anything."""
     with pytest.raises(ValueError):
-        analysis.value_checks(np.zeros(3), {"kind": "mystery"})
+        inits.expected_distribution({"name": "default"}, SHAPE)
 
 
 def test_summarize_by_hand():
     """summarize gives n, mean, sample std, min, max and the fraction of exact zeros."""
-    s = analysis.summarize(np.array([[0.0, 1.0], [2.0, 0.0]], dtype=np.float32))
+    s = stats.summarize(np.array([[0.0, 1.0], [2.0, 0.0]], dtype=np.float32))
     assert s == {"n": 4, "mean": 0.75, "std": pytest.approx(math.sqrt(11 / 12)), "min": 0.0,
                  "max": 2.0, "zero_fraction": 0.5}
-    assert analysis.summarize(np.zeros(0)) == {"n": 0}
+    assert stats.summarize(np.zeros(0)) == {"n": 0}
 
 
 # ------------------------------------------------------------------ analyze() on real records
@@ -284,6 +295,9 @@ RECORD_CHECKS = ["parameter names", "output shape", "parameter count",
 
 
 def param(rec, name):
+    """A parameter of a worker record (a SpecRecord) or of an analyzed result (its JSON)."""
+    if isinstance(rec, SpecRecord):
+        return next(p for p in rec.params if p.name == name)
     return next(p for p in rec["params"] if p["name"] == name)
 
 
@@ -295,9 +309,11 @@ def record_failed(rec):
 def test_numpy_worker_record_passes(numpy_run, numpy_defaults, name):
     """A real NumPy worker record passes every record and parameter check."""
     spec, rec, arrays = numpy_run[name]
-    assert rec["status"] == "ok", rec.get("error")
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
-    assert [c["check"] for c in out["checks"]] == RECORD_CHECKS
+    assert rec.status == Status.OK, rec.error
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
+    names = [c["check"] for c in out["checks"]]
+    assert names[:len(RECORD_CHECKS)] == RECORD_CHECKS
+    assert "save/load round trip" in names  # the reference's own .npz round trip
     assert record_failed(out) == []
     assert [(p["name"], [c["check"] for c in p["checks"] if not c["passed"]])
             for p in out["params"] if not p["passed"]] == []
@@ -310,13 +326,13 @@ def test_numerics_against_the_reference(numpy_run, numpy_defaults):
     """The numerics check passes against the same output and fails against a different one."""
     spec, rec, arrays = numpy_run["small_cnn"]
     ref = arrays["probe_output"].copy()
-    same = analysis.analyze(spec, numpy_defaults, copy.deepcopy(rec), arrays, ref)
+    same = analyze(spec, numpy_defaults, rec, arrays, {"probe_output": ref})
     check = next(c for c in same["checks"] if c["check"] == "numerics vs reference")
     assert check["passed"] and same["passed"]
 
     off = ref.copy()
     off[0, 0] += 1e-2
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, off)
+    out = analyze(spec, numpy_defaults, rec, arrays, {"probe_output": off})
     assert record_failed(out) == ["numerics vs reference"] and out["passed"] is False
 
 
@@ -324,7 +340,7 @@ def test_numerics_reference_of_another_shape_fails(numpy_run, numpy_defaults):
     """A reference output of a different shape fails the numerics check."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
     ref = np.zeros((2, 11), dtype=np.float32)
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, ref)
+    out = analyze(spec, numpy_defaults, rec, arrays, {"probe_output": ref})
     assert record_failed(out) == ["numerics vs reference"]
 
 
@@ -332,9 +348,9 @@ def test_transposed_layout_fails_the_shape_check(numpy_run, numpy_defaults):
     """A 256 x 512 weight reported and stored as (in, out) fails its shape check."""
     spec, rec, arrays = numpy_run["layout"]
     p = param(rec, "0.weight")
-    p["shape"] = p["native_shape"] = [512, 256]
+    p.shape = p.native_shape = [512, 256]
     arrays["param/0.weight"] = arrays["param/0.weight"].T.copy()
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     w = param(out, "0.weight")
     assert w["passed"] is False
     assert "shape" in [c["check"] for c in w["checks"] if not c["passed"]]
@@ -346,7 +362,7 @@ def test_wrong_initializer_on_a_real_record_fails(numpy_run, numpy_defaults):
     """Replacing kaiming_uniform(fan_in) values with fan_out ones fails that parameter only."""
     spec, rec, arrays = numpy_run["layout"]
     arrays["param/0.weight"] = f32(rng(9).uniform(-1, 1, SHAPE) * math.sqrt(6 / FAN_OUT))
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     assert param(out, "0.weight")["passed"] is False
     assert param(out, "0.bias")["passed"] is True
     assert record_failed(out) == []
@@ -355,8 +371,8 @@ def test_wrong_initializer_on_a_real_record_fails(numpy_run, numpy_defaults):
 def test_renamed_parameter_fails_names_and_count(numpy_run, numpy_defaults):
     """A parameter under a non-canonical name fails the names check and is reported missing."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
-    param(rec, "2.bias")["name"] = "2.b"
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    param(rec, "2.bias").name = "2.b"
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     names = next(c for c in out["checks"] if c["check"] == "parameter names")
     assert not names["passed"] and names["observed"] == ["2.b", "2.bias"]
     assert param(out, "2.bias")["passed"] is False
@@ -365,8 +381,8 @@ def test_renamed_parameter_fails_names_and_count(numpy_run, numpy_defaults):
 def test_missing_sharing_fails(numpy_run, numpy_defaults):
     """A backend that does not report shared.weight's alias fails the shared_with check."""
     spec, rec, arrays = numpy_run["tied"]
-    param(rec, "shared.weight")["shared_with"] = []
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    param(rec, "shared.weight").shared_with = []
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     w = param(out, "shared.weight")
     assert [c["check"] for c in w["checks"] if not c["passed"]] == ["shared_with"]
 
@@ -374,9 +390,10 @@ def test_missing_sharing_fails(numpy_run, numpy_defaults):
 def test_unshared_copy_fails_the_parameter_count(numpy_run, numpy_defaults):
     """Reporting the tied layer twice (not shared) makes the parameter count too large."""
     spec, rec, arrays = numpy_run["tied"]
-    duplicate = dict(param(rec, "shared.weight"), name="4.weight", shared_with=[])
-    rec["params"].append(duplicate)
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    duplicate = dataclasses.replace(param(rec, "shared.weight"), name="4.weight",
+                                    shared_with=[])
+    rec.params.append(duplicate)
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     assert {"parameter names", "parameter count"} <= set(record_failed(out))
     assert out["param_count"] == spec.param_count + 64
 
@@ -384,18 +401,18 @@ def test_unshared_copy_fails_the_parameter_count(numpy_run, numpy_defaults):
 def test_lazy_shape_contradicting_the_spec_fails(numpy_run, numpy_defaults):
     """A before-forward shape whose known dim contradicts the spec fails the lazy check."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
-    before = next(p for p in rec["lazy"]["before"] if p["name"] == "0.weight")
-    before["shape"] = [128, None]
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    before = next(p for p in rec.lazy.before if p.name == "0.weight")
+    before.shape = [128, None]
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     assert record_failed(out) == ["lazy shapes before forward"]
 
 
 def test_wrong_shape_after_forward_fails(numpy_run, numpy_defaults):
     """A parameter materialized with the wrong shape at the first forward fails."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
-    after = next(p for p in rec["lazy"]["after"] if p["name"] == "2.weight")
-    after["shape"] = [10, 255]
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    after = next(p for p in rec.lazy.after if p.name == "2.weight")
+    after.shape = [10, 255]
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     assert record_failed(out) == ["shapes after forward"]
 
 
@@ -403,15 +420,15 @@ def test_missing_values_fail(numpy_run, numpy_defaults):
     """A parameter whose values never came back fails its values check."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
     del arrays["param/0.bias"]
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     assert "values" in [c["check"] for c in param(out, "0.bias")["checks"] if not c["passed"]]
     assert out["passed"] is False
 
 
 def test_failed_record_is_not_passed(numpy_defaults):
     """A record a worker could not produce stays failed, with no params or count."""
-    rec = {"spec": "x", "status": "failed", "error": "boom"}
-    out = analysis.analyze(dense_spec("x"), numpy_defaults, rec, {}, None)
+    rec = failed_record("x", "boom")
+    out = analyze(dense_spec("x"), numpy_defaults, rec, {}, None)
     assert out["passed"] is False and out["params"] == [] and out["param_count"] is None
     assert out["checks"] == [] and out["error"] == "boom"
 
@@ -419,7 +436,7 @@ def test_failed_record_is_not_passed(numpy_defaults):
 def test_default_init_is_recorded_with_its_resolution(numpy_run, numpy_defaults):
     """A `default` parameter records what default resolved to and is checked against it."""
     spec, rec, arrays = numpy_run["lazy_mlp"]
-    out = analysis.analyze(spec, numpy_defaults, rec, arrays, None)
+    out = analyze(spec, numpy_defaults, rec, arrays, None)
     w = param(out, "0.weight")
     assert w["init"] == {"name": "default", "resolved": numpy_defaults["dense"]["weight"]}
     assert w["expected"]["params"]["high"] == pytest.approx(1 / math.sqrt(20))

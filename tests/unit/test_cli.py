@@ -181,7 +181,7 @@ def test_results_json_schema(cli_run):
     """results.json: schema_version and one record per (spec, backend) with every field."""
     _, out = cli_run
     data = json.loads((out / "results.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert [(r["spec"], r["backend"]) for r in data["results"]] == [("lazy_mlp", "numpy"),
                                                                     ("tied", "numpy")]
     for rec in data["results"]:

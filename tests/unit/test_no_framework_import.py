@@ -1,6 +1,7 @@
 """The parent process never imports a deep learning framework: importing every parent-side
-module (and the torch adapter's class) and running a whole NumPy comparison leaves torch,
-tensorflow, keras, jax, flax and mxnet out of sys.modules."""
+module (and every backend's adapter class) and running a whole NumPy comparison leaves every
+framework module out of sys.modules. The frameworks are the ``imports:`` that each backend
+declares in its own backend.yaml, so a new backend cannot be forgotten here."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import textwrap
 
 from unit_helpers import ROOT
 
-FRAMEWORKS = ["torch", "tensorflow", "keras", "jax", "flax", "mxnet"]
+from harness.envs import discover
+
+FRAMEWORKS = sorted({m for b in discover().values() for m in b.imports})
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
-    import harness, harness.cli, harness.spec, harness.analysis, harness.report
-    import harness.runner, harness.envs, harness.initializers
-    import backends.base, backends.worker
-    from backends.torch.adapter import Adapter
-    assert Adapter.framework == "torch"
-    Adapter()  # constructing it must not import torch either
+    import importlib, json, sys
+    import harness, harness.cli, harness.spec, harness.analysis, harness.report, harness.stats
+    import harness.runner, harness.envs, harness.initializers, harness.plots
+    import backends.base, backends.worker, backends.protocol
+    from harness.envs import discover
+    for name in discover():
+        adapter = importlib.import_module(f"backends.{name}.adapter").Adapter
+        adapter()  # constructing it must not import its framework either
     out = sys.argv[1]
     rc = harness.cli.main(["compare", "specs/lazy_mlp.yaml", "--backend", "numpy",
                            "--python", "numpy=" + sys.executable, "--out", out])
@@ -28,6 +32,13 @@ SCRIPT = textwrap.dedent("""
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in frameworks)
     print("RESULT " + json.dumps({"rc": rc, "loaded": loaded}))
 """) % FRAMEWORKS
+
+
+def test_every_framework_backend_declares_its_imports():
+    """Every backend but the NumPy reference names the modules the parent must not import."""
+    missing = [b.name for b in discover().values() if b.name != "numpy" and not b.imports]
+    assert missing == []
+    assert {"torch", "tensorflow", "keras", "jax", "flax", "mxnet"} <= set(FRAMEWORKS)
 
 
 def test_parent_never_imports_a_framework(tmp_path):
@@ -40,4 +51,3 @@ def test_parent_never_imports_a_framework(tmp_path):
     assert result["loaded"] == []
     assert result["rc"] == 0, proc.stdout + proc.stderr
     assert (tmp_path / "run" / "report.md").exists()
-

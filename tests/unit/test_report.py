@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from unit_helpers import PYTHON, dense_spec, quiet
 
+from backends.protocol import failed_record
 from harness import analysis, cli, report
-from harness.runner import run_worker
+from harness.runner import BackendRun, run_worker
 
 RUN = {"id": "test-run", "started": "2026-01-01 00:00:00 UTC", "device": "cpu",
        "command": "python -m harness compare (unit test)", "seed_note": "from each spec"}
@@ -36,16 +37,15 @@ def analyzed(numpy_run, defaults, names, corrupt=None):
         spec, rec, arrays = numpy_run[name]
         if corrupt:
             corrupt(name, arrays)
-        rec["backend"] = "numpy"
-        records.append(analysis.analyze(spec, defaults, rec, arrays, None))
+        records.append(analysis.analyze(spec, defaults, "numpy", rec, arrays, None))
         specs.append(spec)
     return specs, records
 
 
 def numpy_env(numpy_session_run):
     _, result = numpy_session_run
-    return {"numpy": {"interpreter": str(PYTHON), "worker": result.environment,
-                      "wall_s": result.wall_s, "log": "logs/numpy.log"}}
+    return {"numpy": BackendRun(interpreter=str(PYTHON), worker=result.environment,
+                                wall_s=result.wall_s, log="logs/numpy.log")}
 
 
 def test_clean_run_report(numpy_run, numpy_session_run, numpy_defaults):
@@ -85,10 +85,9 @@ def test_failed_backend_record_shows_error_and_log_tail(tmp_path, numpy_defaults
                         progress=quiet, adapter="tests.fakes.adapter")
     records = []
     for spec, rec, arrays in zip(specs, result.records, result.arrays):
-        rec["backend"] = "fake"
-        records.append(analysis.analyze(spec, numpy_defaults, rec, arrays, None))
-    env = {"fake": {"interpreter": str(PYTHON), "worker": result.environment,
-                    "wall_s": result.wall_s, "error": "; ".join(result.errors)}}
+        records.append(analysis.analyze(spec, numpy_defaults, "fake", rec, arrays, None))
+    env = {"fake": BackendRun(interpreter=str(PYTHON), worker=result.environment,
+                              wall_s=result.wall_s, error="; ".join(result.errors))}
     md = render(specs, records, env, {"fake": numpy_defaults})
     failures = section(md, "Failures")
     assert "**fake / crash**: failed: worker exited with status 7" in failures
@@ -100,11 +99,11 @@ def test_failed_backend_record_shows_error_and_log_tail(tmp_path, numpy_defaults
 def test_backend_that_never_started_shows_why(numpy_defaults):
     """A backend with no worker environment shows its error in the Environments table."""
     spec = dense_spec("a")
-    rec = analysis.analyze(spec, numpy_defaults, {"spec": "a", "status": "failed", "backend": "x",
-                                                  "error": "ImportError: no fakeframework",
-                                                  "log_tail": "line one\nline two"},
-                           {}, None)
-    env = {"x": {"interpreter": "/opt/x/bin/python", "error": "ImportError: no fakeframework"}}
+    rec = analysis.analyze(spec, numpy_defaults, "x",
+                           failed_record("a", "ImportError: no fakeframework",
+                                         log_tail="line one\nline two"), {}, None)
+    env = {"x": BackendRun(interpreter="/opt/x/bin/python",
+                           error="ImportError: no fakeframework")}
     md = render([spec], [rec], env, {"x": numpy_defaults})
     environments = section(md, "Environments")
     assert "/opt/x/bin/python" in environments and "ImportError: no fakeframework" in environments
@@ -118,11 +117,13 @@ def test_results_document(numpy_run, numpy_session_run, numpy_defaults):
     specs, records = analyzed(numpy_run, numpy_defaults, ["tied"])
     envs = numpy_env(numpy_session_run)
     doc = report.results_document(RUN, specs, records, envs)
-    assert doc["schema_version"] == report.RESULTS_SCHEMA_VERSION == 1
-    assert doc["run"] == RUN and doc["environments"] == envs
+    assert doc["schema_version"] == report.RESULTS_SCHEMA_VERSION == 2
+    assert doc["run"] == RUN
+    assert doc["environments"] == {"numpy": envs["numpy"].to_json()}
+    assert doc["environments"]["numpy"]["worker"]["backend"] == "numpy"
     assert doc["specs"] == [{"name": "tied", "file": specs[0].file, "input_shape": [2, 20],
                              "output_shape": [2, 1], "param_count": 249}]
-    assert doc["results"] == records
+    assert doc["results"] == [r.to_json() for r in records]
     json.dumps(doc, default=float)
 
 
@@ -202,8 +203,8 @@ def test_render_does_not_modify_records(numpy_run, numpy_defaults):
     """Rendering leaves the records it is given (what results.json holds) unchanged."""
     specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp"])
     before = copy.deepcopy(records)
-    render(specs, records, {"numpy": {"interpreter": "p"}}, {"numpy": numpy_defaults})
-    assert records == before
+    render(specs, records, {"numpy": BackendRun(interpreter="p")}, {"numpy": numpy_defaults})
+    assert [r.to_json() for r in records] == [r.to_json() for r in before]
 
 
 def test_lazy_table_tells_absent_declared_and_early_access(numpy_run, numpy_defaults):
@@ -214,9 +215,9 @@ def test_lazy_table_tells_absent_declared_and_early_access(numpy_run, numpy_defa
     md = render(specs, records, {}, {"numpy": numpy_defaults})
     assert "| 0.weight | (256, ?) | (256, ?) declared → (256, 20) |" in md
     flax_like = copy.deepcopy(records[0])
-    flax_like["backend"] = "other"
-    flax_like["lazy"]["before"] = []
-    flax_like["lazy"]["early_access"] = "ValueError: Can't access variables on unbound modules"
+    flax_like.backend = "other"
+    flax_like.record.lazy.before = []
+    flax_like.record.lazy.early_access = "ValueError: Can't access variables on unbound modules"
     md = render(specs, [flax_like], {}, {"other": numpy_defaults})
     assert "| 0.weight | (256, ?) | absent → (256, 20) |" in md
-    assert "other, reading a parameter before the first forward: `ValueError: Can't" in md
+    assert "other, reading a parameter before the first forward: ValueError: Can't" in md

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from unit_helpers import PYTHON, SPECS_DIR, dense_spec, quiet
 
+from backends import protocol
+from backends.protocol import SpecRecord, Status
 from harness.runner import make_input, make_probe, run_worker
 from harness.spec import load_spec
 
@@ -47,18 +49,20 @@ def test_numpy_worker_results_come_from_files(tmp_path, capfd):
     messages = []
     result = run_worker("numpy", PYTHON, specs, tmp_path, device="cpu", timeout=60,
                         progress=messages.append)
-    assert [r["status"] for r in result.records] == ["ok", "ok"]
-    assert [r["spec"] for r in result.records] == ["lazy_mlp", "tied"]
+    assert [r.status for r in result.records] == [Status.OK, Status.OK]
+    assert [r.spec for r in result.records] == ["lazy_mlp", "tied"]
     assert result.errors == []
-    assert result.environment["backend"] == "numpy" and result.environment["device"] == "cpu"
-    assert all(r["device"] == "cpu" for r in result.records)
+    assert result.environment.backend == "numpy" and result.environment.device == "cpu"
+    assert all(r.device == "cpu" for r in result.records)
 
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["0.json", "0.npz", "1.json", "1.npz",
-                                                      "worker.json"]
-    assert json.loads((out / "0.json").read_text())["params"] == result.records[0]["params"]
-    assert set(result.arrays[0]) == {"output", "probe_output", "param/0.weight", "param/0.bias",
-                                     "param/2.weight", "param/2.bias"}
+                                                      "done.json", "worker.json"]
+    data = json.loads((out / "0.json").read_text())
+    assert data["schema_version"] == protocol.SCHEMA_VERSION
+    assert protocol.load(SpecRecord, data) == result.records[0]
+    assert {"output", "probe_output", "param/0.weight", "param/0.bias", "param/2.weight",
+            "param/2.bias"} <= set(result.arrays[0])
     assert result.arrays[0]["param/0.weight"].shape == (256, 20)
     assert result.arrays[0]["param/0.weight"].dtype == np.float32
 
@@ -74,12 +78,12 @@ def test_crash_fails_that_spec_keeps_earlier_ones(tmp_path):
     the exit status and the log's tail, later ones failed too."""
     result = run_fake(["first", "crash", "after"], tmp_path)
     first, crash, after = result.records
-    assert first["status"] == "ok" and first["params"]
+    assert first.status == Status.OK and first.params
     assert "param/0.weight" in result.arrays[0]
-    assert crash["status"] == "failed"
-    assert "exited with status 7" in crash["error"]
-    assert "crashing now" in crash["log_tail"]
-    assert after["status"] == "failed" and "exited with status 7" in after["error"]
+    assert crash.status == Status.FAILED
+    assert "exited with status 7" in crash.error
+    assert "crashing now" in crash.log_tail
+    assert after.status == Status.FAILED and "exited with status 7" in after.error
     assert result.arrays[1] == {} and result.arrays[2] == {}
     assert any("exited with status 7" in e for e in result.errors)
 
@@ -89,10 +93,10 @@ def test_hang_past_the_timeout_is_killed(tmp_path):
     worker (its whole process group) is gone when run_worker returns."""
     result = run_fake(["first", "hang"], tmp_path, timeout=3)
     first, hang = result.records
-    assert first["status"] == "ok"
-    assert hang["status"] == "failed"
-    assert "timed out" in hang["error"]
-    assert "[worker] fake: hang" in hang["log_tail"]
+    assert first.status == Status.OK
+    assert hang.status == Status.FAILED
+    assert "timed out" in hang.error
+    assert "[worker] fake: hang" in hang.log_tail
     assert any("timed out" in e for e in result.errors)
     survivors = processes_mentioning(str(tmp_path / "request.json"))
     for pid in survivors:  # clean up after a failing runner before reporting it
@@ -105,10 +109,10 @@ def test_exception_in_build_fails_only_that_spec(tmp_path):
     before and after it are ok."""
     result = run_fake(["first", "boom", "after"], tmp_path)
     first, boom, after = result.records
-    assert first["status"] == "ok" and after["status"] == "ok"
-    assert boom["status"] == "failed"
-    assert boom["error"] == "ValueError: fake backend: this plan cannot be built"
-    assert "Traceback" in boom["log_tail"]
+    assert first.status == Status.OK and after.status == Status.OK
+    assert boom.status == Status.FAILED
+    assert boom.error == "ValueError: fake backend: this plan cannot be built"
+    assert "Traceback" in boom.log_tail
     assert result.errors == []
     assert result.arrays[1] == {} and "param/0.weight" in result.arrays[2]
 
@@ -117,10 +121,10 @@ def test_missing_framework_fails_every_record(tmp_path, monkeypatch):
     """A framework that cannot be imported fails every record with the import error."""
     monkeypatch.setenv("FAKE_BACKEND_NO_FRAMEWORK", "1")
     result = run_fake(["a", "b"], tmp_path)
-    assert [r["status"] for r in result.records] == ["failed", "failed"]
+    assert [r.status for r in result.records] == [Status.FAILED, Status.FAILED]
     for rec in result.records:
-        assert "No module named 'fakeframework'" in rec["error"]
-        assert "fakeframework" in rec["log_tail"]
+        assert "No module named 'fakeframework'" in rec.error
+        assert "fakeframework" in rec.log_tail
     assert result.environment is None
     assert result.errors and "fakeframework" in result.errors[0]
 
@@ -130,8 +134,8 @@ def test_missing_interpreter_gives_failed_records(tmp_path):
     missing = tmp_path / "no-such-env" / "bin" / "python"
     result = run_worker("numpy", missing, [dense_spec("a"), dense_spec("b")], tmp_path / "w",
                         device="cpu", timeout=10, progress=quiet)
-    assert [r["status"] for r in result.records] == ["failed", "failed"]
-    assert all(str(missing) in r["error"] for r in result.records)
+    assert [r.status for r in result.records] == [Status.FAILED, Status.FAILED]
+    assert all(str(missing) in r.error for r in result.records)
     assert result.environment is None and result.errors
 
 
@@ -140,8 +144,8 @@ def test_unusable_device_fails_every_record(tmp_path):
     result = run_worker("numpy", PYTHON, [dense_spec("a")], tmp_path, device="cuda",
                         timeout=60, progress=quiet)
     (rec,) = result.records
-    assert rec["status"] == "failed" and "DeviceUnavailable" in rec["error"]
-    assert "CPU only" in rec["error"]
+    assert rec.status == Status.FAILED and "DeviceUnavailable" in rec.error
+    assert "CPU only" in rec.error
 
 
 def test_worker_leaves_no_temporary_files(tmp_path):
@@ -182,5 +186,45 @@ def test_worker_finds_the_project_without_pythonpath(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_worker("numpy", PYTHON, [dense_spec("a")], tmp_path / "w", device="cpu",
                         timeout=60, progress=quiet)
-    assert result.records[0]["status"] == "ok", result.records[0]
+    assert result.records[0].status == Status.OK, result.records[0]
     assert os.getcwd() == str(tmp_path)
+
+
+def _rewrite(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(data)))
+
+
+def test_record_of_another_schema_version_is_a_clear_failed_record(tmp_path):
+    """A worker record written with another protocol version (a worker from another checkout)
+    becomes a failed record that says so and what to do, never a traceback or a misread field;
+    the other specs are unaffected."""
+    specs = [dense_spec("a"), dense_spec("b")]
+    first = run_worker("numpy", PYTHON, specs, tmp_path / "w", device="cpu", timeout=60,
+                       progress=quiet)
+    assert [r.status for r in first.records] == [Status.OK, Status.OK]
+    out = tmp_path / "w" / "out"
+    _rewrite(out / "1.json", lambda d: {**d, "schema_version": protocol.SCHEMA_VERSION + 1})
+    from harness.runner import _collect
+    result = _collect("numpy", specs, out, first.log, 0, False, 60, 1.0)
+    a, b = result.records
+    assert a.status == Status.OK
+    assert b.status == Status.FAILED and b.spec == "b"
+    assert f"schema version {protocol.SCHEMA_VERSION + 1}" in b.error
+    assert f"reads version {protocol.SCHEMA_VERSION}" in b.error
+    assert "same checkout" in b.error
+    assert result.arrays[1] == {}
+
+
+def test_record_with_a_misread_field_is_a_clear_failed_record(tmp_path):
+    """A record whose field has the wrong type, or an unknown field, is refused by name."""
+    specs = [dense_spec("a"), dense_spec("b")]
+    first = run_worker("numpy", PYTHON, specs, tmp_path / "w", device="cpu", timeout=60,
+                       progress=quiet)
+    out = tmp_path / "w" / "out"
+    _rewrite(out / "0.json", lambda d: {**d, "output_shape": "2x3"})
+    _rewrite(out / "1.json", lambda d: {**d, "surprise": 1})
+    from harness.runner import _collect
+    a, b = _collect("numpy", specs, out, first.log, 0, False, 60, 1.0).records
+    assert a.status == Status.FAILED and "output_shape" in a.error and "expected a list" in a.error
+    assert b.status == Status.FAILED and "unexpected field 'surprise'" in b.error

@@ -9,9 +9,22 @@ import math
 import pytest
 from unit_helpers import BUILTIN_SPECS, SPECS_DIR, doc
 
-from backends.base import iter_nodes
+from backends.protocol import encode
 from harness import initializers as inits
 from harness.spec import SpecError, build_spec, load_spec
+
+
+def plan_of(spec) -> dict:
+    """The plan as it crosses to the worker: JSON data."""
+    return encode(spec.plan)
+
+
+def iter_nodes(layers):
+    """Every node dict of a plan, blocks before their children."""
+    for node in layers:
+        yield node
+        if node["type"] == "sequential":
+            yield from iter_nodes(node["layers"])
 
 
 def spec_of(name):
@@ -36,7 +49,7 @@ def test_builtin_spec_loads(path):
         assert len(p.lazy_shape) == len(p.shape)
         assert all(d is None or d == s for d, s in zip(p.lazy_shape, p.shape)), p
     assert all(type(d) is int for d in spec.output_shape)
-    json.dumps(spec.plan)  # the plan crosses a process boundary as JSON
+    json.dumps(plan_of(spec))  # the plan crosses a process boundary as JSON
 
 
 def test_builtin_specs_cover_the_documented_set():
@@ -160,7 +173,7 @@ def test_conv_and_pool_output_arithmetic():
 def test_plan_nodes_are_complete(path):
     """Every plan node has type/name/path (path = parent path + name) and fully filled inits."""
     spec = load_spec(path)
-    plan = spec.plan
+    plan = plan_of(spec)
     assert plan["name"] == spec.name and plan["input_shape"] == list(spec.input_shape)
     assert plan["seed"] == spec.seed
 
@@ -186,7 +199,7 @@ def test_plan_nodes_are_complete(path):
 
 def test_nested_plan_paths():
     """The nested plan lists every node, blocks before their children, in document order."""
-    plan = spec_of("nested").plan
+    plan = plan_of(spec_of("nested"))
     assert [(n["type"], n["name"], n["path"]) for n in iter_nodes(plan["layers"])] == [
         ("sequential", "features", "features"),
         ("dense", "0", "features.0"),
@@ -204,7 +217,7 @@ def test_nested_plan_paths():
 
 def test_plan_fills_in_init_arguments():
     """Defaults of every initializer argument are written into the plan (ints become floats)."""
-    plan = spec_of("init_catalogue").plan
+    plan = plan_of(spec_of("init_catalogue"))
     by_path = {n["path"]: n for n in iter_nodes(plan["layers"])}
     assert by_path["kaiming_uniform"]["init"]["weight"] == {
         "name": "kaiming_uniform", "a": 0.0, "mode": "fan_in", "nonlinearity": "leaky_relu"}
@@ -222,7 +235,7 @@ def test_untruncated_normal_is_normalized():
     """variance_scaling's untruncated_normal alias reaches the plan as normal."""
     spec = build_spec(doc([{"type": "dense", "units": 3, "weight_init": {
         "name": "variance_scaling", "distribution": "untruncated_normal"}}]))
-    assert spec.plan["layers"][0]["init"]["weight"]["distribution"] == "normal"
+    assert plan_of(spec)["layers"][0]["init"]["weight"]["distribution"] == "normal"
 
 
 # ------------------------------------------------------------------ refs and sharing
@@ -250,7 +263,7 @@ def test_ref_to_a_block_aliases_every_child_param():
         "3.bias": [],
     }
     assert spec.param_count == (36 + 6) + 36 + (12 + 2)
-    refs = [n for n in iter_nodes(spec.plan["layers"]) if n["type"] == "ref"]
+    refs = [n for n in iter_nodes(plan_of(spec)["layers"]) if n["type"] == "ref"]
     assert [(n["path"], n["to"]) for n in refs] == [("1", "blk"), ("2", "blk.in")]
 
 
@@ -260,7 +273,7 @@ def test_ref_to_a_ref_resolves_to_the_owner():
                            {"type": "ref", "to": "a", "name": "again"},
                            {"type": "ref", "to": "again"}]))
     assert spec.param("a.weight").shared_with == ["2.weight", "again.weight"]
-    assert spec.plan["layers"][2]["to"] == "a"
+    assert plan_of(spec)["layers"][2]["to"] == "a"
     assert [p.name for p in spec.params] == ["a.weight", "a.bias"]
 
 
@@ -430,10 +443,10 @@ def test_integral_floats_are_rejected_or_made_ints(case):
         spec = build_spec(INTEGRAL_FLOATS[case], "floats.yaml")
     except SpecError:
         return
-    assert type(spec.seed) is int and type(spec.plan["seed"]) is int
+    assert type(spec.seed) is int and type(plan_of(spec)["seed"]) is int
     assert all(type(d) is int for d in spec.input_shape)
     assert all(type(d) is int for p in spec.params for d in p.shape)
-    node = spec.plan["layers"][0]
+    node = plan_of(spec)["layers"][0]
     assert all(type(node[k]) is int for k in ("units", "channels") if k in node)
     assert all(type(d) is int for k in ("kernel", "stride", "padding") if k in node
                for d in node[k])
@@ -498,7 +511,7 @@ def test_seed_override_and_default():
     """The spec's seed defaults to 0 and an explicit override replaces it in spec and plan."""
     assert spec_of("lazy_mlp").seed == 0
     spec = load_spec(SPECS_DIR / "lazy_mlp.yaml", seed=7)
-    assert spec.seed == 7 and spec.plan["seed"] == 7
+    assert spec.seed == 7 and plan_of(spec)["seed"] == 7
 
 
 def test_param_count_is_trainable_scalars_only():
@@ -507,3 +520,21 @@ def test_param_count_is_trainable_scalars_only():
     assert spec.param_count == 10
     assert math.prod(spec.param("0.running_var").shape) == 5
     assert not spec.param("0.running_var").trainable
+
+
+def test_plan_nodes_carry_their_input_rank():
+    """Every layer node records the rank of its input at its first use (2: (N, F); 4: NCHW)."""
+    plan = plan_of(spec_of("small_cnn"))
+    ranks = [(n["type"], n["in_rank"]) for n in iter_nodes(plan["layers"])]
+    assert ranks == [("conv2d", 4), ("batch_norm", 4), ("relu", 4), ("max_pool2d", 4),
+                     ("conv2d", 4), ("sigmoid", 4), ("flatten", 4), ("dense", 2)]
+
+
+def test_shared_layer_used_on_inputs_of_another_rank_is_refused():
+    """A ref replays its target on an input of the same rank only (frameworks with
+    channels-last wrappers could not share the layer otherwise): one clear error."""
+    d = doc([{"type": "dense", "units": 4, "name": "shared"}, {"type": "flatten"},
+             {"type": "ref", "to": "shared"}], input=(2, 3, 4, 4))
+    with pytest.raises(SpecError) as err:
+        build_spec(d, "rank.yaml")
+    assert "layers[2]" in str(err.value) and "first used on a 4-D input" in str(err.value)
