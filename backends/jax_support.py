@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 
 class JaxDevices:
@@ -17,22 +19,32 @@ class JaxDevices:
 
     def configure(self, device, settings):
         """Read by JAX once, at import: no 75 % GPU memory grab, no GPU probing for cpu, and the
-        intra-op thread count of XLA's CPU backend."""
+        intra-op thread count of XLA's CPU backend: ``PJRT_NPROC`` sizes its Eigen pool (xla/pjrt/
+        utils.cc ``DefaultThreadPoolSize``; XLA_FLAGS has no thread-count flag, and an
+        ``intra_op_parallelism_threads=N`` token there is silently ignored)."""
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if device == "cpu":
             os.environ["JAX_PLATFORMS"] = "cpu"
         if settings.get("threads"):
-            flag = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=" \
-                   f"{int(settings['threads'])}"
+            flag = "--xla_cpu_multi_thread_eigen=true"
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+            os.environ["PJRT_NPROC"] = str(int(settings["threads"]))
             settings["applied"]["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+            settings["applied"]["PJRT_NPROC"] = os.environ["PJRT_NPROC"]
         settings["applied"]["XLA_PYTHON_CLIENT_PREALLOCATE"] = \
             os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]
 
     def import_jax(self) -> dict:
+        """Import jax with its persistent compilation cache on (every compilation, however
+        small, so that a second run compiles nothing it compiled before)."""
         import jax
 
         self.jax = jax
+        jax.config.update("jax_compilation_cache_dir", str(_cache_dir()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        self.settings["applied"]["jax_compilation_cache_dir"] = \
+            jax.config.jax_compilation_cache_dir
         return {"jax": jax.__version__, "jaxlib": version("jaxlib")}
 
     def visible_gpus(self):
@@ -52,6 +64,9 @@ class JaxDevices:
             jax.config.update("jax_default_matmul_precision", "highest")
         self.settings["applied"]["jax_default_matmul_precision"] = \
             jax.config.jax_default_matmul_precision
+        if kind == "cpu" and os.path.isdir("/proc/self/task"):  # Linux: count the pool's threads
+            self.settings["applied"]["XLA CPU intra-op threads (XLAEigen, counted)"] = \
+                _threads_named("XLAEigen")
         return device, device.device_kind if kind == "cuda" else platform.processor() or "cpu"
 
     def block(self, value):
@@ -69,3 +84,23 @@ class JaxDevices:
         if self.device_kind != "cuda":
             return {}
         return self.device.memory_stats() or {}
+
+
+def _cache_dir() -> Path:
+    """The persistent compilation cache: in the environment (``sys.prefix``) when writable, else
+    in the user's cache directory."""
+    if os.access(sys.prefix, os.W_OK):
+        return Path(sys.prefix) / "jax-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dl-compare-harness" \
+        / "jax-cache"
+
+
+def _threads_named(part: str) -> int:
+    """How many of this process's threads have ``part`` in their name (Linux /proc)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            count += part in Path(f"/proc/self/task/{task}/comm").read_text()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count

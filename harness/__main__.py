@@ -1,5 +1,12 @@
+"""``python -m harness``: the command line (harness/cli.py). A Ctrl-C while the harness is
+still importing is one line too, never a traceback."""
+
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:
+    print("interrupted by SIGINT while starting: nothing was run", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

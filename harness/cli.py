@@ -8,7 +8,10 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -25,10 +28,11 @@ from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
 from .runner import BackendRun, run_worker
-from .spec import Spec, SpecError, load_spec
+from .spec import MAX_SEED, Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
-REPORTS_DIR = ROOT / "reports"
+#: where runs go (HARNESS_REPORTS_DIR moves it, e.g. for tests)
+REPORTS_DIR = Path(os.environ.get("HARNESS_REPORTS_DIR") or ROOT / "reports")
 REFERENCE = "numpy"
 
 
@@ -51,23 +55,96 @@ def load_specs(paths: list[str], seed: int | None) -> list[Spec]:
     return specs
 
 
-def new_run_dir(out: str | None) -> tuple[Path, str]:
+@dataclass
+class RunDir:
+    """Where a run's files go: built complete in ``staging`` (a hidden sibling, reserved with
+    an exclusive mkdir), then renamed to ``final`` in one step, so a run directory appears
+    whole or not at all and never mixes two runs."""
+    final: Path
+    run_id: str
+    staging: Path
+
+    def publish(self) -> None:
+        """``staging`` -> ``final``; an existing ``final`` (--out reused) is replaced whole."""
+        old = None
+        if self.final.exists() or self.final.is_symlink():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.rename(self.final, old)
+        os.rename(self.staging, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def new_run_dir(out: str | None) -> RunDir:
+    """A run directory that no other run can get, even one started in the same second."""
     if out:
         path = Path(out)
+        if path.is_symlink():
+            raise UserError(f"--out: {out} is a symbolic link; give a directory path")
         if path.exists() and not path.is_dir():
             raise UserError(f"--out: {out} exists and is not a directory")
-        return path, path.name
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    path, n = REPORTS_DIR / run_id, 1
-    while path.exists():
-        n += 1
-        path = REPORTS_DIR / f"{run_id}-{n}"
-    return path, path.name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        except OSError as exc:
+            raise UserError(f"--out: {out}: cannot write there ({exc.strerror or exc})") from None
+        return RunDir(path, path.name, staging)
+    REPORTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        run_id = stamp if n == 1 else f"{stamp}-{n}"
+        final = REPORTS_DIR / run_id
+        staging = REPORTS_DIR / f".{run_id}.partial-{os.getpid()}"
+        if final.exists() or any(REPORTS_DIR.glob(f".{run_id}.partial-*")):
+            continue
+        try:
+            staging.mkdir()  # exclusive: a concurrent run reserving this id fails here
+        except FileExistsError:
+            continue
+        if len(list(REPORTS_DIR.glob(f".{run_id}.partial-*"))) == 1:
+            return RunDir(final, run_id, staging)
+        staging.rmdir()  # another run reserved the same id at the same moment: next one
+    raise UserError(f"cannot find a free run directory under {REPORTS_DIR}")
+
+
+def sweep_leftovers() -> None:
+    """Remove what runs killed without a chance to clean up left behind (SIGKILL): their
+    staging directories and temporary work directories, named with their dead pid."""
+    patterns = [(REPORTS_DIR, ".*.partial-*"),
+                (Path(tempfile.gettempdir()), f"{TMP_PREFIX}*")]
+    for folder, pattern in patterns:
+        try:
+            candidates = list(folder.glob(pattern))
+        except OSError:
+            continue
+        for path in candidates:
+            pid = path.name.rsplit("-", 1)[-1] if folder == REPORTS_DIR else \
+                path.name[len(TMP_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+TMP_PREFIX = "harness-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def point_latest(run_dir: Path) -> None:
     """``reports/latest`` -> the newest run, replaced atomically."""
-    link, tmp = REPORTS_DIR / "latest", REPORTS_DIR / ".latest.tmp"
+    link, tmp = REPORTS_DIR / "latest", REPORTS_DIR / f".latest.{os.getpid()}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(run_dir.name)
@@ -122,7 +199,7 @@ def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, l
     result = run_worker(backend.name, python, specs, work / backend.name, device=device,
                         timeout=args.timeout, progress=progress, settings=worker_settings(args),
                         timing=None if reference else timing_request(args, device),
-                        reference_variants=reference)
+                        reference_variants=reference, max_memory=args.max_memory)
     env.worker, env.wall_s, env.log = result.environment, result.wall_s, str(result.log)
     env.done, env.device = result.done, device
     if result.errors:
@@ -147,18 +224,44 @@ def run_repeats(args, backends, specs, cells, environments, work: Path) -> None:
                                 work / f"{b.name}-repeat{r}", device=env.device,
                                 timeout=args.timeout, progress=progress,
                                 settings=worker_settings(args),
-                                timing=timing_request(args, env.device), checks=False)
+                                timing=timing_request(args, env.device), checks=False,
+                                max_memory=args.max_memory)
             mine = [c for c in cells if c.backend.name == b.name]
             for cell, rec in zip(mine, result.records):
                 if rec.status == Status.OK:
                     analysis.add_repeat(cell.result, rec)
 
 
+def check_memory(specs, args) -> None:
+    """Refuse, before any worker starts, a spec whose estimated need (from the spec alone, at
+    the largest batch it will run) exceeds --max-memory."""
+    batch = max(args.batch or [0]) if getattr(args, "timing", "off") != "off" else 0
+    for spec in specs:
+        need = spec.memory_estimate(max(batch, spec.input_shape[0]))
+        if need > args.max_memory:
+            raise SpecError(spec.file, "", f"needs about {need / 2**30:,.1f} GiB by its sizes "
+                            f"({sum(math.prod(p.shape) for p in spec.params):,} parameter values, "
+                            f"{spec.activations:,} activation values per forward), more than "
+                            f"--max-memory {args.max_memory / 2**30:.1f} GiB")
+
+
 def cmd_compare(args) -> int:
     specs = load_specs(args.spec, args.seed)
     backends = select(args.backend)
     overrides = parse_python_overrides(args.python, discover())
-    run_dir, run_id = new_run_dir(args.out)
+    check_memory(specs, args)
+    sweep_leftovers()
+    place = new_run_dir(args.out)
+    try:
+        code = _compare(args, specs, backends, overrides, place)
+    except BaseException:
+        place.discard()
+        raise
+    return code
+
+
+def _compare(args, specs, backends, overrides, place: RunDir) -> int:
+    run_dir, run_id = place.staging, place.run_id
     run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "device": args.device, "command": "python -m harness " + " ".join(sys.argv[1:]),
            "seed_note": "from each spec" if args.seed is None else str(args.seed),
@@ -168,7 +271,7 @@ def cmd_compare(args) -> int:
                "batches": list(args.batch or []), "roofline": bool(args.roofline)}}
     environments: dict[str, BackendRun] = {}
     cells: list[Cell] = []
-    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         for b in backends:
             environments[b.name], done = run_backend(b, overrides.get(b.name), specs, args,
                                                      Path(tmp))
@@ -176,8 +279,13 @@ def cmd_compare(args) -> int:
         reference = {c.spec.name: c.arrays for c in cells if c.backend.name == REFERENCE}
         for c in cells:
             ref = reference.get(c.spec.name) if c.backend.name != REFERENCE else None
-            c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name, c.record,
-                                        c.arrays, ref, c.backend.semantics)
+            try:
+                c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name,
+                                            c.record, c.arrays, ref, c.backend.semantics)
+            except Exception as exc:  # worker data the checks could not digest: this cell only
+                c.result = analysis.Result(c.backend.name, failed_record(
+                    c.spec.name, f"analysis failed on this backend's output: "
+                                 f"{type(exc).__name__}: {exc}"))
         analysis.analyze_timings([c.result for c in cells], specs)
         if args.timing != "off" and args.repeats > 1:
             run_repeats(args, backends, specs, cells, environments, Path(tmp))
@@ -193,9 +301,11 @@ def cmd_compare(args) -> int:
     document = report.results_document(run, specs, results, environments)
     markdown = report.render(run, specs, results, environments, defaults, figure, figures)
     report.write_run(run_dir, document, markdown)
-    if not args.out:
-        point_latest(run_dir)
-    return _print_outcome(results, run_dir)
+    with deferred_signals():  # the last step: the run appears whole, and latest follows it
+        place.publish()
+        if not args.out:
+            point_latest(place.final)
+    return _print_outcome(results, place.final)
 
 
 def _timing_figures(run_dir: Path, specs, results) -> dict:
@@ -283,7 +393,7 @@ def cmd_convert(args) -> int:
         raise UserError(f"--weights: {args.weights}: no such file")
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out: {args.out}: must be a file path in an existing directory")
-    with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-convert-") as tmp:
         read = _checkpoint_worker(source, overrides, spec, args, Path(tmp) / "read",
                                   task="read_checkpoint", checkpoint=str(weights.resolve()))
         canonical = {k.split("/", 1)[1]: v for k, v in read.arrays.items()
@@ -373,9 +483,24 @@ def cmd_list(args) -> int:
 
 
 def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED} (what every "
+                                         f"framework accepts), got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 7 * 86400):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, at most a "
+                                         f"week, got {text!r}")
     return value
 
 
@@ -388,6 +513,24 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     text = " ".join(text.split())
     text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more)"
+
+
+def total_memory() -> int:
+    """This machine's physical memory in bytes (Linux sysconf; 8 GiB where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _gib(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GiB, e.g. 8 or 0.5, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1 << 20):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text!r}")
+    return int(value * 2**30)
 
 
 def default_threads() -> int:
@@ -436,8 +579,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_seed, help="override every spec's seed")
     c.add_argument("--python", action="append", metavar="NAME=PATH",
                    help="use this interpreter for backend NAME instead of its managed environment")
-    c.add_argument("--timeout", type=float, default=600.0,
+    c.add_argument("--timeout", type=_seconds, default=600.0,
                    help="seconds a worker may go without progress before it is killed (600)")
+    c.add_argument("--max-memory", type=_gib, default=total_memory() // 2, metavar="GIB",
+                   help="refuse a spec estimated to need more, and end a worker whose processes "
+                        "use more (default: half of this machine's memory, "
+                        f"{total_memory() / 2**31:.1f})")
     c.add_argument("--timing", choices=["off", "quick", "full"], default="quick",
                    help="how deeply to time every mode and phase (default: quick)")
     c.add_argument("--threads", type=_positive_int, default=default_threads(),
@@ -467,7 +614,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=_seed, help="the spec's seed (builds the model)")
     v.add_argument("--python", action="append", metavar="NAME=PATH",
                    help="use this interpreter for backend NAME")
-    v.add_argument("--timeout", type=float, default=600.0)
+    v.add_argument("--timeout", type=_seconds, default=600.0,
+                   help="seconds a worker may go without progress before it is killed (600)")
     v.set_defaults(func=cmd_convert)
     s = sub.add_parser("setup", help="create (or refresh) the backends' environments")
     s.add_argument("--backend", action="append", help="backend (repeatable; default: all)")
@@ -479,11 +627,50 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: end the workers, keep nothing half-written, say so in one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT/SIGTERM across a few renames that must happen together."""
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            raise Interrupted(pending[0])
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names and worker text may be any bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return _main(argv)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: workers stopped; no run directory "
+              "was written and reports/latest is unchanged", file=sys.stderr)
+        return 128 + signum
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "timeout", 1) <= 0:
-        print("error: --timeout: must be positive", file=sys.stderr)
-        return 2
     try:
         return args.func(args)
     except (SpecError, UserError) as exc:
@@ -492,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     except ToolError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written for this run", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("error: out of memory in the harness itself (lower --max-memory or the spec's "
+              "sizes)", file=sys.stderr)
+        return 1

@@ -175,11 +175,20 @@ def gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
 
 
-def tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15, max_bytes: int = 16 * 1024) -> str:
+    """The last lines of a log, reading at most its last ``max_bytes`` (a log may be huge)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read(max_bytes)
     except OSError:
         return ""
+    text = data.decode("utf-8", errors="replace").splitlines()
+    if size > max_bytes and text:
+        text = text[1:]  # the first line is cut
+    return "\n".join(line[:500] for line in text[-lines:])
 
 
 def ensure_env(backend: Backend, progress=print) -> Path:

@@ -185,12 +185,16 @@ def dirac_reference(shape, groups) -> np.ndarray:
     return w
 
 
-def _uniform(lo: float, hi: float) -> Continuous:
+def _uniform(lo: float, hi: float) -> Expectation:
+    if lo == hi:  # a zero gain: every value is that point (torch's uniform_(0, 0) gives zeros)
+        return Constant(float(lo), f"all {lo:g} (a distribution of zero width)")
     return Continuous("uniform", {"low": lo, "high": hi}, [lo, hi], f"U({lo:.4g}, {hi:.4g})")
 
 
 def _normal(mean: float, std: float, lo: float | None = None,
-            hi: float | None = None) -> Continuous:
+            hi: float | None = None) -> Expectation:
+    if std == 0:  # std 0 or a zero gain: every value is the mean (torch's normal_(m, 0))
+        return Constant(float(mean), f"all {mean:g} (a distribution of zero width)")
     if lo is None:
         return Continuous("normal", {"mean": mean, "std": std}, [None, None],
                           f"N({mean:.4g}, {std:.4g}^2)")
@@ -346,8 +350,17 @@ def normalize(raw: str | dict) -> dict:
     return out
 
 
+#: no initializer argument beyond this magnitude: float32 (3.4e38) overflows once a framework
+#: computes with it (b - a, mean + std * z)
+MAX_ARGUMENT = 1e30
+
+
 def check_arguments(init: dict) -> str | None:
     """Argument combinations the schema cannot express; a message or None."""
+    for arg, value in init.items():
+        if isinstance(value, float) and abs(value) > MAX_ARGUMENT:
+            return (f"{init['name']}: {arg}={value:g} is beyond {MAX_ARGUMENT:g}: float32 "
+                    "arithmetic on it would overflow")
     return CATALOGUE[init["name"]].refuse(init)
 
 

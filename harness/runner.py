@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,22 +112,75 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Stop the worker and anything it started (it leads its own process group)."""
+    """Stop the worker and anything it started: it leads its own session and process group,
+    and every process of that group is ended (also after the worker itself has exited: a
+    child it left behind must not outlive the run)."""
     for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+        except (ProcessLookupError, PermissionError):
+            break
         try:
             proc.wait(wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if not _group_alive(proc.pid):
+            break
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.returncode is None:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
-def _exit_cause(rc: int | None, timed_out: bool, timeout: float) -> str:
-    if timed_out:
-        return f"timed out: no progress for {timeout:g} s (the worker was killed)"
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _group_rss(pgid: int) -> int:
+    """Resident memory, in bytes, of every process in the process group ``pgid`` (Linux /proc;
+    0 where it cannot be read)."""
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid:  # fields after the name: state, ppid, pgrp, ...
+                continue
+            with open(f"/proc/{entry}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: end it (SIGKILL) when the harness dies, even by SIGKILL,
+    so that no worker is left running without its parent (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_cause(rc: int | None, killed: str | None) -> str:
+    if killed:
+        return killed
     if rc is not None and rc < 0:
         return f"worker killed by signal {signal.Signals(-rc).name}"
     return f"worker exited with status {rc} before finishing this spec"
@@ -135,12 +191,14 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                settings: dict | None = None, timing: TimingRequest | None = None,
                checks: bool = True, reference_variants: bool = False, task: str = "compare",
                checkpoint: str | None = None,
-               probes: list[dict[str, np.ndarray]] | None = None) -> WorkerResult:
+               probes: list[dict[str, np.ndarray]] | None = None,
+               max_memory: int | None = None) -> WorkerResult:
     """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
 
     ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
     from the project root; the other options are ``protocol.Request``'s. ``settings["threads"]``
-    also sets the BLAS/OpenMP thread variables before the worker starts."""
+    also sets the BLAS/OpenMP thread variables before the worker starts. ``max_memory``
+    (bytes) bounds the resident memory of the worker and everything it starts."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir = work_dir / "out"
     inputs = {}
@@ -173,17 +231,18 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
             proc = subprocess.Popen([str(python), "-m", "backends.worker",
                                      str(work_dir / "request.json")],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=ROOT, env=env, start_new_session=True)
+                                    cwd=ROOT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         except OSError as exc:
             return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
         try:
-            rc, timed_out, _ = _supervise(proc, backend, specs, out_dir, timeout, progress,
-                                          _LogFollower(log_path, backend, progress))
+            rc, killed, _ = _supervise(proc, backend, specs, out_dir, timeout, progress,
+                                       _LogFollower(log_path, backend, progress), max_memory)
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
             _kill(proc)
             raise
-    return _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout,
-                    time.monotonic() - started)
+    return _collect(backend, specs, out_dir, log_path, rc, killed,
+                    time.monotonic() - started, max_memory)
 
 
 def _finished(out_dir: Path, n: int) -> int:
@@ -221,10 +280,12 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: None):
-    """Wait for the worker, reporting progress; kill it after ``timeout`` s without any.
-    Returns (exit status, timed out, specs finished)."""
-    timed_out, rc, done, seen = False, None, 0, 0
+def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: None,
+               max_memory: int | None = None):
+    """Wait for the worker, reporting progress; kill it after ``timeout`` s without any, or
+    once its process group's resident memory exceeds ``max_memory`` bytes.
+    Returns (exit status, why it was killed or None, specs finished)."""
+    killed, rc, done, seen = None, None, 0, 0
     last_progress = time.monotonic()
     while True:
         try:
@@ -233,6 +294,14 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
         except subprocess.TimeoutExpired:
             pass
         follow()
+        if max_memory:
+            rss = _group_rss(proc.pid)
+            if rss > max_memory:
+                killed = (f"exceeded the memory limit: {rss / 2**30:.2f} GiB resident, limit "
+                          f"{max_memory / 2**30:.2f} GiB (--max-memory); the worker was killed")
+                _kill(proc)
+                rc = proc.returncode
+                break
         finished = _finished(out_dir, len(specs))
         markers = finished + (out_dir / "worker.json").exists()
         if markers > seen:  # set up, or one more spec finished: progress
@@ -240,14 +309,16 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
                 progress(f"[{backend}] {finished}/{len(specs)} specs done")
             seen, done, last_progress = markers, finished, time.monotonic()
         if time.monotonic() - last_progress > timeout:
-            timed_out = True
+            killed = f"timed out: no progress for {timeout:g} s (the worker was killed)"
             _kill(proc)
             rc = proc.returncode
             break
+    follow()
+    _kill(proc)  # nothing it started outlives it
     finished = _finished(out_dir, len(specs))
     if finished > done:
         progress(f"[{backend}] {finished}/{len(specs)} specs done")
-    return rc, timed_out, finished
+    return rc, killed, finished
 
 
 def _failed_all(backend, specs, log_path, error) -> WorkerResult:
@@ -255,24 +326,69 @@ def _failed_all(backend, specs, log_path, error) -> WorkerResult:
     return WorkerResult(backend, None, records, [{} for _ in specs], log_path, errors=[error])
 
 
+MAX_RECORD_BYTES = 64 << 20   # a record is JSON metadata: never near this
+
+
+def _open_regular(path: Path, label: str):
+    """A worker's file, opened only if it is a regular file (a symbolic link to some other file
+    is not the worker's output)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ProtocolError(f"{label}: cannot be opened ({exc.strerror or exc})") from None
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise ProtocolError(f"{label}: not a regular file")
+    return fh
+
+
 def _read_json(path: Path, cls, label: str):
     """A protocol record from a worker's file; ProtocolError for anything that does not fit."""
+    with _open_regular(path, label) as fh:
+        data = fh.read(MAX_RECORD_BYTES + 1)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
-    return protocol.load(cls, data, label)
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{label}: not JSON ({type(exc).__name__}: {exc})") from None
+    return protocol.load(cls, value, label)
 
 
-def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:  # zipfile, pickle refusal, OSError, ...: all mean "not data"
-        raise ProtocolError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
+#: what a worker's arrays may be called: anything else is not its output
+ARRAY_KEY = re.compile(r"(output|probe_output|train_output|(param|grad|trained|reference_biased)"
+                       r"/[A-Za-z0-9_.]+|mode_output/[A-Za-z0-9_]+)\Z")
 
 
-def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) -> WorkerResult:
+def _read_npz(path: Path, label: str, max_bytes: int | None) -> dict[str, np.ndarray]:
+    """A worker's arrays: a plain .npz of numeric arrays, read with allow_pickle=False, whose
+    declared sizes are checked before anything is decompressed."""
+    with _open_regular(path, label) as fh:
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                declared = sum(i.file_size for i in zf.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise ProtocolError(f"{label}: not an .npz archive ({exc})") from None
+        if max_bytes and declared > max_bytes:
+            raise ProtocolError(f"{label}: {declared / 2**30:.2f} GiB of arrays, more than the "
+                                f"memory limit")
+        fh.seek(0)
+        try:
+            with np.load(fh, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as exc:  # pickled objects refused, truncated members, ...
+            raise ProtocolError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
+    for key, arr in arrays.items():
+        if not ARRAY_KEY.match(key):
+            raise ProtocolError(f"{label}: unexpected array {key[:80]!r}")
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+            raise ProtocolError(f"{label}: array {key!r} has dtype {arr.dtype}, not numbers")
+    return arrays
+
+
+def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
+             max_bytes=None) -> WorkerResult:
     environment, errors = None, []
     log_tail = tail(log_path)
     try:
@@ -282,15 +398,15 @@ def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) 
             environment = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
     except ProtocolError as exc:
         errors.append(f"malformed worker output: {exc}")
-    cause = errors[0] if errors else _exit_cause(rc, timed_out, timeout)
+    cause = errors[0] if errors else _exit_cause(rc, killed)
     records, arrays = [], []
     for i, spec in enumerate(specs):
         rec_file = out_dir / f"{i}.json"
         record, arr = failed_record(spec.name, cause, log_tail=log_tail), {}
-        if rec_file.exists() and environment is not None:
+        if environment is not None and (rec_file.exists() or rec_file.is_symlink()):
             try:
                 record = _read_json(rec_file, SpecRecord, f"{i}.json")
-                arr = _read_npz(out_dir / f"{i}.npz", f"{i}.npz")
+                arr = _read_npz(out_dir / f"{i}.npz", f"{i}.npz", max_bytes)
                 if record.spec != spec.name:
                     raise ProtocolError(f"{i}.json: record of spec {record.spec!r}, "
                                         f"expected {spec.name!r}")
@@ -307,6 +423,6 @@ def _collect(backend, specs, out_dir, log_path, rc, timed_out, timeout, wall_s) 
             done = _read_json(out_dir / "done.json", DoneRecord, "done.json")
         except ProtocolError as exc:
             errors.append(f"malformed worker output: {exc}")
-    if timed_out or (rc not in (0, None) and not errors):
-        errors.append(_exit_cause(rc, timed_out, timeout))
+    if killed or (rc not in (0, None) and not errors):
+        errors.append(_exit_cause(rc, killed))
     return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors, done)

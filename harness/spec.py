@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +39,17 @@ class SpecError(Exception):
 
 
 # ---------------------------------------------------------------- schema
-_INT1 = {"type": "integer", "minimum": 1}
-_INT0 = {"type": "integer", "minimum": 0}
+#: sizes: anything larger than this is refused here (and far smaller by the memory estimate)
+MAX_SIZE = 2 ** 31 - 1
+#: seeds: what every framework accepts (Keras refuses 2**32 and above)
+MAX_SEED = 2 ** 32 - 1
+_INT1 = {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}
+_INT0 = {"type": "integer", "minimum": 0, "maximum": MAX_SIZE}
 _PAIR1 = {"oneOf": [_INT1, {"type": "array", "items": _INT1, "minItems": 2, "maxItems": 2}]}
 _PAIR0 = {"oneOf": [_INT0, {"type": "array", "items": _INT0, "minItems": 2, "maxItems": 2}]}
 _INIT = {"$ref": "#/$defs/init"}
 _COMMON = {"type": {"enum": list(LAYER_TYPES)},
-           "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}}
+           "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*\Z", "maxLength": 100}}
 _INITS = {"weight_init": _INIT, "bias_init": _INIT}
 _FIELDS = {
     "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS},
@@ -64,10 +70,11 @@ SCHEMA = {
     "required": ["name", "input", "layers"],
     "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z",
+                 "maxLength": 100},
         "description": {"type": "string"},
         "input": {"type": "array", "items": _INT1, "minItems": 2},
-        "seed": _INT0,
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
         "input_fill": {"type": "number"},
         "loss": {"enum": list(LOSSES)},
         "probe": {"enum": ["random", "initial"]},
@@ -159,9 +166,20 @@ class Spec:
     params: list[ParamSpec]
     output_shape: tuple[int, ...]
     flops: int = 0                # forward FLOPs at input_shape (harness.spec.forward_flops)
+    activations: int = 0          # values all leaves output at input_shape
     loss: str = "cotangent"       # see LOSSES
     input_fill: float | None = None   # a constant input instead of N(0, 1) draws
     probe: str = "random"         # "initial": numerics and gradients with the initial values
+
+    def memory_estimate(self, batch: int | None = None) -> int:
+        """Bytes a worker needs for this spec, from the spec alone, at ``batch`` (default: its
+        own): float32 parameters held about 8 times over (values, probe, gradients, copies
+        read back, a saved-and-reloaded model, the framework's own), activations 4 times
+        (kept for the backward, their gradients, compiled buffers), the input twice."""
+        scale = (batch or self.input_shape[0]) / self.input_shape[0]
+        params = sum(math.prod(p.shape) for p in self.params)
+        values = 8 * params + scale * (4 * self.activations + 2 * math.prod(self.input_shape))
+        return int(4 * values)
 
     @property
     def flops_per_sample(self) -> float:
@@ -208,6 +226,7 @@ class _Builder:
         self.where: dict[str, str] = {}         # canonical path -> spec field path
         self.params: dict[str, ParamSpec] = {}  # canonical name -> ParamSpec
         self.flops = 0                          # forward FLOPs at the spec's input
+        self.activations = 0                    # values every leaf outputs, at that input
 
     def fail(self, where, message):
         raise SpecError(self.file, where, message)
@@ -310,6 +329,7 @@ class _Builder:
             return shape
         out = self.leaf(node, shape, alias_prefix, where)
         self.flops += forward_flops(node, shape, out)
+        self.activations += math.prod(out)
         return out
 
     def leaf(self, node, shape, alias_prefix, where) -> tuple[int, ...]:
@@ -398,30 +418,133 @@ class _Builder:
             self.fail(field_, f"cannot initialize {name} (shape {shape}): {problem}")
 
 
+MAX_SPEC_BYTES = 1 << 20   # a spec file is text someone wrote: 1 MiB is generous
+MAX_DEPTH = 64             # nesting of mappings and lists (about 30 nested sequentials)
+MAX_STRING = 10_000        # characters in any one string (a description included)
+MAX_INT_DIGITS = 30        # integers beyond this are never sizes or seeds
+
+
 def load_document(path: Path) -> dict:
-    """Parse a YAML or JSON spec file; parse errors become SpecError with line and column."""
+    """Parse a YAML or JSON spec file: a regular file of at most MAX_SPEC_BYTES, UTF-8, without
+    duplicate keys or YAML aliases. Every problem is a SpecError with line and column where the
+    parser knows them."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never end
+            raise SpecError(path, "", "not a regular file; a spec is a YAML or JSON file")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise SpecError(path, "", f"{info.st_size:,} bytes; a spec is at most "
+                                      f"{MAX_SPEC_BYTES:,} bytes")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(path, "", f"more than {MAX_SPEC_BYTES:,} bytes; a spec is at most that")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(path, f"byte {exc.start}", "not UTF-8 text; a spec is YAML or JSON") \
             from None
     try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        else:
+            doc = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
     except json.JSONDecodeError as exc:
         raise SpecError(path, f"line {exc.lineno}, column {exc.colno}", exc.msg) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(path, where, str(getattr(exc, "problem", None) or exc)) from None
+    except _Refused as exc:
+        raise SpecError(path, exc.where, exc.message) from None
+    except RecursionError:
+        raise SpecError(path, "", f"nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise SpecError(path, "", f"unreadable value: {exc}") from None
     if not isinstance(doc, dict):
         raise SpecError(path, "(document)", "a spec must be a mapping with name, input, layers")
     return doc
 
 
+class _Refused(Exception):
+    def __init__(self, where: str, message: str):
+        super().__init__(message)
+        self.where, self.message = where, message
+
+
+def _unique_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused("", f"duplicate key {key!r}: a spec says each thing once")
+        out[key] = value
+    return out
+
+
+def _no_constant(name):
+    raise _Refused("", f"{name} is not a number a spec may hold (finite numbers only)")
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (a few hundred bytes of nested aliases expand to
+    gigabytes) and duplicate keys (the later one would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _Refused(f"line {mark.line + 1}, column {mark.column + 1}",
+                           "YAML aliases (*name) are not allowed in a spec; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the schema says what is wrong with it
+                continue
+            if duplicate:
+                mark = key_node.start_mark
+                raise _Refused(f"line {mark.line + 1}, column {mark.column + 1}",
+                               f"duplicate key {key!r}: a spec says each thing once")
+        return super().construct_mapping(node, deep)
+
+
+def _check_values(doc, file) -> None:
+    """What JSON Schema cannot say about every value: finite numbers, string keys, bounded
+    nesting, strings and integers; walked without recursion."""
+    stack = [(doc, [], 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        where = _field_path(path) or "(document)"
+        if depth > MAX_DEPTH:
+            raise SpecError(file, where, f"nested too deeply (at most {MAX_DEPTH} levels)")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise SpecError(file, where, f"key {key!r} is not a string")
+                stack.append((item, path + [key], depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, path + [i], depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(file, where, f"{value} is not allowed: finite numbers only")
+        elif isinstance(value, int) and not isinstance(value, bool) and \
+                len(str(abs(value))) > MAX_INT_DIGITS:
+            raise SpecError(file, where, f"an integer of more than {MAX_INT_DIGITS} digits")
+        elif isinstance(value, str) and len(value) > MAX_STRING:
+            raise SpecError(file, where, f"a string of {len(value):,} characters; at most "
+                                         f"{MAX_STRING:,}")
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            raise SpecError(file, where, f"a {type(value).__name__} is not JSON data")
+
+
 def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) -> Spec:
     """Validate a parsed document fully and compute its plan and expectations."""
+    _check_values(doc, file)
     _schema_error(doc, file)
     b = _Builder(file, doc)
     nodes = b.layers(doc["layers"], "", "layers")
@@ -439,7 +562,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
                 b.fail(p.init_field, f"probe: initial needs deterministic initial values, but "
                                      f"{p.name} is initialized by {p.init['name']}")
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
-                params, output_shape, b.flops, doc.get("loss", "cotangent"),
+                params, output_shape, b.flops, b.activations, doc.get("loss", "cotangent"),
                 None if doc.get("input_fill") is None else float(doc["input_fill"]),
                 doc.get("probe", "random"))
 

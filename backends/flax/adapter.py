@@ -4,7 +4,9 @@ Linen modules are declarations: no parameter exists until ``model.init(key, x)``
 through the tree and returns the variables (``params/layers_0/kernel``, ``batch_stats/...``).
 Kernels are channels-last, activations NHWC. Initializers are module attributes (``kernel_init``,
 ...): JAX initializers on the native shape, whose fans (in_axis=-2, out_axis=-1) are torch's on
-the canonical one. jax and flax are imported in ``import_framework`` only.
+the canonical one. ``init``, forwards and gradients run under ``jax.jit``, one program per model
+(un-jitted, every initializer call on every shape would compile programs of its own); the
+``eager`` timing mode alone runs un-jitted. jax and flax are imported in ``import_framework`` only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from backends.protocol import Plan
 NATIVE_LEAF = {
     "dense": {"weight": "kernel", "bias": "bias"},
     "conv2d": {"weight": "kernel", "bias": "bias"},
+    "my_dense": {"weight": "kernel", "bias": "bias"},
     "batch_norm": {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"},
 }
 #: the collection linen trains (what jax.grad / optax see); others (batch_stats) are state
@@ -36,9 +39,14 @@ DEFAULT_IMPL = {
     "bias": "native: flax default bias_init = zeros_init()",
     ("batch_norm", "weight"): "native: flax default scale_init = ones",
     ("batch_norm", "bias"): "native: flax default bias_init = zeros",
+    ("my_dense", "weight"): "native: jax.nn.initializers.normal(stddev=1) in the hand-made "
+                            "MyDense (d2l's JAX MyDense)",
+    ("my_dense", "bias"): "native: jax.nn.initializers.zeros in the hand-made MyDense (d2l's JAX "
+                          "MyDense)",
 }
 #: the size a plan may give each layer type
-GIVEN_SIZE = {"dense": "in_units", "conv2d": "in_channels", "batch_norm": "num_features"}
+GIVEN_SIZE = {"dense": "in_units", "my_dense": "in_units", "conv2d": "in_channels",
+              "batch_norm": "num_features"}
 #: what linen's BatchNorm always puts in its `batch_stats` (not configurable)
 BATCH_STATS_INIT = {"running_mean": "zeros", "running_var": "ones"}
 
@@ -46,12 +54,14 @@ BATCH_STATS_INIT = {"running_mean": "zeros", "running_var": "ones"}
 @dataclass
 class _Model:
     """A built plan: the linen module (a declaration), its variables (None before init), the
-    NHWC input shape init traced, and the JAX initializers ``init_param`` chose."""
+    NHWC input shape init traced, the JAX initializers ``init_param`` chose, and the module's
+    functions under ``jax.jit``, by name (each compiled at its first call)."""
     module: Any
     plan: Plan
     variables: dict | None = None
     input_shape: tuple | None = None
     inits: dict = field(default_factory=dict)
+    jitted: dict = field(default_factory=dict)
 
 
 class Adapter(JaxDevices, base.BaseAdapter):
@@ -64,10 +74,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
         import flax
         import jax.numpy as jnp
         from flax import linen as nn
-        from flax import traverse_util
+        from flax import serialization, traverse_util
 
-        self.jnp, self.nn, self.traverse_util = jnp, nn, traverse_util
-        self.Sequential, self.Center, self.LastCanonicalAxis = _module_classes(nn, jnp)
+        self.jnp, self.nn = jnp, nn
+        self.serialization, self.traverse_util = serialization, traverse_util
+        self.Sequential, self.Center, self.LastCanonicalAxis, self.MyDense = \
+            _module_classes(nn, jnp)
         return {**versions, "flax": flax.__version__}
 
     def seed(self, seed):
@@ -94,8 +106,9 @@ class Adapter(JaxDevices, base.BaseAdapter):
         args = {attr: inits[f"{node.path}.{role}"]
                 for role, attr in (("weight", weight_attr), ("bias", "bias_init"))
                 if inits.get(f"{node.path}.{role}") is not None}
-        if kind == "dense":
-            dense = nn.Dense(node.units, use_bias=node.bias, **args)
+        if kind in ("dense", "my_dense"):
+            dense = nn.Dense(node.units, use_bias=node.bias, **args) if kind == "dense" \
+                else self.MyDense(node.units, **args)
             return self.LastCanonicalAxis(dense) if node.in_rank == 4 else dense
         if kind == "conv2d":
             return nn.Conv(node.channels, kernel_size=tuple(node.kernel),  # a tuple: 2-D
@@ -186,11 +199,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
             raise ValueError("initialize before the first forward: no parameter tree exists")
         module = base.build_tree(model.plan, functools.partial(self.make_layer, inits=model.inits),
                                  self.make_block).root
-        variables = module.init(self._next_key(), self.jnp.zeros(model.input_shape))
+        variables = self.jax.jit(module.init)(self._next_key(), self.jnp.zeros(model.input_shape))
         shapes = self.jax.tree_util.tree_map(np.shape, (model.variables, variables))
         if shapes[0] != shapes[1]:
             raise ValueError(f"re-initialized tree differs: {shapes[0]} != {shapes[1]}")
         model.module, model.variables = module, self.jax.block_until_ready(variables)
+        model.jitted = {}
 
     def _initializer(self, init, node, role):
         """(JAX initializer or None for the module's own default, "native: ..."/"custom: ...")."""
@@ -273,13 +287,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
         """Apply on an NHWC input; the first call is ``model.init`` (sizes inferred there).
         ``training``: batch statistics, and the running ones updated by linen's own rule."""
         if model.variables is None:
-            model.variables = model.module.init(self._next_key(), x)
+            model.variables = self.jax.jit(model.module.init)(self._next_key(), x)
             model.input_shape = tuple(x.shape)
             self._check_given_sizes(model)
         if not training:
-            return model.module.apply(model.variables, x)
-        y, updates = model.module.apply(model.variables, x, training=True,
-                                        mutable=["batch_stats"])
+            return self._jit(model, "infer")(model.variables, x)
+        y, updates = self._jit(model, "train_forward")(model.variables, x)
         model.variables = {**model.variables, **updates}
         return y
 
@@ -292,6 +305,166 @@ class Adapter(JaxDevices, base.BaseAdapter):
                 raise ValueError(f"{ref.node.path}: the spec gives {GIVEN_SIZE[ref.node.type]}="
                                  f"{given}, but Flax inferred {ref.native_name} of shape "
                                  f"{list(info.native_shape)} from the input")
+
+    def _jit(self, model, name, **options):
+        """``jax.jit`` of the function ``name`` of the model's module, made once per module."""
+        if name not in model.jitted:
+            fn = functools.partial(getattr(self, f"_{name}"), model.module)
+            model.jitted[name] = self.jax.jit(fn, **options)
+        return model.jitted[name]
+
+    # The module's pure functions of its variables (jitted by ``_jit``, or called as they are).
+
+    def _infer(self, module, variables, x):
+        return module.apply(variables, x)
+
+    def _train_forward(self, module, variables, x):
+        """The training-mode output and the updated ``batch_stats``."""
+        return module.apply(variables, x, training=True, mutable=["batch_stats"])
+
+    def _loss_grads(self, module, variables, x, cotangent):
+        """``jax.value_and_grad`` of sum(output * C) w.r.t. the ``params`` collection:
+        ``((loss, (output, batch_stats updates)), grads)``."""
+        params = variables.get(TRAINABLE_COLLECTION, {})
+        state = {k: v for k, v in variables.items() if k != TRAINABLE_COLLECTION}
+
+        def loss(params):
+            y, updates = self._train_forward(module, {TRAINABLE_COLLECTION: params, **state}, x)
+            return self.jnp.sum(y * cotangent), (y, updates)
+        return self.jax.value_and_grad(loss, has_aux=True)(params)
+
+    def _train_step(self, module, variables, x, cotangent, lr):
+        """One SGD step: the new variables (params - lr * grads, updated batch_stats), loss."""
+        (loss, (_, updates)), grads = self._loss_grads(module, variables, x, cotangent)
+        params = self.jax.tree_util.tree_map(lambda p, g: p - lr * g,
+                                             variables.get(TRAINABLE_COLLECTION, {}), grads)
+        return {**variables, **updates, TRAINABLE_COLLECTION: params}, loss
+
+    # -- training semantics -------------------------------------------------------------------
+
+    def grads(self, model, x, cotangent):
+        """``jax.value_and_grad`` (jitted) of sum(output * C) w.r.t. the ``params`` collection, in
+        training mode; the updated ``batch_stats`` are written back, the params are not."""
+        (_, (y, updates)), grads = self._jit(model, "loss_grads")(model.variables, x, cotangent)
+        model.variables = {**model.variables, **updates}
+        flat = self.traverse_util.flatten_dict(grads)
+        return y, {ref.name: flat[ref.handle[1:]] for ref in self.param_refs(model)
+                   if ref.handle[0] == TRAINABLE_COLLECTION}
+
+    def save(self, model, stem):
+        """``flax.serialization.to_bytes`` of the variables: msgpack of the nested dict."""
+        path = stem + ".msgpack"
+        with open(path, "wb") as fh:
+            fh.write(self.serialization.to_bytes(model.variables))
+        return base.SavedFile(path, "flax.serialization.to_bytes(variables) (msgpack)",
+                              list(self._read_msgpack(path)))
+
+    def _read_msgpack(self, path):
+        """{'collection/module/leaf': numpy array} of a msgpack file (no pickle involved)."""
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            tree = self.serialization.msgpack_restore(data)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a Flax msgpack file (flax.serialization."
+                             f"msgpack_restore: {type(exc).__name__}: {exc})") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path} holds a {type(tree).__name__}, not a Flax variable tree")
+        return self.traverse_util.flatten_dict(tree, sep="/")
+
+    def restore(self, model, path):
+        """``flax.serialization.msgpack_restore``, checked leaf by leaf against the tree that
+        ``jax.eval_shape(module.init)`` gives for the plan's input (abstract: nothing runs)."""
+        got = self._read_msgpack(path)
+        shape = model.plan.input_shape
+        nhwc = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else tuple(shape)
+        expected = self.traverse_util.flatten_dict(self.jax.eval_shape(
+            model.module.init, self.jax.random.key(0),
+            self.jax.ShapeDtypeStruct(nhwc, self.jnp.float32)), sep="/")
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit the model: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for name, want in expected.items():
+            have = got[name]
+            if (np.shape(have), np.result_type(have)) != (want.shape, want.dtype):
+                raise ValueError(f"{name}: the file holds {np.result_type(have)} "
+                                 f"{list(np.shape(have))}, the model expects {want.dtype} "
+                                 f"{list(want.shape)}")
+        model.variables = self.traverse_util.unflatten_dict(
+            {name: self.from_numpy(np.asarray(arr)) for name, arr in got.items()}, sep="/")
+        model.input_shape = nhwc
+        return ("no forward needed: the expected tree comes from jax.eval_shape(module.init), "
+                "an abstract trace")
+
+    def semantics(self):
+        nn, jnp, jax = self.nn, self.jnp, self.jax
+        # running variance: momentum 0 keeps the batch's; x = (0, 2): biased 1, unbiased 2
+        _, stats = nn.BatchNorm(use_running_average=False, momentum=0.0).init_with_output(
+            jax.random.key(0), jnp.array([[0.0], [2.0]]))
+        var = float(stats["batch_stats"]["var"][0])
+        # a weight of 3 used twice on x = 1 (the shared-gradient lesson)
+        dense = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.constant(3.0))
+        twice, x = self.Sequential([dense, dense]), jnp.ones((1, 1))
+        params = twice.init(jax.random.key(0), x)["params"]
+        grad = jax.tree_util.tree_leaves(
+            jax.grad(lambda p: jnp.sum(twice.apply({"params": p}, x)))(params))
+
+        class Plain(nn.Module):
+            def setup(self):
+                self.w = jnp.zeros(2)  # a plain array attribute
+
+            def __call__(self, x):
+                return x + self.w
+
+        plain = Plain().init(jax.random.key(0), jnp.zeros(2))
+        return {
+            "batch_norm_momentum": "new = momentum * old + (1 - momentum) * batch "
+                                   "(flax.linen.BatchNorm, momentum=0.99): the plan's torch "
+                                   "momentum m is passed as 1 - m",
+            "batch_norm_running_var": f"biased batch variance (measured: batch (0, 2) gives "
+                                      f"running var {var:g} with momentum 0; unbiased would "
+                                      f"be 2)",
+            "gradient_accumulation": f"one params entry per submodule, however often it is "
+                                     f"called; jax.grad sums the uses (measured: w = 3 used "
+                                     f"twice on x = 1: {len(grad)} entry, dy/dw = "
+                                     f"{float(grad[0][0, 0]):g})",
+            "custom_parameters": "self.param(name, init_fn, shape) in a linen Module's "
+                                 "@nn.compact __call__ declares a 'params' variable that "
+                                 "Module.init creates (its shape may come from the input); a "
+                                 f"plain array attribute is silently not one ({len(plain)} "
+                                 "variable collections for a module holding one)",
+        }
+
+    # -- timing -------------------------------------------------------------------------------
+
+    def modes(self):
+        return {"eager": "un-jitted Module.apply / jax.value_and_grad + SGD tree_map, dispatched "
+                         "op by op",
+                "compiled": "jax.jit of Module.apply / of the whole train step (value_and_grad, "
+                            "SGD tree_map, batch_stats), variables donated"}
+
+    def step(self, model, phase, mode, x, cotangent, lr):
+        """Compiled train steps donate the variables (updated in place) and return the loss,
+        an output of the same XLA program, so ready only once the update is; eager ones
+        return the new variables, the last values they compute."""
+        compiled = mode == "compiled"
+        if phase == "inference":
+            infer = self._jit(model, "infer") if compiled \
+                else functools.partial(self._infer, model.module)
+            return lambda: infer(model.variables, x)
+        train = self._jit(model, "train_step", donate_argnums=0) if compiled \
+            else functools.partial(self._train_step, model.module)
+
+        def step():
+            model.variables, loss = train(model.variables, x, cotangent, lr)
+            return loss if compiled else model.variables
+        return step
+
+    def matmul(self, n):
+        a, b = (self.jax.random.normal(k, (n, n), self.jnp.float32)
+                for k in self.jax.random.split(self.jax.random.key(0)))
+        return lambda: a @ b
 
 
 def _module_classes(nn, jnp):
@@ -326,7 +499,22 @@ def _module_classes(nn, jnp):
         def __call__(self, x):
             return base.nchw_to_nhwc(self.layer(base.nhwc_to_nchw(x)))
 
-    return Sequential, Center, LastCanonicalAxis
+    class MyDense(nn.Module):
+        """d2l's JAX MyDense, lazily: two hand-made ``self.param`` calls in ``@nn.compact``
+        ``__call__``, the kernel's (in, out) shape taken from the input, relu(x W + b). Default
+        initialization as d2l's: normal(stddev=1) kernel, zeros bias."""
+
+        units: int
+        kernel_init: Any = nn.initializers.normal(stddev=1.0)
+        bias_init: Any = nn.initializers.zeros
+
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.units))
+            bias = self.param("bias", self.bias_init, (self.units,))
+            return nn.relu(x @ kernel + bias)
+
+    return Sequential, Center, LastCanonicalAxis, MyDense
 
 
 def _canonical_init(draw):

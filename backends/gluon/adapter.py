@@ -1,6 +1,6 @@
-"""The MXNet Gluon adapter (mxnet 1.9.1, imperative NDArray API): plans become
-``nn.HybridSequential`` trees of Gluon's own layers, with deferred initialization where the plan
-leaves a size open.
+"""The MXNet Gluon adapter (mxnet 1.9.1, NDArray API): plans become ``nn.HybridSequential``
+trees of Gluon's own layers, with deferred initialization where the plan leaves a size open;
+``eager`` runs them imperatively, ``compiled`` hybridized into a CachedOp.
 
 Gluon's layouts are already canonical (Dense weight ``(units, in_units)``, Conv2D ``(out, in, kh,
 kw)`` on NCHW), so values cross the boundary unchanged. Native names (``dense0_weight``) come from
@@ -12,7 +12,9 @@ mxnet is imported in ``import_framework`` only, so importing this module costs n
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import platform
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from backends.protocol import Plan
 
 #: Gluon's attribute for each canonical role (batch norm's affine pair is gamma / beta)
 NATIVE_ATTR = {"dense": {"weight": "weight", "bias": "bias"},
+               "my_dense": {"weight": "weight", "bias": "bias"},
                "conv2d": {"weight": "weight", "bias": "bias"},
                "batch_norm": {"weight": "gamma", "bias": "beta", "running_mean": "running_mean",
                               "running_var": "running_var"}}
@@ -37,7 +40,7 @@ CUSTOM = {"uniform": "U(a, b) by mx.nd.random.uniform",
 
 
 def _framework_classes(mx):
-    """The custom ``HybridBlock``, the custom ``mx.init.Initializer`` and the fills it runs, by
+    """The custom ``HybridBlock``s, the custom ``mx.init.Initializer`` and the fills it runs, by
     name (defined late: they need mxnet). Every fill writes its NDArray in place and draws from
     ``mx.nd.random``, so ``mx.random.seed`` governs it."""
     nd, rand = mx.nd, mx.nd.random
@@ -47,6 +50,24 @@ def _framework_classes(mx):
 
         def hybrid_forward(self, F, x):
             return F.broadcast_sub(x, F.mean(x))
+
+    class MyDense(mx.gluon.nn.HybridBlock):
+        """d2l's MyDense: two hand-made Parameters from ``self.params.get`` with no ``init``, so
+        ``net.initialize()``'s global initializer draws both (the bias too), relu(x W^T + b).
+        A HybridBlock (HybridSequential takes no other), W in Dense's (units, in_units) layout
+        (d2l's is (in, out)). in_units 0 is deferred: FullyConnected's shape inference fills
+        it in, in the imperative and the hybridized graph alike (F.dot's cannot)."""
+
+        def __init__(self, units, in_units=0):
+            super().__init__()
+            self.units = units
+            self.weight = self.params.get("weight", shape=(units, in_units),
+                                          allow_deferred_init=True)
+            self.bias = self.params.get("bias", shape=(units,), allow_deferred_init=True)
+
+        def hybrid_forward(self, F, x, weight, bias):
+            return F.relu(F.FullyConnected(x, weight, bias, num_hidden=self.units,
+                                           flatten=False))
 
     class Custom(mx.init.Initializer):
         """An initializer in ``mx.init``'s protocol that runs ``fill(arr, **args)``; Gluon calls
@@ -105,17 +126,18 @@ def _framework_classes(mx):
         arr[:] = x * (nd.abs(x) >= 5)
 
     fills = (uniform, normal, trunc_normal, eye, dirac, sparse, bimodal)
-    return Center, Custom, {f.__name__: f for f in fills}
+    return Center, MyDense, Custom, {f.__name__: f for f in fills}
 
 
 @dataclass
 class _Model:
-    """A built plan: the Gluon network, the plan, and the block owning each node's parameters
-    by canonical node path (a ref's path: its target's block)."""
+    """A built plan: the Gluon network, the plan, the block owning each node's parameters by
+    canonical node path (a ref's path: its target's block), and the mode the network is in."""
     net: object
     plan: Plan
     owners: dict
     has_batch_norm: bool
+    mode: str = "eager"
 
 
 class Adapter(base.BaseAdapter):
@@ -125,12 +147,30 @@ class Adapter(base.BaseAdapter):
     #: why gpu(0) was not taken although mxnet sees it (appended to the CPU's device name)
     gpu_note = ""
 
+    def configure(self, device, settings):
+        """Read by libmxnet once, as it loads. OMP_NUM_THREADS: the OpenMP team of every
+        operator (oneDNN's and OpenBLAS's too); unset, mxnet takes half the cores on x86
+        (src/engine/openmp.cc). MXNET_CPU_WORKER_NTHREADS=1 (its default): one operator at a
+        time, so the team is the intra-op thread count, as torch's. NVIDIA_TF32_OVERRIDE=0
+        unless ``tf32``: mxnet-cu11x multiplies float32 with CUBLAS_TF32_TENSOR_OP_MATH
+        (src/operator/linalg.h:287) and cuDNN 8 allows TF32 in convolutions by default."""
+        env = {"MXNET_CPU_WORKER_NTHREADS": "1"}
+        if settings.get("threads"):
+            env["OMP_NUM_THREADS"] = str(int(settings["threads"]))
+        if not settings.get("tf32"):
+            env["NVIDIA_TF32_OVERRIDE"] = "0"
+        os.environ.update(env)
+        settings["applied"].update(env)
+
     def import_framework(self) -> dict:
         import mxnet as mx
 
         self.mx, self.nn = mx, mx.gluon.nn
-        self.Center, self.Custom, self.fills = _framework_classes(mx)
+        self.Center, self.MyDense, self.Custom, self.fills = _framework_classes(mx)
         self.has_cuda = mx.runtime.Features().is_enabled("CUDA")
+        # what the OpenMP runtime libmxnet loaded says (mxnet itself has no getter)
+        omp = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()
+        self.settings["applied"]["omp_get_max_threads() (libgomp, libmxnet's OpenMP)"] = omp
         return {"mxnet": mx.__version__, "cuda": "built with CUDA" if self.has_cuda else None}
 
     def visible_gpus(self) -> tuple[int, str]:
@@ -205,6 +245,8 @@ class Adapter(base.BaseAdapter):
             return nn.Activation(kind)
         if kind == "center":
             return self.Center()
+        if kind == "my_dense":
+            return self.MyDense(node.units, node.in_units or 0)
         raise ValueError(f"{node.path}: unsupported layer type {kind!r}")
 
     # -- parameters ---------------------------------------------------------------------------
@@ -320,14 +362,27 @@ class Adapter(base.BaseAdapter):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def to_device(self, x):
-        return self.mx.nd.array(x, ctx=self.device, dtype="float32")
+    def from_numpy(self, arr):
+        return self.mx.nd.array(arr, ctx=self.device, dtype=arr.dtype)
+
+    def to_numpy(self, value):
+        return value.asnumpy()
+
+    def _use(self, model, mode):
+        """Put the network in ``mode``: hybridized into a CachedOp with static memory and shapes
+        (``compiled``), or imperative again (``eager``); each switch drops the CachedOp."""
+        if model.mode != mode:
+            if mode == "compiled":
+                model.net.hybridize(static_alloc=True, static_shape=True)
+            else:
+                model.net.hybridize(active=False)
+            model.mode = mode
 
     def run(self, model, x, *, training=False):
-        """Forward in Gluon's predict mode; or a training step: train mode (batch statistics)
-        under ``autograd.record``, then ``backward()`` where there is batch norm, because
-        mxnet 1.9.1 updates the running statistics in BatchNorm's backward on the CPU, not in
-        its forward (src/operator/nn/batch_norm.cc BatchNormBackwardImpl; mkldnn likewise)."""
+        """Imperative forward in Gluon's predict mode; or a training step: train mode (batch
+        statistics) under ``autograd.record``, then ``backward()`` where there is batch norm,
+        because mxnet updates the running statistics in BatchNorm's backward on the CPU."""
+        self._use(model, "eager")
         autograd = self.mx.autograd
         if not training:
             with autograd.predict_mode():
@@ -338,9 +393,138 @@ class Adapter(base.BaseAdapter):
             y.backward()
         return y
 
-    def to_host(self, y):
-        return y.asnumpy().astype(np.float32, copy=False)
-
     def block(self, value):
-        """Wait for mxnet's asynchronous engine (CPU work is queued too)."""
-        value.wait_to_read()
+        """``mx.nd.waitall()``: the engine is asynchronous on the CPU too; one wait covers any
+        nesting of values at a fixed cost (a ``wait_to_read`` per array would grow with it)."""
+        self.mx.nd.waitall()
+
+    # -- training semantics -------------------------------------------------------------------
+
+    def _trainable(self, model):
+        return [ref for ref in self.param_refs(model) if ref.handle.grad_req != "null"]
+
+    def grads(self, model, x, cotangent):
+        """``autograd.record(train_mode=True)``, then ``y.backward(cotangent)`` (the head
+        gradient of sum(y * C) is C) and each ``Parameter.grad()``. grad_req 'write' still sums
+        the uses of a shared parameter within one backward. BatchNorm moves its running
+        statistics once: in this backward on the CPU, in the forward with cuDNN."""
+        self._use(model, "eager")
+        autograd = self.mx.autograd
+        with autograd.record(train_mode=True):
+            y = model.net(x)
+        y.backward(cotangent)
+        return y, {ref.name: ref.handle.grad(self.device) for ref in self._trainable(model)}
+
+    def save(self, model, stem):
+        """``save_parameters``: MXNet's NDArray file, keyed by the structural names of the block
+        tree (``1.weight``); a block used twice is stored under both of its names."""
+        path = stem + ".params"
+        model.net.save_parameters(path)
+        return base.SavedFile(path, "Block.save_parameters (MXNet NDArray file)",
+                              list(self.mx.nd.load(path)))
+
+    def restore(self, model, path):
+        """``load_parameters``, which fills deferred parameters with the file's shapes (no
+        forward needed). Read first with ``mx.nd.load`` (no pickle) for a clear refusal of
+        another format and of a shape of another rank (Gluon checks a rank mismatch, but its
+        error names no parameter); Gluon's own checks name a missing or unexpected one."""
+        mx = self.mx
+        try:
+            stored = mx.nd.load(path)
+        except mx.base.MXNetError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise ValueError(f"{path} is not an MXNet parameter file (mx.nd.load: "
+                             f"{reason})") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path} holds a list of unnamed arrays, not named parameters")
+        # the names save_parameters / load_parameters use (mxnet/gluon/block.py)
+        params = model.net._collect_params_with_prefix()
+        for key, arr in stored.items():
+            have = params[key].shape if key in params else None
+            if have is not None and (len(have) != arr.ndim or
+                                     any(h not in (0, a) for h, a in zip(have, arr.shape))):
+                raise ValueError(f"{path}: {key} has shape {list(arr.shape)}, but "
+                                 f"{params[key].name} needs {list(have)} (0: not inferred yet)")
+        try:
+            model.net.load_parameters(path, ctx=self.device)
+        except (AssertionError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return None
+
+    def semantics(self):
+        """Measured here, on this device: where BatchNorm moves its running variance and with
+        which variance, what two uses of one Dense give, what a plain NDArray attribute is."""
+        mx, nn, autograd = self.mx, self.nn, self.mx.autograd
+        bn = nn.BatchNorm(momentum=0.0, in_channels=1)  # running = batch statistic
+        bn.initialize(ctx=self.device)
+        with autograd.record(train_mode=True):
+            y = bn(mx.nd.array([[0.0], [4.0]], ctx=self.device))  # variance 4, unbiased 8
+        forward = bn.running_var.data().asscalar()
+        y.backward()
+        backward = bn.running_var.data().asscalar()
+        dense = nn.Dense(1, in_units=1, use_bias=False)
+        net = nn.HybridSequential()
+        net.add(dense, dense)
+        net.initialize(mx.init.Constant(3.0), ctx=self.device)
+        with autograd.record():
+            y = net(mx.nd.ones((1, 1), ctx=self.device))
+        y.backward()
+
+        class Plain(mx.gluon.Block):
+            def __init__(self):
+                super().__init__()
+                self.w = mx.nd.zeros(2)  # a plain NDArray attribute
+
+        plain = len(Plain().collect_params().keys())
+        where = "forward" if forward != 1.0 else "backward"
+        estimator = "biased" if abs(backward - 4) < abs(backward - 8) else "unbiased"
+        return {
+            "batch_norm_momentum": "running = momentum * running + (1 - momentum) * batch "
+                                   "(Gluon's BatchNorm momentum=0.9 is torch's 0.1)",
+            "batch_norm_running_var": f"{estimator}, moved in BatchNorm's {where} (measured on "
+                                      f"{self.device_kind}: batch variance 4, unbiased 8, "
+                                      f"running {backward:.4g}); mxnet's CPU kernels: biased, in "
+                                      "the backward (src/operator/nn/batch_norm.cc); cuDNN: "
+                                      "unbiased, in the forward (apache/mxnet#21111)",
+            "gradient_accumulation": "grad_req 'write' still sums every use within one "
+                                     "backward (measured: a Dense of weight 3 used twice on 1: "
+                                     f"gradient {dense.weight.grad().asnumpy().item():g}); 'write' "
+                                     "overwrites across backwards, 'add' accumulates",
+            "custom_parameters": "self.params.get(name, shape=...) in a Block registers a "
+                                 "Parameter named <prefix>_<name>; with no init, "
+                                 "net.initialize()'s global Uniform(0.07) draws it, a bias "
+                                 f"too; a plain NDArray attribute is not one ({plain} "
+                                 "parameters for a block holding one)",
+        }
+
+    # -- timing -------------------------------------------------------------------------------
+
+    def modes(self):
+        return {"eager": "imperative Gluon (HybridBlock.hybridize(active=False))",
+                "compiled": "HybridBlock.hybridize(static_alloc=True, static_shape=True): a "
+                            f"CachedOp, mxnet {self.mx.__version__}"}
+
+    def step(self, model, phase, mode, x, cotangent, lr):
+        """``compiled`` hybridizes here; its CachedOp is built at the first call. ``train``
+        updates with ``gluon.Trainer('sgd')``, Gluon's own update (fused sgd_update kernels):
+        its momentum and wd default to 0 and ``step(1)`` keeps rescale_grad 1, so
+        p -= lr * grad. It returns the updated weights (the same NDArrays every call)."""
+        mx, net = self.mx, model.net
+        self._use(model, mode)
+        if phase == "inference":
+            return lambda: net(x)
+        params = [ref.handle for ref in self._trainable(model)]
+        trainer = mx.gluon.Trainer(params, "sgd", {"learning_rate": lr})
+        weights = [p.data(self.device) for p in params]
+
+        def train():
+            with mx.autograd.record(train_mode=True):
+                y = net(x)
+            y.backward(cotangent)
+            trainer.step(1)
+            return weights
+        return train
+
+    def matmul(self, n):
+        a, b = (self.mx.nd.random.normal(shape=(n, n), ctx=self.device) for _ in range(2))
+        return lambda: self.mx.nd.dot(a, b)

@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
         if pattern not in used:
             warnings.warn(pytest.PytestWarning(
                 f"backends/{BACKEND}/xfails.txt: {pattern!r} matches no test (a test id, or a "
-                "test name for all of its parameters)"))
+                "test name for all of its parameters)"), stacklevel=2)
 
 
 def pytest_report_header(config):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backends.protocol import Status
+from backends.protocol import Budget, Status, TimingRequest
 from harness import analysis
 from harness.envs import ROOT, ensure_env, select
 from harness.runner import run_worker
@@ -211,3 +212,152 @@ def test_device_request_is_honoured_or_refused_clearly(backend, python, tmp_path
         # the one wording every backend uses (backends.base.CUDA_UNAVAILABLE)
         assert rec.error.startswith("DeviceUnavailable: CUDA requested, but "), rec.error
         assert "sees no usable GPU: " in rec.error, rec.error
+
+
+# ------------------------------------------------------------------ training semantics
+
+def _trainable(name):
+    return {p.name for p in _spec(name).params if p.trainable}
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_no_phase_failed(analyzed, name):
+    """Gradients, save/load and the wider-input phase all ran (a phase that fails shows its
+    error here)."""
+    errors = [f"{e.phase}: {e.error}" for e in analyzed[name].record.phase_errors]
+    assert errors == [], "\n".join(errors)
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_gradients_match_the_reference(analyzed, backend, name):
+    """Every trainable parameter's gradient of sum(output * C), in canonical layout, and the
+    training-mode output, match the NumPy reference's (a shared parameter once)."""
+    result = analyzed[name]
+    grads = result.record.gradients
+    assert grads is not None, result.record.phase_errors
+    assert set(grads.names) == _trainable(name)
+    if backend.name == "numpy":
+        return  # the reference itself: tests/unit/test_numpy_backward.py checks it
+    checks = result.checks_named(analysis.GRADIENT)
+    assert {c.subject for c in checks} == _trainable(name)
+    failed = [f"{c.subject}: error {c.observed} > {c.expected}" for c in checks if not c.passed]
+    assert failed == []
+    assert result.check(analysis.TRAIN_OUTPUT).passed, result.check(analysis.TRAIN_OUTPUT)
+
+
+def test_shared_gradient_lesson_gives_9_and_6(run):
+    """Two uses of one 1 -> 1 weight of 3 on the input 1: output 9, weight gradient 3 + 3."""
+    arrays = run.arrays[SPEC_NAMES.index("shared_gradient")]
+    assert arrays["train_output"].tolist() == [[9.0]]
+    assert arrays["grad/w.weight"].tolist() == [[6.0]]
+    assert arrays["probe_output"].tolist() == [[9.0]]
+
+
+BN_SPECS = [s.name for s in SPECS if any(p.layer_type == "batch_norm" for p in s.params)]
+
+
+@pytest.mark.parametrize("name", BN_SPECS)
+def test_batch_norm_training_statistics(analyzed, backend, name):
+    """After one training step the running mean and variance are the reference's, updated with
+    the framework's own rule (the biased-variance rule where backend.yaml declares it)."""
+    result = analyzed[name]
+    running = {p.name for p in _spec(name).params if p.role.startswith("running_")}
+    if backend.name == "numpy":
+        return
+    checks = result.checks_named(analysis.RUNNING_STAT)
+    assert {c.subject for c in checks} == running
+    assert [c.subject for c in checks if not c.passed] == [], checks
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_save_load_round_trip_is_bit_identical(analyzed, name):
+    """Saved in the framework's native format, loaded by a freshly built model of the same spec
+    (lazy where the spec is): the very same output."""
+    sl = analyzed[name].record.save_load
+    assert sl is not None, analyzed[name].record.phase_errors
+    assert sl.size_bytes > 0 and sl.names and sl.format
+    assert sl.identical, f"max |difference| {sl.max_abs_diff}"
+
+
+def test_wider_input_after_inference_is_refused(analyzed):
+    """After the first forward fixed lazy_mlp's sizes, one more input feature is an error."""
+    mismatch = analyzed["lazy_mlp"].record.mismatch
+    assert mismatch is not None and mismatch.input_shape == [2, 21]
+    assert mismatch.error, "the framework accepted an input of another width"
+
+
+def test_convert_round_trips_through_this_backend(backend, analyzed, tmp_path):
+    """torch -> this backend -> torch on a conv -> flatten -> dense model (where a channels-last
+    framework must flatten in canonical order): both conversions prove themselves by equal
+    outputs, and the weights come back bit-identical."""
+    spec = _spec("conformance_convert")
+    torch_python = ensure_env(select(["torch"])[0]) if backend.name != "torch" else None
+    probe = run_worker("torch", torch_python or _interpreter(backend), [spec], tmp_path / "w",
+                       device="cpu", timeout=TIMEOUT, task="write_checkpoint",
+                       checkpoint=str(tmp_path / "start.pt"))
+    assert probe.records[0].status == Status.OK, probe.records[0].error
+    suffix = analyzed["lazy_mlp"].record.save_load.file.removeprefix("model")
+    middle, back = tmp_path / f"middle{suffix}", tmp_path / "back.pt"
+    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
+                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
+               if p]
+    for src, weights, dst, out in (("torch", tmp_path / "start.pt", backend.name, middle),
+                                   (backend.name, middle, "torch", back)):
+        proc = subprocess.run([sys.executable, "-m", "harness", "convert", spec.file, "--from",
+                               src, "--weights", str(weights), "--to", dst, "--out", str(out),
+                               *pythons], cwd=ROOT, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "agree" in proc.stdout and out.is_file()
+    read = [run_worker("torch", torch_python or _interpreter(backend), [spec], tmp_path / f"r{i}",
+                       device="cpu", timeout=TIMEOUT, task="read_checkpoint",
+                       checkpoint=str(path)) for i, path in enumerate((tmp_path / "start.pt",
+                                                                       back))]
+    first, last = (r.arrays[0] for r in read)
+    for p in spec.params:
+        np.testing.assert_array_equal(last[f"param/{p.name}"], first[f"param/{p.name}"])
+
+
+# ------------------------------------------------------------------ timing
+
+TINY = Budget(warmup_calls=1, warmup_s=0.0, min_block_s=1e-4, min_blocks=3, min_total_s=0.0)
+
+
+@pytest.fixture(scope="session")
+def timed(backend, python, tmp_path_factory):
+    spec = _spec("small_cnn")
+    return run_worker(backend.name, python, [spec], tmp_path_factory.mktemp("timed"),
+                      device="auto", timeout=TIMEOUT,
+                      timing=TimingRequest(budget=TINY, roofline=64))
+
+
+def test_timings_for_every_mode_and_phase(timed, backend):
+    """Every mode the adapter offers (eager always) x inference and train: timed, with finite
+    positive block times, a first call, and the API that realized it; the roofline too."""
+    rec = timed.records[0]
+    assert rec.status == Status.OK, rec.error
+    assert "eager" in rec.modes and all(rec.modes.values())
+    assert {(t.mode, t.phase) for t in rec.timings} == \
+        {(m, p) for m in rec.modes for p in ("inference", "train")}
+    for t in rec.timings:
+        assert t.error is None, f"{t.mode} {t.phase}: {t.error}"
+        assert t.number >= 1 and len(t.block_times) >= TINY.min_blocks
+        assert all(math.isfinite(x) and x > 0 for x in t.block_times)
+        assert t.first_call_s is not None and t.first_call_s > 0
+    roof = timed.done.roofline
+    assert roof is not None and roof.error is None and roof.block_times
+
+
+def test_compiled_modes_match_the_reference(timed, backend, reference):
+    """A compiled mode's output (probe parameters, inference) is the NumPy reference's."""
+    arrays = timed.arrays[0]
+    compiled = [m for m in timed.records[0].modes if m != "eager"]
+    for mode in compiled:
+        out, ref = arrays[f"mode_output/{mode}"], reference["small_cnn"]["probe_output"]
+        tol = analysis.NUMERICS_ATOL + analysis.NUMERICS_RTOL * float(np.max(np.abs(ref)))
+        assert float(np.max(np.abs(out - ref))) <= tol, mode
+
+
+def test_timing_off_times_nothing(run):
+    """Without a timing request (``--timing off``) no record holds a timing or a mode."""
+    assert all(r.timings == [] and r.modes == {} for r in run.records)

@@ -163,27 +163,45 @@ def test_point_latest_follows_the_newest_run(tmp_path, monkeypatch):
 
 
 def test_point_latest_recovers_from_a_stale_temporary_link(tmp_path, monkeypatch):
-    """A .latest.tmp left by an interrupted run does not stop the next one."""
+    """A temporary link left by an interrupted run does not stop the next one."""
     monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path)
     run = tmp_path / "r1"
     run.mkdir()
-    (tmp_path / ".latest.tmp").symlink_to("gone")
+    stale = tmp_path / f".latest.{os.getpid()}.tmp"
+    stale.symlink_to("gone")
     cli.point_latest(run)
     assert (tmp_path / "latest").resolve() == run.resolve()
-    assert not (tmp_path / ".latest.tmp").is_symlink()
+    assert not stale.is_symlink()
 
 
 def test_new_run_dir_never_reuses_a_run(tmp_path, monkeypatch):
-    """Two runs in the same second get distinct directories under reports/."""
+    """Two runs in the same second get distinct directories under reports/: a finished one,
+    and one still being written (its hidden staging directory reserves the id)."""
     monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20260101-000000")
-    first, first_id = cli.new_run_dir(None)
-    first.mkdir()
-    second, second_id = cli.new_run_dir(None)
-    assert first != second and second.parent == tmp_path
-    assert (first_id, second_id) == ("20260101-000000", "20260101-000000-2")
-    explicit, explicit_id = cli.new_run_dir(str(tmp_path / "mine"))
-    assert explicit == tmp_path / "mine" and explicit_id == "mine"
+    first = cli.new_run_dir(None)
+    assert first.staging.is_dir() and not first.final.exists()
+    second = cli.new_run_dir(None)  # the first is still being written
+    assert (first.run_id, second.run_id) == ("20260101-000000", "20260101-000000-2")
+    first.publish()
+    assert first.final.is_dir() and not first.staging.exists()
+    third = cli.new_run_dir(None)
+    assert third.run_id == "20260101-000000-3"
+    explicit = cli.new_run_dir(str(tmp_path / "mine"))
+    assert explicit.final == tmp_path / "mine" and explicit.run_id == "mine"
+    assert not explicit.final.exists()
+
+
+def test_reused_out_is_replaced_whole(tmp_path):
+    """Publishing into an --out that holds an earlier run replaces it: no old file remains."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier run")
+    place = cli.new_run_dir(str(out))
+    (place.staging / "report.md").write_text("new")
+    place.publish()
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.mark.parametrize("value,text", [(None, "–"), (True, "yes"), (0.123456, "0.1235"),

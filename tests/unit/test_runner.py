@@ -206,7 +206,7 @@ def test_record_of_another_schema_version_is_a_clear_failed_record(tmp_path):
     out = tmp_path / "w" / "out"
     _rewrite(out / "1.json", lambda d: {**d, "schema_version": protocol.SCHEMA_VERSION + 1})
     from harness.runner import _collect
-    result = _collect("numpy", specs, out, first.log, 0, False, 60, 1.0)
+    result = _collect("numpy", specs, out, first.log, 0, None, 1.0)
     a, b = result.records
     assert a.status == Status.OK
     assert b.status == Status.FAILED and b.spec == "b"
@@ -225,6 +225,6 @@ def test_record_with_a_misread_field_is_a_clear_failed_record(tmp_path):
     _rewrite(out / "0.json", lambda d: {**d, "output_shape": "2x3"})
     _rewrite(out / "1.json", lambda d: {**d, "surprise": 1})
     from harness.runner import _collect
-    a, b = _collect("numpy", specs, out, first.log, 0, False, 60, 1.0).records
+    a, b = _collect("numpy", specs, out, first.log, 0, None, 1.0).records
     assert a.status == Status.FAILED and "output_shape" in a.error and "expected a list" in a.error
     assert b.status == Status.FAILED and "unexpected field 'surprise'" in b.error
