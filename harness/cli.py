@@ -450,6 +450,29 @@ class ToolError(Exception):
     """The harness or a framework failed (not the user's input): one line, exit status 1."""
 
 
+def cmd_check(args) -> int:
+    """Validate specs and their memory estimate without running anything: one line per spec,
+    ``ok`` or ``error``; exit 0 when every spec is valid, 2 when any is not."""
+    files = [Path(p) for p in args.spec] if args.spec else default_spec_files()
+    status, seen = 0, {}
+    for f in files:
+        try:
+            spec = load_spec(f, args.seed)
+            check_memory([spec], args)
+            if spec.name in seen:
+                raise SpecError(spec.file, "name",
+                                f"{spec.name!r} is also the name of {seen[spec.name]}")
+        except SpecError as exc:
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            status = 2
+            continue
+        seen[spec.name] = spec.file
+        print(one_line(f"ok     {spec.file}: {spec.name}, {len(spec.params)} tensors, "
+                       f"{spec.param_count:,} trainable scalars, about "
+                       f"{spec.memory_estimate() / 2**20:,.1f} MiB per worker"))
+    return status
+
+
 def cmd_setup(args) -> int:
     status = 0
     for b in select(args.backend):
@@ -617,6 +640,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=_seconds, default=600.0,
                    help="seconds a worker may go without progress before it is killed (600)")
     v.set_defaults(func=cmd_convert)
+    k = sub.add_parser("check", help="validate specs and their memory estimate without running "
+                       "anything (exit 0: all valid, 2: any invalid, one line each)")
+    k.add_argument("spec", nargs="*",
+                   help="spec files (YAML or JSON); default: every file in specs/")
+    k.add_argument("--seed", type=_seed, help="override every spec's seed")
+    k.add_argument("--max-memory", type=_gib, default=total_memory() // 2, metavar="GIB",
+                   help="refuse a spec estimated to need more (default: half of this "
+                        f"machine's memory, {total_memory() / 2**31:.1f})")
+    k.set_defaults(func=cmd_check)
     s = sub.add_parser("setup", help="create (or refresh) the backends' environments")
     s.add_argument("--backend", action="append", help="backend (repeatable; default: all)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

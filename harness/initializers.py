@@ -187,7 +187,7 @@ def dirac_reference(shape, groups) -> np.ndarray:
 
 def _uniform(lo: float, hi: float) -> Expectation:
     if lo == hi:  # a zero gain: every value is that point (torch's uniform_(0, 0) gives zeros)
-        return Constant(float(lo), f"all {lo:g} (a distribution of zero width)")
+        return Constant(float(lo) + 0.0, f"all {float(lo) + 0.0:g} (a distribution of zero width)")
     return Continuous("uniform", {"low": lo, "high": hi}, [lo, hi], f"U({lo:.4g}, {hi:.4g})")
 
 

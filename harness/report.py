@@ -186,6 +186,17 @@ def _stat_cells(p) -> list[str]:
             _fmt(ks.observed, 3) if ks else "–"]
 
 
+def _tests_not_run(q) -> str:
+    """The statistical tests a sample was too small for (n values of a continuous law)."""
+    if not isinstance(q.expected, inits.Continuous) or "n" not in q.stats:
+        return ""
+    n = q.stats["n"]
+    missing = [f"{name} ({n} values; needs {need})" for name, need in
+               ((stats.MEAN, stats.MIN_N_MEAN), (stats.STD, stats.MIN_N_VAR), (stats.KS, 2))
+               if n < need]
+    return ", ".join(missing)
+
+
 def _init_name(init: dict) -> str:
     if init["name"] == "default":
         return f"default = {inits.describe(init['resolved'])}"
@@ -201,9 +212,11 @@ def _init_section(spec, results) -> str:
                 continue
             failed = [c.label for c in q.checks if not c.passed]
             impl = q.record.init_impl if q.record else None
+            skipped = _tests_not_run(q)
             rows.append([p.name, r.backend, _init_name(q.init), impl or "–",
                          q.expected.description, *_stat_cells(q),
-                         _verdict(q.passed) + (f" ({', '.join(failed)})" if failed else "")])
+                         _verdict(q.passed) + (f" ({', '.join(failed)})" if failed else "")
+                         + (f"; not tested: {skipped}" if skipped else "")])
     return _table(["parameter", "backend", "init", "realized as", "expected", "mean obs / exp",
                    "std obs / exp", "min … max", "zero fraction", "KS p", "verdict"], rows)
 

@@ -25,6 +25,12 @@ LAYER_TYPES = ("dense", "my_dense", "conv2d", "batch_norm", "max_pool2d", "flatt
 ROLES = {"dense": ("weight", "bias"), "my_dense": ("weight", "bias"), "conv2d": ("weight", "bias"),
          "batch_norm": ("weight", "bias", "running_mean", "running_var")}
 TRAINABLE_ROLES = ("weight", "bias")
+#: names no layer may have, and why (every other identifier works in every backend: the
+#: conformance suite runs layers named like the frameworks' own attributes and methods)
+RESERVED_NAMES = {
+    "training": "PyTorch sets every module's train/eval flag under that attribute, so no "
+                "child module can be called so (nn.Module.train assigns it)",
+}
 #: the training loss: sum(output * C) with a cotangent C the harness draws (not all ones, so a
 #: transposed or wrongly summed gradient shows), or the plain sum of the outputs (C = 1)
 LOSSES = ("cotangent", "sum")
@@ -236,6 +242,8 @@ class _Builder:
         for i, raw in enumerate(raw_layers):
             here = f"{where}[{i}]"
             seg = raw.get("name", str(i))
+            if seg in RESERVED_NAMES:
+                self.fail(f"{here}.name", f"{seg!r} cannot name a layer: {RESERVED_NAMES[seg]}")
             if seg in seen:
                 self.fail(f"{here}.name", f"duplicate layer name {seg!r} in the same block")
             seen.add(seg)

@@ -8,7 +8,6 @@ torch is imported in ``import_framework`` only, so importing this module costs n
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,8 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def import_framework(self) -> dict:
         versions = self.import_torch()
         self.nn = self.torch.nn
-        self.Center, self.MyDense, self.LazyMyDense = _layer_classes(self.torch, self.nn)
+        self.Block, self.Center, self.MyDense, self.LazyMyDense = _layer_classes(self.torch,
+                                                                                 self.nn)
         return versions
 
     def seed(self, seed: int) -> None:
@@ -49,7 +49,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def make_block(self, node, layers):
         """An ``nn.Sequential`` whose children are named by their plan segments, so that
         ``state_dict`` keys are the canonical names."""
-        return self.nn.Sequential(OrderedDict(zip([n.name for n in node.layers], layers)))
+        return self.Block(zip([n.name for n in node.layers], layers))
 
     def finish_build(self, plan, tree):
         return _Model(tree.root.to(self.device), plan)
@@ -93,7 +93,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
             keys.setdefault(id(tensor), key)
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            tensor = getattr(model.net.get_submodule(node.path), role)
+            tensor = getattr(_submodule(model.net, node.path), role)
             refs.append(base.ParamRef(name, node, role, keys[id(tensor)], tensor))
         return refs
 
@@ -115,12 +115,12 @@ class Adapter(TorchDevices, base.BaseAdapter):
 
     def share_key(self, model, position):
         """The module torch's own tree holds at that position (a ref holds its target)."""
-        return id(model.net.get_submodule(position.path))
+        return id(_submodule(model.net, position.path))
 
     def init_param(self, model, ref, init) -> str:
         nn, kind, args = self.nn, init["name"], base.init_args(init)
         if kind == "default":
-            module = model.net.get_submodule(ref.node.path)
+            module = _submodule(model.net, ref.node.path)
             if isinstance(module, self.MyDense):
                 return "native: torch.randn in the hand-made MyDense (d2l's MyLinear)"
             return f"native: torch default ({type(module).reset_parameters.__qualname__})"
@@ -251,8 +251,26 @@ class Adapter(TorchDevices, base.BaseAdapter):
 
 
 
+def _submodule(net, path: str):
+    """The module at a canonical path, through ``_modules`` (``get_submodule`` uses getattr,
+    which a child named like a method, ``forward``, would not reach)."""
+    for segment in path.split("."):
+        net = net._modules[segment]
+    return net
+
+
 def _layer_classes(torch, nn):
     """The custom modules (defined late: they subclass torch classes)."""
+
+    class Block(nn.Sequential):
+        """``nn.Sequential`` whose children may have any name the spec allows: registered in
+        ``_modules`` directly, where ``add_module`` refuses names that nn.Module uses as
+        attributes (``forward``, ``state_dict``, ...; ``training`` the spec refuses)."""
+
+        def __init__(self, named):
+            nn.Module.__init__(self)
+            for name, module in named:
+                self._modules[name] = module
 
     class Center(nn.Module):
         """The d2l CenteredLayer: ``x - x.mean()``, mean over every element."""
@@ -291,7 +309,7 @@ def _layer_classes(torch, nn):
                     self.weight.normal_()
                     self.bias.normal_()
 
-    return Center, MyDense, LazyMyDense
+    return Block, Center, MyDense, LazyMyDense
 
 
 def _touch(tensor) -> str | None:
