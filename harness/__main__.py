@@ -5,8 +5,9 @@ import sys
 
 try:
     from .cli import main
-except KeyboardInterrupt:
-    print("interrupted by SIGINT while starting: nothing was run", file=sys.stderr)
-    sys.exit(130)
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # before main() installed its own handlers
+    print("interrupted by SIGINT while starting: nothing was run", file=sys.stderr)
+    code = 130
+sys.exit(code)

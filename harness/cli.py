@@ -8,7 +8,8 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import fcntl
+import glob
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ from . import analysis, plots, report
 from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
-from .runner import BackendRun, run_worker
+from .runner import BackendRun, keep_log, run_worker
 from .spec import MAX_SEED, Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
@@ -57,17 +58,19 @@ def load_specs(paths: list[str], seed: int | None) -> list[Spec]:
 
 @dataclass
 class RunDir:
-    """Where a run's files go: built complete in ``staging`` (a hidden sibling, reserved with
-    an exclusive mkdir), then renamed to ``final`` in one step, so a run directory appears
-    whole or not at all and never mixes two runs."""
+    """Where a run's files go: built complete in ``staging`` (a hidden sibling), then renamed
+    to ``final`` in one step, so a run directory appears whole or not at all and never mixes
+    two runs. ``replace``: ``final`` may hold an earlier run (--out reused), replaced whole."""
     final: Path
     run_id: str
     staging: Path
+    replace: bool = False
 
     def publish(self) -> None:
-        """``staging`` -> ``final``; an existing ``final`` (--out reused) is replaced whole."""
+        """``staging`` -> ``final``; an earlier run in ``final`` (--out reused) is replaced
+        whole. A reserved run id's ``final`` never exists: the rename refuses to replace."""
         old = None
-        if self.final.exists() or self.final.is_symlink():
+        if self.replace and (self.final.exists() or self.final.is_symlink()):
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
             os.rename(self.final, old)
         os.rename(self.staging, self.final)
@@ -78,55 +81,87 @@ class RunDir:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+#: what a run writes into its directory (an --out holding anything else is not a run's)
+RUN_FILES = ("report.md", "results.json")
+
+
+def _stray_entry(path: Path) -> str | None:
+    """The first entry of the existing directory ``path`` that no run writes (None when it is
+    empty or an earlier run's)."""
+    names = sorted(os.listdir(path))
+    if names and not set(names) & set(RUN_FILES):
+        return names[0]
+    return next((n for n in names if n not in (*RUN_FILES, "logs") and
+                 not n.endswith(".png")), None)
+
+
 def new_run_dir(out: str | None) -> RunDir:
-    """A run directory that no other run can get, even one started in the same second."""
+    """A run directory that no other run can get, even one started in the same second: under
+    reports/, ids are reserved under a lock (reports/.lock) by their staging directory."""
     if out:
-        path = Path(out)
-        if path.is_symlink():
-            raise UserError(f"--out: {out} is a symbolic link; give a directory path")
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out: {out} exists and is not a directory")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-        except OSError as exc:
-            raise UserError(f"--out: {out}: cannot write there ({exc.strerror or exc})") from None
-        return RunDir(path, path.name, staging)
+        return _out_dir(out)
     REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        run_id = stamp if n == 1 else f"{stamp}-{n}"
-        final = REPORTS_DIR / run_id
-        staging = REPORTS_DIR / f".{run_id}.partial-{os.getpid()}"
-        if final.exists() or any(REPORTS_DIR.glob(f".{run_id}.partial-*")):
-            continue
-        try:
-            staging.mkdir()  # exclusive: a concurrent run reserving this id fails here
-        except FileExistsError:
-            continue
-        if len(list(REPORTS_DIR.glob(f".{run_id}.partial-*"))) == 1:
+    with open(REPORTS_DIR / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed: ids are chosen one at a time
+        for n in range(1, 10_000):
+            run_id = stamp if n == 1 else f"{stamp}-{n}"
+            final = REPORTS_DIR / run_id
+            if final.exists() or final.is_symlink() or \
+                    any(REPORTS_DIR.glob(f".{run_id}.partial-*")):
+                continue
+            staging = REPORTS_DIR / f".{run_id}.partial-{os.getpid()}"
+            staging.mkdir()
             return RunDir(final, run_id, staging)
-        staging.rmdir()  # another run reserved the same id at the same moment: next one
     raise UserError(f"cannot find a free run directory under {REPORTS_DIR}")
+
+
+def _out_dir(out: str) -> RunDir:
+    """--out DIR: a new directory, an empty one, or an earlier run's (replaced whole at the
+    end); never a symbolic link, a file, or a directory holding anything else."""
+    if Path(out).is_symlink():  # dangling or not: the run would land somewhere else
+        raise UserError(f"--out: {out} is a symbolic link; give a directory path")
+    path = Path(os.path.abspath(out))
+    if not path.name or path.name in (".", ".."):
+        raise UserError(f"--out: {out} is not a directory a run can be written to")
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"--out: {out} exists and is not a directory")
+            stray = _stray_entry(path)
+            if stray is not None:
+                raise UserError(f"--out: {out} holds {stray!r}, which is not a run's file; give "
+                                "a new or empty directory, or an earlier run's (it is replaced "
+                                "whole)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path.parent, f".{glob.escape(path.name)}.partial-*")
+        staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise UserError(f"--out: {out}: cannot write there ({exc.strerror or exc})") from None
+    return RunDir(path, path.name, staging, replace=True)
 
 
 def sweep_leftovers() -> None:
     """Remove what runs killed without a chance to clean up left behind (SIGKILL): their
     staging directories and temporary work directories, named with their dead pid."""
-    patterns = [(REPORTS_DIR, ".*.partial-*"),
-                (Path(tempfile.gettempdir()), f"{TMP_PREFIX}*")]
-    for folder, pattern in patterns:
-        try:
-            candidates = list(folder.glob(pattern))
-        except OSError:
-            continue
-        for path in candidates:
-            pid = path.name.rsplit("-", 1)[-1] if folder == REPORTS_DIR else \
-                path.name[len(TMP_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+    _sweep(REPORTS_DIR, ".*.partial-*")
+    _sweep(Path(tempfile.gettempdir()), f"{TMP_PREFIX}*",
+           lambda name: name[len(TMP_PREFIX):].split("-", 1)[0])
+
+
+def _sweep(folder: Path, pattern: str, pid_of=lambda name: name.rsplit("-", 1)[-1]) -> None:
+    """Remove the entries of ``folder`` matching ``pattern`` whose owner (the pid in the name)
+    is no longer running."""
+    try:
+        candidates = list(folder.glob(pattern))
+    except OSError:
+        return
+    for path in candidates:
+        pid = pid_of(path.name)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 TMP_PREFIX = "harness-"
@@ -301,10 +336,12 @@ def _compare(args, specs, backends, overrides, place: RunDir) -> int:
     document = report.results_document(run, specs, results, environments)
     markdown = report.render(run, specs, results, environments, defaults, figure, figures)
     report.write_run(run_dir, document, markdown)
-    with deferred_signals():  # the last step: the run appears whole, and latest follows it
-        place.publish()
-        if not args.out:
-            point_latest(place.final)
+    # The commit point: from here on the run is kept, whole, and latest follows it; a signal
+    # now would leave a published run behind a message saying none was written.
+    _hold_signals()
+    place.publish()
+    if not args.out:
+        point_latest(place.final)
     return _print_outcome(results, place.final)
 
 
@@ -345,7 +382,7 @@ def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
     for name, env in environments.items():
         if env.log:
             logs.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(env.log, logs / f"{name}.log")
+            keep_log(Path(env.log), logs / f"{name}.log")
             env.log = f"logs/{name}.log"
 
 
@@ -667,42 +704,50 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: the command being run, for the interruption message
+_COMMAND = {"name": None}
+
+
+def _hold_signals(signum=None, frame=None) -> None:
+    """From the first SIGINT/SIGTERM on, further ones are ignored: the cleanup that follows
+    (ending workers, removing the staging directory) is bounded and must not be cut short."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _raise_interrupted(signum, frame):
+    _hold_signals()
     raise Interrupted(signum)
 
 
-@contextlib.contextmanager
-def deferred_signals():
-    """Hold SIGINT/SIGTERM across a few renames that must happen together."""
-    pending = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if pending:
-            raise Interrupted(pending[0])
-
-
 def main(argv: list[str] | None = None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # file names and worker text may be any bytes
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    """The command line. Run as the program (``argv`` None), a signal arriving after the work
+    is done is ignored; called with ``argv`` (in-process), the caller's handlers come back."""
+    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
+        for sig in _SIGNALS:
+            signal.signal(sig, _raise_interrupted)
+        for stream in (sys.stdout, sys.stderr):  # file names and worker text may be any bytes
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         return _main(argv)
     except (Interrupted, KeyboardInterrupt) as exc:
+        _hold_signals()
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name}: workers stopped; no run directory "
-              "was written and reports/latest is unchanged", file=sys.stderr)
+        what = ("workers stopped; no run directory was written and reports/latest is unchanged"
+                if _COMMAND["name"] in ("compare", None) else
+                f"{_COMMAND['name']} stopped; nothing was written")
+        print(f"interrupted by {signal.Signals(signum).name}: {what}", file=sys.stderr)
         return 128 + signum
+    finally:
+        for sig, handler in previous.items():  # exiting: a late signal gives no traceback
+            signal.signal(sig, signal.SIG_IGN if argv is None or handler is None else handler)
 
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    _COMMAND["name"] = args.command
     try:
         return args.func(args)
     except (SpecError, UserError) as exc:

@@ -6,16 +6,19 @@ Python that built it) are unchanged. Nothing here imports a framework.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 
@@ -175,10 +178,24 @@ def gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
 
 
+def open_regular(path) -> BinaryIO:
+    """``path`` opened for reading only if it is a regular file: never through a symbolic link
+    (a worker's file linked to some other file is not its output), never blocking (a FIFO),
+    never a directory or device. OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def tail(path: Path, lines: int = 15, max_bytes: int = 16 * 1024) -> str:
     """The last lines of a log, reading at most its last ``max_bytes`` (a log may be huge)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - max_bytes))

@@ -432,6 +432,8 @@ def _semantics_section(environments: dict) -> str:
         for env in environments.values():
             said = env.worker.semantics.get(key) if env.worker else None
             declared = env.declared.get(key)
+            if isinstance(declared, dict):
+                declared = ", ".join(f"{k}: {v}" for k, v in declared.items())
             cell = said or "–"
             if declared:
                 cell += f" [declared: {declared}]"

@@ -6,11 +6,11 @@ what it finished before that is kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import signal
-import stat
 import subprocess
 import time
 import zipfile
@@ -24,7 +24,7 @@ from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, Proto
                                Request, SpecRecord, Status, TimingRequest, failed_record)
 
 from . import initializers as inits
-from .envs import ROOT, tail
+from .envs import ROOT, open_regular, tail
 from .spec import Spec
 
 
@@ -168,14 +168,17 @@ def _group_rss(pgid: int) -> int:
     return total
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the worker, before exec: end it (SIGKILL) when the harness dies, even by SIGKILL,
-    so that no worker is left running without its parent (Linux prctl PR_SET_PDEATHSIG)."""
+    so that no worker is left running without its parent (Linux prctl PR_SET_PDEATHSIG). A
+    harness that died before the prctl took effect is caught by the parent pid check."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _exit_cause(rc: int | None, killed: str | None) -> str:
@@ -232,7 +235,8 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                                      str(work_dir / "request.json")],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=ROOT, env=env, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=functools.partial(_die_with_parent,
+                                                                 os.getpid()))
         except OSError as exc:
             return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
         try:
@@ -262,7 +266,7 @@ class _LogFollower:
 
     def __call__(self) -> None:
         try:
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path) as fh:
                 fh.seek(self.offset)
                 data = fh.read(self.CHUNK)
         except OSError:
@@ -321,6 +325,39 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
     return rc, killed, finished
 
 
+#: how much of a worker's log is kept next to the report: its start and its end
+KEEP_LOG_HEAD, KEEP_LOG_TAIL = 256 << 10, 4 << 20
+
+
+def keep_log(source: Path, target: Path) -> None:
+    """Copy a worker's log, bounded: whole up to KEEP_LOG_HEAD + KEEP_LOG_TAIL bytes, else its
+    start and its end with a line saying how much was left out (a log may be huge, or not a
+    regular file at all when a worker replaced it)."""
+    try:
+        src = open_regular(source)
+    except OSError as exc:
+        target.write_text(f"[harness] the worker's log {source} could not be read: "
+                          f"{exc.strerror or exc}\n")
+        return
+    with src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        if size <= KEEP_LOG_HEAD + KEEP_LOG_TAIL:
+            chunks = [(0, size)]
+        else:
+            chunks = [(0, KEEP_LOG_HEAD), (size - KEEP_LOG_TAIL, KEEP_LOG_TAIL)]
+        for n, (start, length) in enumerate(chunks):
+            if n:
+                dst.write(f"\n[harness] ... {size - KEEP_LOG_HEAD - KEEP_LOG_TAIL:,} bytes of "
+                          f"this log left out ({size:,} in all) ...\n".encode())
+            src.seek(start)
+            while length > 0:
+                data = src.read(min(length, 1 << 20))
+                if not data:
+                    break
+                dst.write(data)
+                length -= len(data)
+
+
 def _failed_all(backend, specs, log_path, error) -> WorkerResult:
     records = [failed_record(s.name, error, log_tail=tail(log_path)) for s in specs]
     return WorkerResult(backend, None, records, [{} for _ in specs], log_path, errors=[error])
@@ -331,28 +368,29 @@ MAX_RECORD_BYTES = 64 << 20   # a record is JSON metadata: never near this
 
 def _open_regular(path: Path, label: str):
     """A worker's file, opened only if it is a regular file (a symbolic link to some other file
-    is not the worker's output)."""
+    is not the worker's output; a FIFO would block; a directory is no file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return open_regular(path)
     except OSError as exc:
         raise ProtocolError(f"{label}: cannot be opened ({exc.strerror or exc})") from None
-    fh = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        fh.close()
-        raise ProtocolError(f"{label}: not a regular file")
-    return fh
 
 
 def _read_json(path: Path, cls, label: str):
     """A protocol record from a worker's file; ProtocolError for anything that does not fit."""
     with _open_regular(path, label) as fh:
-        data = fh.read(MAX_RECORD_BYTES + 1)
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_RECORD_BYTES:
+            raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
+        data = fh.read(size + 1)  # + 1: a file still growing shows
     if len(data) > MAX_RECORD_BYTES:
         raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{label}: not JSON ({type(exc).__name__}: {exc})") from None
+    if isinstance(value, dict) and "schema_version" not in value:
+        raise ProtocolError(f"{label}: not a worker record (no schema_version; fields: "
+                            f"{sorted(value)[:5] or 'none'})")
     return protocol.load(cls, value, label)
 
 
@@ -391,6 +429,10 @@ def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
              max_bytes=None) -> WorkerResult:
     environment, errors = None, []
     log_tail = tail(log_path)
+    if out_dir.is_symlink():  # its files would be some other directory's: read none
+        errors.append("malformed worker output: its output directory was replaced by a "
+                      "symbolic link")
+        out_dir = out_dir.with_name(f"{out_dir.name}.refused")
     try:
         if (out_dir / "fatal.json").exists():
             errors.append(_read_json(out_dir / "fatal.json", FatalRecord, "fatal.json").error)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,11 @@ SCHEMA = {
 
 
 def _field_path(parts) -> str:
+    """``layers[2].weight_init.std``; a deeply nested one shortened in the middle, so that the
+    message after it still fits one line."""
+    parts = list(parts)
+    if len(parts) > 16:
+        parts = parts[:6] + [f"...{len(parts) - 12} levels..."] + parts[-6:]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -469,7 +475,11 @@ def load_document(path: Path) -> dict:
         raise SpecError(path, exc.where, exc.message) from None
     except RecursionError:
         raise SpecError(path, "", f"nested too deeply (at most {MAX_DEPTH} levels)") from None
-    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+    except ValueError as exc:  # an integer literal of more than 4300 digits
+        if "digits" in str(exc):
+            raise SpecError(path, "", f"an integer of more than "
+                                      f"{sys.get_int_max_str_digits()} digits; no size or "
+                                      f"seed is near that (at most {MAX_INT_DIGITS})") from None
         raise SpecError(path, "", f"unreadable value: {exc}") from None
     if not isinstance(doc, dict):
         raise SpecError(path, "(document)", "a spec must be a mapping with name, input, layers")
@@ -565,8 +575,10 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     for p in params:
         p.shared_with.sort()
     if doc.get("probe") == "initial":
-        for p in params:
-            if inits.exact_values(p.init, p.shape, p.layer_weight_shape) is None:
+        for p in params:  # deterministic by its expectation: nothing materialized here
+            if p.init["name"] == "default" or not isinstance(
+                    inits.expected_distribution(p.init, p.shape, p.layer_weight_shape),
+                    (inits.Constant, inits.Eye, inits.Dirac)):
                 b.fail(p.init_field, f"probe: initial needs deterministic initial values, but "
                                      f"{p.name} is initialized by {p.init['name']}")
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,

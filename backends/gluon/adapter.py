@@ -168,9 +168,11 @@ class Adapter(base.BaseAdapter):
         self.mx, self.nn = mx, mx.gluon.nn
         self.Center, self.MyDense, self.Custom, self.fills = _framework_classes(mx)
         self.has_cuda = mx.runtime.Features().is_enabled("CUDA")
-        # what the OpenMP runtime libmxnet loaded says (mxnet itself has no getter)
-        omp = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()
-        self.settings["applied"]["omp_get_max_threads() (libgomp, libmxnet's OpenMP)"] = omp
+        try:  # the team size mxnet's operators get (OMP_NUM_THREADS set); mxnet has no getter
+            omp = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()
+            self.settings["applied"]["omp_get_max_threads() (libmxnet's libgomp)"] = omp
+        except OSError:  # a build with another OpenMP runtime
+            pass
         return {"mxnet": mx.__version__, "cuda": "built with CUDA" if self.has_cuda else None}
 
     def visible_gpus(self) -> tuple[int, str]:
@@ -493,8 +495,8 @@ class Adapter(base.BaseAdapter):
             "custom_parameters": "self.params.get(name, shape=...) in a Block registers a "
                                  "Parameter named <prefix>_<name>; with no init, "
                                  "net.initialize()'s global Uniform(0.07) draws it, a bias "
-                                 f"too; a plain NDArray attribute is not one ({plain} "
-                                 "parameters for a block holding one)",
+                                 "too (not zeros, as Dense's); a plain NDArray attribute is "
+                                 f"not one ({plain} parameters for a block holding one)",
         }
 
     # -- timing -------------------------------------------------------------------------------
