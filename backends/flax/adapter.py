@@ -4,9 +4,13 @@ Linen modules are declarations: no parameter exists until ``model.init(key, x)``
 through the tree and returns the variables (``params/layers_0/kernel``, ``batch_stats/...``).
 Kernels are channels-last, activations NHWC. Initializers are module attributes (``kernel_init``,
 ...): JAX initializers on the native shape, whose fans (in_axis=-2, out_axis=-1) are torch's on
-the canonical one. ``init``, forwards and gradients run under ``jax.jit``, one program per model
-(un-jitted, every initializer call on every shape would compile programs of its own); the
-``eager`` timing mode alone runs un-jitted. jax and flax are imported in ``import_framework`` only.
+the canonical one. The first ``init``, forwards and gradients run under ``jax.jit``, one program
+each per model instead of one per operation and shape; the ``eager`` timing mode runs un-jitted,
+and so does the re-``init`` with the plan's initializers, to keep their values bit for bit: in one
+program XLA would fold an initializer's scaling into JAX's random draw (``normal(k) * std`` is
+``sqrt(2) * erf_inv(u) * std``, reassociated) and contract ``mean + std * x`` into an FMA, which
+moves the last bits of the normal-family initializers. jax and flax are imported in
+``import_framework`` only.
 """
 
 from __future__ import annotations
@@ -197,12 +201,13 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
     def finish_initialize(self, model):
         """Declare the same tree again with the plan's initializers as module attributes (now
-        that init has inferred every fan) and run ``init`` with the seeded key."""
+        that init has inferred every fan) and run ``init`` with the seeded key, un-jitted (see
+        the module docstring)."""
         if model.variables is None:
             raise ValueError("initialize before the first forward: no parameter tree exists")
         module = base.build_tree(model.plan, functools.partial(self.make_layer, inits=model.inits),
                                  self.make_block).root
-        variables = self.jax.jit(module.init)(self._next_key(), self.jnp.zeros(model.input_shape))
+        variables = module.init(self._next_key(), self.jnp.zeros(model.input_shape))
         shapes = self.jax.tree_util.tree_map(np.shape, (model.variables, variables))
         if shapes[0] != shapes[1]:
             raise ValueError(f"re-initialized tree differs: {shapes[0]} != {shapes[1]}")
@@ -309,11 +314,11 @@ class Adapter(JaxDevices, base.BaseAdapter):
                                  f"{given}, but Flax inferred {ref.native_name} of shape "
                                  f"{list(info.native_shape)} from the input")
 
-    def _jit(self, model, name, **options):
+    def _jit(self, model, name):
         """``jax.jit`` of the function ``name`` of the model's module, made once per module."""
         if name not in model.jitted:
-            fn = functools.partial(getattr(self, f"_{name}"), model.module)
-            model.jitted[name] = self.jax.jit(fn, **options)
+            model.jitted[name] = self.jax.jit(functools.partial(getattr(self, f"_{name}"),
+                                                                model.module))
         return model.jitted[name]
 
     # The module's pure functions of its variables (jitted by ``_jit``, or called as they are).
@@ -401,17 +406,20 @@ class Adapter(JaxDevices, base.BaseAdapter):
                 "an abstract trace")
 
     def semantics(self):
+        """Measured on tiny modules, each in one jitted program (or abstractly)."""
         nn, jnp, jax = self.nn, self.jnp, self.jax
-        # running variance: momentum 0 keeps the batch's; x = (0, 2): biased 1, unbiased 2
-        _, stats = nn.BatchNorm(use_running_average=False, momentum=0.0).init_with_output(
-            jax.random.key(0), jnp.array([[0.0], [2.0]]))
-        var = float(stats["batch_stats"]["var"][0])
+        key = jax.random.key(0)
+        # running variance after one training step with momentum 0: the batch's own variance,
+        # for x = (0, 4) biased 4, unbiased 8 (init itself leaves batch_stats at their init)
+        bn = nn.BatchNorm(use_running_average=False, momentum=0.0)
+        var = float(jax.jit(lambda x: bn.apply(bn.init(key, x), x, mutable=["batch_stats"])[1])(
+            jnp.array([[0.0], [4.0]]))["batch_stats"]["var"][0])
         # a weight of 3 used twice on x = 1 (the shared-gradient lesson)
         dense = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.constant(3.0))
-        twice, x = self.Sequential([dense, dense]), jnp.ones((1, 1))
-        params = twice.init(jax.random.key(0), x)["params"]
-        grad = jax.tree_util.tree_leaves(
-            jax.grad(lambda p: jnp.sum(twice.apply({"params": p}, x)))(params))
+        twice = self.Sequential([dense, dense])
+        grad = jax.tree_util.tree_leaves(jax.jit(lambda x: jax.grad(
+            lambda p: jnp.sum(twice.apply({"params": p}, x)))(twice.init(key, x)["params"]))(
+            jnp.ones((1, 1))))
 
         class Plain(nn.Module):
             def setup(self):
@@ -420,14 +428,14 @@ class Adapter(JaxDevices, base.BaseAdapter):
             def __call__(self, x):
                 return x + self.w
 
-        plain = Plain().init(jax.random.key(0), jnp.zeros(2))
+        plain = jax.eval_shape(Plain().init, key, jnp.zeros(2))
         return {
             "batch_norm_momentum": "new = momentum * old + (1 - momentum) * batch "
                                    "(flax.linen.BatchNorm, momentum=0.99): the plan's torch "
                                    "momentum m is passed as 1 - m",
-            "batch_norm_running_var": f"biased batch variance (measured: batch (0, 2) gives "
-                                      f"running var {var:g} with momentum 0; unbiased would "
-                                      f"be 2)",
+            "batch_norm_running_var": f"biased batch variance (measured: the batch (0, 4) "
+                                      f"with momentum 0 gives running var {var:g}; unbiased "
+                                      f"would be 8)",
             "gradient_accumulation": f"one params entry per submodule, however often it is "
                                      f"called; jax.grad sums the uses (measured: w = 3 used "
                                      f"twice on x = 1: {len(grad)} entry, dy/dw = "
@@ -448,21 +456,22 @@ class Adapter(JaxDevices, base.BaseAdapter):
                             "SGD tree_map, batch_stats), variables donated"}
 
     def step(self, model, phase, mode, x, cotangent, lr):
-        """Compiled train steps donate the variables (updated in place) and return the loss,
-        an output of the same XLA program, so ready only once the update is; eager ones
-        return the new variables, the last values they compute."""
+        """Compiled steps are jitted afresh (their first call traces; it compiles unless the
+        persistent cache holds the program). Compiled train steps donate the variables (updated
+        in place) and return the loss, an output of the same XLA program, so ready only once
+        the update is; eager ones return the new variables, the last values they compute."""
         compiled = mode == "compiled"
+        fn = functools.partial(self._infer if phase == "inference" else self._train_step,
+                               model.module)
+        if compiled:
+            fn = self.jax.jit(fn, donate_argnums=() if phase == "inference" else 0)
         if phase == "inference":
-            infer = self._jit(model, "infer") if compiled \
-                else functools.partial(self._infer, model.module)
-            return lambda: infer(model.variables, x)
-        train = self._jit(model, "train_step", donate_argnums=0) if compiled \
-            else functools.partial(self._train_step, model.module)
+            return lambda: fn(model.variables, x)
 
-        def step():
-            model.variables, loss = train(model.variables, x, cotangent, lr)
+        def train():
+            model.variables, loss = fn(model.variables, x, cotangent, lr)
             return loss if compiled else model.variables
-        return step
+        return train
 
     def matmul(self, n):
         a, b = (self.jax.random.normal(k, (n, n), self.jnp.float32)
@@ -505,7 +514,8 @@ def _module_classes(nn, jnp):
     class MyDense(nn.Module):
         """d2l's JAX MyDense, lazily: two hand-made ``self.param`` calls in ``@nn.compact``
         ``__call__``, the kernel's (in, out) shape taken from the input, relu(x W + b). Default
-        initialization as d2l's: normal(stddev=1) kernel, zeros bias."""
+        initialization as d2l's: normal(stddev=1) kernel, zeros bias; named ``kernel`` and
+        ``bias`` as linen's own Dense names them (d2l calls the kernel ``weight``)."""
 
         units: int
         kernel_init: Any = nn.initializers.normal(stddev=1.0)
