@@ -310,6 +310,19 @@ def init_args(init: dict) -> dict:
     return {k: v for k, v in init.items() if k != "name"}
 
 
+def zero_width(init: dict) -> tuple[dict, str]:
+    """A zero-width distribution as the constant it is, with a note saying so; else as given.
+    torch draws exactly that constant (normal_(m, 0), xavier_*_(gain=0))."""
+    if init["name"] == "normal" and init["std"] == 0:
+        value = init["mean"]
+    elif init["name"] in ("xavier_uniform", "xavier_normal") and init["gain"] == 0:
+        value = 0.0
+    else:
+        return init, ""
+    return {"name": "constant", "val": value}, f" ({init['name']} of zero width: the constant " \
+                                                f"{value:g})"
+
+
 def kaiming_gain_and_fan(init: dict) -> tuple[float, str]:
     """(gain, canonical fan mode) of a xavier_* / kaiming_* INIT: both are variance scaling
     with scale gain^2 (xavier: fan_avg; kaiming: its mode)."""
@@ -543,15 +556,17 @@ class BaseAdapter:
         """Apply every plan INIT in document order; return ``{name: how it was realized}``.
 
         ``fan_in_uniform`` (PyTorch's default bias rule) is resolved here into the ``uniform``
-        it is, with the bound from its layer weight's canonical fan_in, so adapters see only
-        catalogue initializers with fixed arguments."""
+        it is, with the bound from its layer weight's canonical fan_in, and a distribution of
+        zero width (``normal`` with std 0, ``xavier_*`` with gain 0) into the constant it is
+        (several frameworks refuse a zero scale), so adapters see only catalogue initializers
+        with fixed arguments and a nonzero width."""
         refs = self.param_refs(model)
         by_name = {ref.name: ref for ref in refs}
         impls = {}
         for ref in refs:
             init = ref.node.init[ref.role]
             try:
-                note = ""
+                init, note = zero_width(init)
                 if init["name"] == "fan_in_uniform":
                     weight = by_name[f"{ref.node.path}.weight"]
                     fan_in = torch_fans(self.canonical_shape(weight,

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
 from .runner import BackendRun, keep_log, run_worker
-from .spec import MAX_SEED, Spec, SpecError, load_spec
+from .spec import MAX_SEED, MAX_SIZE, Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
 #: where runs go (HARNESS_REPORTS_DIR moves it, e.g. for tests)
@@ -100,19 +101,23 @@ def new_run_dir(out: str | None) -> RunDir:
     reports/, ids are reserved under a lock (reports/.lock) by their staging directory."""
     if out:
         return _out_dir(out)
-    REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(REPORTS_DIR / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed: ids are chosen one at a time
-        for n in range(1, 10_000):
-            run_id = stamp if n == 1 else f"{stamp}-{n}"
-            final = REPORTS_DIR / run_id
-            if final.exists() or final.is_symlink() or \
-                    any(REPORTS_DIR.glob(f".{run_id}.partial-*")):
-                continue
-            staging = REPORTS_DIR / f".{run_id}.partial-{os.getpid()}"
-            staging.mkdir()
-            return RunDir(final, run_id, staging)
+    try:
+        REPORTS_DIR.mkdir(parents=True, exist_ok=True)
+        with open(REPORTS_DIR / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed: one run chooses at a time
+            for n in range(1, 10_000):
+                run_id = stamp if n == 1 else f"{stamp}-{n}"
+                final = REPORTS_DIR / run_id
+                if final.exists() or final.is_symlink() or \
+                        any(REPORTS_DIR.glob(f".{run_id}.partial-*")):
+                    continue
+                staging = REPORTS_DIR / f".{run_id}.partial-{os.getpid()}"
+                staging.mkdir()
+                return RunDir(final, run_id, staging)
+    except OSError as exc:
+        raise UserError(f"cannot write a run directory under {REPORTS_DIR} "
+                        f"({exc.strerror or exc})") from None
     raise UserError(f"cannot find a free run directory under {REPORTS_DIR}")
 
 
@@ -243,6 +248,21 @@ def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, l
                  for s, rec, arr in zip(specs, result.records, result.arrays)]
 
 
+def nvidia_gpus() -> list[dict]:
+    """Name, driver and memory of every NVIDIA GPU (from nvidia-smi; none without a driver)."""
+    if not gpu_present():
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    keys = ("name", "driver", "memory")
+    return [dict(zip(keys, (f.strip() for f in line.split(",")))) for line in out.splitlines()
+            if line.count(",") == 2]
+
+
 def worker_settings(args) -> dict:
     return {"threads": args.threads, "tf32": bool(args.tf32)}
 
@@ -303,7 +323,8 @@ def _compare(args, specs, backends, overrides, place: RunDir) -> int:
            "timing": None if args.timing == "off" else {
                "depth": args.timing, "budget": protocol.encode(BUDGETS[args.timing]),
                "threads": args.threads, "tf32": bool(args.tf32), "repeats": args.repeats,
-               "batches": list(args.batch or []), "roofline": bool(args.roofline)}}
+               "batches": list(args.batch or []), "roofline": bool(args.roofline)},
+           "gpus": nvidia_gpus() if args.device != "cpu" else []}
     environments: dict[str, BackendRun] = {}
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
@@ -504,7 +525,7 @@ def cmd_check(args) -> int:
             status = 2
             continue
         seen[spec.name] = spec.file
-        print(one_line(f"ok     {spec.file}: {spec.name}, {len(spec.params)} tensors, "
+        print(one_line(f"ok {spec.file}: {spec.name}, {len(spec.params)} tensors, "
                        f"{spec.param_count:,} trainable scalars, about "
                        f"{spec.memory_estimate() / 2**20:,.1f} MiB per worker"))
     return status
@@ -601,14 +622,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, limit: int = MAX_SIZE) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 1 <= value <= limit:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {limit}, got {value}")
     return value
+
+
+def _threads(text: str) -> int:
+    return _positive_int(text, 4096)
+
+
+def _repeats(text: str) -> int:
+    return _positive_int(text, 100)
 
 
 def _batches(text: str) -> list[int]:
@@ -622,7 +651,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other user error."""
 
     def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(f'{self.prog}: {message}')} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -647,12 +676,12 @@ def parser() -> argparse.ArgumentParser:
                         f"{total_memory() / 2**31:.1f})")
     c.add_argument("--timing", choices=["off", "quick", "full"], default="quick",
                    help="how deeply to time every mode and phase (default: quick)")
-    c.add_argument("--threads", type=_positive_int, default=default_threads(),
+    c.add_argument("--threads", type=_threads, default=default_threads(),
                    help="intra-op threads for every framework (default: this machine's cores, "
                         f"{default_threads()})")
     c.add_argument("--tf32", action="store_true",
                    help="allow TF32 matmuls/convolutions on GPUs that have it (default: off)")
-    c.add_argument("--repeats", type=_positive_int, default=1,
+    c.add_argument("--repeats", type=_repeats, default=1,
                    help="time in R fresh worker processes per backend, alternating the "
                         "backend order, and report the spread across them (default 1)")
     c.add_argument("--batch", type=_batches, metavar="B1,B2,...",

@@ -178,11 +178,15 @@ def gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
 
 
-def open_regular(path) -> BinaryIO:
-    """``path`` opened for reading only if it is a regular file: never through a symbolic link
-    (a worker's file linked to some other file is not its output), never blocking (a FIFO),
-    never a directory or device. OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+def open_regular(path, follow: bool = False) -> BinaryIO:
+    """``path`` opened for reading only if it is a regular file: never blocking (a FIFO, or
+    /proc/kmsg, whose reads wait), never a directory or device, and unless ``follow``, never
+    through a symbolic link (a worker's file linked to some other file is not its output).
+    OSError otherwise."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
@@ -199,7 +203,7 @@ def tail(path: Path, lines: int = 15, max_bytes: int = 16 * 1024) -> str:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - max_bytes))
-            data = fh.read(max_bytes)
+            data = fh.read(max_bytes) or b""  # None: nothing without waiting
     except OSError:
         return ""
     text = data.decode("utf-8", errors="replace").splitlines()

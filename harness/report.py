@@ -51,10 +51,18 @@ _ESCAPES = {"\\": "\\\\", "`": "\\`", "|": "\\|", "[": "\\[", "]": "\\]", "#": "
             "<": "&lt;", ">": "&gt;", "&": "&amp;"}
 
 
-def escape(text) -> str:
+#: characters of one untrusted string in the report (a spec's description is at most 10,000;
+#: a worker's error text may be anything up to a record's size)
+ESCAPE_LIMIT = 10_000
+
+
+def escape(text, limit: int = ESCAPE_LIMIT) -> str:
     """Untrusted text as inert inline markdown: one line, no code spans, links, HTML, table
-    pipes or headings."""
-    text = _CONTROL.sub(" ", str(text))
+    pipes or headings, and at most ``limit`` characters of it."""
+    text = str(text)
+    if len(text) > limit:
+        text = f"{text[:limit]} … ({len(text) - limit:,} more characters)"
+    text = _CONTROL.sub(" ", text)
     return "".join(_ESCAPES.get(ch, ch) for ch in text)
 
 
@@ -363,6 +371,8 @@ def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
             f"{st.median / best:.2f}x" if best else "–"
         peak = peaks.get(r.backend)
         gflops = f"{t.gflops:.3g}" + (f" ({t.gflops / peak:.1%} of peak)" if peak else "")
+        if rec.memory_peak is not None:
+            warn.insert(0, f"peak device memory {rec.memory_peak / 2**20:,.1f} MiB")
         rows.append([r.backend, f"{rec.mode}: {api}", rec.phase, rec.batch,
                      f"{st.median * 1e3:.4g}", f"{st.iqr * 1e3:.3g}",
                      f"{st.ci_low * 1e3:.4g}–{st.ci_high * 1e3:.4g}",
@@ -370,7 +380,7 @@ def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
                      _fmt(rec.first_call_s, 3), "; ".join(warn) or "–"])
     text = _table(["backend", "mode: API", "phase", "batch", "median ms", "IQR ms",
                    "95% CI of median ms", "samples/s", "GFLOP/s", "vs fastest",
-                   "first call s", "warnings"], rows)
+                   "first call s", "notes"], rows)
     text += (f"\nForward: {spec.flops_per_sample:,.0f} FLOPs per sample (from the spec; a "
              "training step is counted as 3x the forward). `first call` is the step's first "
              "call alone: tracing and compilation included for compiled modes.\n")
@@ -576,7 +586,10 @@ def render(run: dict, specs, results: list[Result], environments: dict,
     ok = all(r.passed for r in results)
     parts = [f"# Comparison report {escape(run['id'])}\n\n",
              f"{escape(run['command'])} at {escape(run['started'])}, device "
-             f"{escape(run['device'])}, seed {escape(run['seed_note'])}. Verdict: "
+             f"{escape(run['device'])}, seed {escape(run['seed_note'])}"
+             + "".join(f"; GPU {escape(g['name'])} (driver {escape(g['driver'])}, "
+                       f"{escape(g['memory'])})" for g in run.get("gpus") or [])
+             + ". Verdict: "
              f"**{'all checks passed' if ok else 'FAILURES'}**.\n\n## Summary\n\n",
              _summary(results, backends), "\n", LEGEND,
              "\n## Environments\n\n", _environments(environments),

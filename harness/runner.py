@@ -114,22 +114,26 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 def _kill(proc: subprocess.Popen) -> None:
     """Stop the worker and anything it started: it leads its own session and process group,
     and every process of that group is ended (also after the worker itself has exited: a
-    child it left behind must not outlive the run)."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    child it left behind must not outlive the run). Returns once none of them runs any more
+    (SIGTERM, then SIGKILL after 5 s; at most about 10 s in all)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             break
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        if not _group_alive(proc.pid):
-            break
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-    except (ProcessLookupError, PermissionError):
-        pass
+        deadline = time.monotonic() + 5
+        while True:
+            if proc.returncode is None:
+                try:
+                    proc.wait(0.02)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.01)
+            if proc.returncode is not None and not _group_alive(proc.pid):
+                return
+            if time.monotonic() > deadline:
+                break
     if proc.returncode is None:
         try:
             proc.wait(5)
@@ -138,11 +142,27 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` still runs (a zombie, dead and waiting for
+    whoever adopted it to reap it, does not)."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: ask the kernel (zombies count)
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
 
 
 def _group_rss(pgid: int) -> int:
@@ -268,7 +288,7 @@ class _LogFollower:
         try:
             with open_regular(self.path) as fh:
                 fh.seek(self.offset)
-                data = fh.read(self.CHUNK)
+                data = fh.read(self.CHUNK) or b""
         except OSError:
             return
         self.offset += len(data)
@@ -351,7 +371,7 @@ def keep_log(source: Path, target: Path) -> None:
                           f"this log left out ({size:,} in all) ...\n".encode())
             src.seek(start)
             while length > 0:
-                data = src.read(min(length, 1 << 20))
+                data = src.read(min(length, 1 << 20)) or b""
                 if not data:
                     break
                 dst.write(data)
@@ -381,7 +401,7 @@ def _read_json(path: Path, cls, label: str):
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_RECORD_BYTES:
             raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
-        data = fh.read(size + 1)  # + 1: a file still growing shows
+        data = fh.read(size + 1) or b""  # + 1: a file still growing shows
     if len(data) > MAX_RECORD_BYTES:
         raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from backends import protocol
 from backends.protocol import Plan
 
 from . import initializers as inits
+from .envs import open_regular
 
 LAYER_TYPES = ("dense", "my_dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu",
                "sigmoid", "tanh", "center", "sequential", "ref")
@@ -377,6 +379,10 @@ class _Builder:
                 self.fail(where, "a shared batch_norm is used on inputs of different rank")
             node["spatial"] = len(shape) == 4
             self.check_given(node["num_features"], shape[1], where, "num_features", "channels")
+            if shape[0] * math.prod(shape[2:]) < 2:  # the gradient pass runs in training mode
+                self.fail(where, f"batch_norm on an input of shape {shape} sees 1 value per "
+                                 "channel: training mode needs more (PyTorch refuses it; the "
+                                 "others output just the bias); use a batch of at least 2")
             c = (shape[1],)
             lazy = (node["num_features"],)
             self.add_params(node, dict.fromkeys(ROLES[t], c), dict.fromkeys(ROLES[t], lazy),
@@ -446,11 +452,15 @@ def load_document(path: Path) -> dict:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never end
             raise SpecError(path, "", "not a regular file; a spec is a YAML or JSON file")
-        if info.st_size > MAX_SPEC_BYTES:
-            raise SpecError(path, "", f"{info.st_size:,} bytes; a spec is at most "
-                                      f"{MAX_SPEC_BYTES:,} bytes")
-        with open(path, "rb") as fh:
+        # opened without blocking and checked again on the open file (it may have changed)
+        with open_regular(path, follow=True) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_SPEC_BYTES:
+                raise SpecError(path, "", f"{size:,} bytes; a spec is at most "
+                                          f"{MAX_SPEC_BYTES:,} bytes")
             data = fh.read(MAX_SPEC_BYTES + 1)
+        if data is None:  # a "regular" file that would make the reader wait (/proc/kmsg)
+            raise SpecError(path, "", "cannot read without waiting; a spec is a YAML or JSON file")
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_SPEC_BYTES:
@@ -530,6 +540,13 @@ class _SpecLoader(yaml.SafeLoader):
                 raise _Refused(f"line {mark.line + 1}, column {mark.column + 1}",
                                f"duplicate key {key!r}: a spec says each thing once")
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 reads `1e-5` (no dot) as a string, so `eps: 1e-5` was "not of type 'number'";
+# read it as YAML 1.2 and JSON do: a number.
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _check_values(doc, file) -> None:

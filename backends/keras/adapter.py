@@ -4,8 +4,9 @@ layer creates its variables in ``build()`` at the first call.
 Keras is channels-last (``kernel_layout``): inputs cross the boundary NCHW -> NHWC once, dense
 kernels are ``(in, out)`` and conv kernels ``(kh, kw, in, out)``; parameters are reported under
 their native ``variable.path`` and shape. Everything here is Keras, the same on every Keras
-backend, except the few methods under "the Keras backend" (TensorFlow here), which
-backends/keras_jax and backends/keras_torch override. Frameworks are imported in ``setup`` only.
+backend, except the methods under "the Keras backend" (TensorFlow here: its device handling,
+GradientTape gradients, tf.function steps), which backends/keras_jax and backends/keras_torch
+override. Frameworks are imported in ``setup`` only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import tempfile
 
 import numpy as np
 
@@ -44,6 +46,27 @@ def _keras_classes(keras):
 
         def call(self, x):
             return x - ops.mean(x)
+
+    class MyDense(keras.layers.Layer):
+        """d2l's MyDense: relu(x W + b) with two hand-made variables that ``add_weight`` creates
+        in ``build()``, so lazily (the first input gives in_units). The kernel takes
+        add_weight's own default (glorot_uniform for a float variable); the bias names
+        ``zeros``, as d2l, Keras's guide and Dense do, because that default would draw it
+        glorot_uniform too (a 1-D shape has fans (n, n))."""
+        initializers = {"kernel": None, "bias": "zeros"}
+
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel",
+                                          initializer=self.initializers["kernel"])
+            self.bias = self.add_weight(shape=(self.units,), name="bias",
+                                        initializer=self.initializers["bias"])
+
+        def call(self, x):
+            return ops.relu(ops.matmul(x, self.kernel) + self.bias)
 
     class Custom(keras.initializers.Initializer):
         """A custom initializer with its INIT's arguments as attributes; a ``seeded`` one draws
@@ -96,8 +119,8 @@ def _keras_classes(keras):
             x = random.uniform(shape, -10.0, 10.0, dtype=dtype, seed=self.seed)
             return ops.where(ops.abs(x) < 5, ops.zeros_like(x), x)
 
-    return Center, {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse, "dirac": Dirac,
-                    "bimodal": Bimodal}
+    return Center, MyDense, {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse,
+                             "dirac": Dirac, "bimodal": Bimodal}
 
 
 class _Model:
@@ -123,9 +146,20 @@ class Adapter(base.BaseAdapter):
         import tensorflow as tf
 
         self.tf = tf
+        threads, applied = self.settings.get("threads"), self.settings["applied"]
+        if threads:  # before TensorFlow's runtime starts (its first op); 0 = TF's own choice
+            # inter-op 1: ops run one at a time, each over the intra-op pool, as torch and JAX
+            # run them; TF's default runs independent ops at once in a second pool of as many
+            # threads as cores, beyond the thread budget every framework gets
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        applied["tf.config.threading.get_intra_op_parallelism_threads()"] = \
+            tf.config.threading.get_intra_op_parallelism_threads()
+        applied["tf.config.threading.get_inter_op_parallelism_threads()"] = \
+            tf.config.threading.get_inter_op_parallelism_threads()
         tf32 = bool(self.settings.get("tf32"))  # TensorFlow's own default: TF32 on Ampere+ GPUs
         tf.config.experimental.enable_tensor_float_32_execution(tf32)
-        self.settings["applied"]["tf.config.experimental.tensor_float_32_execution_enabled()"] = \
+        applied["tf.config.experimental.tensor_float_32_execution_enabled()"] = \
             tf.config.experimental.tensor_float_32_execution_enabled()
         return {"tensorflow": tf.__version__,
                 "cuda": tf.sysconfig.get_build_info().get("cuda_version")}
@@ -159,6 +193,53 @@ class Adapter(base.BaseAdapter):
         """Where Keras creates variables and tensors: ``keras.device`` of ``self.device``."""
         return self.keras.device(self.device)
 
+    def reset_memory_peak(self):
+        if self.device_kind == "cuda":
+            self.tf.config.experimental.reset_memory_stats("GPU:0")
+
+    def memory_peak(self):
+        if self.device_kind != "cuda":
+            return None
+        return int(self.tf.config.experimental.get_memory_info("GPU:0")["peak"])
+
+    def grads(self, model, x, cotangent):
+        """``tf.GradientTape`` over the training-mode call (which updates the moving
+        statistics once); ``tape.gradient`` sums a shared variable's uses."""
+        refs = self._trainable(model)
+        with self.device_scope(), self.tf.GradientTape() as tape:
+            y = model.net(x, training=True)
+            loss = self.tf.reduce_sum(y * cotangent)
+        grads = tape.gradient(loss, [r.handle for r in refs])
+        return y, {r.name: g for r, g in zip(refs, grads)}
+
+    def modes(self):
+        v = self.tf.__version__
+        return {"eager": f"Model.__call__ (TensorFlow {v} eager)",
+                "compiled": f"tf.function (graph), TensorFlow {v}",
+                "xla": f"tf.function(jit_compile=True) (XLA), TensorFlow {v}"}
+
+    def step(self, model, phase, mode, x, cotangent, lr):
+        """Keras's TensorFlow training loop: the call under ``tf.GradientTape``, then
+        ``assign_sub`` per variable; ``compiled`` / ``xla`` trace it at the first call."""
+        tf, net = self.tf, model.net
+        if phase == "inference":
+            def fn(x):
+                return net(x, training=False)
+            args = (x,)
+        else:
+            variables = [r.handle for r in self._trainable(model)]
+
+            def fn(x, cotangent):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(net(x, training=True) * cotangent)
+                for v, g in zip(variables, tape.gradient(loss, variables)):
+                    v.assign_sub(lr * g)
+                return loss
+            args = (x, cotangent)
+        if mode != "eager":
+            fn = tf.function(fn, jit_compile=mode == "xla")
+        return lambda: fn(*args)
+
     # -- set-up -------------------------------------------------------------------------------
 
     def import_framework(self) -> dict:
@@ -168,7 +249,7 @@ class Adapter(base.BaseAdapter):
         import keras
 
         self.keras = keras
-        self.Center, self.custom_inits = _keras_classes(keras)
+        self.Center, self.MyDense, self.custom_inits = _keras_classes(keras)
         # the backend Keras really runs on, as the environment record shows it
         return {"keras": keras.__version__, "keras backend": keras.backend.backend(), **versions}
 
@@ -220,11 +301,11 @@ class Adapter(base.BaseAdapter):
         layer, L, n = self._layer(node), self.keras.layers, base.given_in_size(node)
         if n is not None:  # input (N, .., n), NHWC where 4-D
             layer.build((None,) * (node.in_rank - 1) + (n,))
-        if node.type in ("dense", "flatten") and node.in_rank == 4:
+        if node.type in ("dense", "my_dense", "flatten") and node.in_rank == 4:
             # dense acts on the last canonical axis, W: NHWC -> NCHW around it, and back; Keras
             # flattens NHWC in (h, w, c) order, canonical is (c, h, w): permute first
             calls = [self._new(L.Permute, (3, 1, 2)), layer]
-            if node.type == "dense":
+            if node.type != "flatten":
                 calls.append(self._new(L.Permute, (2, 3, 1)))
             return base.Calls(calls, layer)
         if node.type == "conv2d" and layer.padding == "valid" and any(node.padding):
@@ -252,6 +333,8 @@ class Adapter(base.BaseAdapter):
             return self._new(L.MaxPooling2D, tuple(node.pool), tuple(node.stride), name=name)
         if kind in ("relu", "sigmoid", "tanh"):
             return self._new(L.Activation, kind, name=name)
+        if kind == "my_dense":
+            return self._new(self.MyDense, node.units, name=name)
         simple = {"flatten": L.Flatten, "center": self.Center}
         if kind in simple:
             return self._new(simple[kind], name=name)
@@ -300,6 +383,10 @@ class Adapter(base.BaseAdapter):
         kind, args = init["name"], base.init_args(init)
         if kind == "default":
             layer, attr = model.owners[ref.node.path], _attr(ref.node, ref.role)
+            if isinstance(layer, self.MyDense):
+                given = layer.initializers[attr]
+                return (f"native: add_weight(initializer={given!r}) in MyDense.build()"
+                        + (" = glorot_uniform, add_weight's default" if given is None else ""))
             return (f"native: Keras default {_describe(getattr(layer, f'{attr}_initializer'))} "
                     f"({type(layer).__name__}.{attr}_initializer, drawn in build())")
         initializer = _native(self.keras.initializers, init)
@@ -329,6 +416,101 @@ class Adapter(base.BaseAdapter):
         moving ones by Keras's rule; the first call builds the lazy layers."""
         with self.device_scope():
             return model.net(x, training=training)
+
+    def matmul(self, n):
+        with self.device_scope():
+            a, b = (self.keras.random.normal((n, n), seed=i) for i in range(2))
+        return lambda: self.keras.ops.matmul(a, b)
+
+    def _trainable(self, model):
+        return [ref for ref in self.param_refs(model) if ref.handle.trainable]
+
+    # -- training semantics -------------------------------------------------------------------
+
+    def save(self, model, stem):
+        path = stem + ".weights.h5"
+        model.net.save_weights(path)
+        return base.SavedFile(path, "Keras save_weights: HDF5 .weights.h5 (one group per "
+                              "layer, datasets vars/0, vars/1, ... in variable order)",
+                              list(_h5_contents(path)[0]))
+
+    def restore(self, model, path):
+        """``load_weights`` after checking the file against the datasets this model would
+        write (Keras pairs them by position, the names only say which layer class: a wrong
+        file could load silently or fail naming a layer only)."""
+        note = None
+        if not model.net.built:
+            self.forward(model, np.zeros([1, *model.plan.input_shape[1:]], np.float32))
+            note = ("one forward first: load_weights needs built layers (a Sequential without "
+                    "an input shape builds at its first call)")
+        try:
+            have = _h5_contents(path)[0]
+        except OSError as exc:
+            raise ValueError(f"{path} is not a Keras weights file (h5py: {exc})") from None
+        with tempfile.TemporaryDirectory(prefix="harness-keras-") as tmp:
+            want, layer_names = _h5_contents(self.save(model, os.path.join(tmp, "m")).path)
+        canonical = {id(ref.handle): ref.name for ref in self.param_refs(model)}
+        layers = {layer.name: layer for layer in model.owners.values()}
+
+        def label(key):
+            group, _, index = key.rpartition("/")
+            layer = layers[layer_names[group]]
+            var = (layer.trainable_variables + layer.non_trainable_variables)[int(index)]
+            return f"{canonical[id(var)]} ({key}, {var.path})"
+
+        problems = [f"missing {label(k)}" for k in want if k not in have] + \
+            [f"unexpected {k}" for k in have if k not in want] + \
+            [f"{label(k)}: shape {list(have[k])} in the file, {list(want[k])} here"
+             for k in want if k in have and have[k] != want[k]]
+        if problems:
+            raise ValueError(f"{path} does not fit this model: " + "; ".join(problems))
+        model.net.load_weights(path)
+        return note
+
+    def semantics(self):
+        """Measured on a throwaway layer: what Keras does, whichever backend runs it."""
+        keras, ops = self.keras, self.keras.ops
+        with self.device_scope():
+            bn = keras.layers.BatchNormalization(momentum=0.0)  # moving <- batch statistic
+            bn(ops.convert_to_tensor(np.array([[0.0], [2.0]], np.float32)), training=True)
+            var = float(ops.convert_to_numpy(bn.moving_variance)[0])  # biased 1, unbiased 2
+
+            class Plain(keras.layers.Layer):
+                def __init__(self):
+                    super().__init__()
+                    self.w = ops.zeros(2)  # a plain tensor attribute
+
+            plain = len(Plain().weights)
+        return {
+            "batch_norm_momentum": "moving = momentum * moving + (1 - momentum) * batch "
+                                   "(keras.layers.BatchNormalization, momentum=0.99): the "
+                                   "plan's PyTorch momentum m is passed as 1 - m",
+            "batch_norm_running_var": f"biased batch variance (ops.moments): the batch [0, 2] "
+                                      f"with momentum 0 leaves moving_variance = {var:g}",
+            "gradient_accumulation": "one set of variables per layer instance; a layer called "
+                                     "twice gets the sum of both uses' gradients",
+            "custom_parameters": "add_weight in build() creates and tracks a variable, at the "
+                                 "first call; a plain tensor attribute is not a weight "
+                                 f"({plain} weights for a layer holding one)",
+        }
+
+
+def _h5_contents(path: str) -> tuple[dict, dict]:
+    """A Keras weights file's ``{dataset path: shape}`` and ``{group path: layer name}`` (the
+    ``name`` attribute Keras writes on each layer's group)."""
+    import h5py
+
+    shapes, names = {}, {}
+
+    def visit(key, obj):
+        if isinstance(obj, h5py.Dataset):
+            shapes[key] = tuple(obj.shape)
+        elif "name" in obj.attrs:
+            names[key] = str(obj.attrs["name"])
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return shapes, names
 
 
 def _attr(node, role: str) -> str:

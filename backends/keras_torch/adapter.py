@@ -1,6 +1,7 @@
 """Keras 3 on PyTorch (``KERAS_BACKEND=torch``): the Keras adapter with torch's import and the
-torch backend's device handling. Everything else (layers, names, initializers, layouts) is
-Keras's own."""
+torch backend's device handling, and training as Keras's PyTorch guide writes it: autograd on
+the Keras variables' torch Parameters. Everything else (layers, names, initializers, layouts)
+is Keras's own."""
 
 from __future__ import annotations
 
@@ -27,3 +28,52 @@ class Adapter(TorchDevices, KerasAdapter):
         """Without autograd, as the torch backend (Keras's torch variables require grad)."""
         with self.torch.no_grad():
             return super().run(model, x, training=training)
+
+    def grads(self, model, x, cotangent):
+        """``torch.autograd.grad`` with respect to each variable's ``.value`` (its
+        ``nn.Parameter``); no ``.grad`` is touched."""
+        refs = self._trainable(model)
+        with self.device_scope():
+            y = model.net(x, training=True)
+        grads = self.torch.autograd.grad((y * cotangent).sum(), [r.handle.value for r in refs])
+        return y.detach(), {r.name: g for r, g in zip(refs, grads)}
+
+    def modes(self):
+        v = self.torch.__version__
+        return {"eager": f"Model.__call__ + loss.backward() (torch {v} eager)",
+                "compiled": f"torch.compile(the whole step, dynamic=False), torch {v}, as "
+                            "Keras's jit_compile=True; Keras code breaks the graph (training "
+                            "BatchNormalization, layers after a ZeroPadding2D): those frames "
+                            "run eagerly"}
+
+    def step(self, model, phase, mode, x, cotangent, lr):
+        """Keras's PyTorch training loop: the call, ``loss.backward()``, an in-place SGD update
+        of every variable's Parameter under ``no_grad``, ``zero_grad()``. ``compiled`` wraps
+        that function in ``torch.compile`` with dynamic=False: dynamo 2.13 cannot trace all of
+        Keras (BatchNormalization's axes are a Keras TrackedList, graph-broken inside a context
+        manager, so every enclosing frame falls back; after ``ops.pad`` each layer's
+        ``inspect.Signature.bind`` breaks), and with the default dynamic=None those frames,
+        shared by layers of different shapes, are re-traced shape-generic within one step:
+        inductor 2.13 then crashes on the backward of a Conv2D(strides=2, padding="same")
+        ("LoweringException: ValueRangeError: Invalid ranges [0:-1]"; Keras's own
+        model.fit with jit_compile=True crashes the same way)."""
+        torch, net = self.torch, model.net
+        if phase == "inference":
+            def fn(x):
+                with torch.no_grad():
+                    return net(x, training=False)
+            args = (x,)
+        else:
+            params = [r.handle.value for r in self._trainable(model)]
+
+            def fn(x, cotangent):
+                loss = (net(x, training=True) * cotangent).sum()
+                loss.backward()
+                with torch.no_grad():
+                    torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+                net.zero_grad()
+                return loss.detach()
+            args = (x, cotangent)
+        if mode == "compiled":
+            fn = torch.compile(fn, dynamic=False)
+        return lambda: fn(*args)

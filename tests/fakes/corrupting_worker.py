@@ -9,7 +9,8 @@ Environment:
   ``tests.fakes.adapter``, whose plans ``hang``, ``slow``, ``hog`` ... misbehave);
 - ``CORRUPT_MODE``: comma-separated actions; ``I:ACTION`` damages spec ``I``'s files, a bare
   ``ACTION`` the worker's own (see ``SPEC_ACTIONS`` and ``WORKER_ACTIONS``);
-- ``CORRUPT_CHILD_PID``: with the ``child`` action, where to write the leftover child's pid.
+- ``CORRUPT_CHILD_PID``: with the ``child`` action, where to write the leftover child's pid;
+- ``CORRUPT_STARTED``: a file written as soon as the "interpreter" starts.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("CORRUPT_STARTED"):  # proof that a worker was started at all
+        Path(os.environ["CORRUPT_STARTED"]).write_text(str(os.getpid()))
     request_path = Path(argv[-1])
     request = json.loads(request_path.read_text())
     if os.environ.get("CORRUPT_ADAPTER"):

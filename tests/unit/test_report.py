@@ -195,13 +195,27 @@ def test_new_run_dir_never_reuses_a_run(tmp_path, monkeypatch):
 def test_reused_out_is_replaced_whole(tmp_path):
     """Publishing into an --out that holds an earlier run replaces it: no old file remains."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("earlier run")
+    (out / "logs").mkdir(parents=True)
+    (out / "results.json").write_text("earlier run")
+    (out / "logs" / "torch.log").write_text("earlier run")
     place = cli.new_run_dir(str(out))
     (place.staging / "report.md").write_text("new")
     place.publish()
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_out_holding_other_files_is_never_replaced(tmp_path):
+    """An --out that holds anything but an earlier run's files is refused, untouched (it was
+    replaced whole: `--out ~/thesis` deleted the thesis)."""
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("keep me")
+    (out / "report.md").write_text("keep me too")
+    with pytest.raises(cli.UserError, match="chapter1.tex"):
+        cli.new_run_dir(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["chapter1.tex", "report.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis"]
 
 
 @pytest.mark.parametrize("value,text", [(None, "–"), (True, "yes"), (0.123456, "0.1235"),

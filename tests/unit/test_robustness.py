@@ -1,0 +1,861 @@
+"""Failures stay local (issue 12), proven by fault injection: every way a worker's output can be
+malformed becomes a failed record naming the cause while the other specs and backends go on
+and the report is written; workers leave nothing behind (children, huge logs read whole);
+memory is bounded before and while running; signals, SIGKILL, concurrent runs and a reused
+--out never leave a partial or mixed run; hostile specs and command-line numbers are refused
+in one line, quickly. The damage is done by tests/fakes/corrupting_python, a stand-in
+interpreter that runs the real worker and then corrupts what it wrote (CORRUPT_MODE), or runs
+the misbehaving fake adapter (CORRUPT_ADAPTER=tests.fakes.adapter: plans ``hang``, ``slow``,
+``hog``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from unit_helpers import PYTHON, ROOT, dense_spec, quiet
+
+from backends.protocol import Status
+from benchmarks import fuzz_specs  # its hypothesis strategies: a bounded sample below
+from harness import cli
+from harness.runner import KEEP_LOG_HEAD, KEEP_LOG_TAIL, run_worker
+
+WRAPPER = ROOT / "tests" / "fakes" / "corrupting_python"
+FAKE_ADAPTER = "tests.fakes.adapter"
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def wrapper_env(**extra) -> dict:
+    """The environment for a subprocess whose backend interpreter is the wrapper."""
+    env = dict(os.environ, HARNESS_TEST_PYTHON=sys.executable, OPENBLAS_NUM_THREADS="1")
+    for key in ("CORRUPT_MODE", "CORRUPT_ADAPTER", "FAKE_BACKEND_MARK_DIR", "CORRUPT_STARTED"):
+        env.pop(key, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition, timeout: float, step: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass (a bound against hangs,
+    not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def write_spec(folder: Path, name: str, units: int = 3, n_in: int = 4, **extra) -> Path:
+    path = folder / f"{name}.yaml"
+    doc = {"name": name, "input": [2, n_in], "layers": [{"type": "dense", "units": units}],
+           **extra}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def harness_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "harness", *map(str, args)]
+
+
+def run_harness(*args, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(harness_cmd(*args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env or wrapper_env())
+
+
+def assert_one_line_error(proc, *fragments, rc: int = 2) -> str:
+    """Exit ``rc``, exactly one line on stderr, ``error: ...`` with every fragment."""
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == rc, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@contextlib.contextmanager
+def time_bound(seconds: int):
+    """Fail (instead of hanging the suite) when the block takes longer than ``seconds``."""
+    def expired(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def harness_in_process(*args, seconds: int = 10) -> tuple[int, str, str]:
+    """``python -m harness ARGS`` in this process (fast): (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with time_bound(seconds), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_refused(path, *fragments, args=()) -> str:
+    """``check`` refuses ``path``: exit 2 and one line naming the file and every fragment."""
+    rc, out, err = harness_in_process("check", *args, "--", path)
+    assert "Traceback" not in err, err
+    assert rc == 2, (rc, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert out == ""
+    return lines[0]
+
+
+# ------------------------------------------------------------------ corrupt worker output
+
+#: spec index -> the damage done to that spec's files (tests/fakes/corrupting_worker.py);
+#: each must become that spec's failed record naming the cause, every other spec stays ok
+SPEC_DAMAGE = {
+    "truncated_json": "not JSON (JSONDecodeError",
+    "garbage_npz": "not an .npz archive",
+    "missing_npz": "No such file",
+    "object_npz": "Object arrays cannot be loaded",
+    "unknown_array": "unexpected array",
+    "string_array": "not numbers",
+    "record_empty": "not a worker record",
+    "record_list": "expected a JSON object, got list",
+    "record_null": "expected a JSON object, got null",
+    "record_no_status": "missing field 'spec'",
+    "record_deep": "not JSON",
+    "record_not_utf8": "not JSON (UnicodeDecodeError",
+    "record_other_spec": "record of spec 'someone_else'",
+    "symlink_json": "cannot be opened",
+    "symlink_npz": "cannot be opened",
+    "fifo_json": "not a regular file",
+    "dir_json": "not a regular file",
+}
+DAMAGES = list(SPEC_DAMAGE)
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory):
+    """One worker over one spec per damage plus two healthy ones (first and last), each
+    spec's files damaged its own way after the worker wrote them."""
+    names = ["healthy_first", *DAMAGES, "healthy_last"]
+    mode = ",".join(f"{i + 1}:{d}" for i, d in enumerate(DAMAGES))
+    work = tmp_path_factory.mktemp("damaged")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_TEST_PYTHON", sys.executable)
+        mp.setenv("CORRUPT_MODE", mode)
+        with time_bound(60):  # a FIFO read, say, must not hang the parent
+            result = run_worker("numpy", WRAPPER, [dense_spec(n) for n in names], work,
+                                device="cpu", timeout=30, progress=quiet, max_memory=1 << 30)
+    return names, result
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_worker_output_fails_that_spec_only(damaged_run, damage):
+    """Each corruption of one spec's <i>.json / <i>.npz (truncated, garbage, missing, object
+    dtype, unknown keys, strings, {}, a list, null, missing fields, 100,000-deep JSON, not
+    UTF-8, another spec's record, a symlink to another file, a FIFO, a directory) is that
+    spec's failed record naming the file and the cause; no arrays are kept from it."""
+    names, result = damaged_run
+    i = names.index(damage)
+    record = result.records[i]
+    assert record.status == Status.FAILED and record.spec == damage
+    assert record.error.startswith("malformed worker output: "), record.error
+    assert f"{i}.json" in record.error or f"{i}.npz" in record.error, record.error
+    assert SPEC_DAMAGE[damage] in record.error, record.error
+    assert result.arrays[i] == {}
+
+
+def test_damaged_specs_leave_the_healthy_ones_intact(damaged_run):
+    """The healthy specs around the damaged ones are read normally."""
+    names, result = damaged_run
+    for i in (0, len(names) - 1):
+        assert result.records[i].status == Status.OK, result.records[i].error
+        assert "param/0.weight" in result.arrays[i]
+    assert result.environment is not None and result.errors == []
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("bad_worker_json", "worker.json: not JSON"),
+    ("worker_json_list", "worker.json: expected a JSON object, got list"),
+    ("fatal_empty", "fatal.json: not a worker record"),
+    ("symlink_out", "output directory was replaced by a symbolic link"),
+])
+def test_damaged_worker_files_fail_that_backend_with_the_cause(tmp_path, monkeypatch, damage,
+                                                               expected):
+    """A bad worker.json, fatal.json = {}, or an output directory swapped for a symlink:
+    every record of that backend fails naming the cause, and run_worker returns."""
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", damage)
+    result = run_worker("numpy", WRAPPER, [dense_spec("a"), dense_spec("b")], tmp_path,
+                        device="cpu", timeout=30, progress=quiet)
+    assert [r.status for r in result.records] == [Status.FAILED, Status.FAILED]
+    for record in result.records:
+        assert expected in record.error, record.error
+    assert any(expected in e for e in result.errors), result.errors
+
+
+def test_bad_done_json_keeps_the_records(tmp_path, monkeypatch):
+    """done.json is written after every record: a bad one is noted, the records stay."""
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", "bad_done_json")
+    result = run_worker("numpy", WRAPPER, [dense_spec("a")], tmp_path, device="cpu",
+                        timeout=30, progress=quiet)
+    assert result.records[0].status == Status.OK
+    assert any("done.json" in e for e in result.errors)
+
+
+def test_child_left_behind_is_gone_when_run_worker_returns(tmp_path, monkeypatch):
+    """A process the worker started and abandoned (reparented, still in the worker's process
+    group) is ended before run_worker returns."""
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", "child")
+    monkeypatch.setenv("CORRUPT_CHILD_PID", str(pid_file))
+    result = run_worker("numpy", WRAPPER, [dense_spec("a")], tmp_path / "w", device="cpu",
+                        timeout=30, progress=quiet)
+    assert result.records[0].status == Status.OK
+    child = int(pid_file.read_text())
+    still = alive(child)
+    if still:  # clean up before failing
+        os.kill(child, signal.SIGKILL)
+    assert not still, f"the worker's child {child} outlived run_worker"
+
+
+def test_huge_log_is_read_from_its_tail_only(tmp_path, monkeypatch):
+    """A 300 MiB (sparse) worker log: the parent reads its tail only (its traced memory stays
+    small) and the record's log tail is the end of the log."""
+    import tracemalloc
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", "huge_log,0:record_empty")
+    tracemalloc.start()
+    try:
+        result = run_worker("numpy", WRAPPER, [dense_spec("a")], tmp_path, device="cpu",
+                            timeout=30, progress=quiet)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.log.stat().st_size > 300 << 20
+    assert peak < 32 << 20, f"the parent held {peak / 2**20:.0f} MiB at once"
+    record = result.records[0]
+    assert record.status == Status.FAILED and "not a worker record" in record.error
+    assert "300 MiB on" in record.log_tail and "[worker] numpy: a" in record.log_tail
+    assert "the start of a huge log" not in record.log_tail
+
+
+def test_memory_hog_is_ended_and_recorded(tmp_path, monkeypatch):
+    """A worker whose memory grows past max_memory (0.3 GiB here; the fake stops at 1.5 GiB
+    whatever happens, so the host is never at risk) is killed and its record says so."""
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_ADAPTER", FAKE_ADAPTER)
+    result = run_worker("numpy", WRAPPER, [dense_spec("first"), dense_spec("hog")], tmp_path,
+                        device="cpu", timeout=60, progress=quiet, max_memory=int(0.3 * 2**30))
+    first, hog = result.records
+    assert first.status == Status.OK
+    assert hog.status == Status.FAILED
+    assert "exceeded the memory limit" in hog.error and "0.30 GiB" in hog.error, hog.error
+
+
+# ------------------------------------------------------------------ compare: the run goes on
+
+@pytest.fixture(scope="module")
+def damaged_compare(tmp_path_factory):
+    """``compare`` with the numpy reference healthy and a second backend (torch, played by
+    the wrapper running the NumPy adapter) whose output is damaged several ways, whose log is
+    300 MiB and ends with a code fence and a forged heading."""
+    folder = tmp_path_factory.mktemp("damaged_compare")
+    damages = ["truncated_json", "garbage_npz", "missing_npz", "object_npz", "record_empty",
+               "record_list", "record_no_status", "symlink_json", "symlink_npz"]
+    names = [f"s{i}" for i in range(len(damages) + 1)]  # the last one undamaged
+    specs = [write_spec(folder, n) for n in names]
+    mode = ",".join(["huge_log", "fence"] + [f"{i}:{d}" for i, d in enumerate(damages)])
+    out = folder / "run"
+    env = wrapper_env(CORRUPT_MODE=mode, CORRUPT_ADAPTER="backends.numpy.adapter")
+    proc = run_harness("compare", *specs, "--backend", "numpy", "--backend", "torch",
+                       "--python", f"numpy={PYTHON}", "--python", f"torch={WRAPPER}",
+                       "--timing", "off", "--device", "cpu", "--out", out, env=env)
+    return proc, out, names, damages
+
+
+def test_compare_survives_damaged_worker_output(damaged_compare):
+    """Exit 1, report.md and results.json written; every numpy record ok; each damaged torch
+    record failed naming its file; the undamaged torch spec ok."""
+    proc, out, names, damages = damaged_compare
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (out / "report.md").is_file()
+    data = json.loads((out / "results.json").read_text())
+    cells = {(r["backend"], r["spec"]): r for r in data["results"]}
+    for name in names:
+        assert cells["numpy", name]["status"] == "ok", cells["numpy", name]["error"]
+    for i, damage in enumerate(damages):
+        rec = cells["torch", names[i]]
+        assert rec["status"] == "failed", (damage, rec["status"])
+        assert rec["error"].startswith("malformed worker output: "), rec["error"]
+        assert f"{i}.json" in rec["error"] or f"{i}.npz" in rec["error"], rec["error"]
+    assert cells["torch", names[-1]]["status"] == "ok"
+
+
+def test_report_failures_section_survives_a_fenced_log_tail(damaged_compare):
+    """The log tail (a ``` fence, '## Failures', '~~~', raw HTML) stays inside its code
+    block: the report's headings are exactly the ones it writes, the Failures section is
+    followed by every spec's section, and every code block is closed."""
+    proc, out, names, damages = damaged_compare
+    text = (out / "report.md").read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings.count("## Failures") == 1
+    assert [h for h in headings if h.startswith("## Spec")] == \
+        [f"## Spec `{n}`" for n in names]
+    failures = text.split("## Failures", 1)[1].split("\n## Spec", 1)[0]
+    assert failures.count("- **torch / ") == len(damages)
+    assert "None: forged by a log tail" in failures  # shown, as text inside a block
+    fences = re.findall(r"^\s*(`{3,}|~{3,})", failures, flags=re.M)
+    opened = None
+    for fence in fences:  # every opened block is closed by the same fence before the end
+        if opened is None:
+            opened = fence
+        elif fence == opened:
+            opened = None
+    assert opened is None, "a code block in the Failures section is never closed"
+    assert "<b>raw html</b>" not in text.replace("  <b>raw html</b>", "")  # only in a block
+
+
+def test_compare_keeps_only_a_bounded_copy_of_a_huge_log(damaged_compare):
+    """The 300 MiB log is copied next to the report bounded: its start, its end and a line
+    saying how much was left out."""
+    _, out, _, _ = damaged_compare
+    log = out / "logs" / "torch.log"
+    assert log.stat().st_size <= KEEP_LOG_HEAD + KEEP_LOG_TAIL + 1024
+    data = log.read_bytes()
+    assert b"the start of a huge log" in data[:1024]
+    assert b"bytes of this log left out" in data and b"[worker] torch: s0" in data[-4096:]
+
+
+def test_worker_over_max_memory_is_recorded_and_the_report_written(tmp_path):
+    """compare --max-memory 0.3: the worker that grows past it is ended, its record says so,
+    the spec before it is kept, and the report is written (exit 1)."""
+    specs = [write_spec(tmp_path, "first"), write_spec(tmp_path, "hog")]
+    out = tmp_path / "run"
+    proc = run_harness("compare", *specs, "--backend", "numpy", "--python",
+                       f"numpy={WRAPPER}", "--timing", "off", "--max-memory", "0.3",
+                       "--out", out, env=wrapper_env(CORRUPT_ADAPTER=FAKE_ADAPTER))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    data = json.loads((out / "results.json").read_text())
+    cells = {r["spec"]: r for r in data["results"]}
+    assert cells["first"]["status"] == "ok"
+    assert cells["hog"]["status"] == "failed"
+    assert "exceeded the memory limit" in cells["hog"]["error"]
+    assert "exceeded the memory limit" in (out / "report.md").read_text()
+
+
+def test_huge_spec_is_refused_before_any_worker_starts(tmp_path):
+    """`units: 100000000` (about 18 GiB by the estimate): exit 2 in one line naming the file
+    and the estimate, and no worker was ever started."""
+    spec = write_spec(tmp_path, "huge", units=100_000_000)
+    started = tmp_path / "started"
+    proc = run_harness("compare", spec, "--backend", "numpy", "--python", f"numpy={WRAPPER}",
+                       "--max-memory", "8", "--out", tmp_path / "run",
+                       env=wrapper_env(CORRUPT_STARTED=started), timeout=60)
+    assert_one_line_error(proc, str(spec), "needs about", "--max-memory")
+    assert not started.exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ signals and SIGKILL
+
+def start_compare(tmp_path: Path, spec_names, *extra, mark=True):
+    """``compare`` in the background with the fake adapter behind the wrapper, reports and
+    temporary files under tmp_path; returns (process, reports dir, temp dir, mark dir)."""
+    reports, tmp, marks = tmp_path / "reports", tmp_path / "tmp", tmp_path / "marks"
+    for d in (reports, tmp, marks):
+        d.mkdir(exist_ok=True)
+    specs = [write_spec(tmp_path, n) for n in spec_names]
+    env = wrapper_env(CORRUPT_ADAPTER=FAKE_ADAPTER, HARNESS_REPORTS_DIR=reports, TMPDIR=tmp,
+                      FAKE_BACKEND_MARK_DIR=marks, FAKE_SLOW_S="1")
+    proc = subprocess.Popen(harness_cmd("compare", *specs, "--backend", "numpy", "--python",
+                                        f"numpy={WRAPPER}", "--timing", "off", *extra),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    return proc, reports, tmp, marks
+
+
+def previous_run(reports: Path) -> str:
+    """An earlier complete run and ``latest`` pointing at it."""
+    (reports / "20000101-000000").mkdir(parents=True)
+    (reports / "20000101-000000" / "report.md").write_text("earlier run\n")
+    (reports / "latest").symlink_to("20000101-000000")
+    return "20000101-000000"
+
+
+def wait_for_mark(marks: Path, name: str, proc) -> int:
+    mark = marks / f"{name}.pid"
+    assert wait_until(lambda: mark.exists() or proc.poll() is not None, 60), "no worker started"
+    assert mark.exists(), proc.communicate()
+    return int(mark.read_text())
+
+
+def assert_interrupted(proc, signum, out: str, err: str):
+    """Exit 128 + signal; one line saying so, after nothing but progress lines; no traceback."""
+    assert "Traceback" not in err, err
+    assert proc.returncode == 128 + signum, (proc.returncode, err)
+    lines = err.splitlines()
+    said = [line for line in lines if "interrupted" in line]
+    assert said == [lines[-1]], err
+    assert said[0].startswith(f"interrupted by {signal.Signals(signum).name}"), said
+    assert all(line.startswith("[") for line in lines[:-1]), err
+
+
+def assert_nothing_partial(reports: Path, tmp: Path, earlier: str):
+    """Only the earlier run (and the id lock) under reports/, latest unchanged, no temporary
+    directory left."""
+    assert sorted(p.name for p in reports.iterdir() if p.name != ".lock") == [earlier, "latest"]
+    assert os.readlink(reports / "latest") == earlier
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_a_worker_runs(tmp_path, signum):
+    """SIGINT / SIGTERM while a worker hangs: exit 130 / 143 with one line, the worker is
+    gone, no run directory, latest unchanged, no temporary files."""
+    proc, reports, tmp, marks = start_compare(tmp_path, ["hang"])
+    earlier = previous_run(reports)
+    try:
+        worker = wait_for_mark(marks, "hang", proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert_interrupted(proc, signum, out, err)
+    assert not alive(worker), "the worker outlived the harness"
+    assert_nothing_partial(reports, tmp, earlier)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_right_after_the_worker_finished(tmp_path, signum):
+    """A signal right after the last worker ended (while the parent analyses and writes):
+    either the run completed first (exit 0, complete directory, latest on it) or it is
+    interrupted with nothing partial left; never a half-written run."""
+    proc, reports, tmp, marks = start_compare(tmp_path, ["slow"])
+    earlier = previous_run(reports)
+    try:
+        worker = wait_for_mark(marks, "slow", proc)
+        assert wait_until(lambda: not alive(worker) or proc.poll() is not None, 60)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    if proc.returncode == 0:  # it had finished: the run is whole and latest follows it
+        runs = [p for p in reports.iterdir() if p.name not in (earlier, "latest", ".lock")]
+        assert len(runs) == 1 and (runs[0] / "report.md").is_file()
+        assert os.readlink(reports / "latest") == runs[0].name
+    else:
+        assert_interrupted(proc, signum, out, err)
+        assert_nothing_partial(reports, tmp, earlier)
+
+
+def test_sigint_while_starting_gives_no_traceback(tmp_path):
+    """SIGINT at several moments while the harness is still starting (importing numpy,
+    scipy, jsonschema, its own modules: a KeyboardInterrupt traceback once): exit 130 with one
+    line, never a traceback. (A signal in CPython's own start-up, before the harness's first
+    line runs, is CPython's to report: those samples are skipped.)"""
+    spec = write_spec(tmp_path, "a")
+    reached = 0
+    for delay in (0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4):
+        proc = subprocess.Popen(harness_cmd("check", spec), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        if "init_import_site" in err or proc.returncode == -signal.SIGINT:
+            continue  # CPython itself was still starting
+        assert "Traceback" not in err, (delay, err)
+        assert proc.returncode in (0, 130), (delay, proc.returncode, err)
+        if proc.returncode == 130:
+            reached += 1
+            assert err.splitlines() == [err.strip()] and err.startswith("interrupted by SIGINT")
+    assert reached >= 2, "too few signals reached the harness while it started"
+
+
+def test_sigkill_of_the_harness_takes_its_worker_and_leftovers_are_swept(tmp_path):
+    """SIGKILL of the harness (no chance to clean up): the worker dies with it
+    (PR_SET_PDEATHSIG); its staging and temporary directories stay behind until the next run
+    sweeps them."""
+    proc, reports, tmp, marks = start_compare(tmp_path, ["hang"])
+    try:
+        worker = wait_for_mark(marks, "hang", proc)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert wait_until(lambda: not alive(worker), 10), "the worker outlived its SIGKILLed parent"
+    dead = proc.pid
+    assert any(p.name.endswith(f".partial-{dead}") for p in reports.iterdir())
+    assert any(p.name.startswith(f"harness-{dead}-") for p in tmp.iterdir())
+    again = run_harness("compare", write_spec(tmp_path, "quick"), "--backend", "numpy",
+                        "--python", f"numpy={PYTHON}", "--timing", "off",
+                        env=wrapper_env(HARNESS_REPORTS_DIR=reports, TMPDIR=tmp))
+    assert again.returncode == 0, again.stderr
+    assert not [p for p in reports.iterdir() if ".partial-" in p.name]
+    assert not [p for p in tmp.iterdir() if p.name.startswith(f"harness-{dead}-")]
+
+
+# ------------------------------------------------------------------ run directories
+
+def test_two_runs_started_together_get_two_complete_directories(tmp_path):
+    """Two compare runs started at the same moment: both exit 0, print different report
+    paths, and each directory is complete and holds its own run."""
+    reports = tmp_path / "reports"
+    spec = write_spec(tmp_path, "a")
+    env = wrapper_env(HARNESS_REPORTS_DIR=reports)
+    cmd = harness_cmd("compare", spec, "--backend", "numpy", "--python", f"numpy={PYTHON}",
+                      "--timing", "off")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    paths = [out.splitlines()[-1].removeprefix("report: ") for out, _ in outputs]
+    assert paths[0] != paths[1]
+    for path in map(Path, paths):
+        assert path.is_file() and (path.parent / "results.json").is_file()
+        run = json.loads((path.parent / "results.json").read_text())["run"]
+        assert run["id"] == path.parent.name
+    assert os.readlink(reports / "latest") in {Path(p).parent.name for p in paths}
+    assert not [p for p in reports.iterdir() if ".partial-" in p.name]
+
+
+def test_reused_out_keeps_no_file_of_the_earlier_run(tmp_path):
+    """--out holding an earlier run (another backend's log, a figure): after the new run
+    nothing of the earlier one remains."""
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    for name in ("report.md", "results.json", "logs/torch.log", "logs/numpy.log",
+                 "timing_old.png"):
+        (out / name).write_text("earlier run")
+    proc = run_harness("compare", write_spec(tmp_path, "a"), "--backend", "numpy",
+                       "--python", f"numpy={PYTHON}", "--timing", "off", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert "logs/torch.log" not in files and "timing_old.png" not in files
+    assert all(not p.is_file() or p.read_bytes() != b"earlier run" for p in out.rglob("*"))
+    assert {"report.md", "results.json", "logs/numpy.log"} <= set(files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "out"]
+
+
+@pytest.mark.parametrize("kind", ["dangling_symlink", "not_a_run", "root", "dot"])
+def test_bad_out_is_refused_before_anything_runs(tmp_path, kind):
+    """--out a dangling symlink, a directory holding other files (never deleted), / or .:
+    exit 2 in one line before any worker starts; nothing touched."""
+    started = tmp_path / "started"
+    spec = write_spec(tmp_path, "a")
+    if kind == "dangling_symlink":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "nowhere")
+    elif kind == "not_a_run":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "thesis.tex").write_text("keep me")
+    else:
+        out = Path("/") if kind == "root" else Path(".")
+    proc = run_harness("compare", spec, "--backend", "numpy", "--python", f"numpy={WRAPPER}",
+                       "--timing", "off", "--out", out, env=wrapper_env(CORRUPT_STARTED=started),
+                       timeout=60)
+    assert_one_line_error(proc, "--out")
+    assert not started.exists()
+    if kind == "dangling_symlink":
+        assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+    if kind == "not_a_run":
+        assert (out / "thesis.tex").read_text() == "keep me"
+
+
+def test_hostile_file_name_and_description_still_give_a_report(tmp_path):
+    """A spec file whose name is not UTF-8, and a description with a lone surrogate, control
+    characters, a fake section, raw HTML and an open code fence: the report is written
+    (exit 0) and no spec string forges a section."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9-\x1b.json"))
+    odd.write_text(json.dumps({"name": "odd_name", "input": [2, 4],
+                               "layers": [{"type": "dense", "units": 3}]}))
+    hostile = tmp_path / "hostile.json"
+    hostile.write_text('{"name": "hostile", "input": [2, 4], "layers": [{"type": "relu"}], '
+                       '"description": "lone \\ud800 surrogate \\u001b[31m red\\r\\n'
+                       '## Failures\\nNone: forged\\n```\\n<script>alert(1)</script> | a |"}')
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"harness", b"compare",
+                           os.fsencode(odd), os.fsencode(hostile), b"--backend", b"numpy",
+                           b"--python", b"numpy=" + os.fsencode(PYTHON), b"--timing", b"off",
+                           b"--out", os.fsencode(out)], cwd=ROOT, capture_output=True,
+                          timeout=120, env=wrapper_env())
+    err = proc.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err
+    assert proc.returncode == 0, err
+    text = (out / "report.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")].count(
+        "## Failures") == 1
+    assert "<script>" not in text and "\x1b" not in text
+    assert "\n```\n" not in text.split("## Spec `hostile`", 1)[1].split("###", 1)[0]
+    json.loads((out / "results.json").read_text())
+
+
+def test_worker_error_text_is_bounded_in_the_report():
+    """A worker's error text of a megabyte (a record may be up to 64 MiB) is cut in the
+    report's Failures section, and stays one escaped line."""
+    from backends.protocol import failed_record
+    from harness import analysis, report
+    huge = "## Failures\n" + "x" * 1_000_000
+    text = report._failures([analysis.Result("torch", failed_record("s", huge))])
+    assert len(text) < 2 * report.ESCAPE_LIMIT
+    assert "more characters" in text and "\n## " not in text
+
+
+# ------------------------------------------------------------------ spec validation gaps
+
+NUMERIC_ARGS = [("constant", "val"), ("uniform", "a"), ("uniform", "b"), ("normal", "mean"),
+                ("normal", "std"), ("trunc_normal", "mean"), ("trunc_normal", "std"),
+                ("trunc_normal", "a"), ("trunc_normal", "b"), ("sparse", "sparsity"),
+                ("sparse", "std"), ("xavier_uniform", "gain"), ("xavier_normal", "gain"),
+                ("kaiming_uniform", "a"), ("kaiming_normal", "a"), ("orthogonal", "gain"),
+                ("variance_scaling", "scale"), ("fan_in_uniform", "scale")]
+
+
+@pytest.mark.parametrize("init,arg", NUMERIC_ARGS, ids=[f"{i}.{a}" for i, a in NUMERIC_ARGS])
+def test_nonfinite_initializer_arguments_are_refused(tmp_path, init, arg):
+    """NaN, Inf and -Inf in every numeric initializer argument, as a layer's weight_init and
+    as the top-level init, in YAML and in JSON: one line naming file and field."""
+    for value, yaml_value, json_value in [("nan", ".nan", "NaN"), ("inf", ".inf", "Infinity"),
+                                          ("-inf", "-.inf", "-Infinity")]:
+        layer = f"weight_init: {{name: {init}, {arg}: {yaml_value}}}"
+        path = tmp_path / f"{init}_{arg}_{value}.yaml"
+        path.write_text(f"name: t\ninput: [2, 4]\nlayers:\n  - {{type: dense, units: 3, "
+                        f"{layer}}}\n")
+        assert_refused(path, f"layers[0].weight_init.{arg}", "finite numbers only")
+        path = tmp_path / f"{init}_{arg}_{value}.json"
+        path.write_text(f'{{"name": "t", "input": [2, 4], "init": {{"weight": {{"name": '
+                        f'"{init}", "{arg}": {json_value}}}}}, "layers": [{{"type": "dense", '
+                        f'"units": 3}}]}}')
+        assert_refused(path, "finite numbers only")
+
+
+@pytest.mark.parametrize("field", ["eps", "momentum"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nonfinite_batch_norm_numbers_are_refused(tmp_path, field, value):
+    """eps: .inf (which once reported 'all checks passed') and friends are refused."""
+    path = tmp_path / "bn.yaml"
+    path.write_text(f"name: t\ninput: [2, 4]\nlayers: [{{type: batch_norm, {field}: {value}}}]\n")
+    assert_refused(path, f"layers[0].{field}")
+
+
+@pytest.mark.parametrize("where,doc", [
+    ("name", {"name": "t\n", "input": [2, 4], "layers": [{"type": "relu"}]}),
+    ("layers[0].name", {"name": "t", "input": [2, 4],
+                        "layers": [{"type": "dense", "units": 2, "name": "a\n"}]}),
+])
+def test_names_ending_in_a_newline_are_refused(tmp_path, where, doc):
+    """`^...$` matched before a trailing newline; names are matched in full."""
+    path = tmp_path / "nl.json"
+    path.write_text(json.dumps(doc))
+    assert_refused(path, where)
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "name: t\ninput: [2, 4]\nlayers: [{type: relu}]\nname: u\n"),
+    (".yaml", "name: t\ninput: [2, 4]\nlayers: [{type: dense, units: 3, units: 4}]\n"),
+    (".json", '{"name": "t", "input": [2, 4], "name": "u", "layers": [{"type": "relu"}]}'),
+    (".json", '{"name": "t", "input": [2, 4], "layers": [{"type": "relu", "type": "tanh"}]}'),
+])
+def test_duplicate_keys_are_refused(tmp_path, suffix, text):
+    """A key said twice (the later one would silently win), in YAML and JSON, at the top and
+    inside a layer."""
+    path = tmp_path / f"dup{suffix}"
+    path.write_text(text)
+    assert_refused(path, "duplicate key")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_hundred_nested_sequentials_are_refused(tmp_path, suffix):
+    """~100 nested sequentials (a RecursionError traceback once): one bounded line."""
+    text = ('{"name": "t", "input": [2, 4], "layers": [' +
+            '{"type": "sequential", "layers": [' * 100 + '{"type": "relu"}' + "]}" * 100 + "]}")
+    path = tmp_path / f"deep{suffix}"
+    path.write_text(text)
+    line = assert_refused(path, "nested too deeply", "layers[0].layers[0]")
+    assert len(line) < 500
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_integers_of_5000_digits_are_refused(tmp_path, suffix):
+    """An integer literal over Python's 4300-digit conversion limit (a ValueError traceback
+    once) and one of 100 digits: refused in one line."""
+    for digits, fragment in [(5000, "more than 4300 digits"), (100, "more than 30 digits")]:
+        path = tmp_path / f"big{digits}{suffix}"
+        path.write_text('{"name": "t", "input": [2, ' + "9" * digits +
+                        '], "layers": [{"type": "relu"}]}')
+        assert_refused(path, fragment)
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """A 400-byte billion-laughs document (a 48 MB error line, or a 60 s hang, once): refused
+    at the first alias, in one short line, within the time bound."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nname: t\ninput: [2, 4]\nlayers: [{type: relu}]\n")
+    line = assert_refused(path, "line 2", "aliases")
+    assert len(line) < 300
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "proc_kmsg"])
+def test_special_files_as_spec_are_refused_without_blocking(tmp_path, kind):
+    """A FIFO (which once hung forever), /dev/zero (which grew the parent by 0.5 GB/s), a
+    directory, /proc/kmsg (a "regular" file whose read waits): refused in one line, at once."""
+    if kind == "fifo":
+        path = tmp_path / "spec.yaml"
+        os.mkfifo(path)
+    elif kind == "directory":
+        path = tmp_path
+    else:
+        path = Path("/dev/zero" if kind == "dev_zero" else "/proc/kmsg")
+        if not path.exists():
+            pytest.skip(f"{path} does not exist here")
+    line = assert_refused(path)
+    assert "regular file" in line or "without waiting" in line or "cannot read" in line
+
+
+def test_control_characters_give_one_escaped_line(tmp_path):
+    """Control characters in a refused value (newlines, ESC, NEL, LINE SEPARATOR) are escaped:
+    still one line, no raw control character."""
+    path = tmp_path / "ctrl.json"
+    path.write_text(json.dumps({"name": "t", "input": [2, 4], "layers": [
+        {"type": "dense\n\x1b[31mred\r\x85\u2028x", "units": 2}]}))
+    line = assert_refused(path, "layers[0].type")
+    assert not any(ch in line for ch in "\n\r\x1b\x85\u2028")
+    assert "\\x1b" in line
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "-1"), ("--timeout", "0"),
+    ("--timeout", "1e999"), ("--max-memory", "nan"), ("--max-memory", "inf"),
+    ("--max-memory", "0"), ("--threads", "0"), ("--threads", "100000"), ("--repeats", "1000"),
+    ("--batch", "0"), ("--batch", "1,99999999999"), ("--batch", "x"), ("--seed", "9" * 5000)])
+def test_bad_command_line_numbers_are_usage_errors(option, value):
+    """--timeout nan was accepted and disabled the timeout; every non-finite, out-of-range or
+    unreadable number is a one-line usage error naming the option (a 5000-digit value cut)."""
+    rc, out, err = harness_in_process("compare", "specs/tied.yaml", option, value)
+    assert rc == 2 and len(err.splitlines()) == 1 and option in err, (rc, err[:300])
+    assert len(err) < 2200
+
+
+def test_seed_of_2_to_the_32_is_refused_in_the_spec_and_on_the_command_line(tmp_path):
+    """Keras refuses seeds >= 2**32: so does the spec and --seed (compare and check)."""
+    path = tmp_path / "seed.yaml"
+    path.write_text(f"name: t\ninput: [2, 4]\nseed: {2 ** 32}\nlayers: [{{type: relu}}]\n")
+    assert_refused(path, "seed", "4294967295")
+    for command in ("check", "compare"):
+        rc, out, err = harness_in_process(command, "specs/tied.yaml", "--seed", str(2 ** 32))
+        assert rc == 2 and len(err.splitlines()) == 1 and "--seed" in err, (command, rc, err)
+        assert "4294967295" in err
+    rc, out, err = harness_in_process("check", "specs/tied.yaml", "--seed", str(2 ** 32 - 1))
+    assert rc == 0, err
+
+
+def test_probe_initial_with_huge_sizes_is_refused_without_materializing(tmp_path):
+    """`probe: initial` on a 10^9-unit layer: validation decides determinism from the
+    initializer, never by building the values (which took gigabytes before the memory
+    estimate refused the spec)."""
+    path = tmp_path / "probe.yaml"
+    path.write_text("name: t\ninput: [2, 4]\nprobe: initial\nlayers: [{type: dense, "
+                    "units: 1000000000, weight_init: zeros, bias_init: zeros}]\n")
+    assert_refused(path, "needs about", args=("--max-memory", "1"))
+
+
+def test_batch_norm_with_one_value_per_channel_is_refused(tmp_path):
+    """input [1, 3] into batch_norm: PyTorch (and the reference) refuse training-mode batch
+    statistics over one value, the other frameworks output the bias: the spec refuses it, so
+    no backend fails a phase for it; [1, 3, 2, 2] (4 values per channel) is fine."""
+    path = tmp_path / "bn1.yaml"
+    path.write_text("name: t\ninput: [1, 3]\nlayers: [{type: dense, units: 2}, "
+                    "{type: batch_norm}]\n")
+    assert_refused(path, "layers[1]", "1 value per channel")
+    path.write_text("name: t\ninput: [1, 3, 2, 2]\nlayers: [{type: batch_norm}]\n")
+    assert harness_in_process("check", path)[0] == 0
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string, which made `eps: 1e-3` "not of type
+    'number'"; it is a number, and `1.0e+400` (infinite) is refused as non-finite."""
+    path = tmp_path / "e.yaml"
+    path.write_text("name: t\ninput: [2, 4]\nlayers: [{type: batch_norm, eps: 1e-3, "
+                    "momentum: 5E-2}]\n")
+    rc, out, err = harness_in_process("check", path)
+    assert rc == 0, err
+    from harness.spec import load_spec
+    node = load_spec(path).plan.layers[0]
+    assert (node.eps, node.momentum) == (1e-3, 5e-2)
+    path.write_text("name: t\ninput: [2, 4]\nlayers: [{type: batch_norm, eps: 1e400}]\n")
+    assert_refused(path, "layers[0].eps", "finite numbers only")
+
+
+# ------------------------------------------------------------------ check, and fuzzing
+
+def test_check_validates_without_running(tmp_path):
+    """`check`: one line per spec, exit 0 when all are valid and 2 when any is not (each
+    invalid one in one line on stderr); named in --help."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ninput: [2, 4]\nlayers: [{type: lstm}]\n")
+    rc, out, err = harness_in_process("check", "specs/tied.yaml", "specs/small_cnn.yaml")
+    assert rc == 0 and err == "" and len(out.splitlines()) == 2
+    assert out.startswith("ok specs/tied.yaml: tied")
+    rc, out, err = harness_in_process("check", "specs/tied.yaml", bad)
+    assert rc == 2 and len(out.splitlines()) == 1
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: {bad}: layers[0].type: 'lstm' is not one of ")
+    rc, out, err = harness_in_process("--help")
+    assert rc == 0 and "check" in out and "without running anything" in " ".join(out.split())
+
+
+@settings(max_examples=100, deadline=timedelta(seconds=5), derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=fuzz_specs.any_case)
+def test_fuzzed_invalid_specs_are_refused_cleanly(tmp_path, case):
+    """A bounded hypothesis sample of the fuzz benchmark's adversarial specs (see
+    benchmarks/fuzz_specs.py): each is refused in one line naming the file, exit 2, no
+    traceback, within the time bound; none is accepted."""
+    folder = Path(tempfile_dir(tmp_path))
+    path = fuzz_specs.materialize(case, folder, len(list(folder.iterdir())))
+    rc, out, err = harness_in_process("check", "--max-memory", fuzz_specs.MAX_MEMORY_GIB,
+                                      *case.args, "--", path)
+    outcome, evidence = fuzz_specs.classify(case, path, {
+        "rc": rc, "out": out, "err": err, "timed_out": False, "seconds": 0}, single=True)
+    assert outcome == "clean", (outcome, case.kind, case.note, case.special, evidence)
+
+
+def tempfile_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "fuzz"
+    folder.mkdir(exist_ok=True)
+    return folder
