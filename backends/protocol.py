@@ -73,6 +73,7 @@ class Plan:
     seed: int
     input_shape: list[int]
     layers: list[PlanNode]
+    timed: bool = True               # False: the spec opts out of timing (``timing: false``)
 
 
 @dataclass

@@ -129,7 +129,7 @@ class _Spec:
         if checks and self.cotangent is not None:
             self.phase("gradients", lambda: self.gradients(model))
             self.phase("save_load", lambda: self.save_load(model))
-        if self.request.timing is not None:
+        if self.request.timing is not None and self.plan.timed:
             self.phase("timing", lambda: self.timing(model))
         if checks and self.mismatch_input is not None:
             self.phase("mismatch", lambda: self.mismatch(model))

@@ -8,6 +8,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import glob
 import math
@@ -29,7 +30,7 @@ from . import analysis, plots, report
 from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
-from .runner import BackendRun, keep_log, run_worker
+from .runner import STOP, BackendRun, keep_log, run_worker
 from .spec import MAX_SEED, MAX_SIZE, Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
@@ -325,33 +326,17 @@ def _compare(args, specs, backends, overrides, place: RunDir) -> int:
                "threads": args.threads, "tf32": bool(args.tf32), "repeats": args.repeats,
                "batches": list(args.batch or []), "roofline": bool(args.roofline)},
            "gpus": nvidia_gpus() if args.device != "cpu" else []}
-    environments: dict[str, BackendRun] = {}
-    cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
-        for b in backends:
-            environments[b.name], done = run_backend(b, overrides.get(b.name), specs, args,
-                                                     Path(tmp))
-            cells += done
-        reference = {c.spec.name: c.arrays for c in cells if c.backend.name == REFERENCE}
-        for c in cells:
-            ref = reference.get(c.spec.name) if c.backend.name != REFERENCE else None
-            try:
-                c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name,
-                                            c.record, c.arrays, ref, c.backend.semantics)
-            except Exception as exc:  # worker data the checks could not digest: this cell only
-                c.result = analysis.Result(c.backend.name, failed_record(
-                    c.spec.name, f"analysis failed on this backend's output: "
-                                 f"{type(exc).__name__}: {exc}"))
+        environments, cells, figures_of = run_backends(args, specs, backends, overrides,
+                                                       Path(tmp), run_dir)
+        environments = {b.name: environments[b.name] for b in backends}  # the user's order
         analysis.analyze_timings([c.result for c in cells], specs)
         if args.timing != "off" and args.repeats > 1:
             run_repeats(args, backends, specs, cells, environments, Path(tmp))
-        # report order: spec by spec, backends in their order within each
-        order = {id(s): i for i, s in enumerate(specs)}
-        cells.sort(key=lambda c: order[id(c.spec)])
         # Nothing goes into the run directory until every backend is done.
         _keep_logs(environments, run_dir / "logs")
         defaults = {b.name: b.defaults for b in backends}
-        figure = _defaults_figure(run_dir, cells, defaults)
+        figure = {b.name: figures_of[b.name] for b in backends if figures_of.get(b.name)}
         figures = _timing_figures(run_dir, specs, [c.result for c in cells])
     results = [c.result for c in cells]
     document = report.results_document(run, specs, results, environments)
@@ -364,6 +349,64 @@ def _compare(args, specs, backends, overrides, place: RunDir) -> int:
     if not args.out:
         point_latest(place.final)
     return _print_outcome(results, place.final)
+
+
+def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path):
+    """Every backend's worker, then every cell's analysis and each backend's defaults figure;
+    returns (environments, cells, {backend: figure file}).
+
+    Timing on: strictly one backend at a time, and the analysis only after the last worker
+    (nothing else may run beside a worker being timed). Timing off: ``--jobs`` workers at once,
+    the NumPy reference first, and each backend's analysis as soon as it and the reference are
+    done, while the others still run."""
+    jobs = 1 if args.timing != "off" else args.jobs
+    order = sorted(backends, key=lambda b: b.name != REFERENCE)  # the reference first
+    environments: dict[str, BackendRun] = {}
+    cells: list[Cell] = []
+    pending: list[Cell] = []
+    figures: dict[str, str | None] = {}
+    reference: dict | None = None if any(b.name == REFERENCE for b in backends) else {}
+
+    def analyze_pending(ref):
+        nonlocal pending
+        _analyze(pending, ref)
+        for name in dict.fromkeys(c.backend.name for c in pending):
+            b = next(x for x in backends if x.name == name)
+            figures[name] = _defaults_figure(run_dir, name, pending, b.defaults)
+        pending = []
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_backend, b, overrides.get(b.name), specs, args, work): b
+                   for b in order}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                b = futures[future]
+                environments[b.name], done = future.result()
+                cells += done
+                pending += done
+                if b.name == REFERENCE:
+                    reference = {c.spec.name: c.arrays for c in done}
+                if reference is not None and jobs > 1:
+                    analyze_pending(reference)
+        except BaseException:
+            STOP.set()  # every thread kills its worker and returns
+            raise
+    analyze_pending(reference or {})
+    order_of = {id(s): i for i, s in enumerate(specs)}
+    cells.sort(key=lambda c: (order_of[id(c.spec)], backends.index(c.backend)))
+    return environments, cells, figures
+
+
+def _analyze(cells: list[Cell], reference: dict) -> None:
+    for c in cells:
+        ref = reference.get(c.spec.name) if c.backend.name != REFERENCE else None
+        try:
+            c.result = analysis.analyze(c.spec, c.backend.defaults, c.backend.name, c.record,
+                                        c.arrays, ref, c.backend.semantics)
+        except Exception as exc:  # worker data the checks could not digest: this cell only
+            c.result = analysis.Result(c.backend.name, failed_record(
+                c.spec.name, f"analysis failed on this backend's output: "
+                             f"{type(exc).__name__}: {exc}"))
 
 
 def _timing_figures(run_dir: Path, specs, results) -> dict:
@@ -381,8 +424,8 @@ def _timing_figures(run_dir: Path, specs, results) -> dict:
                 if t.record.batch == spec.input_shape[0]:
                     q = t.stats
                     rows.append({"backend": r.backend, "mode": t.record.mode,
-                                 "phase": t.record.phase, "median": q.median,
-                                 "q1": q.median - q.iqr / 2, "q3": q.median + q.iqr / 2})
+                                 "phase": t.record.phase, "median": q.median, "q1": q.q1,
+                                 "q3": q.q3})
                 series.setdefault(f"{r.backend} {t.record.mode} {t.record.phase}", []).append(
                     (t.record.batch, t.throughput))
         names = {}
@@ -407,25 +450,26 @@ def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
             env.log = f"logs/{name}.log"
 
 
-def _defaults_figure(run_dir, cells: list[Cell], defaults) -> str | None:
-    """Histograms of each backend's default dense/conv weight init, for the report."""
-    arrays = {(c.backend.name, c.spec.name): c.arrays for c in cells}
+def _defaults_figure(run_dir: Path, backend: str, cells: list[Cell], defaults) -> str | None:
+    """Histograms of one backend's default dense/conv weight initializations against their
+    analytic densities (``default_init_<backend>.png``), for the report."""
+    cells = [c for c in cells if c.backend.name == backend and c.result is not None]
+    arrays = {c.spec.name: c.arrays for c in cells}
     panels = []
     examples = report.default_examples([c.spec for c in cells], [c.result for c in cells],
-                                       defaults)
-    for (backend, layer, role), example in examples.items():
+                                       {backend: defaults})
+    for (_, layer, role), example in examples.items():
         if example is None or role != "weight" or layer == "batch_norm":
             continue
         spec_name, q = example
-        values = arrays[backend, spec_name].get(f"param/{q.name}")
+        values = arrays[spec_name].get(f"param/{q.name}")
         if values is not None:
-            panels.append({"row": backend,
-                           "label": f"{backend}: {layer} weight ({spec_name} {q.name})",
+            panels.append({"label": f"{backend}: {layer} weight ({spec_name} {q.name})",
                            "values": values, "expected": q.expected})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = "default_init.png"
+    name = f"default_init_{backend}.png"
     return name if plots.init_histograms(run_dir / name, panels,
-                                         "default initializers, observed vs analytic") else None
+                                         f"{backend}: default initializers, observed vs "
+                                         "analytic") else None
 
 
 def _print_outcome(results: list[Result], run_dir: Path) -> int:
@@ -674,6 +718,9 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse a spec estimated to need more, and end a worker whose processes "
                         "use more (default: half of this machine's memory, "
                         f"{total_memory() / 2**31:.1f})")
+    c.add_argument("--jobs", type=_positive_int, default=min(2, default_threads()),
+                   help="workers at once when nothing is timed (--timing off; timing always "
+                        f"runs one at a time; default {min(2, default_threads())})")
     c.add_argument("--timing", choices=["off", "quick", "full"], default="quick",
                    help="how deeply to time every mode and phase (default: quick)")
     c.add_argument("--threads", type=_threads, default=default_threads(),

@@ -22,7 +22,7 @@ def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
         rows.setdefault(panel.get("row"), []).append(panel)
     ncols = max(len(r) for r in rows.values())
     fig, axes = plt.subplots(len(rows), ncols, figsize=(3.8 * ncols, 2.7 * len(rows)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for r, row in enumerate(rows.values()):
         for c in range(len(row), ncols):
             axes[r][c].set_visible(False)
@@ -61,7 +61,8 @@ def _pyplot():
 
 
 def _save(fig, plt, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

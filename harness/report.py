@@ -345,6 +345,8 @@ def _mismatch_section(spec, results) -> str:
 
 def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
     rows_in = [(r, t) for r in results for t in r.timings]
+    if not spec.plan.timed:
+        return "\n### Timing\n\nNot timed: the spec says `timing: false`.\n"
     if not rows_in:
         return ""
     fastest = {}
@@ -424,8 +426,9 @@ def _defaults_section(specs, results, defaults_by_backend, figure) -> str:
     out.append(_table(["backend", "parameter kind", "default (canonical terms)",
                        "in the framework's terms", "example", "expected", "mean obs / exp",
                        "std obs / exp", "verdict"], rows))
-    if figure:
-        out.append(f"\n![default initial values per backend]({figure})\n")
+    for backend, name in (figure or {}).items():
+        out.append(f"\n![{backend}: default initial values against the analytic density]"
+                   f"({name})\n")
     return "".join(out)
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -304,6 +305,14 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
+#: set by the harness when it stops (a signal): every supervising thread kills its worker
+STOP = threading.Event()
+
+
+class Stopped(Exception):
+    """The harness is stopping: this worker was killed (see STOP)."""
+
+
 def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: None,
                max_memory: int | None = None):
     """Wait for the worker, reporting progress; kill it after ``timeout`` s without any, or
@@ -317,6 +326,9 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
             break
         except subprocess.TimeoutExpired:
             pass
+        if STOP.is_set():
+            _kill(proc)
+            raise Stopped(f"{backend}: stopped")
         follow()
         if max_memory:
             rss = _group_rss(proc.pid)

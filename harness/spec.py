@@ -87,6 +87,7 @@ SCHEMA = {
         "input_fill": {"type": "number"},
         "loss": {"enum": list(LOSSES)},
         "probe": {"enum": ["random", "initial"]},
+        "timing": {"type": "boolean"},
         "init": {"type": "object", "additionalProperties": False,
                  "properties": {"weight": _INIT, "bias": _INIT}},
         "layers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/layer"}},
@@ -587,7 +588,8 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     output_shape = b.infer(nodes, input_shape)
     seed = doc.get("seed", 0) if seed is None else seed
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
-                                  "input_shape": list(input_shape), "layers": nodes}, "plan")
+                                  "input_shape": list(input_shape), "layers": nodes,
+                                  "timed": doc.get("timing", True)}, "plan")
     params = list(b.params.values())
     for p in params:
         p.shared_with.sort()

@@ -126,11 +126,16 @@ class TimingStats:
     n_blocks: int
     number: int
     median: float
-    iqr: float
+    q1: float
+    q3: float
     p10: float
     p90: float
     ci_low: float
     ci_high: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
 
     @property
     def spread(self) -> float:
@@ -143,7 +148,8 @@ class TimingStats:
 
     def to_json(self) -> dict:
         return {"n_blocks": self.n_blocks, "number": self.number, "median_s": self.median,
-                "iqr_s": self.iqr, "p10_s": self.p10, "p90_s": self.p90,
+                "iqr_s": self.iqr, "q1_s": self.q1, "q3_s": self.q3, "p10_s": self.p10,
+                "p90_s": self.p90,
                 "ci95_median_s": [self.ci_low, self.ci_high], "spread": self.spread,
                 "noisy": self.noisy}
 
@@ -158,5 +164,5 @@ def timing_stats(block_times, number: int, seed: int = 0) -> TimingStats | None:
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(times, size=(BOOTSTRAP_RESAMPLES, times.size)), axis=1)
     lo, hi = np.percentile(medians, [2.5, 97.5])
-    return TimingStats(int(times.size), int(number), float(median), float(q3 - q1), float(p10),
-                       float(p90), float(lo), float(hi))
+    return TimingStats(int(times.size), int(number), float(median), float(q1), float(q3),
+                       float(p10), float(p90), float(lo), float(hi))
