@@ -246,9 +246,11 @@ def checkpoint_task(adapter, request: Request, data, probe) -> tuple[SpecRecord,
     adapter.seed(plan.seed)
     model = adapter.build(plan)
     if request.task == "read_checkpoint":
-        try:
+        try:  # a file that does not fit the plan is the user's error: at load, or at the
+            # first forward (a lazy size taken from the file that the input contradicts)
             note = adapter.restore(model, request.checkpoint)
-        except Exception as exc:  # the file does not fit the plan: the user's error
+            arrays["output"] = adapter.forward(model, data["x"])
+        except Exception as exc:
             raise CheckpointError(error_text(exc)) from exc
         arrays.update({f"param/{n}": v for n, v in adapter.values(model).items()})
         fmt, name, names = "", os.path.basename(request.checkpoint), []
@@ -259,8 +261,8 @@ def checkpoint_task(adapter, request: Request, data, probe) -> tuple[SpecRecord,
             saved = adapter.save(model, os.path.join(tmp, "model"))
             os.replace(saved.path, request.checkpoint)  # same filesystem: the parent's temp
         fmt, name, names, note = saved.format, os.path.basename(saved.path), saved.names, None
+        arrays["output"] = adapter.forward(model, data["x"])
     rec.params = adapter.inspect(model, plan)
-    arrays["output"] = adapter.forward(model, data["x"])
     rec.save_load = SaveLoadRecord(fmt, name, os.path.getsize(request.checkpoint), names,
                                    True, 0.0, note)
     return rec, arrays

@@ -488,6 +488,7 @@ def cmd_convert(args) -> int:
     """Read a native checkpoint of the spec's model in one framework, write it in another's
     native format, and prove it: both frameworks run the spec's input and must agree."""
     spec = load_specs([args.spec], args.seed)[0]
+    check_memory([spec], args)
     source, target = select([args.source])[0], select([args.target])[0]
     overrides = parse_python_overrides(args.python, discover())
     weights, out = Path(args.weights), Path(args.out)
@@ -500,6 +501,13 @@ def cmd_convert(args) -> int:
                                   task="read_checkpoint", checkpoint=str(weights.resolve()))
         canonical = {k.split("/", 1)[1]: v for k, v in read.arrays.items()
                      if k.startswith("param/")}
+        for p in spec.params:  # the worker checked the file against its framework; this is
+            got = canonical.get(p.name)  # the spec's own word on every canonical shape
+            if got is None or tuple(got.shape) != tuple(p.shape):
+                raise UserError(f"--weights: {args.weights} does not fit {spec.name}: "
+                                f"{p.name} is "
+                                f"{'missing' if got is None else list(got.shape)}, the spec "
+                                f"says {list(p.shape)}")
         staged = out.parent / f".{out.name}.{os.getpid()}.tmp"
         try:
             written = _checkpoint_worker(target, overrides, spec, args, Path(tmp) / "write",
@@ -537,7 +545,8 @@ def _checkpoint_worker(backend, overrides, spec, args, work: Path, **job) -> Cel
     except EnvError as exc:
         raise ToolError(f"{backend.name}: {exc}") from None
     result = run_worker(backend.name, python, [spec], work, device=args.device,
-                        timeout=args.timeout, progress=progress, **job)
+                        timeout=args.timeout, progress=progress, max_memory=args.max_memory,
+                        **job)
     rec = result.records[0]
     if rec.status != Status.OK:
         if (rec.error or "").startswith("CheckpointError: "):
@@ -698,6 +707,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(f'{self.prog}: {message}')} (see {self.prog} --help)\n")
 
 
+def _worker_options(p: argparse.ArgumentParser, device: str) -> None:
+    """The options of every command that runs workers."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device)
+    p.add_argument("--seed", type=_seed, help="override every spec's seed")
+    p.add_argument("--python", action="append", metavar="NAME=PATH",
+                   help="use this interpreter for backend NAME instead of its managed environment")
+    p.add_argument("--timeout", type=_seconds, default=600.0,
+                   help="seconds a worker may go without progress before it is killed (600)")
+    p.add_argument("--max-memory", type=_gib, default=total_memory() // 2, metavar="GIB",
+                   help="refuse a spec estimated to need more, and end a worker whose processes "
+                        "use more (default: half of this machine's memory, "
+                        f"{total_memory() / 2**31:.1f})")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m harness", description=(
         "Compare one model spec across deep learning frameworks: parameter shapes, lazy "
@@ -708,16 +731,7 @@ def parser() -> argparse.ArgumentParser:
                    help="spec files (YAML or JSON); default: every file in specs/")
     c.add_argument("--backend", action="append", help="backend to run (repeatable; default: all)")
     c.add_argument("--out", help="write the run's files straight into this directory")
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    c.add_argument("--seed", type=_seed, help="override every spec's seed")
-    c.add_argument("--python", action="append", metavar="NAME=PATH",
-                   help="use this interpreter for backend NAME instead of its managed environment")
-    c.add_argument("--timeout", type=_seconds, default=600.0,
-                   help="seconds a worker may go without progress before it is killed (600)")
-    c.add_argument("--max-memory", type=_gib, default=total_memory() // 2, metavar="GIB",
-                   help="refuse a spec estimated to need more, and end a worker whose processes "
-                        "use more (default: half of this machine's memory, "
-                        f"{total_memory() / 2**31:.1f})")
+    _worker_options(c, device="auto")
     c.add_argument("--jobs", type=_positive_int, default=min(2, default_threads()),
                    help="workers at once when nothing is timed (--timing off; timing always "
                         f"runs one at a time; default {min(2, default_threads())})")
@@ -746,12 +760,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--to", dest="target", required=True, metavar="BACKEND",
                    help="the framework to write for")
     v.add_argument("--out", required=True, help="the file to write (the target's format)")
-    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    v.add_argument("--seed", type=_seed, help="the spec's seed (builds the model)")
-    v.add_argument("--python", action="append", metavar="NAME=PATH",
-                   help="use this interpreter for backend NAME")
-    v.add_argument("--timeout", type=_seconds, default=600.0,
-                   help="seconds a worker may go without progress before it is killed (600)")
+    _worker_options(v, device="cpu")
     v.set_defaults(func=cmd_convert)
     k = sub.add_parser("check", help="validate specs and their memory estimate without running "
                        "anything (exit 0: all valid, 2: any invalid, one line each)")

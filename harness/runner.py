@@ -142,47 +142,47 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
 
 
+def _group_members(pgid: int) -> list[tuple[str, bytes]] | None:
+    """(pid, state) of every process in the process group ``pgid``, from Linux /proc (None
+    where there is no /proc)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    members = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()  # after the name: state, ppid, pgrp
+            if int(fields[2]) == pgid:
+                members.append((entry, fields[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group ``pgid`` still runs (a zombie, dead and waiting for
     whoever adopted it to reap it, does not)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # no /proc: ask the kernel (zombies count)
+    members = _group_members(pgid)
+    if members is None:  # no /proc: ask the kernel (zombies count)
         try:
             os.killpg(pgid, 0)
             return True
         except (ProcessLookupError, PermissionError):
             return False
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-        except (OSError, ValueError, IndexError):
-            continue
-    return False
+    return any(state not in (b"Z", b"X") for _, state in members)
 
 
 def _group_rss(pgid: int) -> int:
-    """Resident memory, in bytes, of every process in the process group ``pgid`` (Linux /proc;
-    0 where it cannot be read)."""
+    """Resident memory, in bytes, of every process in the process group ``pgid`` (0 where it
+    cannot be read)."""
     total = 0
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return 0
-    for entry in entries:
-        if not entry.isdigit():
-            continue
+    for pid, _ in _group_members(pgid) or []:
         try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            if int(fields[2]) != pgid:  # fields after the name: state, ppid, pgrp, ...
-                continue
-            with open(f"/proc/{entry}/statm", "rb") as fh:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
                 total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             continue
