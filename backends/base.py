@@ -409,9 +409,12 @@ class BaseAdapter:
     request's settings: ``threads``, ``tf32``; ``configure`` records what it applied in
     ``self.settings["applied"]``).
 
-    The worker calls, per plan: ``seed``, ``build``, ``inspect`` (before), ``run`` (the first
-    forward: lazy sizes get inferred), ``inspect`` (after), ``seed``, ``initialize``,
-    ``inspect`` and ``values`` (the record), then ``load`` and ``run`` with the probe parameters.
+    The worker calls, per plan (backends/worker.py): ``seed``, ``build``, ``inspect`` (before),
+    ``forward`` (the first: lazy sizes get inferred), ``inspect`` (after), ``seed``,
+    ``initialize``, ``inspect`` and ``values`` (the record); then with the probe parameters
+    ``load`` and ``forward`` (numerics), ``gradients`` and ``values`` (the training pass),
+    ``save`` / ``build`` / ``restore`` / ``forward`` (the round trip), ``step`` under the timer
+    for every mode, phase and batch, and a ``forward`` of an input of another width.
     """
 
     #: "canonical" (PyTorch's layouts) or "channels_last" (Keras, Flax)
