@@ -115,11 +115,22 @@ def _environments(environments: dict) -> str:
         device = f"{w.device} ({w.device_name})" if w else "–"
         notes = "; ".join(n for n in (env.note, env.error) if n)
         rows.append([b, versions or "–", w.python if w else "–", w.numpy if w else "–", device,
-                     w.executable if w else env.interpreter,
-                     f"{env.wall_s:.1f} s" if env.wall_s is not None else "–",
+                     w.executable if w else env.interpreter, _wall(env),
                      notes or ("ok" if w else "did not start")])
     return _table(["backend", "framework", "python", "numpy", "device", "interpreter",
                    "worker wall time", "notes"], rows)
+
+
+def _wall(env) -> str:
+    """The worker's wall time, split into framework import, the rest of set-up and the specs."""
+    if env.wall_s is None:
+        return "–"
+    w = env.worker
+    if w is None or w.import_s is None:
+        return f"{env.wall_s:.1f} s"
+    specs = env.wall_s - w.import_s - (w.setup_s or 0)
+    return (f"{env.wall_s:.1f} s (import {w.import_s:.1f}, set-up {w.setup_s or 0:.2f}, "
+            f"specs and process {specs:.1f})")
 
 
 def _failures(results: list[Result]) -> str:
@@ -576,7 +587,8 @@ LEGEND = f"""\
 - **Numerics**: every backend loads the same probe parameters and runs the spec's input;
   the output must be within {NUMERICS_ATOL:g} + {NUMERICS_RTOL:g} * max |reference output| of
   the NumPy reference (float64 inside, float32 out). Gradients use {GRAD_ATOL:g} +
-  {GRAD_RTOL:g} * max |reference gradient|, per parameter.
+  {GRAD_RTOL:g} * max(max |reference gradient|, {GRAD_FLOOR:g} * the spec's largest reference
+  gradient), per parameter.
 - **Timing**: per call, median and spread over blocks of calls; `vs fastest` is the ratio
   to the fastest backend and mode for the same phase and batch. See "How this was timed".
 """
