@@ -171,13 +171,7 @@ def _shape_fits(reported, lazy_shape) -> bool:
 
 def numerics_check(output: np.ndarray, reference: np.ndarray, detail: str) -> Check:
     """max |output - reference| within atol + rtol * max |reference|."""
-    out, ref = np.asarray(output, np.float64), np.asarray(reference, np.float64)
-    if out.shape != ref.shape:
-        return Check(NUMERICS, False, f"shape {list(out.shape)}", f"shape {list(ref.shape)}",
-                     detail)
-    err = float(np.max(np.abs(out - ref))) if out.size else 0.0
-    tol = NUMERICS_ATOL + NUMERICS_RTOL * (float(np.max(np.abs(ref))) if ref.size else 0.0)
-    return Check(NUMERICS, err <= tol, err, tol, detail)
+    return _close(NUMERICS, "", output, reference, NUMERICS_RTOL, NUMERICS_ATOL, detail)
 
 
 def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays: dict,
@@ -255,8 +249,8 @@ def _close(name: str, subject: str, got, want, rtol: float, atol: float, detail:
         return Check(name, False, f"shape {list(got.shape)}", f"shape {list(want.shape)}",
                      detail, subject)
     err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    return Check(name, err <= tolerance(want, rtol, atol), err, tolerance(want, rtol, atol),
-                 detail, subject)
+    tol = tolerance(want, rtol, atol)
+    return Check(name, err <= tol, err, tol, detail, subject)
 
 
 def _gradient_checks(result: Result, spec: Spec, arrays: dict, ref: dict,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends.base import TRUNCATED_NORMAL_STD_CORRECTION, calculate_gain
+from backends.base import TRUNCATED_NORMAL_STD_CORRECTION, calculate_gain, fan
 from backends.base import torch_fans as fans
 
 from . import stats
@@ -207,9 +207,7 @@ def _constant(value: float) -> Constant:
 
 
 def _variance_scaling(init: dict, shape) -> Continuous:
-    fan_in, fan_out = fans(shape)
-    n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[init["mode"]]
-    variance = init["scale"] / n
+    variance = init["scale"] / fan(shape, init["mode"])
     if init["distribution"] == "uniform":
         limit = math.sqrt(3 * variance)
         return _uniform(-limit, limit)
@@ -217,11 +215,6 @@ def _variance_scaling(init: dict, shape) -> Continuous:
         return _normal(0.0, math.sqrt(variance))
     std = math.sqrt(variance) / TRUNCATED_NORMAL_STD_CORRECTION
     return _normal(0.0, std, -2 * std, 2 * std)
-
-
-def _kaiming_fan(init: dict, shape) -> int:
-    fan_in, fan_out = fans(shape)
-    return fan_in if init["mode"] == "fan_in" else fan_out
 
 
 def _sparse(i, s, w) -> Sparse:
@@ -328,10 +321,10 @@ CATALOGUE: dict[str, Initializer] = {
     "xavier_normal": Initializer(lambda i, s, w: _normal(
         0.0, i["gain"] * math.sqrt(2.0 / sum(fans(s)))), {"gain": (_NONNEG, 1.0)}, min_ndim=2),
     "kaiming_uniform": Initializer(lambda i, s, w: _uniform(
-        -(b := calculate_gain(i["nonlinearity"], i["a"]) * math.sqrt(3.0 / _kaiming_fan(i, s))),
+        -(b := calculate_gain(i["nonlinearity"], i["a"]) * math.sqrt(3.0 / fan(s, i["mode"]))),
         b), dict(_KAIMING), min_ndim=2),
     "kaiming_normal": Initializer(lambda i, s, w: _normal(
-        0.0, calculate_gain(i["nonlinearity"], i["a"]) / math.sqrt(_kaiming_fan(i, s))),
+        0.0, calculate_gain(i["nonlinearity"], i["a"]) / math.sqrt(fan(s, i["mode"]))),
         dict(_KAIMING), min_ndim=2),
     "orthogonal": Initializer(lambda i, s, w: Orthogonal(
         i["gain"], f"orthogonal, W W^T = {i['gain']:.4g}^2 I"), {"gain": (_POSITIVE, 1.0)},

@@ -350,9 +350,9 @@ class Adapter(base.BaseAdapter):
             if dist in ("uniform", "normal"):
                 return xavier(dist == "uniform", a["mode"], a["scale"], "g")
             if dist == "truncated_normal":  # Keras/JAX: std / 0.8796..., cut at +-2 std
-                fan_in, fan_out = base.torch_fans(shape)  # Gluon's OIHW is the canonical layout
-                n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
-                std = math.sqrt(a["scale"] / n[a["mode"]]) / base.TRUNCATED_NORMAL_STD_CORRECTION
+                # Gluon's OIHW is the canonical layout: torch's fans apply as they are
+                std = math.sqrt(a["scale"] / base.fan(shape, a["mode"])) \
+                    / base.TRUNCATED_NORMAL_STD_CORRECTION
                 return self.Custom(self.fills["trunc_normal"], mean=0.0, std=std, a=-2 * std,
                                    b=2 * std), \
                     f"custom: variance_scaling({a['mode']}, truncated_normal), inverse CDF"

@@ -31,8 +31,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
                            ParamInfo, ParamRef, SavedFile, calculate_gain, dirac_kernel,
-                           given_in_size, iter_nodes, owned_params, param_roles, param_shapes,
-                           torch_fans)
+                           fan, given_in_size, iter_nodes, owned_params, param_roles,
+                           param_shapes, torch_fans)
 from backends.protocol import Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
@@ -61,8 +61,7 @@ def _fan(shape, mode, modes=("fan_in", "fan_out")):
     """The fan a rule scales by, torch's fans on the canonical shape."""
     if mode not in modes:
         raise ValueError(f"unsupported mode {mode!r}, expected one of {modes}")
-    fan_in, fan_out = torch_fans(shape)
-    return {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    return fan(shape, mode)
 
 
 def _trunc_normal(rng, shape, mean, std, a, b):
