@@ -370,9 +370,8 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path):
     def analyze_pending(ref):
         nonlocal pending
         _analyze(pending, ref)
-        for name in dict.fromkeys(c.backend.name for c in pending):
-            b = next(x for x in backends if x.name == name)
-            figures[name] = _defaults_figure(run_dir, name, pending, b.defaults)
+        for b in {c.backend.name: c.backend for c in pending}.values():
+            figures[b.name] = _defaults_figure(run_dir, b.name, pending, b.defaults)
         pending = []
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -129,9 +129,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
                 getattr(nn.init, f"{kind}_")(ref.handle, **args)
                 return f"native: torch.nn.init.{kind}_"
             if kind == "variance_scaling":
-                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(ref.handle)
-                n = {"fan_in": fan_in, "fan_out": fan_out,
-                     "fan_avg": (fan_in + fan_out) / 2}[args["mode"]]
+                n = base.fan(tuple(ref.handle.shape), args["mode"])  # torch's layout: canonical
                 std, dist = math.sqrt(args["scale"] / n), args["distribution"]
                 if dist == "uniform":
                     nn.init.uniform_(ref.handle, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
