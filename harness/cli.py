@@ -30,6 +30,7 @@ from . import analysis, plots, report
 from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
                    parse_python_overrides, select)
+from .files import input_file_problem
 from .runner import STOP, BackendRun, keep_log, run_worker
 from .spec import MAX_SEED, MAX_SIZE, Spec, SpecError, load_spec
 
@@ -491,8 +492,9 @@ def cmd_convert(args) -> int:
     source, target = select([args.source])[0], select([args.target])[0]
     overrides = parse_python_overrides(args.python, discover())
     weights, out = Path(args.weights), Path(args.out)
-    if not weights.is_file():
-        raise UserError(f"--weights: {args.weights}: no such file")
+    problem = input_file_problem(weights)
+    if problem:
+        raise UserError(f"--weights: {args.weights}: {problem}")
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out: {args.out}: must be a file path in an existing directory")
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-convert-") as tmp:

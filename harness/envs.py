@@ -6,23 +6,21 @@ Python that built it) are unchanged. Nothing here imports a framework.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import yaml
 
 from . import initializers as inits
+from .files import tail
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS_DIR = ROOT / "backends"
@@ -176,40 +174,6 @@ def _run_logged(cmd: list, log) -> None:
 def gpu_present() -> bool:
     """An NVIDIA driver is loaded (what ``--device auto`` takes as "use the CUDA builds")."""
     return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
-
-
-def open_regular(path, follow: bool = False) -> BinaryIO:
-    """``path`` opened for reading only if it is a regular file: never blocking (a FIFO, or
-    /proc/kmsg, whose reads wait), never a directory or device, and unless ``follow``, never
-    through a symbolic link (a worker's file linked to some other file is not its output).
-    OSError otherwise."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-    if not follow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def tail(path: Path, lines: int = 15, max_bytes: int = 16 * 1024) -> str:
-    """The last lines of a log, reading at most its last ``max_bytes`` (a log may be huge)."""
-    try:
-        with open_regular(path) as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read(max_bytes) or b""  # None: nothing without waiting
-    except OSError:
-        return ""
-    text = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and text:
-        text = text[1:]  # the first line is cut
-    return "\n".join(line[:500] for line in text[-lines:])
 
 
 def ensure_env(backend: Backend, progress=print) -> Path:

@@ -25,7 +25,8 @@ from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, Proto
                                Request, SpecRecord, Status, TimingRequest, failed_record)
 
 from . import initializers as inits
-from .envs import ROOT, open_regular, tail
+from .envs import ROOT
+from .files import open_regular, read_regular, tail
 from .spec import Spec
 
 
@@ -410,12 +411,10 @@ def _open_regular(path: Path, label: str):
 def _read_json(path: Path, cls, label: str):
     """A protocol record from a worker's file; ProtocolError for anything that does not fit."""
     with _open_regular(path, label) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > MAX_RECORD_BYTES:
-            raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
-        data = fh.read(size + 1) or b""  # + 1: a file still growing shows
-    if len(data) > MAX_RECORD_BYTES:
-        raise ProtocolError(f"{label}: larger than {MAX_RECORD_BYTES >> 20} MiB")
+        try:
+            data = read_regular(fh, MAX_RECORD_BYTES)
+        except OSError as exc:
+            raise ProtocolError(f"{label}: {exc}") from None
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

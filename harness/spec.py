@@ -21,7 +21,7 @@ from backends import protocol
 from backends.protocol import Plan
 
 from . import initializers as inits
-from .envs import open_regular
+from .files import NotAFileOfData, kind_of, open_regular, read_regular
 
 LAYER_TYPES = ("dense", "my_dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu",
                "sigmoid", "tanh", "center", "sequential", "ref")
@@ -452,20 +452,15 @@ def load_document(path: Path) -> dict:
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never end
-            raise SpecError(path, "", "not a regular file; a spec is a YAML or JSON file")
+            raise SpecError(path, "", f"{kind_of(info.st_mode)}, not a regular file; a spec is "
+                                      "a YAML or JSON file")
         # opened without blocking and checked again on the open file (it may have changed)
         with open_regular(path, follow=True) as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_SPEC_BYTES:
-                raise SpecError(path, "", f"{size:,} bytes; a spec is at most "
-                                          f"{MAX_SPEC_BYTES:,} bytes")
-            data = fh.read(MAX_SPEC_BYTES + 1)
-        if data is None:  # a "regular" file that would make the reader wait (/proc/kmsg)
-            raise SpecError(path, "", "cannot read without waiting; a spec is a YAML or JSON file")
+            data = read_regular(fh, MAX_SPEC_BYTES)
+    except NotAFileOfData as exc:
+        raise SpecError(path, "", f"{exc}; a spec is a YAML or JSON file") from None
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(path, "", f"more than {MAX_SPEC_BYTES:,} bytes; a spec is at most that")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -730,21 +729,98 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert len(line) < 300
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "proc_kmsg"])
-def test_special_files_as_spec_are_refused_without_blocking(tmp_path, kind):
-    """A FIFO (which once hung forever), /dev/zero (which grew the parent by 0.5 GB/s), a
-    directory, /proc/kmsg (a "regular" file whose read waits): refused in one line, at once."""
+#: special files as a spec, and the reason each must be refused for (whatever they hold)
+SPECIAL_FILES = {
+    "fifo": "a FIFO (named pipe), not a regular file",
+    "dev_zero": "a character device, not a regular file",
+    "directory": "a directory, not a regular file",
+    # "regular" files of size 0 whose reads yield data (the kernel log: as root, a read takes
+    # the messages away), wait, or neither: refused by their filesystem, before any read
+    "proc_kmsg": "on procfs, a pseudo-filesystem",
+    "proc_self_status": "on procfs, a pseudo-filesystem",
+    "sys_file": "on sysfs, a pseudo-filesystem",
+}
+
+
+def _special_file(kind, tmp_path) -> Path:
     if kind == "fifo":
         path = tmp_path / "spec.yaml"
         os.mkfifo(path)
-    elif kind == "directory":
-        path = tmp_path
-    else:
-        path = Path("/dev/zero" if kind == "dev_zero" else "/proc/kmsg")
-        if not path.exists():
-            pytest.skip(f"{path} does not exist here")
-    line = assert_refused(path)
-    assert "regular file" in line or "without waiting" in line or "cannot read" in line
+        return path
+    if kind == "directory":
+        return tmp_path
+    path = Path({"dev_zero": "/dev/zero", "proc_kmsg": "/proc/kmsg",
+                 "proc_self_status": "/proc/self/status",
+                 "sys_file": "/sys/kernel/notes"}[kind])
+    if not sys.platform.startswith("linux"):
+        pytest.skip("procfs, sysfs and /dev/zero are Linux's")
+    assert path.exists(), f"{path} is missing on this Linux machine"
+    return path
+
+
+@pytest.mark.parametrize("kind", list(SPECIAL_FILES))
+def test_special_files_as_spec_are_refused_without_blocking(tmp_path, kind):
+    """A FIFO (which once hung forever), /dev/zero (which grew the parent by 0.5 GB/s), a
+    directory, and the "regular" files of procfs and sysfs (/proc/kmsg was read, and parsed as
+    YAML, wherever the kernel log was not empty): refused in one line, at once, for what they
+    are, whatever they hold on the machine running this."""
+    path = _special_file(kind, tmp_path)
+    assert_refused(path, SPECIAL_FILES[kind])
+
+
+@pytest.mark.parametrize("kind", ["proc_kmsg", "proc_self_status", "sys_file", "fifo",
+                                  "dev_zero"])
+def test_special_files_as_weights_are_refused_before_any_worker(tmp_path, kind):
+    """convert --weights: the same refusals, in one line, before anything starts."""
+    path = _special_file(kind, tmp_path)
+    rc, out, err = harness_in_process("convert", "specs/tied.yaml", "--from", "torch",
+                                      "--weights", path, "--to", "numpy", "--out",
+                                      tmp_path / "out.npz")
+    assert rc == 2 and len(err.splitlines()) == 1, (rc, err)
+    assert f"--weights: {path}: {SPECIAL_FILES[kind]}" in err, err
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_file_on_a_pseudo_filesystem_is_refused_by_its_filesystem(tmp_path, monkeypatch):
+    """The refusal is by filesystem type (statfs), not by path: an ordinary file that statfs
+    says lives on procfs is refused as spec, --weights and worker output alike, before it is
+    even opened."""
+    from harness import files, runner
+    from backends.protocol import SpecRecord
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\ninput: [2, 4]\nlayers: [{type: relu}]\n")
+    assert harness_in_process("check", spec)[0] == 0
+    monkeypatch.setattr(files, "_statfs_type", lambda target: 0x9FA0)
+    monkeypatch.setattr(os, "open", lambda *a, **k: pytest.fail("the file was opened"))
+    assert_refused(spec, "on procfs, a pseudo-filesystem")
+    rc, out, err = harness_in_process("convert", "specs/tied.yaml", "--from", "torch",
+                                      "--weights", spec, "--to", "numpy", "--out",
+                                      tmp_path / "out.npz")
+    assert rc == 2 and "on procfs" in err, err
+    with pytest.raises(runner.ProtocolError, match=r"0\.json: .*on procfs"):
+        runner._read_json(spec, SpecRecord, "0.json")
+
+
+def test_a_regular_file_yielding_more_than_its_size_is_refused(tmp_path, monkeypatch):
+    """A "regular" file whose size says 0 but whose read yields data (how procfs, and some
+    FUSE filesystems, present their entries) is no file of data: refused as spec and as worker
+    output, whatever filesystem type it claims."""
+    from harness import files, runner
+    from backends.protocol import SpecRecord
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\ninput: [2, 4]\nlayers: [{type: relu}]\n")
+    real_fstat = os.fstat
+
+    def size_zero(fd):
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], 0, *st[7:]))
+
+    monkeypatch.setattr(files.os, "fstat", size_zero)
+    assert_refused(spec, "yields more bytes than its size (0) says")
+    with pytest.raises(runner.ProtocolError, match="yields more bytes than its size"):
+        runner._read_json(spec, SpecRecord, "0.json")
 
 
 def test_control_characters_give_one_escaped_line(tmp_path):
@@ -839,7 +915,10 @@ def test_check_validates_without_running(tmp_path):
     assert rc == 0 and "check" in out and "without running anything" in " ".join(out.split())
 
 
-@settings(max_examples=100, deadline=timedelta(seconds=5), derandomize=True, database=None,
+# No per-example deadline: hypothesis would turn a slow or loaded machine into a failure (its
+# DeadlineExceeded measures the host, not the harness); harness_in_process bounds each example
+# at 10 s against a real hang.
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=fuzz_specs.any_case)
 def test_fuzzed_invalid_specs_are_refused_cleanly(tmp_path, case):
