@@ -79,7 +79,7 @@ def _exp_minus_square(a: np.ndarray) -> np.ndarray:
 
 def _erf_series(a: np.ndarray) -> np.ndarray:
     """erf(a) for 0 <= a < 1: 2/sqrt(pi) exp(-a^2) sum_n (2a^2)^n a / (1*3*...*(2n+1)), every
-    term positive (no cancellation), summed by Horner; 20 terms give < 5e-16 relative."""
+    term positive (no cancellation), summed by Horner; after 20 terms the rest is < 1e-17."""
     t = 2 * a * a
     s = np.ones_like(a)
     for n in range(_ERF_SERIES_TERMS, 0, -1):
@@ -90,7 +90,8 @@ def _erf_series(a: np.ndarray) -> np.ndarray:
 def _erfc_fraction(a: np.ndarray, terms: int) -> np.ndarray:
     """erfc(a) for a >= 1 from Laplace's continued fraction in its even (J-fraction) form,
     a exp(-a^2) / sqrt(pi) / (a^2 + 1/2 - 1(1/2) / (a^2 + 5/2 - 2(3/2) / (a^2 + 9/2 - ...))),
-    evaluated from the tail (no overflow); < 7e-16 relative with 100 terms on [1, 2), 30 beyond."""
+    evaluated from the tail (no overflow); truncated after 100 terms on [1, 2), 30 beyond, it
+    is as accurate as its rounding (1e-15)."""
     a2 = a * a
     f = a2 + (2 * terms + 0.5)
     for k in range(terms, 0, -1):
@@ -112,8 +113,8 @@ def _erfc_from_one(a: np.ndarray) -> np.ndarray:
 
 
 def erf(x) -> np.ndarray:
-    """The error function, elementwise, float64: within 5e-16 relative on |x| < 1 (series),
-    1 - erfc beyond (within 2 ulp of 1); odd, erf(+-inf) = +-1, NaN stays NaN."""
+    """The error function, elementwise, float64, within 7e-16 relative of libm's: the series on
+    |x| < 1, 1 - erfc beyond; odd, erf(+-inf) = +-1, NaN stays NaN."""
     x = _f64(x)
     a = np.abs(x)
     out = np.empty_like(a)
@@ -124,9 +125,9 @@ def erf(x) -> np.ndarray:
 
 
 def erfc(x) -> np.ndarray:
-    """1 - erf(x), elementwise, float64, with relative accuracy in the right tail: within
-    7e-16 for x >= 1 (continued fraction) and x < 0.5, 2e-15 on [0.5, 1) (1 - erf, at least
-    0.157 there); erfc(-x) = 2 - erfc(x)."""
+    """1 - erf(x), elementwise, float64, with relative accuracy in the right tail: within 1e-15
+    relative of libm's for x >= 1 (continued fraction) and x < 0.5, 3.5e-15 on [0.5, 1) (1 - erf
+    there, at least 0.157); erfc(-x) = 2 - erfc(x)."""
     x = _f64(x)
     a = np.abs(x)
     out = np.empty_like(a)

@@ -79,7 +79,7 @@ def rng(request):
 # ----------------------------------------------------------------------------- erf, erfc
 
 def test_erf_and_erfc_match_the_standard_library_everywhere():
-    """Within 5e-16 relative of math.erf, and of math.erfc within 7e-16 (2e-15 on 0.5 <= x < 1,
+    """Within 8e-16 relative of math.erf, and of math.erfc within 1e-15 (4e-15 on 0.5 <= x < 1,
     where it is 1 - erf), from subnormals to the underflow of erfc, both signs (the libm
     reference is itself within an ulp); plus the special values."""
     mags = np.concatenate([np.geomspace(1e-310, 1e-3, 300), np.linspace(1e-3, 6, 4001),
@@ -89,8 +89,8 @@ def test_erf_and_erfc_match_the_standard_library_everywhere():
     want_erfc = np.array([math.erfc(v) for v in x])
     got_erf, got_erfc = K.erf(x), K.erfc(x)
     subnormal = 1e-320  # an absolute floor where the results have few significant bits
-    assert np.all(np.abs(got_erf - want_erf) <= 5e-16 * np.abs(want_erf) + subnormal)
-    rel = np.where((x >= 0.5) & (x < 1), 2e-15, 7e-16)
+    assert np.all(np.abs(got_erf - want_erf) <= 8e-16 * np.abs(want_erf) + subnormal)
+    rel = np.where((x >= 0.5) & (x < 1), 4e-15, 1e-15)
     assert np.all(np.abs(got_erfc - want_erfc) <= rel * np.abs(want_erfc) + subnormal)
     assert np.any(want_erfc[x > 26] > 0) and np.all(got_erfc[x > 27.3] == 0)
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e300, -1e300])
