@@ -14,7 +14,8 @@ Each layer is a class with its forward and backward side by side, as ``adapter.p
 NumPy only (1.23 to 2.x): the reference environment holds nothing else, so ``erf`` is written here.
 Everything is vectorized over batch, positions, channels, heads and units; the only Python loops
 run over kernel taps (pooling) and time steps (recurrent layers). Each docstring states the working
-memory beyond the input, the output and the parameters.
+memory beyond the input, the output, the parameters and their gradients
+(``benchmarks/numpy_kernels.py`` measures the peaks).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- erf, erfc (no scipy)
 
 _SQRT_PI = math.sqrt(math.pi)
-_ERF_SERIES_TERMS = 20
+#: 1 / (1 * 3 * ... * (2n + 1)) for n = 0..20: erf's series in powers of 2 a^2
+_ERF_SERIES_COEFFICIENTS = tuple(1 / math.prod(range(1, 2 * n + 2, 2)) for n in range(21))
 #: (upper end of |x|, terms) of the continued fraction on [1, 2) and [2, inf)
 _ERFC_FRACTION_TERMS = ((2.0, 100), (math.inf, 30))
 #: erfc(x) is 0 in float64 beyond this (erfc(27.3) underflows); keeps x^2 finite
@@ -79,24 +81,31 @@ def _exp_minus_square(a: np.ndarray) -> np.ndarray:
 
 def _erf_series(a: np.ndarray) -> np.ndarray:
     """erf(a) for 0 <= a < 1: 2/sqrt(pi) exp(-a^2) sum_n (2a^2)^n a / (1*3*...*(2n+1)), every
-    term positive (no cancellation), summed by Horner; after 20 terms the rest is < 1e-17."""
+    term positive (no cancellation), by Horner in place; after 20 terms the rest is < 1e-17."""
     t = 2 * a * a
-    s = np.ones_like(a)
-    for n in range(_ERF_SERIES_TERMS, 0, -1):
-        s = 1 + s * t / (2 * n + 1)
-    return (2 / _SQRT_PI) * a * s * _exp_minus_square(a)
+    s = np.full_like(a, _ERF_SERIES_COEFFICIENTS[-1])
+    for c in _ERF_SERIES_COEFFICIENTS[-2::-1]:
+        s *= t
+        s += c
+    s *= a
+    s *= _exp_minus_square(a)
+    s *= 2 / _SQRT_PI
+    return s
 
 
 def _erfc_fraction(a: np.ndarray, terms: int) -> np.ndarray:
     """erfc(a) for a >= 1 from Laplace's continued fraction in its even (J-fraction) form,
     a exp(-a^2) / sqrt(pi) / (a^2 + 1/2 - 1(1/2) / (a^2 + 5/2 - 2(3/2) / (a^2 + 9/2 - ...))),
-    evaluated from the tail (no overflow); truncated after 100 terms on [1, 2), 30 beyond, it
-    is as accurate as its rounding (1e-15)."""
+    evaluated from the tail in place (no overflow); truncated after 100 terms on [1, 2), 30
+    beyond, it is as accurate as its rounding (1e-15)."""
     a2 = a * a
     f = a2 + (2 * terms + 0.5)
     for k in range(terms, 0, -1):
-        f = (a2 + (2 * k - 1.5)) - k * (k - 0.5) / f
-    return a * _exp_minus_square(a) / (_SQRT_PI * f)
+        np.divide(k * (k - 0.5), f, out=f)
+        np.subtract(a2, f, out=f)
+        f += 2 * k - 1.5
+    f *= _SQRT_PI
+    return a * _exp_minus_square(a) / f
 
 
 def _erfc_from_one(a: np.ndarray) -> np.ndarray:
@@ -173,8 +182,8 @@ class GELU:
     """torch.nn.GELU: ``x * Phi(x)``, Phi the standard normal CDF. ``approximate="none"``:
     Phi(x) = erfc(-x / sqrt 2) / 2 (torch's 0.5 (1 + erf(x / sqrt 2)), written with erfc so the
     left tail keeps its relative accuracy); ``"tanh"``: Phi(x) ~ (1 + tanh(sqrt(2/pi) (x +
-    0.044715 x^3))) / 2. Derivatives: Phi(x) + x phi(x); the tanh form's own. Working memory: a
-    few arrays of the input's size."""
+    0.044715 x^3))) / 2. Derivatives: Phi(x) + x phi(x); the tanh form's own. Working memory: x
+    and Phi(x) (or the tanh), saved; temporaries of up to eight arrays of the input's size."""
 
     _K = math.sqrt(2 / math.pi)
 
@@ -186,7 +195,7 @@ class GELU:
             cdf = 0.5 * erfc(-x / math.sqrt(2))
             return x * cdf, (x, approximate, cdf)
         if approximate == "tanh":
-            t = np.tanh(GELU._K * (x + 0.044715 * x ** 3))
+            t = np.tanh(GELU._K * (x + 0.044715 * x * x * x))
             return 0.5 * x * (1 + t), (x, approximate, t)
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
@@ -254,14 +263,14 @@ def _softmax_backward(y: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
 
 
-
 # ---------------------------------------------------------------- pooling (NCHW, floor mode)
 
 
 def _pair(value, what: str, layer: str, least: int) -> tuple:
     """An int or a pair of ints (rows, columns), each at least ``least``."""
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= least for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                 and v >= least for v in pair):
         raise ValueError(f"{layer}: {what} must be an int or a pair of ints >= {least}, "
                          f"got {value!r}")
     return tuple(int(v) for v in pair)
@@ -289,17 +298,6 @@ def _tap(xpad, i, j, s, out):
     return xpad[:, :, i:i + s[0] * (out[0] - 1) + 1:s[0], j:j + s[1] * (out[1] - 1) + 1:s[1]]
 
 
-def _fold(per_tap, x_shape, k, s, pad, out):
-    """The input gradient from each window tap's gradient ``per_tap(i, j)`` (N, C, OH, OW):
-    one strided add per kernel tap into the padded input, then the padding cut off."""
-    n, c, h, w = x_shape
-    dxpad = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]))
-    for i in range(k[0]):
-        for j in range(k[1]):
-            _tap(dxpad, i, j, s, out)[...] += per_tap(i, j)
-    return dxpad[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
-
-
 def _in_bounds_counts(size, k, s, pad, out):
     """Per output position along one axis: how many of its window's k taps are not padding."""
     start = np.arange(out) * s - pad
@@ -308,9 +306,10 @@ def _in_bounds_counts(size, k, s, pad, out):
 
 class AvgPool2d:
     """torch.nn.AvgPool2d(pool, stride=pool, padding, count_include_pad), floor mode, NCHW:
-    the mean of each window of the zero-padded input, dividing by the whole window
-    (``count_include_pad=True``) or by its taps inside the input. Working memory: the padded
-    input (forward) and the padded input gradient (backward); nothing saved but shapes."""
+    the mean of each window of the zero-padded input (a sum of one strided view per kernel
+    tap), dividing by the whole window (``count_include_pad=True``) or by its taps inside the
+    input. Working memory: the padded input (forward) and the padded input gradient
+    (backward); nothing saved but the divisor."""
 
     @staticmethod
     def forward(p, x, *, pool, stride=None, padding=0, count_include_pad=True):
@@ -328,9 +327,13 @@ class AvgPool2d:
 
     @staticmethod
     def backward(saved, dy):
-        x_shape, k, s, pad, out, divisor = saved
+        (n, c, h, w), k, s, pad, out, divisor = saved
         share = dy / divisor
-        return _fold(lambda i, j: share, x_shape, k, s, pad, out), {}
+        dxpad = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]))
+        for i in range(k[0]):  # each tap of every window hands its share back
+            for j in range(k[1]):
+                _tap(dxpad, i, j, s, out)[...] += share
+        return dxpad[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w], {}
 
 
 class MaxPool2d:
@@ -339,8 +342,8 @@ class MaxPool2d:
     pick: they scan the window's in-bounds taps in row-major order from the first, with -inf as
     the running max, and move on only to a strictly greater value or a NaN; so ties go to the
     first maximum, NaN to the last NaN, a window of -inf to its first in-bounds tap. Where
-    windows overlap, gradients add. Working memory: the padded input; the chosen tap per
-    output, saved."""
+    windows overlap, gradients add (one bincount). Working memory: the padded input; the
+    chosen tap per output, saved; the backward, one index per output."""
 
     @staticmethod
     def forward(p, x, *, pool, stride=None, padding=0):
@@ -353,19 +356,26 @@ class MaxPool2d:
         first_col = np.maximum(pad[1] - np.arange(out[1]) * s[1], 0)
         best = np.full(x.shape[:2] + out, -np.inf)
         arg = np.broadcast_to(first_row[:, None] * k[1] + first_col, best.shape).copy()
+        take, nan = np.empty(best.shape, dtype=bool), np.isnan(x).any()
         for i in range(k[0]):
             for j in range(k[1]):
                 v = _tap(xpad, i, j, s, out)
-                take = (v > best) | np.isnan(v)
-                best = np.where(take, v, best)
-                arg[take] = i * k[1] + j
+                np.greater(v, best, out=take)
+                if nan:
+                    take |= np.isnan(v)
+                np.copyto(best, v, where=take)
+                np.copyto(arg, i * k[1] + j, where=take)
         return best, (x.shape, k, s, pad, out, arg)
 
     @staticmethod
     def backward(saved, dy):
-        x_shape, k, s, pad, out, arg = saved
-        return _fold(lambda i, j: np.where(arg == i * k[1] + j, dy, 0.0),
-                     x_shape, k, s, pad, out), {}
+        (n, c, h, w), k, s, pad, out, arg = saved
+        rows = np.arange(out[0])[:, None] * s[0] - pad[0] + arg // k[1]  # in-bounds, always
+        cols = np.arange(out[1]) * s[1] - pad[1] + arg % k[1]
+        planes = np.arange(n * c).reshape(n, c, 1, 1)
+        flat = (planes * h + rows) * w + cols
+        dx = np.bincount(flat.ravel(), weights=dy.ravel(), minlength=n * c * h * w)
+        return dx.reshape(n, c, h, w), {}
 
 
 class GlobalAvgPool:
@@ -395,8 +405,8 @@ class Embedding:
     shape, output (*x.shape, dim). x may be an integer array or a float array of whole numbers
     (the harness carries inputs as floats); an index outside [0, vocab) is refused. Backward:
     the rows of dy summed into the rows they were read from (a sort and one reduceat, no
-    scatter loop); no input gradient. Working memory: the flattened indices, a sort of them and
-    dy's rows in that order."""
+    scatter loop) into a dense (vocab, dim) gradient, as torch's default; no input gradient.
+    Working memory: the indices, saved; the backward, their sort and dy's rows in that order."""
 
     @staticmethod
     def forward(p, x):
@@ -439,14 +449,15 @@ class MultiHeadAttention:
     """Self-attention as torch.nn.MultiheadAttention(E, num_heads, batch_first=True)(x, x, x,
     need_weights=False), with ``attn_mask`` the causal mask when ``causal``; x (N, L, E):
 
-        [q | k | v] = x in_proj_weight^T + in_proj_bias        (in_proj_weight (3E, E): q, k, v rows)
+        [q | k | v] = x in_proj_weight^T + in_proj_bias   (in_proj_weight (3E, E): q, k, v rows)
         per head h (d = E / num_heads columns each): A_h = softmax(q_h k_h^T / sqrt(d) + M),
         M = -inf where key j > query i when causal, else 0
         y = [A_1 v_1 | ... | A_H v_H] out_proj.weight^T + out_proj.bias
 
     Biases: all of ``in_proj_bias``, ``out_proj.bias`` or neither (``bias=False``); no dropout.
-    Working memory: q, k, v and the heads' context (N, L, E) each and the attention weights
-    (N, num_heads, L, L), saved; the backward adds two (N, num_heads, L, L) arrays."""
+    Working memory: the projections q, k, v (N, L, 3E), the heads' context (N, L, E) and the
+    attention weights (N, num_heads, L, L), saved; the scores (N, num_heads, L, L) in the
+    forward, about four more of that size and a few (N, L, 3E) in the backward."""
 
     @staticmethod
     def forward(p, x, *, num_heads, causal=False):
@@ -455,8 +466,8 @@ class MultiHeadAttention:
             raise ValueError(f"multi_head_attention: expects (batch, seq, embed), got shape "
                              f"{list(x.shape)}")
         n, length, e = x.shape
-        if not (isinstance(num_heads, (int, np.integer)) and num_heads >= 1
-                and e % num_heads == 0):
+        if not (isinstance(num_heads, (int, np.integer)) and not isinstance(num_heads, bool)
+                and num_heads >= 1 and e % num_heads == 0):
             raise ValueError(f"multi_head_attention: num_heads {num_heads!r} must divide the "
                              f"embedding size {e}")
         p = _params("multi_head_attention", p,
@@ -563,8 +574,9 @@ class LSTM:
         h = np.zeros((n, length + 1, hid))
         c = np.zeros((n, length + 1, hid))
         tanh_c = np.empty((n, length, hid))
+        whh_t = np.ascontiguousarray(p["weight_hh_l0"].T)  # BLAS is 2x faster on it here
         for t in range(length):
-            a = pre[:, t] + h[:, t] @ p["weight_hh_l0"].T
+            a = pre[:, t] + h[:, t] @ whh_t
             gates[:, t, :2 * hid] = _sigmoid(a[:, :2 * hid])
             gates[:, t, 2 * hid:3 * hid] = np.tanh(a[:, 2 * hid:3 * hid])
             gates[:, t, 3 * hid:] = _sigmoid(a[:, 3 * hid:])
@@ -621,8 +633,9 @@ class GRU:
         gates = np.empty_like(pre_x)
         hidden_n = np.empty((n, length, hid))
         h = np.zeros((n, length + 1, hid))
+        whh_t = np.ascontiguousarray(p["weight_hh_l0"].T)  # BLAS is 2x faster on it here
         for t in range(length):
-            pre_h = h[:, t] @ p["weight_hh_l0"].T
+            pre_h = h[:, t] @ whh_t
             if "bias_hh_l0" in p:
                 pre_h += p["bias_hh_l0"]
             gates[:, t, :2 * hid] = _sigmoid(pre_x[:, t, :2 * hid] + pre_h[:, :2 * hid])
