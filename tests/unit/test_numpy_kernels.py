@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
 from backends.numpy import kernels as K
+from unit_helpers import ROOT
 
 EPS = 1e-6      # the finite-difference step
 TOL = 1e-7      # max |analytic - numeric| relative to max(1, max |numeric|)
@@ -539,3 +542,15 @@ def test_kernels_table_names_every_layer():
     assert set(K.KERNELS) == {"layer_norm", "gelu", "dropout", "softmax", "avg_pool2d",
                               "max_pool2d", "global_avg_pool", "embedding",
                               "multi_head_attention", "lstm", "gru"}
+
+
+def test_kernels_need_numpy_and_nothing_else():
+    """Importing the kernels loads no third-party module but numpy (the reference environment
+    holds numpy alone: no scipy for erf)."""
+    code = "import sys; before = set(sys.modules); import backends.numpy.kernels; " \
+           "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stdout.split()) - set(sys.stdlib_module_names)
+    assert loaded == {"backends", "numpy"}
