@@ -287,9 +287,10 @@ def _gradient_checks(result: Result, spec: Spec, arrays: dict, ref: dict,
                                 NUMERICS_RTOL, NUMERICS_ATOL,
                                 "training-mode forward (batch statistics) with the probe"))
     declared = semantics.get("batch_norm_running_var")
+    per_device = ""
     if isinstance(declared, dict):  # per device, e.g. MXNet: CPU biased, cuDNN unbiased
-        declared = declared.get("cuda" if (result.record.device or "").startswith("cuda")
-                                else "cpu")
+        device = "cuda" if (result.record.device or "").startswith("cuda") else "cpu"
+        declared, per_device = declared.get(device), f" (the rule declared for {device})"
     biased = declared == "biased"
     for p in spec.params:
         if not p.role.startswith("running_"):
@@ -304,7 +305,7 @@ def _gradient_checks(result: Result, spec: Spec, arrays: dict, ref: dict,
             else "PyTorch's rule"
         result.checks.append(_close(RUNNING_STAT, p.name, got, want, NUMERICS_RTOL,
                                     NUMERICS_ATOL, f"after one training step, updated with "
-                                    f"{how}"))
+                                    f"{how}{per_device}"))
         if variant != "trained":
             result.notes.append(
                 f"{p.name}: {result.backend} updates the running variance with the biased "

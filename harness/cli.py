@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +25,9 @@ from dataclasses import dataclass
 from backends import protocol
 from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
-from . import analysis, plots, report
+from . import analysis, devices, plots, report
 from .analysis import Result
-from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env, gpu_present,
+from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env,
                    parse_python_overrides, select)
 from .files import input_file_problem
 from .runner import STOP, BackendRun, keep_log, run_worker
@@ -220,8 +219,9 @@ def timing_request(args, device: str) -> TimingRequest | None:
 
 
 def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, list[Cell]]:
-    """Provision (unless --python) and run one backend's worker over every spec."""
-    if args.device == "cuda" or (args.device == "auto" and gpu_present()):
+    """Provision (unless --python) and run one backend's worker over every spec, on
+    ``args.device`` (``cpu`` or ``cuda``, as ``use_device`` resolved it)."""
+    if args.device == "cuda":
         backend = backend.for_device("cuda")  # its GPU build, where it has one
     env = BackendRun(interpreter=str(python) if python else str(backend.env_python),
                      declared=dict(backend.semantics))
@@ -232,7 +232,7 @@ def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, l
         return env, [Cell(s, backend, failed_record(s.name, str(exc)), {}) for s in specs]
     env.interpreter = str(python)
     device = args.device
-    if device not in ("auto", *backend.devices):
+    if device not in backend.devices:
         device = "cpu"
         env.note = f"runs on the CPU only; --device {args.device} applies to the others"
         progress(f"[{backend.name}] {env.note}")
@@ -250,19 +250,13 @@ def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, l
                  for s, rec, arr in zip(specs, result.records, result.arrays)]
 
 
-def nvidia_gpus() -> list[dict]:
-    """Name, driver and memory of every NVIDIA GPU (from nvidia-smi; none without a driver)."""
-    if not gpu_present():
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    keys = ("name", "driver", "memory")
-    return [dict(zip(keys, (f.strip() for f in line.split(",")))) for line in out.splitlines()
-            if line.count(",") == 2]
+def use_device(args) -> devices.DeviceChoice:
+    """``--device`` as this command will use it, decided before anything is provisioned or
+    run: ``args.device`` becomes ``cpu`` or ``cuda`` (``cuda`` without a usable GPU is refused
+    as a user error), and the choice, with why, is returned for the report."""
+    choice = devices.choose_device(args.device)
+    args.device = choice.device
+    return choice
 
 
 def worker_settings(args) -> dict:
@@ -307,26 +301,32 @@ def cmd_compare(args) -> int:
     backends = select(args.backend)
     overrides = parse_python_overrides(args.python, discover())
     check_memory(specs, args)
+    choice = use_device(args)
     sweep_leftovers()
     place = new_run_dir(args.out)
+    if choice.device == "cuda":  # the GPU builds of the backends will be used (or provisioned)
+        progress(f"--device {choice.requested}: cuda ({choice.why})")
     try:
-        code = _compare(args, specs, backends, overrides, place)
+        code = _compare(args, specs, backends, overrides, place, choice)
     except BaseException:
         place.discard()
         raise
     return code
 
 
-def _compare(args, specs, backends, overrides, place: RunDir) -> int:
+def _compare(args, specs, backends, overrides, place: RunDir,
+             choice: devices.DeviceChoice) -> int:
     run_dir, run_id = place.staging, place.run_id
     run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "device": args.device, "command": "python -m harness " + " ".join(sys.argv[1:]),
+           "device": choice.requested, "device_used": choice.device,
+           "device_why": choice.why,
+           "command": "python -m harness " + " ".join(sys.argv[1:]),
            "seed_note": "from each spec" if args.seed is None else str(args.seed),
            "timing": None if args.timing == "off" else {
                "depth": args.timing, "budget": protocol.encode(BUDGETS[args.timing]),
                "threads": args.threads, "tf32": bool(args.tf32), "repeats": args.repeats,
                "batches": list(args.batch or []), "roofline": bool(args.roofline)},
-           "gpus": nvidia_gpus() if args.device != "cpu" else []}
+           "gpus": [g.to_json() for g in choice.gpus]}
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         environments, cells, figures_of = run_backends(args, specs, backends, overrides,
                                                        Path(tmp), run_dir)
@@ -393,7 +393,8 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path):
             raise
     analyze_pending(reference or {})
     order_of = {id(s): i for i, s in enumerate(specs)}
-    cells.sort(key=lambda c: (order_of[id(c.spec)], backends.index(c.backend)))
+    position = {b.name: i for i, b in enumerate(backends)}  # a cell's backend may be the
+    cells.sort(key=lambda c: (order_of[id(c.spec)], position[c.backend.name]))  # GPU build
     return environments, cells, figures
 
 
@@ -489,6 +490,7 @@ def cmd_convert(args) -> int:
     native format, and prove it: both frameworks run the spec's input and must agree."""
     spec = load_specs([args.spec], args.seed)[0]
     check_memory([spec], args)
+    use_device(args)
     source, target = select([args.source])[0], select([args.target])[0]
     overrides = parse_python_overrides(args.python, discover())
     weights, out = Path(args.weights), Path(args.out)
@@ -586,8 +588,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_setup(args) -> int:
+    """Create (or refresh) the environments; ``--device cuda`` the GPU builds, only where a
+    GPU is usable."""
+    backends = select(args.backend)
+    choice = use_device(args)
+    if choice.device == "cuda":
+        progress(f"--device cuda: {choice.why}")
     status = 0
-    for b in select(args.backend):
+    for b in backends:
         b = b.for_device(args.device)
         try:
             python = ensure_env(b, progress)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import initializers as inits
-from .files import tail
+from .files import open_regular, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS_DIR = ROOT / "backends"
@@ -48,6 +49,37 @@ def env_root() -> Path:
 
 
 @dataclass(frozen=True)
+class DeclaredSize:
+    """What a backend states its environment will take, before provisioning it. pip cannot say
+    without downloading (``pip install --dry-run`` fetches every wheel it resolves:
+    ``prepare_linked_requirements_more`` in its resolver, pypa/pip#12603), so the number is
+    declared in backend.yaml, with where it comes from."""
+    source: str
+    disk_gb: float | None = None       # on disk once installed (decimal GB)
+    download_gb: float | None = None   # the wheels pip fetches
+
+    @classmethod
+    def read(cls, entry: dict) -> "DeclaredSize":
+        size = cls(str(entry["source"]), _gb(entry.get("disk_gb")), _gb(entry.get("download_gb")))
+        if size.disk_gb is None and size.download_gb is None:
+            raise ValueError("environment_size: give disk_gb or download_gb (with source)")
+        return size
+
+    def __str__(self) -> str:
+        parts = [f"{v:g} GB {what}" for v, what in ((self.download_gb, "to download"),
+                                                    (self.disk_gb, "on disk")) if v]
+        return f"about {' and '.join(parts)}"
+
+
+def _gb(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"environment_size: {value!r} is not a positive number of GB")
+    return float(value)
+
+
+@dataclass(frozen=True)
 class Backend:
     """A backend folder: ``adapter.py``, ``requirements.txt`` and ``backend.yaml``."""
     name: str
@@ -58,6 +90,8 @@ class Backend:
     imports: tuple[str, ...] = ()  # top-level modules of its framework (never in the parent)
     semantics: dict = field(default_factory=dict)  # declared semantic facts the checks use
     flavor: str = ""  # "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda
+    #: per flavor ("cpu", "cuda"): the environment's declared size, stated before provisioning
+    sizes: dict = field(default_factory=dict)
 
     @property
     def requirements(self) -> Path:
@@ -78,6 +112,11 @@ class Backend:
         if device == "cuda" and (self.folder / "requirements-cuda.txt").is_file():
             return dataclasses.replace(self, flavor="cuda")
         return self
+
+    @property
+    def size(self) -> "DeclaredSize | None":
+        """The declared size of this flavor's environment (backend.yaml ``environment_size``)."""
+        return self.sizes.get(self.flavor or "cpu")
 
     @property
     def env_python(self) -> Path:
@@ -124,10 +163,13 @@ def _load_backend(folder: Path) -> Backend:
     try:
         defaults = {layer: {role: inits.normalize(init) for role, init in roles.items()}
                     for layer, roles in meta.get("defaults", {}).items()}
+        sizes = {flavor: DeclaredSize.read(entry)
+                 for flavor, entry in (meta.get("environment_size") or {}).items()}
         return Backend(folder.name, folder, str(meta.get("framework", folder.name)), defaults,
                        tuple(meta.get("devices", ("cpu", "cuda"))),
-                       tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}))
-    except (KeyError, TypeError, AttributeError) as exc:
+                       tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}),
+                       sizes=sizes)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
                         f"metadata: {type(exc).__name__}: {exc}") from None
 
@@ -162,22 +204,37 @@ def parse_python_overrides(items: list[str], backends: dict[str, Backend]) -> di
     return out
 
 
-def _run_logged(cmd: list, log) -> None:
+def _run_logged(cmd: list, log, follow=None) -> None:
+    """``cmd`` with its output appended to ``log``; ``follow()`` is called twice a second
+    while it runs (and once after)."""
     log.write(f"$ {' '.join(map(str, cmd))}\n")
     log.flush()
-    rc = subprocess.call([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if follow:
+                    follow()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if follow:
+        follow()
     if rc:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
-def gpu_present() -> bool:
-    """An NVIDIA driver is loaded (what ``--device auto`` takes as "use the CUDA builds")."""
-    return shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia/version").exists()
 
 
 def ensure_env(backend: Backend, progress=print) -> Path:
-    """The backend's interpreter, creating or refreshing its environment first if needed."""
+    """The backend's interpreter, creating or refreshing its environment first if needed: the
+    declared size is stated before anything is fetched, then every file pip fetches (with its
+    size), and the size on disk at the end."""
     root = env_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{backend.env_name}.lock", "w") as lock:
@@ -188,18 +245,111 @@ def ensure_env(backend: Backend, progress=print) -> Path:
         log_path = root / f"{backend.env_name}-setup.log"
         progress(f"[setup] {backend.env_name}: environment {state}; creating {backend.env_dir} and "
                  f"installing {display_path(backend.requirements)} (log: {log_path})")
+        progress(f"[setup] {backend.env_name}: {size_statement(backend)}")
         started = time.monotonic()
         shutil.rmtree(backend.env_dir, ignore_errors=True)
+        fetched = PipProgress(backend, log_path, progress)
         try:
             with open(log_path, "w") as log:
                 _run_logged([sys.executable, "-m", "venv", backend.env_dir], log)
                 _run_logged([backend.env_python, "-m", "pip", "install", "--no-input",
-                             "-r", backend.requirements], log)
+                             "--progress-bar", "off", "-r", backend.requirements], log,
+                            fetched)
         except (OSError, subprocess.CalledProcessError) as exc:
             shutil.rmtree(backend.env_dir, ignore_errors=True)
             raise EnvError(f"creating the {backend.env_name} environment failed ({exc}); "
                            f"log {log_path}:\n{tail(log_path)}") from None
         stamp = backend.env_dir / STAMP
         stamp.write_text(json.dumps({**backend.fingerprint(), "created": time.time()}))
-        progress(f"[setup] {backend.env_name}: ready in {time.monotonic() - started:.0f} s")
+        progress(f"[setup] {backend.env_name}: ready in {time.monotonic() - started:.0f} s; "
+                 f"fetched {fetched.files} files ({format_bytes(fetched.bytes)}); "
+                 f"{format_bytes(disk_usage(backend.env_dir))} on disk")
         return backend.env_python
+
+
+def size_statement(backend: Backend) -> str:
+    """How large the environment will be, said before anything is fetched: the size
+    backend.yaml declares for this flavor, and where that number comes from."""
+    where = display_path(backend.folder / "backend.yaml")
+    if backend.size is None:
+        return (f"no size declared for it ({where}: environment_size.{backend.flavor or 'cpu'}); "
+                "each file's size follows as pip fetches it")
+    return f"{backend.size} (declared in {where}: {backend.size.source})"
+
+
+def format_bytes(n: float) -> str:
+    """A byte count as pip writes one (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a directory tree takes on disk (allocated blocks, as ``du``; links not followed)."""
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+class PipProgress:
+    """Follows pip's log while it installs and says, as each file is fetched, its name and the
+    size pip announces, with the running count and total; every ``heartbeat_s`` without news,
+    that it is still working (a multi-GB wheel takes minutes)."""
+
+    #: what pip writes as it starts fetching a file ("Downloading X (906.4 MB)"; a URL for
+    #: other indexes) or takes it from its cache
+    FETCH = re.compile(r"^\s*(Downloading|Using cached) (\S+) \(([\d.]+) (bytes|kB|MB|GB)\)")
+    UNITS = {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    INSTALLING = "Installing collected packages: "
+
+    def __init__(self, backend: Backend, log_path: Path, progress, heartbeat_s: float = 30.0):
+        self.name, self.log_path, self.progress = backend.env_name, log_path, progress
+        self.expected = backend.size.download_gb * 1e9 if backend.size and \
+            backend.size.download_gb else None
+        self.heartbeat_s, self.offset, self.partial = heartbeat_s, 0, b""
+        self.files, self.bytes, self.last = 0, 0.0, ""
+        self.said = self.started = time.monotonic()
+
+    def __call__(self) -> None:
+        try:
+            with open_regular(self.log_path) as fh:
+                fh.seek(self.offset)
+                data = fh.read(1 << 20) or b""
+        except OSError:
+            data = b""
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()[-4096:]
+        for raw in lines:
+            self._line(raw.decode("utf-8", "replace"))
+        now = time.monotonic()
+        if now - self.said >= self.heartbeat_s:
+            self._say(f"still working ({now - self.started:.0f} s so far; {self.files} files, "
+                      f"{format_bytes(self.bytes)} fetched" + (f"; last: {self.last}"
+                                                               if self.last else "") + ")")
+
+    def _line(self, line: str) -> None:
+        match = self.FETCH.match(line)
+        if match and not match.group(2).endswith(".metadata"):  # PEP 658 metadata: bytes,
+            verb, where, amount, unit = match.groups()
+            size = float(amount) * self.UNITS[unit]
+            self.files += 1
+            self.bytes += size
+            self.last = where.rstrip("/").rsplit("/", 1)[-1]
+            total = format_bytes(self.bytes) + (f" of about {format_bytes(self.expected)}"
+                                                if self.expected else "")
+            self._say(f"{'fetching' if verb == 'Downloading' else 'from pip cache'} "
+                      f"{self.last} ({amount} {unit}); {self.files} files, {total} so far")
+        elif line.startswith(self.INSTALLING):
+            count = len(line[len(self.INSTALLING):].split(","))
+            self._say(f"installing {count} packages")
+
+    def _say(self, text: str) -> None:
+        self.progress(f"[setup] {self.name}: {text}")
+        self.said = time.monotonic()

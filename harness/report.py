@@ -456,8 +456,10 @@ def _semantics_section(environments: dict) -> str:
         for env in environments.values():
             said = env.worker.semantics.get(key) if env.worker else None
             declared = env.declared.get(key)
-            if isinstance(declared, dict):
-                declared = ", ".join(f"{k}: {v}" for k, v in declared.items())
+            if isinstance(declared, dict):  # per device: the one this run used, then the rest
+                declared = "; ".join(
+                    [f"{declared[env.device]} on {env.device}"] * (env.device in declared) +
+                    [f"{k}: {v}" for k, v in declared.items() if k != env.device])
             cell = said or "–"
             if declared:
                 cell += f" [declared: {declared}]"
@@ -594,14 +596,21 @@ LEGEND = f"""\
 """
 
 
+def _device_line(run: dict) -> str:
+    """What --device asked for, what the run used and why (``auto`` and ``cuda``)."""
+    asked, used = run["device"], run.get("device_used", run["device"])
+    text = f"device {escape(asked)}" + (f" → {escape(used)}" if used != asked else "")
+    return text + (f" ({escape(run['device_why'])})" if run.get("device_why") else "")
+
+
 def render(run: dict, specs, results: list[Result], environments: dict,
            defaults_by_backend: dict, defaults_figure: str | None = None,
            figures: dict | None = None) -> str:
     backends = list(environments) or list(dict.fromkeys(r.backend for r in results))
     ok = all(r.passed for r in results)
     parts = [f"# Comparison report {escape(run['id'])}\n\n",
-             f"{escape(run['command'])} at {escape(run['started'])}, device "
-             f"{escape(run['device'])}, seed {escape(run['seed_note'])}"
+             f"{escape(run['command'])} at {escape(run['started'])}, {_device_line(run)}, "
+             f"seed {escape(run['seed_note'])}"
              + "".join(f"; GPU {escape(g['name'])} (driver {escape(g['driver'])}, "
                        f"{escape(g['memory'])})" for g in run.get("gpus") or [])
              + ". Verdict: "

@@ -224,22 +224,6 @@ def test_report_has_every_section(cli_run):
 
 # ------------------------------------------------------------------ failed runs: exit 1
 
-def test_cpu_only_backend_runs_on_the_cpu_under_device_cuda(tmp_path):
-    """--device cuda: the NumPy reference (backend.yaml: devices [cpu]) runs on the CPU, and
-    the report and results.json say so instead of failing it."""
-    out = tmp_path / "run"
-    proc = run_cli("compare", "specs/lazy_mlp.yaml", "--backend", "numpy", "--python", NUMPY,
-                   "--device", "cuda", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "runs on the CPU only" in proc.stderr
-    data = json.loads((out / "results.json").read_text())
-    (rec,) = data["results"]
-    assert rec["status"] == "ok" and rec["device"] == "cpu"
-    assert "CPU only" in data["environments"]["numpy"]["note"]
-    assert "runs on the CPU only; --device cuda applies to the others" in \
-        (out / "report.md").read_text()
-
-
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="needs an interpreter without torch")
 def test_backend_without_its_framework_fails_alone(tmp_path):

@@ -3,7 +3,10 @@ rebuilt when it changes, and a failed install is an EnvError carrying the log's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -79,3 +82,107 @@ def test_python_override_must_be_an_interpreter(tmp_path):
         envs.parse_python_overrides([f"tf={tmp_path}"], known)
     with pytest.raises(UserError, match="no executable interpreter"):
         envs.parse_python_overrides([f"torch={tmp_path / 'python'}"], known)
+
+
+@pytest.fixture
+def package_index(tmp_path, monkeypatch):
+    """A local index holding one wheel; pip reads no configuration and no cache of ours."""
+    from tests.fakes.package_index import PackageIndex
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    for key in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "wheels").mkdir()
+    index = PackageIndex(tmp_path / "wheels")
+    yield index
+    index.close()
+
+
+def test_cuda_environment_states_its_size_first_then_each_fetch_and_the_disk_used(
+        backend, package_index):
+    """Provisioning a GPU build: the declared size (with its source) is said before pip
+    fetches anything; each file pip fetches is named with the size pip announces and a
+    running total against the declared download; the end says what the environment takes
+    on disk. Tested with a local index and a 300 kB wheel instead of multi-GB CUDA wheels."""
+    from tests.fakes.package_index import WHEEL_NAME
+    (backend.folder / "requirements-cuda.txt").write_text(package_index.requirements())
+    declared = envs.DeclaredSize("a measurement made for this test", download_gb=0.0003)
+    gpu = dataclasses.replace(backend, sizes={"cuda": declared}).for_device("cuda")
+    assert gpu.env_name == "toy-cuda" and gpu.size is declared
+    said = []  # (message, requests the index had answered by then)
+    python = envs.ensure_env(gpu, lambda m: said.append((m, list(package_index.requests))))
+
+    assert subprocess.run([str(python), "-c", "import harness_size_probe as m; "
+                           "assert m.VALUE == 42"]).returncode == 0
+    messages = [m for m, _ in said]
+    statement = next(i for i, m in enumerate(messages) if "about 0.0003 GB to download" in m)
+    assert messages[statement] == ("[setup] toy-cuda: about 0.0003 GB to download (declared in "
+                                   f"{envs.display_path(backend.folder / 'backend.yaml')}: a "
+                                   "measurement made for this test)")
+    wheel_get = ("GET", f"/files/{WHEEL_NAME}")
+    assert said[statement][1] == []  # nothing fetched yet, from anywhere
+    assert wheel_get in package_index.requests  # ... and pip fetched it afterwards
+    announced = package_index.wheel.stat().st_size // 1000  # pip's rounding, in kB
+    fetch = [m for m in messages if "fetching" in m]
+    assert fetch == [f"[setup] toy-cuda: fetching {WHEEL_NAME} ({announced} kB); 1 files, "
+                     f"{announced:.1f} kB of about 300.0 kB so far"], messages
+    assert "[setup] toy-cuda: installing 1 packages" in messages
+    ready = messages[-1]
+    assert ready.startswith("[setup] toy-cuda: ready in ")
+    assert f"fetched 1 files ({announced:.1f} kB)" in ready
+    assert ready.endswith(f"{envs.format_bytes(envs.disk_usage(gpu.env_dir))} on disk")
+
+
+def test_environment_without_a_declared_size_says_so(backend):
+    """No environment_size for this flavor: said before installing, not a silent nothing."""
+    messages = []
+    envs.ensure_env(backend, messages.append)
+    assert messages[1] == ("[setup] toy: no size declared for it ("
+                           f"{envs.display_path(backend.folder / 'backend.yaml')}: "
+                           "environment_size.cpu); each file's size follows as pip fetches it")
+
+
+def test_pip_progress_reads_pip_lines_and_says_when_still_working(tmp_path, backend):
+    """pip's fetch lines (PyPI's name-only form, another index's URL form, the cache) give
+    one message each with a running total; nothing new for the heartbeat time gives a
+    'still working' message."""
+    log = tmp_path / "pip.log"
+    log.write_text("Collecting torch==2.13.0\n"
+                   "  Downloading torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl "
+                   "(906.4 MB)\n"
+                   "Downloading https://example.org/f/nvidia_cudnn_cu12-9.1.whl (664.8 MB)\n"
+                   "  Using cached numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl (16.4 MB)\n"
+                   "Installing collected packages: numpy, nvidia-cudnn-cu12, torch\n")
+    messages = []
+    follow = envs.PipProgress(dataclasses.replace(backend, sizes={"cpu": envs.DeclaredSize(
+        "x", download_gb=2.8)}), log, messages.append, heartbeat_s=3600)
+    follow()
+    assert messages == [
+        "[setup] toy: fetching torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl (906.4 MB); "
+        "1 files, 906.4 MB of about 2.8 GB so far",
+        "[setup] toy: fetching nvidia_cudnn_cu12-9.1.whl (664.8 MB); 2 files, 1.6 GB of about "
+        "2.8 GB so far",
+        "[setup] toy: from pip cache numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl "
+        "(16.4 MB); 3 files, 1.6 GB of about 2.8 GB so far",
+        "[setup] toy: installing 3 packages"]
+    assert follow.files == 3 and follow.bytes == pytest.approx(1587.6e6)
+    follow.heartbeat_s = 0
+    follow()
+    assert messages[-1].startswith("[setup] toy: still working (")
+    assert messages[-1].endswith("3 files, 1.6 GB fetched; last: "
+                                 "numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl)")
+
+
+def test_declared_sizes_are_read_with_their_source(tmp_path):
+    """Every built-in backend declares its CPU environment's size (and each GPU build its own)
+    with a source; an entry without a number or a source is refused."""
+    for b in envs.discover().values():
+        assert b.size is not None and b.size.source, b.name
+        if (b.folder / "requirements-cuda.txt").is_file():
+            assert b.for_device("cuda").size is not None, b.name
+    with pytest.raises(ValueError, match="give disk_gb or download_gb"):
+        envs.DeclaredSize.read({"source": "nowhere"})
+    with pytest.raises(KeyError):
+        envs.DeclaredSize.read({"disk_gb": 1.0})
+    with pytest.raises(ValueError, match="not a positive number"):
+        envs.DeclaredSize.read({"disk_gb": "big", "source": "s"})

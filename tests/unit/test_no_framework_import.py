@@ -19,7 +19,7 @@ FRAMEWORKS = sorted({m for b in discover().values() for m in b.imports})
 SCRIPT = textwrap.dedent("""
     import importlib, json, sys
     import harness, harness.cli, harness.spec, harness.analysis, harness.report, harness.stats
-    import harness.runner, harness.envs, harness.initializers, harness.plots
+    import harness.runner, harness.envs, harness.initializers, harness.plots, harness.devices
     import backends.base, backends.worker, backends.protocol
     from harness.envs import discover
     for name in discover():
