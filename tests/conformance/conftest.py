@@ -8,6 +8,12 @@ exact (``test_numerics_match_the_reference[small_cnn]``) or a test's name alone 
 parameters (``test_numerics_match_the_reference``). They are strict xfails, so a fixed one turns
 the suite red until its line is removed, and a line that matches no test is reported as a
 warning (a renamed test must not silently lose its xfail).
+
+HARNESS_DEVICE (``auto``, the default, ``cpu`` or ``cuda``) is the device the backend's worker
+is asked for (a backend declaring ``devices: [cpu]`` runs on the CPU): ``cuda`` runs the whole
+suite on a GPU and fails where the framework cannot use one. HARNESS_TORCH_PYTHON names the
+interpreter of the torch backend where another backend's suite needs it (the conversion round
+trip) and no environment can be built (a machine without a package registry).
 """
 
 import os
@@ -18,6 +24,7 @@ import pytest
 from harness.envs import ROOT, UserError, select
 
 BACKEND = os.environ.get("HARNESS_BACKEND", "")
+DEVICE = os.environ.get("HARNESS_DEVICE", "auto")
 
 
 def pytest_configure(config):
@@ -29,6 +36,8 @@ def pytest_configure(config):
         select([BACKEND])
     except UserError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if DEVICE not in ("auto", "cpu", "cuda"):
+        raise pytest.UsageError(f"HARNESS_DEVICE={DEVICE!r}: expected auto, cpu or cuda")
 
 
 def _xfails() -> list[tuple[str, str]]:
@@ -67,4 +76,4 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"conformance backend: {BACKEND}"
+    return f"conformance backend: {BACKEND}, device {DEVICE}"

@@ -22,6 +22,9 @@ from harness.runner import run_worker
 from harness.spec import load_spec
 
 BACKEND = os.environ["HARNESS_BACKEND"]  # conftest.py refuses to run without it
+#: HARNESS_DEVICE (conftest.py checks it): what the worker is asked for; a CPU-only backend
+#: (``devices: [cpu]``) is asked for the CPU, as ``compare`` does
+DEVICE = os.environ.get("HARNESS_DEVICE", "auto")
 
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml")) + \
     sorted((Path(__file__).parent / "specs").glob("*.yaml"))
@@ -46,6 +49,11 @@ def python(backend):
 
 
 @pytest.fixture(scope="session")
+def device(backend) -> str:
+    return DEVICE if DEVICE == "auto" or DEVICE in backend.devices else "cpu"
+
+
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """Probe outputs of the NumPy reference (pure NumPy: it runs in this interpreter)."""
     result = run_worker("numpy", Path(sys.executable), SPECS, tmp_path_factory.mktemp("ref"),
@@ -55,9 +63,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def run(backend, python, tmp_path_factory):
+def run(backend, python, device, tmp_path_factory):
     return run_worker(backend.name, python, SPECS, tmp_path_factory.mktemp("run"),
-                      device="auto", timeout=TIMEOUT)
+                      device=device, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +90,17 @@ def test_worker_reports_its_environment(run, backend):
     assert env.versions and all(isinstance(v, (str, type(None))) for v in env.versions.values())
     assert env.device == "cpu" or env.device.startswith("cuda")
     assert Path(env.executable).exists()
+
+
+def test_runs_on_the_requested_device(run, device):
+    """Every spec ran where the worker set up: on the GPU for HARNESS_DEVICE=cuda (a framework
+    that cannot use one fails here, with its reason), on the CPU for cpu, on either for auto."""
+    assert run.environment is not None, run.records[0].error
+    where = run.environment.device
+    if device != "auto":
+        assert where.startswith(device), where
+    assert all(r.device == where for r in run.records), \
+        [(r.spec, r.device, r.error) for r in run.records]
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -177,15 +196,15 @@ def test_numerics_match_the_reference(analyzed, run, reference, name):
     assert float(np.max(np.abs(out - ref))) <= tol
 
 
-def test_same_seed_same_values_other_seed_other_values(backend, python, run, tmp_path):
+def test_same_seed_same_values_other_seed_other_values(backend, python, device, run, tmp_path):
     """Initialization is deterministic in the seed: identical values again with the same seed,
     different random values with another."""
     names = ["tied", "init_catalogue"]
     specs = [_spec(n) for n in names]
-    again = run_worker(backend.name, python, specs, tmp_path / "same", device="auto",
+    again = run_worker(backend.name, python, specs, tmp_path / "same", device=device,
                        timeout=TIMEOUT)
     other = run_worker(backend.name, python, [load_spec(s.file, seed=s.seed + 1) for s in specs],
-                       tmp_path / "other", device="auto", timeout=TIMEOUT)
+                       tmp_path / "other", device=device, timeout=TIMEOUT)
     for i, name in enumerate(names):
         first = run.arrays[SPEC_NAMES.index(name)]
         for p in _spec(name).params:
@@ -291,7 +310,9 @@ def test_convert_round_trips_through_this_backend(backend, analyzed, tmp_path):
     framework must flatten in canonical order): both conversions prove themselves by equal
     outputs, and the weights come back bit-identical."""
     spec = _spec("conformance_convert")
-    torch_python = ensure_env(select(["torch"])[0]) if backend.name != "torch" else None
+    torch_python = None if backend.name == "torch" else \
+        Path(os.environ["HARNESS_TORCH_PYTHON"]) if os.environ.get("HARNESS_TORCH_PYTHON") \
+        else ensure_env(select(["torch"])[0])
     probe = run_worker("torch", torch_python or _interpreter(backend), [spec], tmp_path / "w",
                        device="cpu", timeout=TIMEOUT, task="write_checkpoint",
                        checkpoint=str(tmp_path / "start.pt"))
@@ -324,10 +345,10 @@ TINY = Budget(warmup_calls=1, warmup_s=0.0, min_block_s=1e-4, min_blocks=3, min_
 
 
 @pytest.fixture(scope="session")
-def timed(backend, python, tmp_path_factory):
+def timed(backend, python, device, tmp_path_factory):
     spec = _spec("small_cnn")
     return run_worker(backend.name, python, [spec], tmp_path_factory.mktemp("timed"),
-                      device="auto", timeout=TIMEOUT,
+                      device=device, timeout=TIMEOUT,
                       timing=TimingRequest(budget=TINY, roofline=64))
 
 
