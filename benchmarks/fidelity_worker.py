@@ -1,41 +1,50 @@
-"""Runs inside one backend's environment for benchmarks/timing_fidelity.py: times one MLP's
-inference step with the harness's timer AND with the framework's own reference tool, in the
-same process, alternating, and prints one JSON line per mode.
+"""Runs inside one backend's environment for benchmarks/timing_fidelity.py and
+benchmarks/gpu_check.py: times each model's inference step, in every mode the adapter offers,
+with the harness's timer AND with the framework's own reference tool, in the same process,
+alternating, on the requested device; prints one JSON line about the environment (the device the
+framework really uses, its TF32 and cuDNN autotuning settings), then one per model and mode
+(both tools' per-call times, where the input and output values live, peak device memory).
 
-    python -m benchmarks.fidelity_worker BACKEND THREADS ROUNDS
+    python -m benchmarks.fidelity_worker REQUEST.json
 
-Standard library and numpy here; the framework comes in through the backend's adapter.
+REQUEST: {"backend", "device", "threads", "rounds", "models": [{"name", "plan"}]}, each plan as
+``protocol.dump`` writes it (the parent builds them from spec documents). Standard library and
+numpy here; the framework comes in through the backend's adapter.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import timeit
+import traceback
 
 import numpy as np
 
-from backends import timer
-from backends.protocol import Budget, Plan, PlanNode
+from backends import protocol, timer
+from backends.protocol import Budget, Plan
 
-#: the issue's MLP: 784-1024-1024-10, batch 256, float32
-SIZES, BATCH = (784, 1024, 1024, 10), 256
 BUDGET = Budget(warmup_calls=10, warmup_s=1.0, min_block_s=10e-3, min_blocks=50,
                 min_total_s=2.0)
 
+#: what decides cuDNN (or XLA) autotuning in each framework, beside the settings the adapter
+#: applies and records itself (torch.backends.cudnn.benchmark is among those)
+AUTOTUNE = {  # variable -> the framework's default, and where it is read
+    "TF_CUDNN_USE_AUTOTUNE": "TensorFlow default: on (tensorflow/core/util/use_cudnn.cc)",
+    "MXNET_CUDNN_AUTOTUNE_DEFAULT": "MXNet default: 1 (docs/static_site/src/pages/api/faq/"
+                                    "env_var.md)",
+    "XLA_FLAGS": "no --xla_gpu_autotune_level: XLA's default level (xla/debug_options_flags.cc)",
+}
+SETTING_WORDS = ("tf32", "precision", "cudnn", "autotune", "xla_flags")
 
-def mlp_plan() -> Plan:
-    layers, init = [], {"weight": {"name": "default"}, "bias": {"name": "default"}}
-    for i, (n_in, n_out) in enumerate(zip(SIZES, SIZES[1:])):
-        layers.append(PlanNode("dense", str(2 * i), str(2 * i), in_rank=2, units=n_out,
-                               in_units=n_in, init=dict(init)))
-        if i < len(SIZES) - 2:
-            layers.append(PlanNode("relu", str(2 * i + 1), str(2 * i + 1), in_rank=2))
-    return Plan("fidelity_mlp", 0, [BATCH, SIZES[0]], layers)
+
+def emit(kind: str, **fields) -> None:
+    print(json.dumps({"kind": kind, **fields}, default=str), flush=True)
 
 
-def reference(backend: str, adapter, fn, threads: int) -> tuple[str, list[float]]:
+def reference(backend: str, fn, threads: int) -> tuple[str, list[float]]:
     """(the tool, per-call seconds of its runs) with the framework's own way of timing."""
     if backend in ("torch", "keras_torch"):
         from torch.utils import benchmark
@@ -51,33 +60,83 @@ def reference(backend: str, adapter, fn, threads: int) -> tuple[str, list[float]
         tool = "timeit with NDArray.wait_to_read on every call"
     else:  # keras on TensorFlow: a finished value is a host copy of it
         call = lambda: fn().numpy()  # noqa: E731
-        tool = "timeit with Tensor.numpy() on every call"
+        tool = "timeit with Tensor.numpy() on every call (on a GPU: a copy to the host too)"
     call()
     number = max(1, int(BUDGET.min_block_s / max(timeit.timeit(call, number=3) / 3, 1e-9)) + 1)
     runs = timeit.repeat(call, number=number, repeat=BUDGET.min_blocks)
     return tool, [t / number for t in runs]
 
 
-def main(backend: str, threads: int, rounds: int) -> None:
-    adapter = importlib.import_module(f"backends.{backend}.adapter").Adapter()
-    adapter.setup("cpu", {"threads": threads})
-    plan = mlp_plan()
-    adapter.seed(0)
+def placement(value) -> str:
+    """Where a framework value lives, in the framework's own words (``cuda:0``, ``gpu(0)``,
+    ``/job:localhost/.../device:GPU:0``, ``TFRT_CPU_0``, ...)."""
+    devices = getattr(value, "devices", None)
+    if callable(devices):  # a jax.Array
+        return ",".join(sorted(str(d) for d in devices()))
+    context = getattr(value, "context", None)
+    if context is not None:  # an mxnet NDArray
+        return str(context)
+    device = getattr(value, "device", None)  # torch.Tensor, tf.Tensor, numpy 2 arrays
+    return str(device) if device is not None else f"{type(value).__name__} (host memory)"
+
+
+def on_gpu(where: str) -> bool:
+    return any(word in where.lower() for word in ("cuda", "gpu"))
+
+
+def environment(adapter, env: dict) -> dict:
+    applied = adapter.settings.get("applied", {})
+    settings = {k: v for k, v in applied.items()
+                if any(word in k.lower() for word in SETTING_WORDS)}
+    autotune = {k: os.environ.get(k, f"unset ({default})") for k, default in AUTOTUNE.items()}
+    return {"device": env["device"], "device_name": env["device_name"],
+            "versions": env["versions"], "settings": settings, "autotune": autotune,
+            "python": sys.executable}
+
+
+def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, rounds: int) -> None:
+    adapter.seed(plan.seed)
     model = adapter.build(plan)
-    x = np.random.default_rng(0).standard_normal((BATCH, SIZES[0])).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(plan.input_shape).astype(np.float32)
     adapter.forward(model, x)  # sizes and first call
     x_dev = adapter.to_device(x)
     for mode, api in adapter.modes().items():
-        fn = adapter.step(model, "inference", mode, x_dev, None, 1e-3)
-        harness, ref, tool = [], [], ""
-        for _ in range(rounds):  # alternate, so that drift hits both alike
-            m = timer.measure(fn, adapter.block, BUDGET)
-            harness += [t / m.number for t in m.block_times]
-            tool, times = reference(backend, adapter, fn, threads)
-            ref += times
-        print(json.dumps({"backend": backend, "mode": mode, "api": api, "tool": tool,
-                          "harness": harness, "reference": ref}), flush=True)
+        row = {"model": name, "mode": mode, "api": api, "input_on": placement(x_dev)}
+        try:
+            fn = adapter.step(model, "inference", mode, x_dev, None, 1e-3)
+            value = fn()
+            adapter.block(value)
+            row["output_on"] = placement(value)
+            harness, ref, peaks, tool = [], [], [], ""
+            for _ in range(rounds):  # alternate, so that drift hits both alike
+                adapter.reset_memory_peak()
+                m = timer.measure(fn, adapter.block, BUDGET)
+                peaks.append(adapter.memory_peak())
+                harness += [t / m.number for t in m.block_times]
+                tool, times = reference(backend, fn, threads)
+                ref += times
+            row.update(tool=tool, harness=harness, reference=ref,
+                       memory_peak=max((p for p in peaks if p is not None), default=None))
+        except Exception as exc:  # one mode failing is that mode's row, not the run's end
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+        row["on_gpu"] = on_gpu(row["input_on"]) and on_gpu(row.get("output_on", ""))
+        emit("timing", **row)
+
+
+def main(path: str) -> int:
+    with open(path) as fh:
+        request = json.load(fh)
+    backend, device = request["backend"], request["device"]
+    threads, rounds = int(request["threads"]), int(request["rounds"])
+    adapter = importlib.import_module(f"backends.{backend}.adapter").Adapter()
+    env = adapter.setup(device, {"threads": threads, "tf32": bool(request.get("tf32"))})
+    emit("environment", **environment(adapter, env))
+    for entry in request["models"]:
+        time_model(backend, adapter, entry["name"], protocol.load(Plan, entry["plan"], "plan"),
+                   threads, rounds)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    sys.exit(main(sys.argv[1]))

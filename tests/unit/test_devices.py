@@ -348,3 +348,125 @@ def test_setup_device_cuda_provisions_the_gpu_builds_ahead(machine, isolated, mo
                         f"{envs.display_path(folder / 'backend.yaml')}: a test's own number)")
     assert any("fetching harness_size_probe-1.0-py3-none-any.whl" in line for line in lines)
     assert sorted(p.name for p in (isolated / "envs").iterdir() if p.is_dir()) == ["toy-cuda"]
+
+
+# ------------------------------------------------------------------ benchmarks/gpu_check.py
+
+def gpu_check(*args) -> tuple[int, str, str]:
+    """benchmarks/gpu_check.py in this process (its GPU probe replaceable)."""
+    from benchmarks import gpu_check as script
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = script.main([str(a) for a in args])
+        except SystemExit as exc:
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_gpu_check_help_names_every_option():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    for option in ("--backend NAME", "--python NAME=PATH", "--wheels DIR", "--rounds",
+                   "--threads", "--models", "--no-conformance", "HARNESS_DEVICE=cuda",
+                   "README, 'GPUs', has the exact lines"):
+        assert option in proc.stdout, option
+
+
+def test_gpu_check_without_a_gpu_refuses_in_one_line(machine, isolated, monkeypatch):
+    """No usable GPU: exit 2, one line naming what was looked for; no environment, no
+    scratch folder, no worker."""
+    monkeypatch.setattr("tempfile.tempdir", str(isolated / "tmp"))
+    (isolated / "tmp").mkdir()
+    rc, out, err = gpu_check("--python", f"torch={PYTHON}")
+    assert (rc, out) == (2, "")
+    assert err.splitlines() == [
+        "error: gpu_check: no usable NVIDIA GPU (looked for the NVIDIA driver: no nvidia-smi on "
+        f"PATH and no {devices.PROC_DRIVER}); nothing was checked"]
+    assert not (isolated / "envs").exists() and list((isolated / "tmp").iterdir()) == []
+
+
+def test_gpu_check_from_the_command_line_with_a_failing_nvidia_smi(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               HARNESS_ENV_DIR=str(tmp_path / "envs"))
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("error: gpu_check: no usable NVIDIA GPU (nvidia-smi failed (exit "
+                           "status 6): No devices were found); nothing was checked\n")
+    assert not (tmp_path / "envs").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+    (["--models", "resnet"], "argument --models: expected mlp, cnn or mlp,cnn"),
+    (["--backend", "numpy"], "argument --backend: invalid choice: 'numpy'")])
+def test_gpu_check_usage_errors_are_one_line(args, fragment):
+    rc, out, err = gpu_check(*args)
+    assert (rc, out) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith("error: gpu_check: ") and fragment in err, err
+
+
+def test_gpu_check_names_a_backend_it_cannot_run_and_fails(machine, isolated, monkeypatch):
+    """With a (faked) GPU, a backend passed with an interpreter lacking its framework and no
+    --wheels is reported as not run, with what it lacks, and the check fails (exit 1)."""
+    machine(smi=(0, H100))
+    monkeypatch.setattr("tempfile.tempdir", str(isolated / "tmp"))
+    (isolated / "tmp").mkdir()
+    bare = isolated / "bare-python"  # this interpreter without its site-packages: no flax
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    rc, out, err = gpu_check("--python", f"flax={bare}", "--no-conformance")
+    assert rc == 1, out + err
+    assert out.startswith("GPU: nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3")
+    assert f"\n== flax ({envs.discover()['flax'].framework})\n   not run: {bare} " in out
+    assert "lacks flax, jax, jaxlib (pass --wheels DIR holding their wheels)" in out
+    assert "\nFAILED: flax (logs kept in " in out
+
+
+def test_gpu_check_layers_missing_packages_from_a_wheel_folder(tmp_path):
+    """--wheels: what an interpreter lacks is installed from the folder alone into a scratch
+    environment over it, whose own packages stay visible."""
+    from benchmarks import gpu_check as script
+    from tests.fakes.package_index import build_wheel
+    (tmp_path / "wheels").mkdir()
+    build_wheel(tmp_path / "wheels")
+    assert script.missing_modules(PYTHON, ["harness_size_probe", "numpy"]) == \
+        ["harness_size_probe"]
+    python = script.layered(PYTHON, ["harness-size-probe"], tmp_path / "wheels",
+                            tmp_path / "work")
+    assert script.missing_modules(python, ["harness_size_probe", "numpy", "yaml"]) == []
+    assert str(python).startswith(str(tmp_path / "work"))
+
+
+def test_gpu_check_runs_again_from_a_layer_when_the_harness_lacks_a_package(
+        machine, isolated, monkeypatch, capfd):
+    """This interpreter lacking a package the harness needs (as the GPU machine lacks
+    jsonschema): with --wheels, gpu_check layers it and runs itself again from there, with
+    the same arguments (the second run here meets an nvidia-smi that fails, and says so)."""
+    from benchmarks import gpu_check as script
+    from tests.fakes.package_index import build_wheel
+    machine(smi=(0, H100))
+    monkeypatch.setattr(script, "HARNESS_NEEDS", {"harness_size_probe": "harness-size-probe"})
+    monkeypatch.delenv(script.REEXEC, raising=False)
+    wheels, bin_dir = isolated / "wheels", isolated / "bin"
+    wheels.mkdir()
+    bin_dir.mkdir()
+    build_wheel(wheels)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'second run'\nexit 9\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    rc, out, _ = gpu_check("--wheels", wheels, "--no-conformance")
+    child = capfd.readouterr()
+    assert rc == 2
+    assert out.startswith(f"harness: harness_size_probe from {wheels} in ")
+    assert child.err == ("error: gpu_check: no usable NVIDIA GPU (nvidia-smi failed (exit "
+                         "status 9): second run); nothing was checked\n")
+    monkeypatch.setenv(script.REEXEC, "1")  # already the layer: never a second layer
+    rc, out, err = gpu_check("--wheels", wheels)
+    assert rc == 2 and "lacks harness_size_probe, which the harness needs" in err
