@@ -393,8 +393,9 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path):
             raise
     analyze_pending(reference or {})
     order_of = {id(s): i for i, s in enumerate(specs)}
-    position = {b.name: i for i, b in enumerate(backends)}  # a cell's backend may be the
-    cells.sort(key=lambda c: (order_of[id(c.spec)], position[c.backend.name]))  # GPU build
+    # by name: under --device cuda a cell holds the backend's GPU build, another Backend
+    position = {b.name: i for i, b in enumerate(backends)}
+    cells.sort(key=lambda c: (order_of[id(c.spec)], position[c.backend.name]))
     return environments, cells, figures
 
 

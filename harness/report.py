@@ -597,7 +597,8 @@ LEGEND = f"""\
 
 
 def _device_line(run: dict) -> str:
-    """What --device asked for, what the run used and why (``auto`` and ``cuda``)."""
+    """What --device asked for, what the run used and why (``auto`` and ``cuda``): the GPUs
+    with their name, driver and memory, or what was looked for."""
     asked, used = run["device"], run.get("device_used", run["device"])
     text = f"device {escape(asked)}" + (f" → {escape(used)}" if used != asked else "")
     return text + (f" ({escape(run['device_why'])})" if run.get("device_why") else "")
@@ -610,10 +611,7 @@ def render(run: dict, specs, results: list[Result], environments: dict,
     ok = all(r.passed for r in results)
     parts = [f"# Comparison report {escape(run['id'])}\n\n",
              f"{escape(run['command'])} at {escape(run['started'])}, {_device_line(run)}, "
-             f"seed {escape(run['seed_note'])}"
-             + "".join(f"; GPU {escape(g['name'])} (driver {escape(g['driver'])}, "
-                       f"{escape(g['memory'])})" for g in run.get("gpus") or [])
-             + ". Verdict: "
+             f"seed {escape(run['seed_note'])}. Verdict: "
              f"**{'all checks passed' if ok else 'FAILURES'}**.\n\n## Summary\n\n",
              _summary(results, backends), "\n", LEGEND,
              "\n## Environments\n\n", _environments(environments),

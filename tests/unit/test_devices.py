@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,27 @@ def machine(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ is a GPU usable, and why
+
+def fake_nvidia_smi(folder: Path, body: str) -> Path:
+    """An executable ``nvidia-smi`` in ``folder`` running the shell ``body``."""
+    folder.mkdir(exist_ok=True)
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{body}\n")
+    (folder / "nvidia-smi").chmod(0o755)
+    return folder
+
+
+def test_nvidia_smi_is_asked_for_the_gpus_facts(tmp_path, monkeypatch):
+    """The real call: nvidia-smi on PATH gets the query (its arguments echoed back here);
+    absent, None; one that hangs is cut after SMI_TIMEOUT_S."""
+    sleep = shutil.which("sleep")
+    monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path / "bin", 'echo "$@"; exit 0')))
+    assert devices.nvidia_smi() == (0, " ".join(devices.QUERY) + "\n")
+    fake_nvidia_smi(tmp_path / "bin", f"exec {sleep} 30")
+    monkeypatch.setattr(devices, "SMI_TIMEOUT_S", 0.3)
+    assert devices.nvidia_smi() == (124, "no answer within 0.3 s")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert devices.nvidia_smi() is None
+
 
 def test_no_driver_at_all(machine):
     """No nvidia-smi and no /proc/driver/nvidia: not usable, and the reason names both."""
@@ -235,8 +257,7 @@ def test_auto_with_a_gpu_takes_it_and_the_report_says_why(machine, isolated):
         data["environments"]["numpy"]["note"]
     report = (out / "report.md").read_text()
     assert ("device auto → cuda (nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3 (driver "
-            "550.54.15, 81559 MiB)), seed from each spec; GPU NVIDIA H100 80GB HBM3 (driver "
-            "550.54.15, 81559 MiB)") in report
+            "550.54.15, 81559 MiB)), seed from each spec. Verdict: ") in report
 
 
 # ------------------------------------------------------------------ a whole GPU run, faked
@@ -267,11 +288,13 @@ def fake_gpu_compare(tmp_path, monkeypatch, device: str, *extra) -> tuple[int, s
 def test_a_cuda_run_with_a_gpu_backend_and_a_cpu_only_one(machine, isolated, monkeypatch):
     """The parent's whole --device cuda path, without a GPU: the GPU build of gluon is chosen
     (its cells carry that Backend: the sort that crashed), the worker's CUDA device, GPU timings
-    with peak device memory, Gluon's running-variance rule declared for cuda (unbiased),
+    with peak device memory (repeated in a second process, and the roofline at the GPU's
+    size), Gluon's running-variance rule declared for cuda (unbiased),
     the NumPy reference on the CPU beside it, and the GPU's facts, all in results.json and the
     report; nothing provisioned."""
     machine(smi=(0, H100))
-    rc, err, out = fake_gpu_compare(isolated, monkeypatch, "cuda")
+    rc, err, out = fake_gpu_compare(isolated, monkeypatch, "cuda", "--roofline",
+                                    "--repeats", "2")
     assert rc == 0 and "Traceback" not in err, err
     data = json.loads((out / "results.json").read_text())
     assert data["run"]["gpus"] == [H100_FACTS]
@@ -289,13 +312,15 @@ def test_a_cuda_run_with_a_gpu_backend_and_a_cpu_only_one(machine, isolated, mon
     assert {(t["mode"], t["phase"]) for t in timings} == {("eager", "inference"),
                                                           ("eager", "train")}
     assert all(t["memory_peak"] == gpu_adapter.PEAK_BYTES for t in timings)
+    assert all(len(t["process_medians_s"]) == 2 for t in timings)  # a repeat on the GPU too
+    assert gluon["done"]["roofline"]["batch"] == cli.ROOFLINE_N["cuda"]  # the GPU's size
     running_var = [c for c in gluon_result["checks"]
                    if c["check"] == f"1.running_var_{analysis.RUNNING_STAT}"]
     assert len(running_var) == 1 and running_var[0]["passed"], gluon_result["checks"]
     assert "PyTorch's rule (the rule declared for cuda)" in running_var[0]["detail"]
     report = (out / "report.md").read_text()
-    assert "device cuda (nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3" in report
-    assert "; GPU NVIDIA H100 80GB HBM3 (driver 550.54.15, 81559 MiB)" in report
+    assert ("device cuda (nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3 (driver "
+            "550.54.15, 81559 MiB)), seed from each spec.") in report
     assert f"cuda:0 ({gpu_adapter.DEVICE_NAME})" in report
     assert report.count(f"peak device memory {gpu_adapter.PEAK_BYTES / 2**20:,.1f} MiB") == 2
     assert r"\[declared: unbiased on cuda; cpu: biased\]" in report
