@@ -29,15 +29,19 @@ from backends.protocol import Budget, Plan
 BUDGET = Budget(warmup_calls=10, warmup_s=1.0, min_block_s=10e-3, min_blocks=50,
                 min_total_s=2.0)
 
-#: what decides cuDNN (or XLA) autotuning in each framework, beside the settings the adapter
-#: applies and records itself (torch.backends.cudnn.benchmark is among those)
-AUTOTUNE = {  # variable -> the framework's default, and where it is read
-    "TF_CUDNN_USE_AUTOTUNE": "TensorFlow default: on (tensorflow/core/util/use_cudnn.cc)",
-    "MXNET_CUDNN_AUTOTUNE_DEFAULT": "MXNet default: 1 (docs/static_site/src/pages/api/faq/"
-                                    "env_var.md)",
-    "XLA_FLAGS": "no --xla_gpu_autotune_level: XLA's default level (xla/debug_options_flags.cc)",
+#: per backend, the variables that decide cuDNN (XLA's) autotuning, with the framework's
+#: default and where it is read; torch's switch (torch.backends.cudnn.benchmark) is among the
+#: settings the adapter applies and records itself
+AUTOTUNE = {
+    "keras": {"TF_CUDNN_USE_AUTOTUNE": "TensorFlow's default: true, "
+                                       "tensorflow/core/util/use_cudnn.cc"},
+    "flax": {"XLA_FLAGS": "no --xla_gpu_autotune_level: XLA's default, 4, "
+                          "xla/debug_options_flags.cc"},
+    "gluon": {"MXNET_CUDNN_AUTOTUNE_DEFAULT": "MXNet's default: 1, dmlc::GetEnv in "
+                                              "src/operator/nn/cudnn/cudnn_convolution-inl.h"},
 }
-SETTING_WORDS = ("tf32", "precision", "cudnn", "autotune", "xla_flags")
+AUTOTUNE["keras_jax"] = AUTOTUNE["flax"]
+SETTING_WORDS = ("tf32", "float_32", "precision", "cudnn", "autotune", "xla_flags")
 
 
 def emit(kind: str, **fields) -> None:
@@ -84,11 +88,13 @@ def on_gpu(where: str) -> bool:
     return any(word in where.lower() for word in ("cuda", "gpu"))
 
 
-def environment(adapter, env: dict) -> dict:
+def environment(backend: str, adapter, env: dict) -> dict:
+    """The device the framework uses, its versions, and its TF32 and autotuning settings."""
     applied = adapter.settings.get("applied", {})
     settings = {k: v for k, v in applied.items()
                 if any(word in k.lower() for word in SETTING_WORDS)}
-    autotune = {k: os.environ.get(k, f"unset ({default})") for k, default in AUTOTUNE.items()}
+    autotune = {k: os.environ.get(k, f"unset ({default})")
+                for k, default in AUTOTUNE.get(backend, {}).items()}
     return {"device": env["device"], "device_name": env["device_name"],
             "versions": env["versions"], "settings": settings, "autotune": autotune,
             "python": sys.executable}
@@ -131,7 +137,7 @@ def main(path: str) -> int:
     threads, rounds = int(request["threads"]), int(request["rounds"])
     adapter = importlib.import_module(f"backends.{backend}.adapter").Adapter()
     env = adapter.setup(device, {"threads": threads, "tf32": bool(request.get("tf32"))})
-    emit("environment", **environment(adapter, env))
+    emit("environment", **environment(backend, adapter, env))
     for entry in request["models"]:
         time_model(backend, adapter, entry["name"], protocol.load(Plan, entry["plan"], "plan"),
                    threads, rounds)

@@ -60,10 +60,6 @@ class DeviceChoice:
     why: str
     gpus: tuple[Gpu, ...] = ()
 
-    def to_json(self) -> dict:
-        return {"requested": self.requested, "used": self.device, "why": self.why,
-                "gpus": [g.to_json() for g in self.gpus]}
-
 
 def nvidia_smi() -> tuple[int, str] | None:
     """(exit status, output) of nvidia-smi's GPU query; None when nvidia-smi is not on PATH."""

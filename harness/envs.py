@@ -245,7 +245,8 @@ def ensure_env(backend: Backend, progress=print) -> Path:
         log_path = root / f"{backend.env_name}-setup.log"
         progress(f"[setup] {backend.env_name}: environment {state}; creating {backend.env_dir} and "
                  f"installing {display_path(backend.requirements)} (log: {log_path})")
-        progress(f"[setup] {backend.env_name}: {size_statement(backend)}")
+        progress(f"[setup] {backend.env_name}: {size_statement(backend)}; "
+                 f"{format_bytes(shutil.disk_usage(root).free)} free in {root}")
         started = time.monotonic()
         shutil.rmtree(backend.env_dir, ignore_errors=True)
         fetched = PipProgress(backend, log_path, progress)
