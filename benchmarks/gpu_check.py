@@ -16,7 +16,8 @@ does (``.envs/<name>-cuda``, its size said first). Without one, pass the preinst
 with ``--python NAME=PATH`` (only those backends are checked) and, with ``--wheels DIR``, a
 folder of wheels for what they lack (e.g. keras for keras_jax / keras_torch, jsonschema for the
 harness itself): they are installed, from that folder only, into scratch virtual environments
-layered on those interpreters (``--system-site-packages``), removed at the end.
+layered on those interpreters (``--system-site-packages``), removed at the end (kept, with
+the conformance logs, when something failed).
 """
 
 from __future__ import annotations
