@@ -108,6 +108,7 @@ class Result:
     timings: list[TimingResult] = field(default_factory=list)
     #: documented semantic differences that a check took into account, in plain words
     notes: list[str] = field(default_factory=list)
+    machine: str | None = None         # the label of the machine it ran on
 
     @property
     def spec(self) -> str:
@@ -152,7 +153,8 @@ class Result:
         rec.update(backend=self.backend, checks=[c.to_json() for c in self.checks],
                    params=[p.to_json() for p in self.params], param_count=self.param_count,
                    small_values=self.small_values, notes=self.notes,
-                   timings=[t.to_json() for t in self.timings], passed=self.passed)
+                   timings=[t.to_json() for t in self.timings], passed=self.passed,
+                   machine=self.machine)
         return rec
 
 

@@ -8,9 +8,10 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import dataclasses
 import fcntl
 import glob
+import json
 import math
 import os
 import signal
@@ -25,12 +26,14 @@ from dataclasses import dataclass
 from backends import protocol
 from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
-from . import analysis, devices, plots, report
+from . import analysis, devices, machine_report, plots, report
 from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env,
                    parse_python_overrides, select)
 from .files import input_file_problem
-from .runner import STOP, BackendRun, keep_log, run_worker
+from .executors import LocalExecutor, Unit
+from .machine_report import machine_dir
+from .runner import BackendRun, keep_log, run_worker
 from .spec import MAX_SEED, MAX_SIZE, Spec, SpecError, load_spec
 
 SPECS_DIR = ROOT / "specs"
@@ -218,36 +221,36 @@ def timing_request(args, device: str) -> TimingRequest | None:
                          if args.roofline else 0)
 
 
-def run_backend(backend, python, specs, args, work: Path) -> tuple[BackendRun, list[Cell]]:
-    """Provision (unless --python) and run one backend's worker over every spec, on
-    ``args.device`` (``cpu`` or ``cuda``, as ``use_device`` resolved it)."""
-    if args.device == "cuda":
-        backend = backend.for_device("cuda")  # its GPU build, where it has one
-    env = BackendRun(interpreter=str(python) if python else str(backend.env_python),
-                     declared=dict(backend.semantics))
-    try:
-        python = python or ensure_env(backend, progress)
-    except EnvError as exc:
-        env.error = str(exc)
-        return env, [Cell(s, backend, failed_record(s.name, str(exc)), {}) for s in specs]
-    env.interpreter = str(python)
-    device = args.device
-    if device not in backend.devices:
-        device = "cpu"
-        env.note = f"runs on the CPU only; --device {args.device} applies to the others"
-        progress(f"[{backend.name}] {env.note}")
-    progress(f"[{backend.name}] running {len(specs)} specs with {python}")
-    reference = backend.name == REFERENCE
-    result = run_worker(backend.name, python, specs, work / backend.name, device=device,
-                        timeout=args.timeout, progress=progress, settings=worker_settings(args),
-                        timing=None if reference else timing_request(args, device),
-                        reference_variants=reference, max_memory=args.max_memory)
-    env.worker, env.wall_s, env.log = result.environment, result.wall_s, str(result.log)
-    env.done, env.device = result.done, device
-    if result.errors:
-        env.error = "; ".join(result.errors)
-    return env, [Cell(s, backend, rec, arr)
-                 for s, rec, arr in zip(specs, result.records, result.arrays)]
+def make_units(args, specs, backends, overrides, place: str | None, device: str,
+               first_key: int = 0) -> list[Unit]:
+    """One unit per backend (the NumPy reference first) for a machine kind (``place``; None:
+    wherever the executor runs), on ``device`` (``cpu`` or ``cuda``, as decided for it)."""
+    units = []
+    for b in sorted(backends, key=lambda b: b.name != REFERENCE):
+        dev, note = device, None
+        if device not in b.devices:
+            dev, note = "cpu", f"runs on the CPU only; --device {args.device} applies to the others"
+        reference = b.name == REFERENCE
+        units.append(Unit(first_key + len(units), b.for_device(dev), specs, dev, args.timeout,
+                          args.max_memory, worker_settings(args),
+                          timing=None if reference else timing_request(args, dev),
+                          reference=reference, python=overrides.get(b.name), placement=place,
+                          note=note))
+    return units
+
+
+def repeat_units(args, units: list[Unit], started: set | None = None) -> list[Unit]:
+    """--repeats R: the timing again in R - 1 fresh processes per timed unit, its checks off,
+    in alternating backend order (forward, backward, forward, ...); ``started``: only these
+    unit keys (those whose worker started)."""
+    if args.timing == "off" or args.repeats < 2:
+        return []
+    timed = [u for u in units if u.timing and (started is None or u.key in started)]
+    out = []
+    for r in range(1, args.repeats):
+        for u in (timed[::-1] if r % 2 else timed):
+            out.append(dataclasses.replace(u, key=len(units) + len(out), repeat=r, note=None))
+    return out
 
 
 def use_device(args) -> devices.DeviceChoice:
@@ -260,27 +263,12 @@ def use_device(args) -> devices.DeviceChoice:
 
 
 def worker_settings(args) -> dict:
-    return {"threads": args.threads, "tf32": bool(args.tf32)}
-
-
-def run_repeats(args, backends, specs, cells, environments, work: Path) -> None:
-    """--repeats R: the timing again in R - 1 fresh processes per backend, one backend at a
-    time, in alternating order (forward, backward, forward, ...), folded into the rows."""
-    timed = [b for b in backends if b.name != REFERENCE and environments[b.name].worker]
-    for r in range(1, args.repeats):
-        for b in (timed[::-1] if r % 2 else timed):
-            env = environments[b.name]
-            progress(f"[{b.name}] timing repeat {r + 1}/{args.repeats}")
-            result = run_worker(b.name, Path(env.interpreter), specs,
-                                work / f"{b.name}-repeat{r}", device=env.device,
-                                timeout=args.timeout, progress=progress,
-                                settings=worker_settings(args),
-                                timing=timing_request(args, env.device), checks=False,
-                                max_memory=args.max_memory)
-            mine = [c for c in cells if c.backend.name == b.name]
-            for cell, rec in zip(mine, result.records):
-                if rec.status == Status.OK:
-                    analysis.add_repeat(cell.result, rec)
+    """What every worker is told; ``threads`` None (Ray, no --threads): the CPUs the unit
+    holds on its node."""
+    threads = args.threads
+    if threads is None and args.executor == "local":
+        threads = args.threads = default_threads()
+    return {"threads": threads, "tf32": bool(args.tf32)}
 
 
 def check_memory(specs, args) -> None:
@@ -299,50 +287,109 @@ def check_memory(specs, args) -> None:
 def cmd_compare(args) -> int:
     specs = load_specs(args.spec, args.seed)
     backends = select(args.backend)
-    overrides = parse_python_overrides(args.python, discover())
+    if args.executor == "ray":
+        overrides = parse_python_overrides(args.python, discover(), on_nodes=True)
+    else:
+        overrides = parse_python_overrides(args.python, discover())
+        if args.where or args.ray_address:
+            raise UserError(f"{'--where' if args.where else '--ray-address'} needs "
+                            "--executor ray")
     check_memory(specs, args)
-    choice = use_device(args)
-    sweep_leftovers()
-    place = new_run_dir(args.out)
-    if choice.device == "cuda":  # the GPU builds of the backends will be used (or provisioned)
-        progress(f"--device {choice.requested}: cuda ({choice.why})")
+    executor = make_executor(args)
     try:
-        code = _compare(args, specs, backends, overrides, place, choice)
-    except BaseException:
-        place.discard()
-        raise
+        choices = {place: device_for(args, executor, place) for place in executor.places()}
+        sweep_leftovers()
+        place = new_run_dir(args.out)
+        for choice in choices.values():
+            if choice.device == "cuda":  # the GPU builds will be used (or provisioned)
+                progress(f"--device {choice.requested}: cuda ({choice.why})")
+        try:
+            code = _compare(args, specs, backends, overrides, place, choices, executor)
+        except BaseException:
+            place.discard()
+            raise
+    finally:
+        executor.close()
     return code
 
 
-def _compare(args, specs, backends, overrides, place: RunDir,
-             choice: devices.DeviceChoice) -> int:
+def make_executor(args):
+    """The executor --executor names: local processes, or Ray tasks (imported only then)."""
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+        return RayExecutor(args.ray_address, progress, args.seed, args.where)
+    return LocalExecutor(args.jobs, progress)
+
+
+def device_for(args, executor, place) -> devices.DeviceChoice:
+    """``--device`` for the machines of one kind: on this machine as ``use_device`` decides;
+    on a Ray cluster from the kind's nodes (a GPU only where every node of it has one)."""
+    if executor.name == "local":
+        requested = args.device
+        return use_device(args) if requested in ("auto", "cuda", "cpu") else None
+    kind = place or "every node"
+    if args.device == "cpu":
+        return devices.DeviceChoice("cpu", "cpu", "")
+    if executor.has_gpus(place):
+        return devices.DeviceChoice(args.device, "cuda", f"every Ray node of {kind} has a GPU")
+    if args.device == "cuda":
+        raise UserError(f"--device cuda: not every Ray node of {kind} has a GPU; nothing was "
+                        "provisioned or run")
+    return devices.DeviceChoice("auto", "cpu", f"not every Ray node of {kind} has a GPU")
+
+
+@dataclass
+class MachineRun:
+    """What ran on the machines of one kind: one backend run per backend, one cell per
+    (spec, backend), each backend's defaults figure, and the timing repeats to fold in."""
+    place: str | None
+    choice: devices.DeviceChoice
+    environments: dict = dataclasses.field(default_factory=dict)
+    cells: list = dataclasses.field(default_factory=list)
+    figures: dict = dataclasses.field(default_factory=dict)
+    repeats: list = dataclasses.field(default_factory=list)
+    machines: dict = dataclasses.field(default_factory=dict)   # label -> Machine
+
+    @property
+    def label(self) -> str:
+        """The kind's name in the report: the --where resource, else the one machine."""
+        return self.place or next(iter(self.machines), "unknown")
+
+
+def _run_record(args, run_id: str, choice: devices.DeviceChoice) -> dict:
+    return {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "device": choice.requested, "device_used": choice.device,
+            "device_why": choice.why, "executor": args.executor,
+            "command": "python -m harness " + " ".join(sys.argv[1:]),
+            "seed_note": "from each spec" if args.seed is None else str(args.seed),
+            "timing": None if args.timing == "off" else {
+                "depth": args.timing, "budget": protocol.encode(BUDGETS[args.timing]),
+                "threads": args.threads or "each node's CPUs held by the unit",
+                "tf32": bool(args.tf32), "repeats": args.repeats,
+                "batches": list(args.batch or []), "roofline": bool(args.roofline)},
+            "gpus": [g.to_json() for g in choice.gpus]}
+
+
+def _compare(args, specs, backends, overrides, place: RunDir, choices: dict,
+             executor) -> int:
     run_dir, run_id = place.staging, place.run_id
-    run = {"id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "device": choice.requested, "device_used": choice.device,
-           "device_why": choice.why,
-           "command": "python -m harness " + " ".join(sys.argv[1:]),
-           "seed_note": "from each spec" if args.seed is None else str(args.seed),
-           "timing": None if args.timing == "off" else {
-               "depth": args.timing, "budget": protocol.encode(BUDGETS[args.timing]),
-               "threads": args.threads, "tf32": bool(args.tf32), "repeats": args.repeats,
-               "batches": list(args.batch or []), "roofline": bool(args.roofline)},
-           "gpus": [g.to_json() for g in choice.gpus]}
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
-        environments, cells, figures_of = run_backends(args, specs, backends, overrides,
-                                                       Path(tmp), run_dir)
-        environments = {b.name: environments[b.name] for b in backends}  # the user's order
-        analysis.analyze_timings([c.result for c in cells], specs)
-        if args.timing != "off" and args.repeats > 1:
-            run_repeats(args, backends, specs, cells, environments, Path(tmp))
+        runs = run_backends(args, specs, backends, overrides, Path(tmp), run_dir, executor,
+                            choices)
         # Nothing goes into the run directory until every backend is done.
-        _keep_logs(environments, run_dir / "logs")
-        defaults = {b.name: b.defaults for b in backends}
-        figure = {b.name: figures_of[b.name] for b in backends if figures_of.get(b.name)}
-        figures = _timing_figures(run_dir, specs, [c.result for c in cells])
-    results = [c.result for c in cells]
-    document = report.results_document(run, specs, results, environments)
-    markdown = report.render(run, specs, results, environments, defaults, figure, figures)
-    report.write_run(run_dir, document, markdown)
+        documents, results = [], []
+        for mr in runs:
+            here = run_dir if len(runs) == 1 else run_dir / "machines" / machine_dir(mr.label)
+            run = _run_record(args, run_id, mr.choice)
+            if len(runs) > 1:
+                run.update(id=f"{run_id} on {mr.label}", machine=mr.label)
+            documents.append(_write_machine_run(here, run, specs, backends, mr))
+            results += [c.result for c in mr.cells]
+    if len(runs) > 1:
+        run = _run_record(args, run_id, next(iter(choices.values())))
+        run["machine_kinds"] = [mr.label for mr in runs]
+        machine_report.write_combined(run_dir, run, documents,
+                                      [f"machines/{machine_dir(mr.label)}" for mr in runs])
     # The commit point: from here on the run is kept, whole, and latest follows it; a signal
     # now would leave a published run behind a message saying none was written.
     _hold_signals()
@@ -352,51 +399,96 @@ def _compare(args, specs, backends, overrides, place: RunDir,
     return _print_outcome(results, place.final)
 
 
-def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path):
-    """Every backend's worker, then every cell's analysis and each backend's defaults figure;
-    returns (environments, cells, {backend: figure file}).
+def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun") -> dict:
+    """One machine kind's run directory (logs, figures, report.md, results.json); its
+    results document."""
+    environments = {b.name: mr.environments[b.name] for b in backends
+                    if b.name in mr.environments}  # the user's order
+    _keep_logs(environments, here / "logs")
+    defaults = {b.name: b.defaults for b in backends}
+    figure = {b.name: mr.figures[b.name] for b in backends if mr.figures.get(b.name)}
+    results = [c.result for c in mr.cells]
+    figures = _timing_figures(here, specs, results)
+    machines = {label: m.to_json() for label, m in mr.machines.items()}
+    document = report.results_document(run, specs, results, environments, machines)
+    markdown = report.render(run, specs, results, environments, defaults, figure, figures,
+                             machines=machines)
+    report.write_run(here, document, markdown)
+    return json.loads(json.dumps(document, default=float))  # as results.json holds it
 
-    Timing on: strictly one backend at a time, and the analysis only after the last worker
-    (nothing else may run beside a worker being timed). Timing off: ``--jobs`` workers at once,
-    the NumPy reference first, and each backend's analysis as soon as it and the reference are
-    done, while the others still run."""
-    jobs = 1 if args.timing != "off" else args.jobs
-    order = sorted(backends, key=lambda b: b.name != REFERENCE)  # the reference first
-    environments: dict[str, BackendRun] = {}
-    cells: list[Cell] = []
-    pending: list[Cell] = []
-    figures: dict[str, str | None] = {}
-    reference: dict | None = None if any(b.name == REFERENCE for b in backends) else {}
 
-    def analyze_pending(ref):
-        nonlocal pending
-        _analyze(pending, ref)
-        for b in {c.backend.name: c.backend for c in pending}.values():
-            figures[b.name] = _defaults_figure(run_dir, b.name, pending, b.defaults)
-        pending = []
+def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path, executor,
+                 choices: dict) -> list["MachineRun"]:
+    """Every unit (each backend on each machine kind) through ``executor``, then every cell's
+    analysis against the NumPy reference of the same machine kind, each backend's defaults
+    figure, and the timing repeats folded in; one MachineRun per kind.
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_backend, b, overrides.get(b.name), specs, args, work): b
-                   for b in order}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                b = futures[future]
-                environments[b.name], done = future.result()
-                cells += done
-                pending += done
-                if b.name == REFERENCE:
-                    reference = {c.spec.name: c.arrays for c in done}
-                if reference is not None and jobs > 1:
-                    analyze_pending(reference)
-        except BaseException:
-            STOP.set()  # every thread kills its worker and returns
-            raise
-    analyze_pending(reference or {})
+    Timing on: the local executor runs one unit at a time; the Ray executor gives a timed unit
+    its node to itself. Timing off: ``--jobs`` local workers at once (Ray: as the cluster
+    allows), each backend's analysis as soon as it and its kind's reference are done."""
+    runs = {p: MachineRun(p, c) for p, c in choices.items()}
+    units: list[Unit] = []
+    for p, mr in runs.items():
+        units += make_units(args, specs, backends, overrides, p, mr.choice.device, len(units))
+    first = units + (repeat_units(args, units) if executor.repeats_with_the_pass else [])
+    pending: dict = {p: [] for p in runs}
+    references: dict = {p: None if any(b.name == REFERENCE for b in backends) else {}
+                        for p in runs}
+    fig_dir = run_dir if len(runs) == 1 else None
+
+    def analyze_pending(p):
+        mr = runs[p]
+        _analyze(pending[p], references[p] or {})
+        for b in {c.backend.name: c.backend for c in pending[p]}.values():
+            here = fig_dir or run_dir / "machines" / machine_dir(mr.label)
+            mr.figures[b.name] = _defaults_figure(here, b.name, pending[p], b.defaults)
+        pending[p] = []
+
+    def take(outcome):
+        mr = runs[outcome.unit.placement]
+        mr.machines[outcome.machine.label] = outcome.machine
+        if outcome.unit.repeat:
+            mr.repeats.append(outcome)
+            return
+        b = outcome.unit.backend
+        mr.environments[b.name] = outcome.run
+        done = [Cell(s, b, rec, arr) for s, rec, arr in
+                zip(outcome.unit.specs, outcome.result.records, outcome.result.arrays)]
+        mr.cells += done
+        pending[mr.place] += done
+        if b.name == REFERENCE:
+            references[mr.place] = {c.spec.name: c.arrays for c in done}
+        if references[mr.place] is not None and args.timing == "off":
+            analyze_pending(mr.place)
+
+    for outcome in executor.run(first, work):
+        take(outcome)
+    if not executor.repeats_with_the_pass:
+        started = {u.key for u in units
+                   if runs[u.placement].environments.get(u.backend.name) is not None
+                   and runs[u.placement].environments[u.backend.name].worker}
+        for u in units:  # a repeat runs the interpreter the checked pass used
+            env = runs[u.placement].environments.get(u.backend.name)
+            if env is not None and env.worker:
+                u.python = Path(env.interpreter)
+        for outcome in executor.run(repeat_units(args, units, started), work):
+            take(outcome)
     order_of = {id(s): i for i, s in enumerate(specs)}
     # by name: under --device cuda a cell holds the backend's GPU build, another Backend
     position = {b.name: i for i, b in enumerate(backends)}
-    cells.sort(key=lambda c: (order_of[id(c.spec)], position[c.backend.name]))
-    return environments, cells, figures
+    for p, mr in runs.items():
+        analyze_pending(p)
+        mr.cells.sort(key=lambda c: (order_of[id(c.spec)], position[c.backend.name]))
+        for c in mr.cells:
+            c.result.machine = mr.environments[c.backend.name].machine \
+                if c.backend.name in mr.environments else None
+        analysis.analyze_timings([c.result for c in mr.cells], specs)
+        for outcome in sorted(mr.repeats, key=lambda o: o.unit.key):
+            mine = [c for c in mr.cells if c.backend.name == outcome.unit.backend.name]
+            for cell, rec in zip(mine, outcome.result.records):
+                if rec.status == Status.OK:
+                    analysis.add_repeat(cell.result, rec)
+    return list(runs.values())
 
 
 def _analyze(cells: list[Cell], reference: dict) -> None:
@@ -747,9 +839,9 @@ def parser() -> argparse.ArgumentParser:
                         f"runs one at a time; default {min(2, default_threads())})")
     c.add_argument("--timing", choices=["off", "quick", "full"], default="quick",
                    help="how deeply to time every mode and phase (default: quick)")
-    c.add_argument("--threads", type=_threads, default=default_threads(),
+    c.add_argument("--threads", type=_threads,
                    help="intra-op threads for every framework (default: this machine's cores, "
-                        f"{default_threads()})")
+                        f"{default_threads()}; on Ray, the CPUs the unit holds on its node)")
     c.add_argument("--tf32", action="store_true",
                    help="allow TF32 matmuls/convolutions on GPUs that have it (default: off)")
     c.add_argument("--repeats", type=_repeats, default=1,
@@ -757,6 +849,14 @@ def parser() -> argparse.ArgumentParser:
                         "backend order, and report the spread across them (default 1)")
     c.add_argument("--batch", type=_batches, metavar="B1,B2,...",
                    help="time at these batch sizes too (e.g. 1,8,64,256)")
+    c.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where units run: worker processes here (default), or Ray tasks on a "
+                        "cluster (pip install -e '.[ray]')")
+    c.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to use (default: start a Ray instance here)")
+    c.add_argument("--where", action="append", metavar="RESOURCE",
+                   help="with --executor ray: run every unit once on the nodes that have this "
+                        "Ray resource (repeatable, e.g. accelerator_type:H100)")
     c.add_argument("--roofline", action="store_true",
                    help="also time each framework's own large float32 matmul and give every "
                         "row's fraction of that measured peak")

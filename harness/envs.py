@@ -188,8 +188,10 @@ def select(names: list[str] | None) -> list[Backend]:
     return [known[n] for n in (names or known)]
 
 
-def parse_python_overrides(items: list[str], backends: dict[str, Backend]) -> dict[str, Path]:
-    """``--python NAME=PATH`` pairs; PATH must be an existing interpreter."""
+def parse_python_overrides(items: list[str], backends: dict[str, Backend],
+                           on_nodes: bool = False) -> dict[str, Path]:
+    """``--python NAME=PATH`` pairs; PATH must be an existing interpreter (``on_nodes``: a
+    path on the Ray nodes, checked there)."""
     out = {}
     for item in items or []:
         name, sep, path = item.partition("=")
@@ -198,6 +200,9 @@ def parse_python_overrides(items: list[str], backends: dict[str, Backend]) -> di
         if name not in backends:
             raise UserError(f"--python: unknown backend {name!r}; known: {', '.join(backends)}")
         exe = Path(path).expanduser()
+        if on_nodes:
+            out[name] = exe
+            continue
         if not exe.is_file() or not os.access(exe, os.X_OK):
             raise UserError(f"--python: {name}={path}: no executable interpreter at that path")
         out[name] = exe

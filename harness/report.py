@@ -21,7 +21,7 @@ from .stats import SPREAD_WARNING, timing_stats
 from .envs import display_path
 from backends.base import SEMANTICS
 
-RESULTS_SCHEMA_VERSION = 2
+RESULTS_SCHEMA_VERSION = 3
 REFERENCE = "numpy"  # the NumPy reference: compared against, timed only as a baseline
 
 
@@ -86,8 +86,11 @@ def _verdict(ok: bool) -> str:
     return "pass" if ok else "**FAIL**"
 
 
-def results_document(run: dict, specs, results: list[Result], environments: dict) -> dict:
-    return {"schema_version": RESULTS_SCHEMA_VERSION, "run": run,
+def results_document(run: dict, specs, results: list[Result], environments: dict,
+                     machines: dict | None = None) -> dict:
+    """results.json: the run, the machines it ran on (label -> fingerprint; every record and
+    environment names its machine), the environments, the specs and one record per cell."""
+    return {"schema_version": RESULTS_SCHEMA_VERSION, "run": run, "machines": machines or {},
             "environments": {name: env.to_json() for name, env in environments.items()},
             "specs": [{"name": s.name, "file": s.file, "input_shape": list(s.input_shape),
                        "output_shape": list(s.output_shape), "param_count": s.param_count}
@@ -606,7 +609,7 @@ def _device_line(run: dict) -> str:
 
 def render(run: dict, specs, results: list[Result], environments: dict,
            defaults_by_backend: dict, defaults_figure: str | None = None,
-           figures: dict | None = None) -> str:
+           figures: dict | None = None, machines: dict | None = None) -> str:
     backends = list(environments) or list(dict.fromkeys(r.backend for r in results))
     ok = all(r.passed for r in results)
     parts = [f"# Comparison report {escape(run['id'])}\n\n",
@@ -615,6 +618,7 @@ def render(run: dict, specs, results: list[Result], environments: dict,
              f"**{'all checks passed' if ok else 'FAILURES'}**.\n\n## Summary\n\n",
              _summary(results, backends), "\n", LEGEND,
              "\n## Environments\n\n", _environments(environments),
+             _machines_section(machines or {}, environments),
              _semantics_section(environments), _timing_method(run, environments),
              _one_off_section(specs, results, environments), _roofline_section(environments),
              "\n## Failures\n\n", _failures(results)]
@@ -640,6 +644,11 @@ def render(run: dict, specs, results: list[Result], environments: dict,
     parts += ["\n## What `default` means in each framework\n\n",
               _defaults_section(specs, results, defaults_by_backend, defaults_figure)]
     return "".join(parts)
+
+
+def _machines_section(machines: dict, environments: dict) -> str:
+    from .machine_report import machines_section  # it renders with this module's tables
+    return machines_section(machines, environments)
 
 
 def write_run(out_dir: Path, document: dict, markdown: str) -> None:

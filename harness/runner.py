@@ -56,6 +56,14 @@ class BackendRun:
     device: str = "cpu"                 # what --device became for it
     declared: dict = field(default_factory=dict)   # backend.yaml's semantics
     done: DoneRecord | None = None      # the worker's last record (its wall time, roofline)
+    machine: str | None = None          # the label of the machine it ran on (results.json)
+    placement: str | None = None        # the --where resource it was aimed at (Ray)
+    #: how it was started: the variables the harness set for the worker, those the Ray task
+    #: found set, and the process chain (task/driver pid, worker pid and parent pid)
+    launch: dict = field(default_factory=dict)
+    started_at: float | None = None     # wall clock (epoch s) around the worker
+    ended_at: float | None = None
+    retried: str | None = None          # why it ran a second time (a node lost mid-unit)
 
     def to_json(self) -> dict:
         return protocol.encode(self)
@@ -217,13 +225,51 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                checks: bool = True, reference_variants: bool = False, task: str = "compare",
                checkpoint: str | None = None,
                probes: list[dict[str, np.ndarray]] | None = None,
-               max_memory: int | None = None) -> WorkerResult:
+               max_memory: int | None = None, env: dict | None = None) -> WorkerResult:
     """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
 
     ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
     from the project root; the other options are ``protocol.Request``'s. ``settings["threads"]``
-    also sets the BLAS/OpenMP thread variables before the worker starts. ``max_memory``
-    (bytes) bounds the resident memory of the worker and everything it starts."""
+    also sets the BLAS/OpenMP thread variables before the worker starts; ``env`` sets more
+    variables last. ``max_memory`` (bytes) bounds the resident memory of the worker and
+    everything it starts."""
+    ended = start_worker(backend, python, specs, work_dir, device=device, timeout=timeout,
+                         progress=progress, adapter=adapter, settings=settings, timing=timing,
+                         checks=checks, reference_variants=reference_variants, task=task,
+                         checkpoint=checkpoint, probes=probes, max_memory=max_memory, env=env)
+    return read_worker_output(backend, specs, ended, max_memory)
+
+
+@dataclass
+class WorkerExit:
+    """How a worker process ended, before anything it wrote is read: where its files are, its
+    exit status, why it was killed, and its pid with the parent pid its /proc entry showed
+    while it ran (the process that started it)."""
+    out_dir: Path
+    log: Path
+    rc: int | None = None
+    killed: str | None = None
+    wall_s: float = 0.0
+    start_error: str | None = None
+    pid: int | None = None
+    parent_pid: int | None = None
+    env: dict = field(default_factory=dict)   # the variables the harness set for it
+
+    def env_shown(self) -> dict:
+        """The variables set for the worker that say how it runs (threads, devices), for the
+        record: all but the harness's own path and buffering."""
+        return {k: v for k, v in self.env.items() if k not in ("PYTHONPATH", "PYTHONUNBUFFERED")}
+
+
+def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *, device: str,
+                 timeout: float, progress=print, adapter: str | None = None,
+                 settings: dict | None = None, timing: TimingRequest | None = None,
+                 checks: bool = True, reference_variants: bool = False, task: str = "compare",
+                 checkpoint: str | None = None,
+                 probes: list[dict[str, np.ndarray]] | None = None,
+                 max_memory: int | None = None, env: dict | None = None) -> WorkerExit:
+    """Write the worker's request and inputs into ``work_dir``, run it to its end under
+    supervision (progress, timeout, memory) and say how it ended; nothing it wrote is read."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir = work_dir / "out"
     inputs = {}
@@ -244,11 +290,13 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                       reference_variants=reference_variants)
     (work_dir / "request.json").write_text(json.dumps(protocol.dump(request), indent=1))
     log_path = work_dir / "worker.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    set_here = {"PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        PYTHONUNBUFFERED="1")
+        "PYTHONUNBUFFERED": "1"}
     if settings.get("threads"):
-        env.update(dict.fromkeys(THREAD_VARIABLES, str(settings["threads"])))
+        set_here.update(dict.fromkeys(THREAD_VARIABLES, str(settings["threads"])))
+    set_here.update(env or {})
+    ended = WorkerExit(out_dir, log_path, env=set_here)
 
     started = time.monotonic()
     with open(log_path, "wb") as log:
@@ -256,19 +304,41 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
             proc = subprocess.Popen([str(python), "-m", "backends.worker",
                                      str(work_dir / "request.json")],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=ROOT, env=env, start_new_session=True,
+                                    cwd=ROOT, env=dict(os.environ, **set_here),
+                                    start_new_session=True,
                                     preexec_fn=functools.partial(_die_with_parent,
                                                                  os.getpid()))
         except OSError as exc:
-            return _failed_all(backend, specs, log_path, f"cannot start {python}: {exc}")
+            ended.start_error = f"cannot start {python}: {exc}"
+            return ended
+        ended.pid, ended.parent_pid = proc.pid, _parent_pid(proc.pid)
         try:
-            rc, killed, _ = _supervise(proc, backend, specs, out_dir, timeout, progress,
-                                       _LogFollower(log_path, backend, progress), max_memory)
+            ended.rc, ended.killed, _ = _supervise(
+                proc, backend, specs, out_dir, timeout, progress,
+                _LogFollower(log_path, backend, progress), max_memory)
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
             _kill(proc)
             raise
-    return _collect(backend, specs, out_dir, log_path, rc, killed,
-                    time.monotonic() - started, max_memory)
+    ended.wall_s = time.monotonic() - started
+    return ended
+
+
+def read_worker_output(backend: str, specs: list[Spec], ended: WorkerExit,
+                       max_memory: int | None = None) -> WorkerResult:
+    """What a worker wrote, read as the untrusted input it is (``_collect``)."""
+    if ended.start_error:
+        return _failed_all(backend, specs, ended.log, ended.start_error)
+    return _collect(backend, specs, ended.out_dir, ended.log, ended.rc, ended.killed,
+                    ended.wall_s, max_memory)
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent pid of a running process, as its /proc entry says (None where unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _finished(out_dir: Path, n: int) -> int:
