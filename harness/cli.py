@@ -1,4 +1,4 @@
-"""``python -m harness compare | setup | list``: the command line, as a pipeline of small steps.
+"""``python -m harness compare | merge | convert | check | setup | list``: the command line, as a pipeline of small steps.
 
 Exit status: 0 when every record is ok and every check passed, 1 when a check or a backend
 failed, 2 for user errors (bad spec, unknown backend, bad --python), which print one line and
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from backends import protocol
 from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
-from . import analysis, devices, machine_report, plots, report
+from . import analysis, devices, machine_report, merge, plots, report
 from .analysis import Result
 from .envs import (ROOT, Backend, EnvError, UserError, discover, ensure_env,
                    parse_python_overrides, select)
@@ -96,7 +96,7 @@ def _stray_entry(path: Path) -> str | None:
     names = sorted(os.listdir(path))
     if names and not set(names) & set(RUN_FILES):
         return names[0]
-    return next((n for n in names if n not in (*RUN_FILES, "logs") and
+    return next((n for n in names if n not in (*RUN_FILES, "logs", "machines") and
                  not n.endswith(".png")), None)
 
 
@@ -349,11 +349,23 @@ class MachineRun:
     figures: dict = dataclasses.field(default_factory=dict)
     repeats: list = dataclasses.field(default_factory=list)
     machines: dict = dataclasses.field(default_factory=dict)   # label -> Machine
+    units: list = dataclasses.field(default_factory=list)      # where and when each unit ran
 
     @property
     def label(self) -> str:
         """The kind's name in the report: the --where resource, else the one machine."""
         return self.place or next(iter(self.machines), "unknown")
+
+
+def unit_record(outcome) -> dict:
+    """Where and when one unit ran (results.json ``units``): its backend, timing repeat,
+    machine and Ray node, whether it was timed, its wall-clock start and end, and any retry."""
+    unit, run = outcome.unit, outcome.run
+    return {"backend": unit.backend.name, "repeat": unit.repeat, "timed": bool(unit.timing),
+            "kind": unit.placement, "machine": outcome.machine.label,
+            "node_id": outcome.machine.node_id, "started_at": run.started_at,
+            "ended_at": run.ended_at, "retried": run.retried,
+            "ok": not run.error and run.worker is not None}
 
 
 def _run_record(args, run_id: str, choice: devices.DeviceChoice) -> dict:
@@ -411,6 +423,7 @@ def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun")
     figures = _timing_figures(here, specs, results)
     machines = {label: m.to_json() for label, m in mr.machines.items()}
     document = report.results_document(run, specs, results, environments, machines)
+    document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
     markdown = report.render(run, specs, results, environments, defaults, figure, figures,
                              machines=machines)
     report.write_run(here, document, markdown)
@@ -441,12 +454,14 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path, ex
         _analyze(pending[p], references[p] or {})
         for b in {c.backend.name: c.backend for c in pending[p]}.values():
             here = fig_dir or run_dir / "machines" / machine_dir(mr.label)
+            here.mkdir(parents=True, exist_ok=True)
             mr.figures[b.name] = _defaults_figure(here, b.name, pending[p], b.defaults)
         pending[p] = []
 
     def take(outcome):
         mr = runs[outcome.unit.placement]
         mr.machines[outcome.machine.label] = outcome.machine
+        mr.units.append(unit_record(outcome))
         if outcome.unit.repeat:
             mr.repeats.append(outcome)
             return
@@ -655,6 +670,30 @@ def _checkpoint_worker(backend, overrides, spec, args, work: Path, **job) -> Cel
 
 class ToolError(Exception):
     """The harness or a framework failed (not the user's input): one line, exit status 1."""
+
+
+def cmd_merge(args) -> int:
+    """Merge run directories made on different machines into one run with the machine
+    dimension: exit 0 when every merged record passed, 1 when any failed, 2 for a bad input."""
+    sweep_leftovers()
+    place = new_run_dir(args.out)
+    try:
+        run = {"id": place.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "command": "python -m harness " + " ".join(sys.argv[1:]), "executor": "merge",
+               "merged": list(args.run)}
+        labels = merge.merge(args.run, place.staging, run)
+        passed = all(r["passed"] for r in json.loads(
+            (place.staging / "results.json").read_text())["results"])
+    except BaseException:
+        place.discard()
+        raise
+    _hold_signals()
+    place.publish()
+    if not args.out:
+        point_latest(place.final)
+    print(f"merged {len(labels)} machine runs: {', '.join(labels)}")
+    print(f"report: {place.final / 'report.md'}")
+    return 0 if passed else 1
 
 
 def cmd_check(args) -> int:
@@ -872,6 +911,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="the file to write (the target's format)")
     _worker_options(v, device="cpu")
     v.set_defaults(func=cmd_convert)
+    m = sub.add_parser("merge", help="merge run directories made on different machines into "
+                       "one run and report, each spec and backend on each machine side by side")
+    m.add_argument("run", nargs="+", help="run directories (each one machine's, or a run over "
+                   "several machine kinds)")
+    m.add_argument("--out", help="write the merged run straight into this directory")
+    m.set_defaults(func=cmd_merge)
     k = sub.add_parser("check", help="validate specs and their memory estimate without running "
                        "anything (exit 0: all valid, 2: any invalid, one line each)")
     k.add_argument("spec", nargs="*",

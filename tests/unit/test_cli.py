@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 import math
 import subprocess
 import sys
@@ -181,9 +183,18 @@ def test_results_json_schema(cli_run):
     """results.json: schema_version and one record per (spec, backend) with every field."""
     _, out = cli_run
     data = json.loads((out / "results.json").read_text())
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     assert [(r["spec"], r["backend"]) for r in data["results"]] == [("lazy_mlp", "numpy"),
                                                                     ("tied", "numpy")]
+    # the machine dimension: every record and environment names this machine's fingerprint
+    (label, machine), = data["machines"].items()
+    assert machine["host"] == socket.gethostname() and machine["cores"] == os.cpu_count()
+    assert machine["memory_bytes"] > 0 and machine["cpu_model"] and machine["label"] == label
+    assert {r["machine"] for r in data["results"]} == {label}
+    assert data["environments"]["numpy"]["machine"] == label
+    (unit,) = data["units"]
+    assert unit["backend"] == "numpy" and unit["machine"] == label and not unit["timed"]
+    assert unit["started_at"] <= unit["ended_at"]
     for rec in data["results"]:
         assert RECORD_KEYS <= set(rec), set(rec)
         assert rec["status"] == "ok" and rec["error"] is None and rec["passed"] is True
