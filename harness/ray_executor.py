@@ -135,7 +135,7 @@ class RayExecutor:
                 node = nodes[slot % len(nodes)] if nodes else None
                 pending.update(self._submit(unit, node, provisioned, attempt=0))
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                ready = _interruptible(ray.wait, list(pending), num_returns=1, timeout=1.0)[0]
                 for ref in ready:
                     unit, node, attempt, why = pending.pop(ref)
                     outcome, retry = self._receive(ref, unit, node, attempt, why)
@@ -189,7 +189,7 @@ class RayExecutor:
                                   unknown, log), None
         node_name = f"node {node['NodeID'][:8]} at {node.get('NodeManagerAddress', '?')}"
         try:
-            reply = ray.get(ref)
+            reply = _interruptible(ray.get, ref)
         except ray.exceptions.TaskCancelledError:
             raise
         except ray.exceptions.RayTaskError as exc:  # this harness's node code raised
@@ -268,6 +268,19 @@ class RayExecutor:
     def close(self) -> None:
         if self.started_here and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _interruptible(call, *args, **kwargs):
+    """``call`` (a Ray API in compiled code), letting a Ctrl-C raised by the harness's signal
+    handler inside it out as itself: Ray's compiled code reports such an exception as a
+    SystemError whose context is the real one."""
+    try:
+        return call(*args, **kwargs)
+    except SystemError as exc:
+        cause = exc.__context__ or exc.__cause__
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause from None
+        raise
 
 
 def _run_unit_task(payload: dict, provisioned: dict, node_id: str, cpus: float) -> dict:
