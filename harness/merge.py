@@ -72,6 +72,9 @@ SCHEMA = {
 
 def _read(path: Path, limit: int) -> bytes:
     """A file of an input run: a regular file (not a symbolic link), at most ``limit`` bytes."""
+    if path.is_symlink():
+        raise UserError(f"merge: {path}: a symbolic link; a run's files are read only as "
+                        "regular files")
     try:
         with open_regular(path) as fh:
             return read_regular(fh, limit)
