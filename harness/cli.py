@@ -325,8 +325,7 @@ def device_for(args, executor, place) -> devices.DeviceChoice:
     """``--device`` for the machines of one kind: on this machine as ``use_device`` decides;
     on a Ray cluster from the kind's nodes (a GPU only where every node of it has one)."""
     if executor.name == "local":
-        requested = args.device
-        return use_device(args) if requested in ("auto", "cuda", "cpu") else None
+        return use_device(args)
     kind = place or "every node"
     if args.device == "cpu":
         return devices.DeviceChoice("cpu", "cpu", "")
@@ -584,11 +583,13 @@ def _defaults_figure(run_dir: Path, backend: str, cells: list[Cell], defaults) -
 def _print_outcome(results: list[Result], run_dir: Path) -> int:
     wb = max((len(r.backend) for r in results), default=8)
     ws = max((len(r.spec) for r in results), default=20)
+    several = len({r.machine for r in results}) > 1
     for r in results:
         status = "ok" if r.passed else ("FAILED" if r.ok else r.record.status.value)
         detail = "" if r.passed else \
             f": {r.record.error or str(len(r.failures())) + ' checks failed'}"
-        print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{detail}")
+        where = f"  on {r.machine}" if several else ""
+        print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{where}{detail}")
     print(f"report: {run_dir / 'report.md'}")
     return 0 if all(r.passed for r in results) else 1
 
