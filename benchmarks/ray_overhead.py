@@ -37,6 +37,9 @@ def run(executor: str, out: Path, address: str | None, extra: list[str]) -> tupl
     wall = time.perf_counter() - started
     if proc.returncode not in (0, 1):
         sys.exit(f"{executor}: exit status {proc.returncode}\n{proc.stderr[-2000:]}")
+    for line in proc.stdout.splitlines():  # what did not pass, so a failure is not only a number
+        if not line.rstrip().endswith(" ok") and not line.startswith("report:"):
+            print(f"    {executor}: {line.strip()[:300]}", flush=True)
     return wall, proc.returncode
 
 

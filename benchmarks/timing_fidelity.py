@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends import protocol  # noqa: E402
-from harness.cli import default_threads  # noqa: E402
+from harness.options import default_threads  # noqa: E402
 from harness.envs import ensure_env, select  # noqa: E402
 from harness.runner import THREAD_VARIABLES  # noqa: E402
 from harness.spec import build_spec  # noqa: E402

@@ -158,7 +158,7 @@ def render_combined(run: dict, documents: list[dict], paths: list[str],
     rows = []
     for b in backends:
         row = [b]
-        for label, doc in by_kind.items():
+        for doc in by_kind.values():
             recs = [r for r in doc["results"] if r["backend"] == b]
             n_ok = sum(r["status"] == "ok" for r in recs)
             failed = sum(not c["passed"] for r in recs for c in _all_checks(r))

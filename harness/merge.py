@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -19,6 +21,8 @@ from . import report
 from .envs import UserError
 from .files import open_regular, read_regular
 from .machine_report import machine_dir, write_combined
+from .rundir import new_run_dir, point_latest, sweep_leftovers
+from .signals import hold_signals
 
 #: the most bytes of one input file that merge reads
 RESULTS_LIMIT = 256 << 20
@@ -189,3 +193,27 @@ def _carry(source: Path, target: Path) -> None:
         data = _read(source / name, limits[name.rsplit(".", 1)[1]])
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         (target / name).write_bytes(data)
+
+
+def merge_command(args) -> int:
+    """Merge run directories made on different machines into one run with the machine
+    dimension: exit 0 when every merged record passed, 1 when any failed, 2 for a bad input."""
+    sweep_leftovers()
+    place = new_run_dir(args.out)
+    try:
+        run = {"id": place.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "command": "python -m harness " + " ".join(sys.argv[1:]), "executor": "merge",
+               "merged": list(args.run)}
+        labels = merge(args.run, place.staging, run)
+        passed = all(r["passed"] for r in json.loads(
+            (place.staging / "results.json").read_text())["results"])
+    except BaseException:
+        place.discard()
+        raise
+    hold_signals()
+    place.publish()
+    if not args.out:
+        point_latest(place.final)
+    print(f"merged {len(labels)} machine runs: {', '.join(labels)}")
+    print(f"report: {place.final / 'report.md'}")
+    return 0 if passed else 1

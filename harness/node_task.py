@@ -22,7 +22,7 @@ from backends import protocol
 from backends.protocol import TimingRequest
 
 from .envs import ROOT, EnvError, discover
-from .executors import Unit, provision, start_unit
+from .executors import Unit, start_unit
 from .files import open_regular, read_regular
 from .machine import this_machine
 from .runner import MAX_RECORD_BYTES, THREAD_VARIABLES, keep_log

@@ -75,9 +75,9 @@ class RayExecutor:
                 if address:
                     ray.init(address=address, log_to_driver=False,
                              logging_level=logging.WARNING)
-                else:
-                    ray.init(log_to_driver=False, logging_level=logging.WARNING,
-                             include_dashboard=False)
+                else:  # "local": a new instance, never one some other run started here
+                    ray.init(address="local", log_to_driver=False,
+                             logging_level=logging.WARNING, include_dashboard=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UserError(f"--ray-address {address or '(a local instance)'}: cannot "
                                 f"connect to a Ray cluster ({exc})") from None
@@ -169,8 +169,9 @@ class RayExecutor:
             max_retries=0).remote(unit_payload(unit, self.seed, os.getpid()),
                                   provisioned[key], node_id, cpus)
         where = f" ({unit.placement})" if unit.placement else ""
-        self.progress(f"[{unit.backend.name}] {'timing repeat ' + str(unit.repeat + 1) + ' ' if unit.repeat else ''}"
-                      f"on node {node_id[:8]} at {node.get('NodeManagerAddress', '?')}{where}"
+        repeat = f"timing repeat {unit.repeat + 1} " if unit.repeat else ""
+        address = node.get("NodeManagerAddress", "?")
+        self.progress(f"[{unit.backend.name}] {repeat}on node {node_id[:8]} at {address}{where}"
                       + (f", {cpus:g} CPUs held (timed: the node to itself)" if unit.timing
                          else "") + (f"; retry: {why}" if why else ""))
         return {ref: (unit, node, attempt, why)}

@@ -502,10 +502,16 @@ def _timing_method(run: dict, environments: dict) -> str:
             "`inference`: forward in inference mode. `train`: forward in training mode, the "
             "loss sum(output * C), backward with every gradient materialized, and a plain SGD "
             "update (lr 1e-3).\n"
-            f"- Depth `{t['depth']}`; {t['threads']} intra-op threads for every framework "
+            f"- Depth `{t['depth']}`; "
+            + (f"{t['threads']} intra-op threads" if t["threads"] else
+               "as many intra-op threads as the CPUs each unit holds on its Ray node")
+            + " for every framework "
             "(also OMP/MKL/OpenBLAS variables, set before the framework is imported); TF32 "
-            f"{'allowed' if t['tf32'] else 'off'}; one backend timed at a time, never two "
-            "workers at once" + (f"; {t['repeats']} processes per backend in alternating order"
+            f"{'allowed' if t['tf32'] else 'off'}; "
+            + ("on each Ray node one timed unit at a time, holding every CPU of the node"
+               if run.get("executor") == "ray" else
+               "one backend timed at a time, never two workers at once")
+            + (f"; {t['repeats']} processes per backend in alternating order"
                                  if t["repeats"] > 1 else "") + ".\n"
             "- The NumPy reference is not timed: it is the numerical reference, not a "
             "competitor.\n\n")

@@ -54,7 +54,7 @@ def test_units_ran_on_the_node_of_their_kind(two_kinds):
         doc = _kind_document(out, kind)
         assert {u["node_id"] for u in doc["units"]} == {node.node_id}
         assert len(doc["units"]) == 3  # numpy, torch, torch's timing repeat
-        for name, env in doc["environments"].items():
+        for env in doc["environments"].values():
             pids = env["launch"]["pids"]
             assert env["launch"]["node_id"] == node.node_id and env["placement"] == kind
             assert pids["worker_parent"] == pids["task"] != pids["driver"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from unit_helpers import PYTHON, ROOT
 
-from harness import analysis, cli, devices, envs
+from harness import analysis, cli, compare, devices, envs, provisioning, rundir
 from harness.envs import UserError
 from tests.fakes import gpu_adapter
 
@@ -176,7 +176,7 @@ def harness(*args) -> tuple[int, str, str]:
 def isolated(tmp_path, monkeypatch):
     """Environments and reports under tmp_path, so that a test can show nothing was made."""
     monkeypatch.setenv("HARNESS_ENV_DIR", str(tmp_path / "envs"))
-    monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path / "reports")
     return tmp_path
 
 
@@ -313,7 +313,7 @@ def test_a_cuda_run_with_a_gpu_backend_and_a_cpu_only_one(machine, isolated, mon
                                                           ("eager", "train")}
     assert all(t["memory_peak"] == gpu_adapter.PEAK_BYTES for t in timings)
     assert all(len(t["process_medians_s"]) == 2 for t in timings)  # a repeat on the GPU too
-    assert gluon["done"]["roofline"]["batch"] == cli.ROOFLINE_N["cuda"]  # the GPU's size
+    assert gluon["done"]["roofline"]["batch"] == compare.ROOFLINE_N["cuda"]  # the GPU's size
     running_var = [c for c in gluon_result["checks"]
                    if c["check"] == f"1.running_var_{analysis.RUNNING_STAT}"]
     assert len(running_var) == 1 and running_var[0]["passed"], gluon_result["checks"]
@@ -360,7 +360,7 @@ def test_setup_device_cuda_provisions_the_gpu_builds_ahead(machine, isolated, mo
     (folder / "requirements-cuda.txt").write_text(index.requirements())
     toy = envs.Backend("toy", folder, "Toy", {}, sizes={
         "cuda": envs.DeclaredSize("a test's own number", disk_gb=0.03)})
-    monkeypatch.setattr(cli, "select", lambda names: [toy])
+    monkeypatch.setattr(provisioning, "select", lambda names: [toy])
     try:
         rc, out, err = harness("setup", "--device", "cuda")
     finally:

@@ -14,7 +14,7 @@ import pytest
 from unit_helpers import PYTHON, dense_spec, quiet
 
 from backends.protocol import failed_record
-from harness import analysis, cli, report
+from harness import analysis, cli, report, rundir
 from harness.runner import BackendRun, run_worker
 
 RUN = {"id": "test-run", "started": "2026-01-01 00:00:00 UTC", "device": "cpu",
@@ -150,14 +150,14 @@ def test_write_run_writes_both_files(tmp_path, numpy_run, numpy_session_run, num
 
 def test_point_latest_follows_the_newest_run(tmp_path, monkeypatch):
     """reports/latest is a relative symlink to the newest run, replaced on each call."""
-    monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path)
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path)
     first, second = tmp_path / "20260101-000000", tmp_path / "20260101-000001"
     first.mkdir()
     second.mkdir()
-    cli.point_latest(first)
+    rundir.point_latest(first)
     latest = tmp_path / "latest"
     assert latest.is_symlink() and latest.resolve() == first.resolve()
-    cli.point_latest(second)
+    rundir.point_latest(second)
     assert latest.is_symlink() and os.readlink(latest) == second.name
     assert latest.resolve() == second.resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name, "latest"]
@@ -165,12 +165,12 @@ def test_point_latest_follows_the_newest_run(tmp_path, monkeypatch):
 
 def test_point_latest_recovers_from_a_stale_temporary_link(tmp_path, monkeypatch):
     """A temporary link left by an interrupted run does not stop the next one."""
-    monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path)
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path)
     run = tmp_path / "r1"
     run.mkdir()
     stale = tmp_path / f".latest.{os.getpid()}.tmp"
     stale.symlink_to("gone")
-    cli.point_latest(run)
+    rundir.point_latest(run)
     assert (tmp_path / "latest").resolve() == run.resolve()
     assert not stale.is_symlink()
 
@@ -178,17 +178,17 @@ def test_point_latest_recovers_from_a_stale_temporary_link(tmp_path, monkeypatch
 def test_new_run_dir_never_reuses_a_run(tmp_path, monkeypatch):
     """Two runs in the same second get distinct directories under reports/: a finished one,
     and one still being written (its hidden staging directory reserves the id)."""
-    monkeypatch.setattr(cli, "REPORTS_DIR", tmp_path)
-    monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20260101-000000")
-    first = cli.new_run_dir(None)
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path)
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt, *a: "20260101-000000")
+    first = rundir.new_run_dir(None)
     assert first.staging.is_dir() and not first.final.exists()
-    second = cli.new_run_dir(None)  # the first is still being written
+    second = rundir.new_run_dir(None)  # the first is still being written
     assert (first.run_id, second.run_id) == ("20260101-000000", "20260101-000000-2")
     first.publish()
     assert first.final.is_dir() and not first.staging.exists()
-    third = cli.new_run_dir(None)
+    third = rundir.new_run_dir(None)
     assert third.run_id == "20260101-000000-3"
-    explicit = cli.new_run_dir(str(tmp_path / "mine"))
+    explicit = rundir.new_run_dir(str(tmp_path / "mine"))
     assert explicit.final == tmp_path / "mine" and explicit.run_id == "mine"
     assert not explicit.final.exists()
 
@@ -199,7 +199,7 @@ def test_reused_out_is_replaced_whole(tmp_path):
     (out / "logs").mkdir(parents=True)
     (out / "results.json").write_text("earlier run")
     (out / "logs" / "torch.log").write_text("earlier run")
-    place = cli.new_run_dir(str(out))
+    place = rundir.new_run_dir(str(out))
     (place.staging / "report.md").write_text("new")
     place.publish()
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
@@ -214,7 +214,7 @@ def test_out_holding_other_files_is_never_replaced(tmp_path):
     (out / "chapter1.tex").write_text("keep me")
     (out / "report.md").write_text("keep me too")
     with pytest.raises(cli.UserError, match="chapter1.tex"):
-        cli.new_run_dir(str(out))
+        rundir.new_run_dir(str(out))
     assert sorted(p.name for p in out.iterdir()) == ["chapter1.tex", "report.md"]
     assert [p.name for p in tmp_path.iterdir()] == ["thesis"]
 
