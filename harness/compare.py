@@ -253,7 +253,7 @@ def _compare(args, specs, backends, overrides, place: RunDir, choices: dict,
             if len(runs) > 1:
                 run.update(id=f"{run_id} on {mr.label}", machine=mr.label)
             documents.append(_write_machine_run(here, run, specs, backends, mr))
-            results += [c.result for c in mr.cells]
+            results += [(mr.label, c.result) for c in mr.cells]
     if len(runs) > 1:
         run = _run_record(args, run_id, next(iter(choices.values())))
         run["machine_kinds"] = [mr.label for mr in runs]
@@ -265,7 +265,7 @@ def _compare(args, specs, backends, overrides, place: RunDir, choices: dict,
     place.publish()
     if not args.out:
         point_latest(place.final)
-    return _print_outcome(results, place.final)
+    return _print_outcome(results, place.final, several=len(runs) > 1)
 
 
 def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun") -> dict:
@@ -384,18 +384,19 @@ def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
             env.log = f"logs/{name}.log"
 
 
-def _print_outcome(results: list[Result], run_dir: Path) -> int:
-    wb = max((len(r.backend) for r in results), default=8)
-    ws = max((len(r.spec) for r in results), default=20)
-    several = len({r.machine for r in results}) > 1
-    for r in results:
+def _print_outcome(results: list[tuple[str, Result]], run_dir: Path, several: bool) -> int:
+    """One line per (spec, backend), with its machine kind when there are several; the exit
+    status: 0 when everything passed, else 1."""
+    wb = max((len(r.backend) for _, r in results), default=8)
+    ws = max((len(r.spec) for _, r in results), default=20)
+    for kind, r in results:
         status = "ok" if r.passed else ("FAILED" if r.ok else r.record.status.value)
         detail = "" if r.passed else \
             f": {r.record.error or str(len(r.failures())) + ' checks failed'}"
-        where = f"  on {r.machine}" if several else ""
+        where = f"  on {kind}" if several else ""
         print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{where}{detail}")
     print(f"report: {run_dir / 'report.md'}")
-    return 0 if all(r.passed for r in results) else 1
+    return 0 if all(r.passed for _, r in results) else 1
 
 
 def check_specs(args) -> int:
