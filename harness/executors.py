@@ -98,8 +98,10 @@ def finish_backend_run(run: BackendRun, result: WorkerResult) -> None:
 
 def failed_outcome(unit: Unit, run: BackendRun, error: str, machine: Machine,
                    log: Path) -> UnitOutcome:
-    """Every spec of the unit failed with ``error`` (its environment, or its node, failed)."""
+    """Every spec of the unit failed with ``error`` (its environment, or its node, failed);
+    the records still name a machine (the node's id where nothing more is known)."""
     run.error = error
+    run.machine = run.machine or machine.label
     return UnitOutcome(unit, run, _failed_all(unit.backend.name, unit.specs, log, error), machine)
 
 

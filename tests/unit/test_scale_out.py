@@ -235,3 +235,58 @@ def test_the_ray_executor_without_ray_is_one_line(tmp_path):
                                    "interpreter; install the extra: python -m pip install -e "
                                    "'.[ray]'")
     assert not (tmp_path / "o").exists()
+
+
+class _FakeRay:
+    """Stands for Ray's API where a unit's task was lost with its node (no Ray needed)."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayTaskError(RayError):
+            pass
+
+        class TaskCancelledError(RayError):
+            pass
+
+        class NodeDiedError(RayError):
+            pass
+
+    def __init__(self, alive):
+        self.alive = alive
+
+    def get(self, ref):
+        raise self.exceptions.NodeDiedError("the node died")
+
+    def nodes(self):
+        return self.alive
+
+
+@pytest.mark.parametrize("others", [[], ["b" * 56]])
+def test_a_lost_unit_runs_once_more_elsewhere_else_fails_naming_its_node(numpy_reply,
+                                                                         tmp_path, others):
+    """A task lost with its node: retried on another alive node of its kind (once: a retry
+    that is lost too fails), else a failed record that names the node."""
+    unit, _, _ = numpy_reply
+    unit = copy.copy(unit)
+    unit.placement = "accelerator_type:X"
+    alive = [{"NodeID": n, "Alive": True, "Resources": {"CPU": 2, unit.placement: 1}}
+             for n in ["a" * 56, *others]]
+    executor = object.__new__(RayExecutor)
+    executor.ray, executor.lost, executor.work = _FakeRay(alive), set(), tmp_path
+    outcome, retry = executor._receive("ref", unit, alive[0], 0, None)
+    if others:
+        assert outcome is None and retry[0]["NodeID"] == "b" * 56
+        assert retry[1].startswith(f"node {'a' * 8} at ? was lost mid-unit (NodeDiedError)")
+        outcome, again = executor._receive("ref", unit, retry[0], 1, retry[1])
+        assert again is None  # one retry only
+        assert "node bbbbbbbb at ? was lost" in outcome.run.error
+        assert "and before that: node aaaaaaaa" in outcome.run.error
+    else:
+        assert retry is None
+        assert outcome.run.error == (f"node {'a' * 8} at ? was lost mid-unit (NodeDiedError); "
+                                     "no other node of its kind to retry on")
+    record = outcome.result.records[0]
+    assert record.status.value != "ok" and "lost mid-unit" in record.error
+    assert outcome.run.machine == f"unknown/{outcome.machine.node_id[:8]}"
