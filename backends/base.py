@@ -49,7 +49,7 @@ from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
 
-from backends.protocol import ParamRecord, Plan, PlanNode
+from backends.protocol import CompileCounts, ParamRecord, Plan, PlanNode
 
 PARAM_ROLES = {
     "dense": ("weight", "bias"),
@@ -671,7 +671,7 @@ class BaseAdapter:
         return {"eager": "eager"}
 
     def step(self, model: Any, phase: str, mode: str, x: Any, cotangent: Any,
-             lr: float) -> Callable[[], Any]:
+             lr: float) -> Callable[[], Any] | CompiledStep:
         """A function doing one step of ``phase`` in ``mode`` on device-resident inputs and
         returning a device-resident value that ``block`` waits on (nothing copied to the host):
 
@@ -680,7 +680,10 @@ class BaseAdapter:
           every gradient materialized, and a plain SGD update ``p -= lr * grad`` of every
           trainable parameter; returns something that is ready only once the update is done.
 
-        Building it may compile nothing yet: its first call pays for tracing and compilation."""
+        For every mode but ``eager``, a ``CompiledStep``: that function and the framework's own
+        counts of what its compiler did for it (the witness that it compiled). Building it
+        compiles nothing yet, and no compiler state of an earlier step may carry over (a
+        process-wide cache or limit): its first call pays for tracing and compilation."""
         raise NotImplementedError
 
     def matmul(self, n: int) -> Callable[[], Any]:
@@ -712,3 +715,19 @@ class SavedFile:
     path: str
     format: str
     names: list[str]
+
+
+@dataclass
+class CompiledStep:
+    """What ``step`` returns for a compiled mode. ``call`` does one step (as an eager step's
+    function does); ``counts()`` reads the framework's cumulative counts of what its compiler
+    did for this step (``protocol.CompileCounts``: the worker reads them before the first call,
+    after it and after the timed blocks, never inside a timed interval); ``conditions()``, read
+    after the calls, states what the framework says must hold for the step to be compiled
+    (``{"XLA must-compile set on the traced function": True}``). ``compiler`` names the API
+    (``torch.compile``), ``api`` what the counts are read from."""
+    call: Callable[[], Any]
+    counts: Callable[[], CompileCounts]
+    compiler: str
+    api: str
+    conditions: Callable[[], dict[str, bool]] = dict

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: bump when any record below changes shape; the parent refuses other versions
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Status(str, enum.Enum):
@@ -198,6 +198,48 @@ class MismatchRecord:
 
 
 @dataclass
+class CompileCounts:
+    """What a framework's compiler did during some calls of one compiled step, in the
+    framework's own counts (cumulative when an adapter reads them, differences in a
+    ``CompileWitness``). None: the framework has no such count. What each count is, per
+    framework, is in the README ("Compiled modes and their witness")."""
+    compiled: int = 0                  # programs made: graphs, traces, executables, CachedOps
+    traced: int | None = None          # frames or functions the compiler traced
+    recompiles: int | None = None      # a program made again for code it had compiled before
+    graph_breaks: int | None = None    # where the compiler split the code, running the rest eagerly
+    fallbacks: int | None = None       # code the compiler gave up on, run eagerly instead
+    cache_hits: int | None = None      # programs loaded from an on-disk cache instead of compiled
+    #: the framework's own words for each graph break or fallback (first line) -> how often
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def since(self, earlier: CompileCounts) -> CompileCounts:
+        """What happened between ``earlier`` and these (cumulative) counts."""
+        def minus(now, then):
+            return None if now is None or then is None else now - then
+        reasons = {k: n - earlier.reasons.get(k, 0) for k, n in self.reasons.items()}
+        return CompileCounts(self.compiled - earlier.compiled,
+                             minus(self.traced, earlier.traced),
+                             minus(self.recompiles, earlier.recompiles),
+                             minus(self.graph_breaks, earlier.graph_breaks),
+                             minus(self.fallbacks, earlier.fallbacks),
+                             minus(self.cache_hits, earlier.cache_hits),
+                             {k: n for k, n in reasons.items() if n > 0})
+
+
+@dataclass
+class CompileWitness:
+    """A compiled step's own account of itself, read from the framework (``api``): what its
+    compiler (``compiler``, e.g. ``torch.compile``) did at the first call and over every later
+    call (warm-up and timed blocks), and conditions the framework states about the step, each
+    True or False (e.g. ``XLA must-compile set on the traced function``)."""
+    compiler: str
+    api: str
+    first_call: CompileCounts
+    later_calls: CompileCounts
+    conditions: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
 class TimingRecord:
     """One timed step: raw block times (seconds) of ``number`` calls each. ``first_call_s``
     is the first call alone (tracing and compilation included for compiled modes)."""
@@ -210,6 +252,7 @@ class TimingRecord:
     warmup_calls: int = 0
     memory_peak: int | None = None   # bytes of device memory at the peak (GPU only)
     error: str | None = None
+    witness: CompileWitness | None = None  # compiled modes: what the framework says it did
 
 
 @dataclass

@@ -35,12 +35,16 @@ class Measurement:
 
 
 def measure(fn: Callable[[], Any], block: Callable[[Any], None], budget,
-            clock: Callable[[], float] = time.perf_counter) -> Measurement:
+            clock: Callable[[], float] = time.perf_counter,
+            after_first_call: Callable[[], None] | None = None) -> Measurement:
     """Time ``fn`` (one step, returning a value ``block`` waits on) within ``budget`` (a
-    ``protocol.Budget``)."""
+    ``protocol.Budget``). ``after_first_call`` runs once between the first call and the
+    warm-up, outside every timed interval (the worker reads a compiled step's counts there)."""
     t0 = clock()
     block(fn())
     first = clock() - t0
+    if after_first_call is not None:
+        after_first_call()
 
     calls, start = 0, clock()
     while calls < budget.warmup_calls or clock() - start < budget.warmup_s:

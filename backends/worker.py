@@ -18,7 +18,9 @@ Per plan (task ``compare``), each phase failing on its own (a ``PhaseError``) wh
 go on: build, inspect, first forward (lazy inference), inspect, initialize, inspect and values;
 with the probe parameters: the numerics forward; the gradient pass (training mode); native save
 and load into a fresh model; timing (every mode x phase x batch, and each compiled mode's output
-for the numerics check); a forward with an input of another width.
+for the numerics check, and each compiled mode's witness: the framework's counts of what its
+compiler did at the first call and in every call after it); a forward with an input of another
+width.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from backends import protocol, timer
-from backends.base import owned_params
-from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, GradientRecord,
-                               MismatchRecord, PhaseError, Plan, Request,
+from backends.base import CompiledStep, owned_params
+from backends.protocol import (CompileWitness, DoneRecord, EnvironmentRecord, FatalRecord,
+                               GradientRecord, MismatchRecord, PhaseError, Plan, Request,
                                SaveLoadRecord, SpecRecord, Status, TimingRecord)
 
 
@@ -206,8 +208,18 @@ class _Spec:
                     try:
                         x, c = inputs[b]
                         fn = a.step(model, phase, mode, x, c, t.lr)
+                        compiled = fn if isinstance(fn, CompiledStep) else None
+                        if compiled is not None:
+                            fn, counts = compiled.call, [compiled.counts()]
                         a.reset_memory_peak()
-                        m = timer.measure(fn, a.block, t.budget)
+                        m = timer.measure(fn, a.block, t.budget, after_first_call=None if
+                                          compiled is None else
+                                          lambda: counts.append(compiled.counts()))
+                        if compiled is not None:
+                            counts.append(compiled.counts())
+                            timing.witness = CompileWitness(
+                                compiled.compiler, compiled.api, counts[1].since(counts[0]),
+                                counts[2].since(counts[1]), compiled.conditions())
                         timing.number, timing.block_times = m.number, m.block_times
                         timing.first_call_s, timing.warmup_calls = m.first_call_s, m.warmup_calls
                         timing.memory_peak = a.memory_peak()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.protocol import ParamRecord, SpecRecord, Status, TimingRecord, encode
+from backends.protocol import (CompileCounts, CompileWitness, ParamRecord, SpecRecord, Status,
+                               TimingRecord, encode)
 
 from .initializers import Expectation
 from .spec import ParamSpec, Spec
@@ -38,6 +39,8 @@ TRAIN_OUTPUT = "training-mode output vs reference"
 RUNNING_STAT = "running statistic after one training step"  # subject: the buffer
 SAVE_LOAD = "save/load round trip"
 PHASE = "phase ran"                         # subject: the phase
+COMPILED = "compiled mode compiled"         # subject: "<mode> <phase> batch <b>"
+EAGER = "eager"                             # the mode every other mode is judged against
 # per-parameter checks (the value checks are named in harness.stats and harness.initializers)
 SHAPE, SHARED_WITH, TRAINABLE, VALUES = "shape", "shared_with", "trainable", "values"
 
@@ -73,12 +76,38 @@ class ParamResult:
 
 
 @dataclass
+class CompiledVerdict:
+    """A compiled mode's timing of one phase and batch, judged by its witness, and, only where
+    the witness holds, what it buys against the eager mode at the same phase and batch.
+
+    ``compile_s`` is the compiled first call minus the eager first call (what compiling adds
+    to the first call); ``saving_s`` the eager median minus the compiled median (per call);
+    ``break_even_calls`` is compile_s / saving_s, where both are positive: after about that
+    many calls the compiled mode has paid for its compilation."""
+    mode: str
+    phase: str
+    batch: int
+    compiler: str | None              # the framework's compiler API (None: no witness)
+    compiled: bool                    # the witness holds
+    reasons: list[str] = field(default_factory=list)   # why not, in plain words
+    graph_breaks: int | None = None   # at the first call
+    speedup: float | None = None      # eager median / compiled median
+    compile_s: float | None = None
+    saving_s: float | None = None
+    break_even_calls: float | None = None
+
+    def to_json(self) -> dict:
+        return encode(self)
+
+
+@dataclass
 class TimingResult:
     """One timed step with its statistics and what they mean for this spec."""
     record: TimingRecord
     stats: TimingStats | None
     flops: float                      # per call (train: 3 x forward, the usual convention)
     processes: list[float] = field(default_factory=list)  # medians of every process (repeats)
+    verdict: CompiledVerdict | None = None  # a compiled mode: did it compile, what it buys
 
     @property
     def throughput(self) -> float | None:
@@ -92,7 +121,8 @@ class TimingResult:
     def to_json(self) -> dict:
         return {**encode(self.record), "stats": self.stats.to_json() if self.stats else None,
                 "flops_per_call": self.flops, "samples_per_s": self.throughput,
-                "gflops_per_s": self.gflops, "process_medians_s": self.processes}
+                "gflops_per_s": self.gflops, "process_medians_s": self.processes,
+                "compiled_verdict": self.verdict.to_json() if self.verdict else None}
 
 
 @dataclass
@@ -142,6 +172,10 @@ class Result:
             out += [f"{p.name} {c.label}: observed {_brief(c.observed)}, expected "
                     f"{_brief(c.expected)} ({c.detail})" for c in p.checks if not c.passed]
         return out
+
+    @property
+    def compiled_verdicts(self) -> list[CompiledVerdict]:
+        return [t.verdict for t in self.timings if t.verdict is not None]
 
     @property
     def n_checks(self) -> int:
@@ -317,7 +351,8 @@ def _gradient_checks(result: Result, spec: Spec, arrays: dict, ref: dict,
 
 def analyze_timings(results: list[Result], specs: list[Spec]) -> None:
     """Statistics of every timed step, grouped with the same step timed in repeat processes
-    (``Result.timings``; the first process's blocks give the row's statistics)."""
+    (``Result.timings``; the first process's blocks give the row's statistics); each compiled
+    mode judged by its witness (a ``COMPILED`` check) and, where that holds, against eager."""
     by_spec = {s.name: s for s in specs}
     for r in results:
         spec = by_spec[r.spec]
@@ -326,15 +361,89 @@ def analyze_timings(results: list[Result], specs: list[Spec]) -> None:
             forward = spec.flops_per_sample * t.batch
             r.timings.append(TimingResult(t, stats, forward * (3 if t.phase == "train" else 1),
                                           [stats.median] if stats else []))
+        eager = {(t.record.phase, t.record.batch): t for t in r.timings
+                 if t.record.mode == EAGER}
+        for t in r.timings:
+            if t.record.mode != EAGER:
+                t.verdict = compiled_verdict(t, eager.get((t.record.phase, t.record.batch)))
+                r.checks.append(_compiled_check(t.record, t.verdict.reasons))
+
+
+def witness_failures(witness: CompileWitness | None, error: str | None = None) -> list[str]:
+    """Why a compiled mode's timing is not the timing of a compiled step, in plain words
+    (empty: its witness holds). It holds when the framework says its compiler made at least
+    one program at the first call without falling back to eager, made nothing after it (in
+    the warm-up and the timed blocks), and every condition it states is true."""
+    if error:
+        return [f"the step failed, so nothing shows it compiled: {error}"]
+    if witness is None:
+        return ["no witness: the adapter reports no compile counts for this mode, so nothing "
+                "shows that it compiled"]
+    name, first, later = witness.compiler, witness.first_call, witness.later_calls
+    out = []
+    if first.fallbacks:
+        out.append(f"{name} fell back to eager at the first call: {_reasons(first)}")
+    if first.compiled <= 0:
+        out.append(f"{name} compiled nothing at the first call"
+                   + (f" ({first.traced} traced)" if first.traced is not None else ""))
+    again = [f"{n} {what}" for n, what in ((later.compiled, "programs compiled"),
+                                           (later.recompiles, "recompilations"),
+                                           (later.fallbacks, "fallbacks to eager")) if n]
+    if again or later.traced:
+        out.append(f"{name} compiled again after the first call, in the warm-up or the timed "
+                   f"blocks: {', '.join(again) or f'{later.traced} traced'}"
+                   + (f" ({_reasons(later)})" if later.reasons else ""))
+    out += [f"{name}: {condition}: no" for condition, held in witness.conditions.items()
+            if not held]
+    return out
+
+
+def _reasons(counts: CompileCounts) -> str:
+    return "; ".join(f"{reason} (x{n})" if n > 1 else reason
+                     for reason, n in counts.reasons.items()) or "no reason given"
+
+
+def compiled_verdict(t: TimingResult, eager: TimingResult | None) -> CompiledVerdict:
+    """``t`` (a compiled mode's row) judged by its witness and, where that holds and both rows
+    have statistics, compared with ``eager`` (the same phase and batch)."""
+    rec, witness = t.record, t.record.witness
+    reasons = witness_failures(witness, rec.error)
+    verdict = CompiledVerdict(rec.mode, rec.phase, rec.batch,
+                              witness.compiler if witness else None, not reasons, reasons,
+                              witness.first_call.graph_breaks if witness else None)
+    if reasons or eager is None or eager.stats is None or t.stats is None:
+        return verdict
+    verdict.speedup = eager.stats.median / t.stats.median
+    verdict.saving_s = eager.stats.median - t.stats.median
+    if rec.first_call_s is not None and eager.record.first_call_s is not None:
+        verdict.compile_s = rec.first_call_s - eager.record.first_call_s
+        if verdict.compile_s > 0 and verdict.saving_s > 0:
+            verdict.break_even_calls = verdict.compile_s / verdict.saving_s
+    return verdict
+
+
+def _compiled_check(rec: TimingRecord, reasons: list[str]) -> Check:
+    return Check(COMPILED, not reasons, "; ".join(reasons) or "compiled at the first call, "
+                 "nothing compiled after it", "compiled at the first call, nothing compiled "
+                 "after it", "the framework's own compile counts for this step",
+                 f"{rec.mode} {rec.phase} batch {rec.batch}")
 
 
 def add_repeat(result: Result, record: SpecRecord) -> None:
-    """Fold a repeat process's timings of the same spec into ``result``'s rows."""
+    """Fold a repeat process's timings of the same spec into ``result``'s rows; a compiled
+    mode whose witness fails in the repeat fails its check there too."""
     for t in record.timings:
         row = next((x for x in result.timings if (x.record.mode, x.record.phase,
                                                   x.record.batch) == (t.mode, t.phase, t.batch)),
                    None)
         stats = timing_stats(t.block_times, t.number) if not t.error else None
+        if t.mode != EAGER:
+            reasons = witness_failures(t.witness, t.error)
+            if reasons:
+                check = _compiled_check(t, reasons)
+                check.subject += " (a repeat process)"
+                result.checks.append(check)
+                continue  # its median is not a compiled one
         if row is not None and stats is not None:
             row.processes.append(stats.median)
 

@@ -42,9 +42,7 @@ class Adapter(TorchDevices, KerasAdapter):
         v = self.torch.__version__
         return {"eager": f"Model.__call__ + loss.backward() (torch {v} eager)",
                 "compiled": f"torch.compile(the whole step, dynamic=False), torch {v}, as "
-                            "Keras's jit_compile=True; Keras code breaks the graph (training "
-                            "BatchNormalization, layers after a ZeroPadding2D): those frames "
-                            "run eagerly"}
+                            "Keras's jit_compile=True"}
 
     def step(self, model, phase, mode, x, cotangent, lr):
         """Keras's PyTorch training loop: the call, ``loss.backward()``, an in-place SGD update
@@ -74,6 +72,7 @@ class Adapter(TorchDevices, KerasAdapter):
                 net.zero_grad()
                 return loss.detach()
             args = (x, cotangent)
-        if mode == "compiled":
-            fn = torch.compile(fn, dynamic=False)
-        return lambda: fn(*args)
+        if mode == "eager":
+            return lambda: fn(*args)
+        compiled = self.torch_compile(fn, dynamic=False)
+        return self.compiled_step(lambda: compiled(*args))

@@ -23,11 +23,9 @@ NATIVE_INITS = {"constant", "zeros", "ones", "eye", "dirac", "uniform", "normal"
 
 @dataclass
 class _Model:
-    """A built plan: the ``nn.Sequential`` tree, the plan it came from, and its
-    ``torch.compile`` once a compiled step has asked for it."""
+    """A built plan: the ``nn.Sequential`` tree and the plan it came from."""
     net: Any
     plan: Plan
-    compiled: Any = None
 
 
 class Adapter(TorchDevices, base.BaseAdapter):
@@ -217,20 +215,17 @@ class Adapter(TorchDevices, base.BaseAdapter):
         return {"eager": "nn.Module.__call__ (eager)",
                 "compiled": f"torch.compile(module) (inductor), torch {self.torch.__version__}"}
 
-    def _compiled(self, model):
-        if getattr(model, "compiled", None) is None:
-            model.compiled = self.torch.compile(model.net)
-        return model.compiled
-
     def step(self, model, phase, mode, x, cotangent, lr):
+        """``compiled``: the same step around ``torch.compile(module)``, made for this step."""
         torch = self.torch
-        net = model.net if mode == "eager" else self._compiled(model)
+        compiled = mode != "eager"
+        net = self.torch_compile(model.net) if compiled else model.net
         model.net.train(phase == "train")
         if phase == "inference":
             def infer():
                 with torch.no_grad():
                     return net(x)
-            return infer
+            return self.compiled_step(infer) if compiled else infer
         params = [r.handle for r in self._trainable(model)]
 
         def train():
@@ -241,7 +236,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
             for p in params:
                 p.grad = None
             return loss
-        return train
+        return self.compiled_step(train) if compiled else train
 
     def matmul(self, n):
         a, b = (self.torch.randn(n, n, device=self.device) for _ in range(2))
