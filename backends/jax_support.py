@@ -1,5 +1,6 @@
 """What every backend running on JAX (flax, keras_jax) does the same way: the environment JAX
-reads at import, its devices, its precision, and waiting for its asynchronous dispatch.
+reads at import, its devices, its precision, waiting for its asynchronous dispatch, and
+``jax.jit`` steps with JAX's own compile events as the witness that they compiled.
 
 A mixin for ``BaseAdapter`` subclasses: put it first among the bases. Standard library only;
 JAX is imported by ``import_jax``, from the adapter's ``import_framework``.
@@ -7,11 +8,22 @@ JAX is imported by ``import_jax``, from the adapter's ``import_framework``.
 
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import sys
 from importlib.metadata import version
 from pathlib import Path
+
+from backends.base import CompiledStep
+from backends.protocol import CompileCounts
+
+#: jax.monitoring events (jax/_src/dispatch.py, compiler.py): a jaxpr traced, an XLA executable
+#: made (compiled, or loaded from the persistent compilation cache), a persistent-cache hit
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+JAX_COUNTS = f"jax.monitoring events {TRACE_EVENT}, {COMPILE_EVENT}, {CACHE_HIT_EVENT}"
 
 
 class JaxDevices:
@@ -40,12 +52,35 @@ class JaxDevices:
         import jax
 
         self.jax = jax
+        self._jax_events = collections.Counter()
+        jax.monitoring.register_event_listener(self._count_jax_event)
+        jax.monitoring.register_event_duration_secs_listener(self._count_jax_event)
         jax.config.update("jax_compilation_cache_dir", str(_cache_dir()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         self.settings["applied"]["jax_compilation_cache_dir"] = \
             jax.config.jax_compilation_cache_dir
         return {"jax": jax.__version__, "jaxlib": version("jaxlib")}
+
+    def _count_jax_event(self, event, *_, **__):
+        self._jax_events[event] += 1
+
+    def jitted_step(self, call) -> CompiledStep:
+        """``call`` (a step that runs a ``jax.jit`` function made for it) with JAX's own
+        compile events as its witness."""
+        return CompiledStep(call, self.jax_counts, "jax.jit", JAX_COUNTS, self._jit_conditions)
+
+    def jax_counts(self) -> CompileCounts:
+        """JAX's compile events so far (read around one step's calls, while nothing else
+        compiles): XLA executables made, jaxprs traced, persistent-cache hits."""
+        events = self._jax_events
+        return CompileCounts(compiled=events[COMPILE_EVENT], traced=events[TRACE_EVENT],
+                             cache_hits=events[CACHE_HIT_EVENT])
+
+    def _jit_conditions(self) -> dict[str, bool]:
+        """``jax.disable_jit`` makes every jit run op by op (its primitives still compile)."""
+        return {"jax.config.jax_disable_jit is False (jit not turned off)":
+                not self.jax.config.jax_disable_jit}
 
     def visible_gpus(self):
         try:

@@ -209,21 +209,25 @@ class CompileCounts:
     graph_breaks: int | None = None    # where the compiler split the code, running the rest eagerly
     fallbacks: int | None = None       # code the compiler gave up on, run eagerly instead
     cache_hits: int | None = None      # programs loaded from an on-disk cache instead of compiled
-    #: the framework's own words for each graph break or fallback (first line) -> how often
-    reasons: dict[str, int] = field(default_factory=dict)
+    #: the framework's own words (first line) for each graph break, and for each fallback
+    graph_break_reasons: dict[str, int] = field(default_factory=dict)
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
 
     def since(self, earlier: CompileCounts) -> CompileCounts:
         """What happened between ``earlier`` and these (cumulative) counts."""
         def minus(now, then):
             return None if now is None or then is None else now - then
-        reasons = {k: n - earlier.reasons.get(k, 0) for k, n in self.reasons.items()}
+
+        def new(now: dict, then: dict) -> dict:
+            return {k: n - then.get(k, 0) for k, n in now.items() if n > then.get(k, 0)}
         return CompileCounts(self.compiled - earlier.compiled,
                              minus(self.traced, earlier.traced),
                              minus(self.recompiles, earlier.recompiles),
                              minus(self.graph_breaks, earlier.graph_breaks),
                              minus(self.fallbacks, earlier.fallbacks),
                              minus(self.cache_hits, earlier.cache_hits),
-                             {k: n for k, n in reasons.items() if n > 0})
+                             new(self.graph_break_reasons, earlier.graph_break_reasons),
+                             new(self.fallback_reasons, earlier.fallback_reasons))
 
 
 @dataclass

@@ -8,6 +8,8 @@ torch is imported by ``import_torch``, from the adapter's ``import_framework``.
 
 from __future__ import annotations
 
+import collections
+import logging
 import platform
 import re
 
@@ -15,8 +17,9 @@ from backends.base import CompiledStep
 from backends.protocol import CompileCounts
 
 #: what the torch witness reads
-DYNAMO_COUNTS = ("torch._dynamo.utils.counters (frames, stats.unique_graphs, graph_break, "
-                 "unimplemented, inductor.fxgraph_cache_hit) and guard_failures")
+DYNAMO_COUNTS = ("torch._dynamo.utils.counters (stats.unique_graphs, frames.total, graph_break, "
+                 "unimplemented, inductor.fxgraph_cache_hit), torch._dynamo.utils.guard_failures, "
+                 "and dynamo's warning when it hits a recompile limit")
 
 
 class TorchDevices:
@@ -28,6 +31,8 @@ class TorchDevices:
         import torch
 
         self.torch = torch
+        self._dynamo_limits = _DynamoLimits()
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(self._dynamo_limits)
         applied = self.settings["applied"]
         if self.settings.get("threads"):
             torch.set_num_threads(int(self.settings["threads"]))
@@ -67,7 +72,14 @@ class TorchDevices:
         return None
 
     def torch_compile(self, target, **options):
-        """``torch.compile(target, **options)``."""
+        """``torch.compile(target, **options)`` after ``torch.compiler.reset()``, so that no
+        compiler state of an earlier step carries over. Dynamo's caches and its recompile
+        limit are per code object and process-wide: every ``nn.Sequential`` forward (and every
+        Keras layer call) is one code object, so without the reset the ninth model compiled in
+        a process runs eagerly, silently ("hit config.recompile_limit (8)", torch 2.13).
+        ``reset`` is torch's own remedy ("as if you had started a fresh process"); inductor's
+        on-disk caches stay (the witness counts their hits)."""
+        self.torch.compiler.reset()
         return self.torch.compile(target, **options)
 
     def compiled_step(self, call) -> CompiledStep:
@@ -76,35 +88,49 @@ class TorchDevices:
         return CompiledStep(call, self.dynamo_counts, "torch.compile", DYNAMO_COUNTS)
 
     def dynamo_counts(self) -> CompileCounts:
-        """Dynamo's process-wide counters (read around one step's calls, while nothing else
+        """Dynamo's process-wide counts (read around one step's calls, while nothing else
         compiles): graphs compiled (``stats.unique_graphs``), frames it converted
         (``frames.total``), recompilations (one ``guard_failures`` entry each), graph breaks
-        (``graph_break``, and the frames it skipped as untraceable, ``unimplemented``: both
-        leave code to run eagerly between graphs), fallbacks (``unimplemented`` because a
-        recompile limit was reached: that code runs eagerly from then on), and FX graphs
-        inductor loaded from its on-disk cache."""
+        (``graph_break``, and frames it skipped as untraceable, ``unimplemented``: both leave
+        code to run eagerly between graphs), fallbacks (dynamo's warning that it hit a
+        recompile limit: that function runs eagerly from then on), and FX graphs inductor
+        loaded from its on-disk cache."""
         from torch._dynamo.utils import counters, guard_failures
 
-        reasons: dict[str, int] = {}
-        breaks = fallbacks = 0
+        breaks: dict[str, int] = {}
         for table in (counters["graph_break"], counters["unimplemented"]):
             for message, n in table.items():
                 key = _plain(message)
-                reasons[key] = reasons.get(key, 0) + n
-                if table is counters["unimplemented"] and "recompile limit" in key.lower():
-                    fallbacks += n
-                else:
-                    breaks += n
+                if "recompile limit" not in key.lower():  # counted as a fallback
+                    breaks[key] = breaks.get(key, 0) + n
+        fallbacks = dict(self._dynamo_limits.reasons)
         return CompileCounts(
             compiled=counters["stats"]["unique_graphs"], traced=counters["frames"]["total"],
-            recompiles=sum(len(v) for v in guard_failures.values()), graph_breaks=breaks,
-            fallbacks=fallbacks, cache_hits=counters["inductor"]["fxgraph_cache_hit"],
-            reasons=reasons)
+            recompiles=sum(len(v) for v in guard_failures.values()),
+            graph_breaks=sum(breaks.values()), fallbacks=sum(fallbacks.values()),
+            cache_hits=counters["inductor"]["fxgraph_cache_hit"], graph_break_reasons=breaks,
+            fallback_reasons=fallbacks)
+
+
+class _DynamoLimits(logging.Handler):
+    """Dynamo's warning "torch._dynamo hit config.recompile_limit (8)", counted by the function
+    it names (torch/_dynamo/convert_frame.py: the function runs eagerly from then on)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons: collections.Counter = collections.Counter()
+
+    def emit(self, record):
+        if str(record.msg).startswith("torch._dynamo hit config.") and \
+                isinstance(record.args, tuple) and len(record.args) >= 3:
+            limit, value, function = record.args[:3]
+            function = re.sub(r"\(\S*?site-packages/", "(", str(function))
+            self.reasons[f"torch._dynamo hit config.{limit} ({value}) for {function}"] += 1
 
 
 def _plain(message: str) -> str:
     """Dynamo's message in brief: its first line and the first sentence of its explanation
-    ("Dynamo recompile limit exceeded: ... (currently set to 8)")."""
+    ("Attempt to trace generator: Generators cannot be compiled directly ...")."""
     lines = str(message).strip().splitlines() or [""]
     explained = next((ln.strip().removeprefix("Explanation:").strip() for ln in lines[1:]
                       if ln.strip().startswith("Explanation:")), "")

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.protocol import (CompileCounts, CompileWitness, ParamRecord, SpecRecord, Status,
-                               TimingRecord, encode)
+from backends.protocol import CompileWitness, ParamRecord, SpecRecord, Status, TimingRecord, encode
 
 from .initializers import Expectation
 from .spec import ParamSpec, Spec
@@ -382,7 +381,8 @@ def witness_failures(witness: CompileWitness | None, error: str | None = None) -
     name, first, later = witness.compiler, witness.first_call, witness.later_calls
     out = []
     if first.fallbacks:
-        out.append(f"{name} fell back to eager at the first call: {_reasons(first)}")
+        out.append(f"{name} fell back to eager at the first call: "
+                   f"{_reasons(first.fallback_reasons)}")
     if first.compiled <= 0:
         out.append(f"{name} compiled nothing at the first call"
                    + (f" ({first.traced} traced)" if first.traced is not None else ""))
@@ -392,15 +392,16 @@ def witness_failures(witness: CompileWitness | None, error: str | None = None) -
     if again or later.traced:
         out.append(f"{name} compiled again after the first call, in the warm-up or the timed "
                    f"blocks: {', '.join(again) or f'{later.traced} traced'}"
-                   + (f" ({_reasons(later)})" if later.reasons else ""))
+                   + (f" ({_reasons(later.fallback_reasons)})" if later.fallback_reasons
+                      else ""))
     out += [f"{name}: {condition}: no" for condition, held in witness.conditions.items()
             if not held]
     return out
 
 
-def _reasons(counts: CompileCounts) -> str:
+def _reasons(reasons: dict[str, int]) -> str:
     return "; ".join(f"{reason} (x{n})" if n > 1 else reason
-                     for reason, n in counts.reasons.items()) or "no reason given"
+                     for reason, n in reasons.items()) or "no reason given"
 
 
 def compiled_verdict(t: TimingResult, eager: TimingResult | None) -> CompiledVerdict:

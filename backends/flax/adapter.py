@@ -466,12 +466,14 @@ class Adapter(JaxDevices, base.BaseAdapter):
         if compiled:
             fn = self.jax.jit(fn, donate_argnums=() if phase == "inference" else 0)
         if phase == "inference":
-            return lambda: fn(model.variables, x)
+            def infer():
+                return fn(model.variables, x)
+            return self.jitted_step(infer) if compiled else infer
 
         def train():
             model.variables, loss = fn(model.variables, x, cotangent, lr)
             return loss if compiled else model.variables
-        return train
+        return self.jitted_step(train) if compiled else train
 
     def matmul(self, n):
         a, b = (self.jax.random.normal(k, (n, n), self.jnp.float32)

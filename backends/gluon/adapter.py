@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends import base
-from backends.protocol import Plan
+from backends.protocol import CompileCounts, Plan
 
 #: Gluon's attribute for each canonical role (batch norm's affine pair is gamma / beta)
 NATIVE_ATTR = {"dense": {"weight": "weight", "bias": "bias"},
@@ -369,10 +369,11 @@ class Adapter(base.BaseAdapter):
     def to_numpy(self, value):
         return value.asnumpy()
 
-    def _use(self, model, mode):
+    def _use(self, model, mode, fresh=False):
         """Put the network in ``mode``: hybridized into a CachedOp with static memory and shapes
-        (``compiled``), or imperative again (``eager``); each switch drops the CachedOp."""
-        if model.mode != mode:
+        (``compiled``), or imperative again (``eager``); each switch (and ``fresh``) drops the
+        CachedOp."""
+        if model.mode != mode or fresh:
             if mode == "compiled":
                 model.net.hybridize(static_alloc=True, static_shape=True)
             else:
@@ -511,21 +512,43 @@ class Adapter(base.BaseAdapter):
         its momentum and wd default to 0 and ``step(1)`` keeps rescale_grad 1, so
         p -= lr * grad. It returns the updated weights (the same NDArrays every call)."""
         mx, net = self.mx, model.net
-        self._use(model, mode)
+        compiled = mode == "compiled"
+        self._use(model, mode, fresh=compiled)
         if phase == "inference":
-            return lambda: net(x)
-        params = [ref.handle for ref in self._trainable(model)]
-        trainer = mx.gluon.Trainer(params, "sgd", {"learning_rate": lr})
-        weights = [p.data(self.device) for p in params]
+            def step():
+                return net(x)
+        else:
+            params = [ref.handle for ref in self._trainable(model)]
+            trainer = mx.gluon.Trainer(params, "sgd", {"learning_rate": lr})
+            weights = [p.data(self.device) for p in params]
 
-        def train():
-            with mx.autograd.record(train_mode=True):
-                y = net(x)
-            y.backward(cotangent)
-            trainer.step(1)
-            return weights
-        return train
+            def step():
+                with mx.autograd.record(train_mode=True):
+                    y = net(x)
+                y.backward(cotangent)
+                trainer.step(1)
+                return weights
+        if not compiled:
+            return step
+        return base.CompiledStep(step, _cached_op_counter(net), "HybridBlock.hybridize",
+                                 "HybridBlock._cached_op (the CachedOp Gluon builds at the first "
+                                 "call) and HybridBlock._active",
+                                 lambda: {"hybridized (HybridBlock._active): every call runs "
+                                          "the CachedOp": bool(net._active)})
 
     def matmul(self, n):
         a, b = (self.mx.nd.random.normal(shape=(n, n), ctx=self.device) for _ in range(2))
         return lambda: self.mx.nd.dot(a, b)
+
+
+def _cached_op_counter(net):
+    """Counts of the CachedOps seen on ``net`` so far (Gluon builds one at the first call of a
+    hybridized block and keeps it: another one later means it was built again)."""
+    seen = []
+
+    def counts() -> CompileCounts:
+        op = net._cached_op
+        if op is not None and (not seen or seen[-1] is not op):
+            seen.append(op)
+        return CompileCounts(compiled=len(seen))
+    return counts

@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from backends import base
+from backends.protocol import CompileCounts
 
 #: canonical role -> the Keras variable attribute (``<attr>_initializer`` is its initializer)
 VARIABLE_ATTRS = {"weight": "kernel", "bias": "bias"}
@@ -236,9 +237,27 @@ class Adapter(base.BaseAdapter):
                     v.assign_sub(lr * g)
                 return loss
             args = (x, cotangent)
-        if mode != "eager":
-            fn = tf.function(fn, jit_compile=mode == "xla")
-        return lambda: fn(*args)
+        if mode == "eager":
+            return lambda: fn(*args)
+        xla = mode == "xla"
+        fn = tf.function(fn, jit_compile=xla)
+
+        def counts():
+            traces = fn.experimental_get_tracing_count()
+            return CompileCounts(compiled=traces, traced=traces)
+
+        def conditions():
+            held = {"tf.config.functions_run_eagerly() is False (tf.function not turned off)":
+                    not tf.config.functions_run_eagerly()}
+            if xla:  # TensorFlow compiles a must-compile function with XLA or raises
+                held["XLA must-compile (_XlaMustCompile) set on the traced function"] = \
+                    fn.get_concrete_function(*args).function_def.attr["_XlaMustCompile"].b
+            return held
+        return base.CompiledStep(lambda: fn(*args), counts,
+                            "tf.function(jit_compile=True)" if xla else "tf.function",
+                            "tf.function.experimental_get_tracing_count()" + (
+                                "; the traced function's _XlaMustCompile attribute" if xla
+                                else ""), conditions)
 
     # -- set-up -------------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ class Adapter(JaxDevices, KerasAdapter):
                 return lambda: net(x, training=False)
             infer = jax.jit(lambda trainable, non_trainable, x: net.stateless_call(
                 trainable, non_trainable, x, training=False)[0])
-            return lambda: infer(*state, x)
+            return self.jitted_step(lambda: infer(*state, x))
         value_and_grad = self._value_and_grad(net)
 
         def train(trainable, non_trainable, x, cotangent):
@@ -67,4 +67,4 @@ class Adapter(JaxDevices, KerasAdapter):
             out = fn(*state, x, cotangent)  # (loss, new trainable, new non-trainable)
             state[:] = out[1:]
             return out
-        return run
+        return run if mode == "eager" else self.jitted_step(run)
