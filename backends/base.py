@@ -394,7 +394,8 @@ class BaseAdapter:
     - training semantics: ``grads(model, x, cotangent)``, ``save(model, stem)``,
       ``restore(model, path)`` (see each for the exact contract).
     - timing: ``step(model, phase, mode, x, cotangent, lr)`` for every mode ``modes()``
-      lists, and ``matmul(n)``.
+      lists (a compiled mode's is a ``CompiledStep``: the framework's own compile counts are
+      its witness), and ``matmul(n)``.
 
     **May override**: ``configure(device, settings)`` (what a framework reads at import:
     environment variables, thread counts), ``finish_initialize(model)`` (after every

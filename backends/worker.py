@@ -208,18 +208,14 @@ class _Spec:
                     try:
                         x, c = inputs[b]
                         fn = a.step(model, phase, mode, x, c, t.lr)
-                        compiled = fn if isinstance(fn, CompiledStep) else None
-                        if compiled is not None:
-                            fn, counts = compiled.call, [compiled.counts()]
+                        counts = _Counts(fn) if isinstance(fn, CompiledStep) else None
+                        if counts is not None:
+                            fn = counts.step.call
                         a.reset_memory_peak()
                         m = timer.measure(fn, a.block, t.budget, after_first_call=None if
-                                          compiled is None else
-                                          lambda: counts.append(compiled.counts()))
-                        if compiled is not None:
-                            counts.append(compiled.counts())
-                            timing.witness = CompileWitness(
-                                compiled.compiler, compiled.api, counts[1].since(counts[0]),
-                                counts[2].since(counts[1]), compiled.conditions())
+                                          counts is None else counts.read)
+                        if counts is not None:
+                            timing.witness = counts.witness()
                         timing.number, timing.block_times = m.number, m.block_times
                         timing.first_call_s, timing.warmup_calls = m.first_call_s, m.warmup_calls
                         timing.memory_peak = a.memory_peak()
@@ -232,6 +228,24 @@ class _Spec:
                         traceback.print_exc()
                         timing.error = error_text(exc, 600)
                     rec.timings.append(timing)
+
+
+class _Counts(list):
+    """A compiled step's cumulative compile counts, read before its first call, after it
+    (``read``, the timer's ``after_first_call``) and after the timed blocks (``witness``)."""
+
+    def __init__(self, step: CompiledStep):
+        super().__init__([step.counts()])
+        self.step = step
+
+    def read(self) -> None:
+        self.append(self.step.counts())
+
+    def witness(self) -> CompileWitness:
+        self.read()
+        before, first, end = self
+        return CompileWitness(self.step.compiler, self.step.api, first.since(before),
+                              end.since(first), self.step.conditions())
 
 
 def roofline(adapter, request: Request) -> TimingRecord | None:

@@ -90,6 +90,8 @@ class CompiledVerdict:
     compiled: bool                    # the witness holds
     reasons: list[str] = field(default_factory=list)   # why not, in plain words
     graph_breaks: int | None = None   # at the first call
+    median_s: float | None = None     # this mode's median per call
+    eager_median_s: float | None = None
     speedup: float | None = None      # eager median / compiled median
     compile_s: float | None = None
     saving_s: float | None = None
@@ -107,6 +109,16 @@ class TimingResult:
     flops: float                      # per call (train: 3 x forward, the usual convention)
     processes: list[float] = field(default_factory=list)  # medians of every process (repeats)
     verdict: CompiledVerdict | None = None  # a compiled mode: did it compile, what it buys
+
+    @property
+    def not_compiled(self) -> bool:
+        """A compiled mode whose witness does not hold: its figures are not a compiled step's."""
+        return self.verdict is not None and not self.verdict.compiled
+
+    @property
+    def mode_label(self) -> str:
+        """The mode as a row may name it: never a compiled mode that did not compile."""
+        return f"{self.record.mode} (not compiled)" if self.not_compiled else self.record.mode
 
     @property
     def throughput(self) -> float | None:
@@ -414,6 +426,7 @@ def compiled_verdict(t: TimingResult, eager: TimingResult | None) -> CompiledVer
                               witness.first_call.graph_breaks if witness else None)
     if reasons or eager is None or eager.stats is None or t.stats is None:
         return verdict
+    verdict.median_s, verdict.eager_median_s = t.stats.median, eager.stats.median
     verdict.speedup = eager.stats.median / t.stats.median
     verdict.saving_s = eager.stats.median - t.stats.median
     if rec.first_call_s is not None and eager.record.first_call_s is not None:

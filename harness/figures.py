@@ -22,10 +22,10 @@ def timing_figures(run_dir: Path, specs, results) -> dict:
                     continue
                 if t.record.batch == spec.input_shape[0]:
                     q = t.stats
-                    rows.append({"backend": r.backend, "mode": t.record.mode,
+                    rows.append({"backend": r.backend, "mode": t.mode_label,
                                  "phase": t.record.phase, "median": q.median, "q1": q.q1,
                                  "q3": q.q3})
-                series.setdefault(f"{r.backend} {t.record.mode} {t.record.phase}", []).append(
+                series.setdefault(f"{r.backend} {t.mode_label} {t.record.phase}", []).append(
                     (t.record.batch, t.throughput))
         names = {}
         if rows:

@@ -365,16 +365,16 @@ def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
         return ""
     fastest = {}
     for r, t in rows_in:
-        if r.backend != REFERENCE and t.stats:
+        if r.backend != REFERENCE and t.stats and not t.not_compiled:
             key = (t.record.phase, t.record.batch)
             fastest[key] = min(fastest.get(key, math.inf), t.stats.median)
     rows = []
     for r, t in sorted(rows_in, key=lambda rt: (rt[1].record.phase, rt[1].record.batch,
                                                  rt[0].backend, rt[1].record.mode)):
         rec, st = t.record, t.stats
-        api = r.record.modes.get(rec.mode, rec.mode)
+        api = _mode_cell(r, t)
         if st is None:
-            rows.append([r.backend, f"{rec.mode}: {api}", rec.phase, rec.batch, "–", "–", "–",
+            rows.append([r.backend, api, rec.phase, rec.batch, "–", "–", "–",
                          "–", "–", "–", _fmt(rec.first_call_s, 3), f"error: {rec.error}"])
             continue
         warn = [f"noisy: IQR/median {st.spread:.0%} (above {SPREAD_WARNING:.0%})"] \
@@ -384,12 +384,13 @@ def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
                         f"{min(t.processes) * 1e3:.3g}–{max(t.processes) * 1e3:.3g} ms")
         best = fastest.get((rec.phase, rec.batch))
         ratio = "baseline (not ranked)" if r.backend == REFERENCE else \
+            "not ranked (not compiled)" if t.not_compiled else \
             f"{st.median / best:.2f}x" if best else "–"
         peak = peaks.get(r.backend)
         gflops = f"{t.gflops:.3g}" + (f" ({t.gflops / peak:.1%} of peak)" if peak else "")
         if rec.memory_peak is not None:
             warn.insert(0, f"peak device memory {rec.memory_peak / 2**20:,.1f} MiB")
-        rows.append([r.backend, f"{rec.mode}: {api}", rec.phase, rec.batch,
+        rows.append([r.backend, api, rec.phase, rec.batch,
                      f"{st.median * 1e3:.4g}", f"{st.iqr * 1e3:.3g}",
                      f"{st.ci_low * 1e3:.4g}–{st.ci_high * 1e3:.4g}",
                      f"{t.throughput:,.0f}", gflops, ratio,
@@ -400,9 +401,130 @@ def _timing_section(spec, results, figure: str | None, peaks: dict) -> str:
     text += (f"\nForward: {spec.flops_per_sample:,.0f} FLOPs per sample (from the spec; a "
              "training step is counted as 3x the forward). `first call` is the step's first "
              "call alone: tracing and compilation included for compiled modes.\n")
+    text += _compiled_verdicts(spec, results) + _witness_section(results)
     for kind, name in figure.items():
         text += f"\n![{kind} of {spec.name}]({name})\n"
     return "\n### Timing\n\n" + text
+
+
+def _mode_cell(r: Result, t) -> str:
+    """``mode: API``, with the graph breaks the witness counted; a compiled mode whose witness
+    does not hold is labelled as not compiled, with the first reason."""
+    rec, v = t.record, t.verdict
+    api = r.record.modes.get(rec.mode, rec.mode)
+    if v is None:
+        return f"{rec.mode}: {api}"
+    if not v.compiled:
+        return f"{rec.mode} requested, NOT compiled: {v.reasons[0]} ({api})"
+    breaks = f"; {v.graph_breaks} graph break{'s' * (v.graph_breaks != 1)}, run eagerly" \
+        if v.graph_breaks else ""
+    return f"{rec.mode}: {api}{breaks}"
+
+
+def _compiled_verdicts(spec, results) -> str:
+    """Per backend, compiled mode and phase at the spec's own batch: what compiling buys, only
+    where the witness says it compiled."""
+    lines = []
+    for r in results:
+        for v in r.compiled_verdicts:
+            if v.batch != spec.input_shape[0]:
+                continue
+            head = f"- {escape(r.backend)}, {escape(v.phase)}: {escape(v.mode)} " \
+                   f"({escape(v.compiler or 'no witness')})"
+            lines.append(f"{head} {escape(compiled_sentence(v))}\n")
+    if not lines:
+        return ""
+    return ("\n**Compiled against eager**, per backend and phase at batch "
+            f"{spec.input_shape[0]}, only where the witness says the step compiled. Compile "
+            "cost = the compiled first call minus the eager first call; per-call saving = the "
+            "eager median minus the compiled median; it pays off after compile cost / saving "
+            "calls.\n\n" + "".join(lines))
+
+
+def compiled_sentence(v) -> str:
+    """What a compiled mode buys against eager, in one plain sentence (``CompiledVerdict``)."""
+    if not v.compiled:
+        return f"is not compared: it did not compile ({'; '.join(v.reasons)})."
+    if v.speedup is None:
+        return "is not compared: eager or this mode has no timing here."
+    cost = "" if v.compile_s is None else \
+        f"a {_seconds(v.compile_s)} compile" if v.compile_s > 0 else \
+        "a first call no slower than eager's"
+    if v.saving_s <= 0:
+        return (f"is slower here: {_seconds(v.median_s)} per call against eager's "
+                f"{_seconds(v.eager_median_s)}" + (f", after {cost}" if cost else "") + ".")
+    text = f"is {v.speedup:.2g}x faster than eager" + (f" after {cost}" if cost else "")
+    if v.break_even_calls is not None:
+        text += f"; it pays off after about {_calls(v.break_even_calls)} calls"
+    elif v.compile_s is not None:
+        text += "; it pays off from the first call"
+    return text + "."
+
+
+def _seconds(s: float) -> str:
+    """Two significant digits, in ms below 0.1 s."""
+    return f"{s * 1e3:.2g} ms" if s * 1e3 < 99.5 else f"{s:.2g} s"
+
+
+def _calls(n: float) -> str:
+    """A call count as a reader wants it: whole, and two significant digits above 100."""
+    n = math.ceil(n)
+    if n >= 100:
+        n = int(float(f"{n:.2g}"))
+    return f"{n:,}"
+
+
+def _counts(c) -> str:
+    """One window of a witness: the counts the framework has, zeros included."""
+    parts = [f"compiled {c.compiled}"] + [
+        f"{label} {value}" for label, value in (
+            ("traced", c.traced), ("recompiles", c.recompiles), ("graph breaks", c.graph_breaks),
+            ("fallbacks", c.fallbacks), ("from on-disk cache", c.cache_hits))
+        if value is not None]
+    return ", ".join(parts)
+
+
+def _witness_section(results) -> str:
+    """Every compiled step's witness: what the framework says its compiler did at the first
+    call and after it, the conditions it states, and the verdict; then each graph break and
+    fallback reason, in the framework's words."""
+    rows, reasons, apis = [], {}, {}
+    for r in results:
+        for t in r.timings:
+            w, v = t.record.witness, t.verdict
+            if v is None:
+                continue
+            conditions = "; ".join(f"{k}: {'yes' if held else 'NO'}"
+                                   for k, held in (w.conditions if w else {}).items())
+            rows.append([r.backend, t.record.mode, t.record.phase, t.record.batch,
+                         _counts(w.first_call) if w else "–",
+                         _counts(w.later_calls) if w else "–", conditions or "–",
+                         "compiled" if v.compiled else "FAIL: " + "; ".join(v.reasons)])
+            if w:
+                apis[(r.backend, w.compiler)] = w.api
+                for counts in (w.first_call, w.later_calls):
+                    for kind, table in (("graph break", counts.graph_break_reasons),
+                                        ("fallback", counts.fallback_reasons)):
+                        for reason, n in table.items():
+                            key = (r.backend, t.record.mode, kind, reason)
+                            reasons[key] = reasons.get(key, 0) + n
+    if not rows:
+        return ""
+    text = ("\n**Compiled modes: what each framework says it did** (its own counts, read "
+            "around the step's first call and around every later call: the warm-up and the "
+            "timed blocks). A compiled row counts only if its compiler made a program at the "
+            "first call without falling back to eager, made none after it, and every "
+            "condition the framework states holds; otherwise the check fails.\n\n")
+    text += _table(["backend", "mode", "phase", "batch", "first call",
+                    "after the first call", "conditions", "verdict"], rows)
+    text += "\nRead from: " + "; ".join(f"{escape(b)} {escape(c)}: {escape(api)}"
+                                        for (b, c), api in apis.items()) + ".\n"
+    if reasons:
+        text += "\nGraph breaks and fallbacks, in the framework's words (summed over phases " \
+                "and batches):\n\n" + "".join(
+                    f"- {escape(b)} {escape(m)}, {kind} x{n}: {escape(reason)}\n"
+                    for (b, m, kind, reason), n in reasons.items())
+    return text
 
 
 def default_examples(specs, results: list[Result], defaults_by_backend) -> dict:

@@ -243,8 +243,7 @@ class Adapter(base.BaseAdapter):
         fn = tf.function(fn, jit_compile=xla)
 
         def counts():
-            traces = fn.experimental_get_tracing_count()
-            return CompileCounts(compiled=traces, traced=traces)
+            return CompileCounts(compiled=fn.experimental_get_tracing_count())
 
         def conditions():
             held = {"tf.config.functions_run_eagerly() is False (tf.function not turned off)":

@@ -79,7 +79,18 @@ def witnessed(tmp_path_factory):
     seconds = time.perf_counter() - started
     assert not run.errors, run.errors
     print(f"\n{BACKEND}: {len(SPECS)} specs timed in one worker in {seconds:.1f} s")
+    for rec in run.records:  # shown with -s, or beside a failure
+        for t in rec.timings:
+            if t.witness:
+                print(f"  {rec.spec} {t.mode} {t.phase}, first call {t.first_call_s:.3g} s: "
+                      f"{_counts(t.witness.first_call)}; after it: "
+                      f"{_counts(t.witness.later_calls)}")
     return dict(zip(NAMES, run.records)), seconds
+
+
+def _counts(counts) -> str:
+    return ", ".join(f"{k} {v}" for k, v in vars(counts).items()
+                     if isinstance(v, int) and not isinstance(v, bool))
 
 
 def test_the_specs_differ_in_shape_and_layer_types():
