@@ -21,7 +21,7 @@ from .stats import SPREAD_WARNING, timing_stats
 from .envs import display_path
 from backends.base import SEMANTICS
 
-RESULTS_SCHEMA_VERSION = 3
+RESULTS_SCHEMA_VERSION = 4
 REFERENCE = "numpy"  # the NumPy reference: compared against, timed only as a baseline
 
 
@@ -415,7 +415,8 @@ def _mode_cell(r: Result, t) -> str:
     if v is None:
         return f"{rec.mode}: {api}"
     if not v.compiled:
-        return f"{rec.mode} requested, NOT compiled: {v.reasons[0]} ({api})"
+        return (f"{rec.mode} requested, NOT compiled: {v.reasons[0].split(': ')[0]} (the "
+                f"witness below says why) ({api})")
     breaks = f"; {v.graph_breaks} graph break{'s' * (v.graph_breaks != 1)}, run eagerly" \
         if v.graph_breaks else ""
     return f"{rec.mode}: {api}{breaks}"
@@ -453,12 +454,17 @@ def compiled_sentence(v) -> str:
     if v.saving_s <= 0:
         return (f"is slower here: {_seconds(v.median_s)} per call against eager's "
                 f"{_seconds(v.eager_median_s)}" + (f", after {cost}" if cost else "") + ".")
-    text = f"is {v.speedup:.2g}x faster than eager" + (f" after {cost}" if cost else "")
+    text = f"is {_times(v.speedup)} faster than eager" + (f" after {cost}" if cost else "")
     if v.break_even_calls is not None:
         text += f"; it pays off after about {_calls(v.break_even_calls)} calls"
     elif v.compile_s is not None:
         text += "; it pays off from the first call"
     return text + "."
+
+
+def _times(ratio: float) -> str:
+    """1.3x, 12x, 140x: two significant digits, never an exponent."""
+    return f"{ratio:.2g}x" if ratio < 10 else f"{float(f'{ratio:.2g}'):.0f}x"
 
 
 def _seconds(s: float) -> str:

@@ -183,7 +183,7 @@ def test_results_json_schema(cli_run):
     """results.json: schema_version and one record per (spec, backend) with every field."""
     _, out = cli_run
     data = json.loads((out / "results.json").read_text())
-    assert data["schema_version"] == 3
+    assert data["schema_version"] == 4
     assert [(r["spec"], r["backend"]) for r in data["results"]] == [("lazy_mlp", "numpy"),
                                                                     ("tied", "numpy")]
     # the machine dimension: every record and environment names this machine's fingerprint

@@ -133,6 +133,12 @@ def test_slower_and_free_compiles_are_said_plainly():
                                               "call.")
 
 
+@pytest.mark.parametrize("ratio, text", [(1.26, "1.3x"), (12.4, "12x"), (143.0, "140x"),
+                                         (1234.0, "1200x")])
+def test_speed_ups_read_plainly(ratio, text):
+    assert report._times(ratio) == text
+
+
 def test_no_comparison_when_the_witness_fails():
     eager = row("eager", 0.001, 1e-3)
     v = analysis.compiled_verdict(row("compiled", 0.001, 0.5e-3, witness(
@@ -191,7 +197,8 @@ def test_report_never_labels_a_failed_compiled_mode_compiled(fake_compiled):
     results = list(by_name.values())
     spec = next(s for s in specs if s.name == "falls_back")
     text = report._timing_section(spec, [by_name["falls_back"]], {}, {})
-    assert "compiled requested, NOT compiled: fake.compile fell back to eager" in text
+    assert "compiled requested, NOT compiled: fake.compile fell back to eager at the first " \
+        "call (the witness below says why)" in text
     assert "not ranked (not compiled)" in text
     assert "| compiled: fake.compile" not in text
     assert "fallback x2: fake limit (8) reached for 'forward'" in text

@@ -117,7 +117,7 @@ def test_results_document(numpy_run, numpy_session_run, numpy_defaults):
     specs, records = analyzed(numpy_run, numpy_defaults, ["tied"])
     envs = numpy_env(numpy_session_run)
     doc = report.results_document(RUN, specs, records, envs)
-    assert doc["schema_version"] == report.RESULTS_SCHEMA_VERSION == 3
+    assert doc["schema_version"] == report.RESULTS_SCHEMA_VERSION == 4
     assert doc["machines"] == {}  # none given: a report rendered outside a run
     assert doc["run"] == RUN
     assert doc["environments"] == {"numpy": envs["numpy"].to_json()}
