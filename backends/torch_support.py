@@ -95,7 +95,9 @@ class TorchDevices:
         code to run eagerly between graphs), fallbacks (dynamo's warning that it hit a
         recompile limit: that function runs eagerly from then on), and FX graphs inductor
         loaded from its on-disk cache."""
-        from torch._dynamo.utils import counters, guard_failures
+        from torch._dynamo import utils
+
+        counters, guard_failures = utils.counters, getattr(utils, "guard_failures", None)
 
         breaks: dict[str, int] = {}
         for table in (counters["graph_break"], counters["unimplemented"]):
@@ -106,7 +108,8 @@ class TorchDevices:
         fallbacks = dict(self._dynamo_limits.reasons)
         return CompileCounts(
             compiled=counters["stats"]["unique_graphs"], traced=counters["frames"]["total"],
-            recompiles=sum(len(v) for v in guard_failures.values()),
+            recompiles=None if guard_failures is None else
+            sum(len(v) for v in guard_failures.values()),
             graph_breaks=sum(breaks.values()), fallbacks=sum(fallbacks.values()),
             cache_hits=counters["inductor"]["fxgraph_cache_hit"], graph_break_reasons=breaks,
             fallback_reasons=fallbacks)
