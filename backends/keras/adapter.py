@@ -221,7 +221,8 @@ class Adapter(base.BaseAdapter):
 
     def step(self, model, phase, mode, x, cotangent, lr):
         """Keras's TensorFlow training loop: the call under ``tf.GradientTape``, then
-        ``assign_sub`` per variable; ``compiled`` / ``xla`` trace it at the first call."""
+        ``assign_sub`` per variable; ``compiled`` / ``xla`` trace it at the first call, a new
+        ``tf.function`` per step (its tracing count is the witness)."""
         tf, net = self.tf, model.net
         if phase == "inference":
             def fn(x):
@@ -252,11 +253,10 @@ class Adapter(base.BaseAdapter):
                 held["XLA must-compile (_XlaMustCompile) set on the traced function"] = \
                     fn.get_concrete_function(*args).function_def.attr["_XlaMustCompile"].b
             return held
-        return base.CompiledStep(lambda: fn(*args), counts,
-                            "tf.function(jit_compile=True)" if xla else "tf.function",
-                            "tf.function.experimental_get_tracing_count()" + (
-                                "; the traced function's _XlaMustCompile attribute" if xla
-                                else ""), conditions)
+        return base.CompiledStep(
+            lambda: fn(*args), counts, "tf.function(jit_compile=True)" if xla else "tf.function",
+            "tf.function.experimental_get_tracing_count()"
+            + ("; the traced function's _XlaMustCompile attribute" if xla else ""), conditions)
 
     # -- set-up -------------------------------------------------------------------------------
 
