@@ -5,6 +5,7 @@ compiling_adapter.py) that compiles, falls back, recompiles or reports nothing."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -210,3 +211,21 @@ def test_report_never_labels_a_failed_compiled_mode_compiled(fake_compiled):
     verdicts = [t["compiled_verdict"] for r in doc_json["results"] for t in r["timings"]
                 if t["mode"] == "compiled"]
     assert len(verdicts) == 10 and sum(v["compiled"] for v in verdicts) == 2
+
+
+def test_a_repeat_process_whose_witness_fails_fails_the_check(fake_compiled):
+    """--repeats: a compiled step that did not compile in a repeat process adds a failed check
+    and its median is not folded into the compiled row."""
+    result = copy.deepcopy(fake_compiled[1]["compiles"])
+    repeat = protocol.SpecRecord("compiles", protocol.Status.OK, timings=[
+        TimingRecord("compiled", "inference", 2, number=1, block_times=[1e-3] * 3,
+                     first_call_s=1e-3, witness=witness(CompileCounts(compiled=0))),
+        TimingRecord("compiled", "train", 2, number=1, block_times=[1e-3] * 3,
+                     first_call_s=1e-3, witness=witness())])
+    rows = {t.record.phase: t for t in result.timings if t.record.mode == "compiled"}
+    before = {p: len(t.processes) for p, t in rows.items()}
+    analysis.add_repeat(result, repeat)
+    failed = [c for c in result.checks_named(analysis.COMPILED) if not c.passed]
+    assert [c.subject for c in failed] == ["compiled inference batch 2 (a repeat process)"]
+    assert len(rows["inference"].processes) == before["inference"]
+    assert len(rows["train"].processes) == before["train"] + 1
