@@ -417,8 +417,8 @@ def _mode_cell(r: Result, t) -> str:
     if not v.compiled:
         return (f"{rec.mode} requested, NOT compiled: {v.reasons[0].split(': ')[0]} (the "
                 f"witness below says why) ({api})")
-    breaks = f"; {v.graph_breaks} graph break{'s' * (v.graph_breaks != 1)}, run eagerly" \
-        if v.graph_breaks else ""
+    breaks = f"; {v.graph_breaks} graph break{'s' * (v.graph_breaks != 1)} (eager code " \
+        "between compiled graphs)" if v.graph_breaks else ""
     return f"{rec.mode}: {api}{breaks}"
 
 
