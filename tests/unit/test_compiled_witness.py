@@ -229,3 +229,19 @@ def test_a_repeat_process_whose_witness_fails_fails_the_check(fake_compiled):
     assert [c.subject for c in failed] == ["compiled inference batch 2 (a repeat process)"]
     assert len(rows["inference"].processes) == before["inference"]
     assert len(rows["train"].processes) == before["train"] + 1
+
+
+@pytest.mark.parametrize("breaks, label", [
+    (0, "compiled: torch.compile(step)"),
+    (None, "compiled: torch.compile(step)"),
+    (1, "compiled: torch.compile(step); 1 graph break (eager code between compiled graphs)"),
+    (3, "compiled: torch.compile(step); 3 graph breaks (eager code between compiled graphs)"),
+])
+def test_graph_breaks_are_named_only_where_the_witness_counted_them(breaks, label):
+    """The mode label comes from the witness: a spec without graph breaks never reads as if it
+    had some (the Keras-on-PyTorch label once named them on every spec)."""
+    t = row("compiled", 1.0, 1e-3, witness(CompileCounts(compiled=2, graph_breaks=breaks)))
+    t.verdict = analysis.compiled_verdict(t, row("eager", 0.1, 2e-3))
+    result = analysis.Result("keras_torch", protocol.SpecRecord(
+        "s", protocol.Status.OK, modes={"compiled": "torch.compile(step)"}))
+    assert report._mode_cell(result, t) == label
