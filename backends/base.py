@@ -732,3 +732,7 @@ class CompiledStep:
     compiler: str
     api: str
     conditions: Callable[[], dict[str, bool]] = dict
+
+    def __call__(self) -> Any:
+        """One step, as an eager step's function (the worker times ``call`` itself)."""
+        return self.call()

@@ -24,6 +24,7 @@ import traceback
 import numpy as np
 
 from backends import protocol, timer
+from backends.base import CompiledStep
 from backends.protocol import Budget, Plan
 
 BUDGET = Budget(warmup_calls=10, warmup_s=1.0, min_block_s=10e-3, min_blocks=50,
@@ -110,6 +111,7 @@ def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, round
         row = {"model": name, "mode": mode, "api": api, "input_on": placement(x_dev)}
         try:
             fn = adapter.step(model, "inference", mode, x_dev, None, 1e-3)
+            fn = fn.call if isinstance(fn, CompiledStep) else fn  # the step, without its witness
             value = fn()
             adapter.block(value)
             row["output_on"] = placement(value)

@@ -22,6 +22,7 @@ from harness.runner import run_worker
 from harness.spec import build_spec
 
 BACKEND = os.environ["HARNESS_BACKEND"]  # conftest.py refuses to run without it
+DEVICE = os.environ.get("HARNESS_DEVICE", "auto")  # conftest.py checks it
 
 #: small specs, each of another shape or mix of layer types (NCHW inputs for convolutions)
 DOCS = [
@@ -73,8 +74,9 @@ def witnessed(tmp_path_factory):
     override = os.environ.get("HARNESS_PYTHON")
     python = Path(override) if override else ensure_env(backend)
     started = time.perf_counter()
+    device = DEVICE if DEVICE == "auto" or DEVICE in backend.devices else "cpu"
     run = run_worker(backend.name, python, SPECS, tmp_path_factory.mktemp("witness"),
-                     device="auto", timeout=600, timing=TimingRequest(budget=TINY),
+                     device=device, timeout=600, timing=TimingRequest(budget=TINY),
                      checks=False)
     seconds = time.perf_counter() - started
     assert not run.errors, run.errors
