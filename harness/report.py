@@ -456,7 +456,8 @@ def compiled_sentence(v) -> str:
                 f"{_seconds(v.eager_median_s)}" + (f", after {cost}" if cost else "") + ".")
     text = f"is {_times(v.speedup)} faster than eager" + (f" after {cost}" if cost else "")
     if v.break_even_calls is not None:
-        text += f"; it pays off after about {_calls(v.break_even_calls)} calls"
+        calls = _calls(v.break_even_calls)
+        text += f"; it pays off after about {calls} call{'s' * (calls != '1')}"
     elif v.compile_s is not None:
         text += "; it pays off from the first call"
     return text + "."

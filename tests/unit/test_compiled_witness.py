@@ -122,6 +122,12 @@ def test_break_even_is_compile_cost_over_per_call_saving():
         "is 1.3x faster than eager after a 0.9 s compile; it pays off after about 3,000 calls."
 
 
+def test_one_call_is_one_call():
+    v = analysis.compiled_verdict(row("compiled", 0.0015, 0.5e-3, witness()),
+                                  row("eager", 0.001, 1e-3))
+    assert report.compiled_sentence(v).endswith("it pays off after about 1 call.")
+
+
 def test_slower_and_free_compiles_are_said_plainly():
     eager = row("eager", 0.5, 1e-3)
     slower = analysis.compiled_verdict(row("compiled", 0.6, 2e-3, witness()), eager)
