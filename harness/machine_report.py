@@ -129,7 +129,9 @@ def _median(r: dict, phase: str, mode: str, batch: int) -> str:
               and t["batch"] == batch), None)
     if t is None or not t.get("stats"):
         return "–"
-    return f"{t['stats']['median_s'] * 1e3:.4g}"
+    verdict = t.get("compiled_verdict")  # a compiled mode whose witness failed says so
+    late = " (NOT compiled)" if isinstance(verdict, dict) and not verdict.get("compiled") else ""
+    return f"{t['stats']['median_s'] * 1e3:.4g}{late}"
 
 
 def render_combined(run: dict, documents: list[dict], paths: list[str],
