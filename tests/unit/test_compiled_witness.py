@@ -251,3 +251,17 @@ def test_graph_breaks_are_named_only_where_the_witness_counted_them(breaks, labe
     result = analysis.Result("keras_torch", protocol.SpecRecord(
         "s", protocol.Status.OK, modes={"compiled": "torch.compile(step)"}))
     assert report._mode_cell(result, t) == label
+
+
+def test_side_by_side_median_of_a_failed_compiled_mode_says_so():
+    """The report over several machine kinds reads results.json: a compiled median whose
+    witness failed is marked there too."""
+    from harness import machine_report
+
+    def result(compiled):
+        return {"timings": [{"phase": "inference", "mode": "compiled", "batch": 2,
+                             "stats": {"median_s": 1e-3},
+                             "compiled_verdict": {"compiled": compiled}}]}
+    assert machine_report._median(result(True), "inference", "compiled", 2) == "1"
+    assert machine_report._median(result(False), "inference", "compiled", 2) == \
+        "1 (NOT compiled)"

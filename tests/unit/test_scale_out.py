@@ -169,8 +169,8 @@ def _damaged(two_runs, tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit, says", [
-    (lambda d, p: d.update(schema_version=2), "schema_version 2, but this harness merges "
-                                              "version 3"),
+    (lambda d, p: d.update(schema_version=3), "schema_version 3, but this harness merges "
+                                              "version 4"),
     (lambda d, p: d["results"][0].update(passed="yes"), "results[0].passed: 'yes' is not"),
     (lambda d, p: d["results"][0].update(machine="elsewhere"),
      "results[0].machine: 'elsewhere' is not one of its machines"),
