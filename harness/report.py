@@ -452,8 +452,8 @@ def compiled_sentence(v) -> str:
         f"a {_seconds(v.compile_s)} compile" if v.compile_s > 0 else \
         "a first call no slower than eager's"
     if v.saving_s <= 0:
-        return (f"is slower here: {_seconds(v.median_s)} per call against eager's "
-                f"{_seconds(v.eager_median_s)}" + (f", after {cost}" if cost else "") + ".")
+        return (f"is slower here: {_seconds(v.median_s, 3)} per call against eager's "
+                f"{_seconds(v.eager_median_s, 3)}" + (f", after {cost}" if cost else "") + ".")
     text = f"is {_times(v.speedup)} faster than eager" + (f" after {cost}" if cost else "")
     if v.break_even_calls is not None:
         calls = _calls(v.break_even_calls)
@@ -468,9 +468,10 @@ def _times(ratio: float) -> str:
     return f"{ratio:.2g}x" if ratio < 10 else f"{float(f'{ratio:.2g}'):.0f}x"
 
 
-def _seconds(s: float) -> str:
-    """Two significant digits, in ms below 0.1 s."""
-    return f"{s * 1e3:.2g} ms" if s * 1e3 < 99.5 else f"{s:.2g} s"
+def _seconds(s: float, digits: int = 2) -> str:
+    """``digits`` significant digits, in ms below 0.1 s."""
+    ms = float(f"{s * 1e3:.{digits}g}")
+    return f"{ms:.{digits}g} ms" if ms < 100 else f"{s:.{digits}g} s"
 
 
 def _calls(n: float) -> str:

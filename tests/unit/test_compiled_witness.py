@@ -134,6 +134,10 @@ def test_slower_and_free_compiles_are_said_plainly():
     assert slower.break_even_calls is None
     assert report.compiled_sentence(slower) == \
         "is slower here: 2 ms per call against eager's 1 ms, after a 0.1 s compile."
+    close = analysis.compiled_verdict(row("compiled", 0.6, 1.692e-3, witness()),
+                                      row("eager", 0.5, 1.688e-3))
+    assert report.compiled_sentence(close).startswith(
+        "is slower here: 1.69 ms per call against eager's 1.69 ms")
     free = analysis.compiled_verdict(row("compiled", 0.2, 0.5e-3, witness()), eager)
     assert report.compiled_sentence(free) == ("is 2x faster than eager after a first call no "
                                               "slower than eager's; it pays off from the first "
