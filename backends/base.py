@@ -1,10 +1,11 @@
 """The adapter interface every backend implements, the plan it receives, and the plan walks that
-every adapter would otherwise write again (tree building with refs resolved, positions and
-aliases of shared parameters, device resolution, channels-last conversions, the initialize /
-inspect / values / load templates).
+every adapter would otherwise write again (tree building with refs and residuals resolved,
+positions and aliases of shared parameters, device resolution, channels-last conversions, the
+one dispatch from layer type to the adapter's builder, the initialize / inspect / values / load
+templates).
 
 This module runs inside a backend's own environment: it imports only the standard library,
-numpy and ``backends.protocol``, never a deep learning framework.
+numpy, ``backends.protocol`` and ``backends.layers``, never a deep learning framework.
 
 The plan
 --------
@@ -12,29 +13,22 @@ The parent validates a spec and sends the worker a ``protocol.Plan``: name, seed
 and a tree of ``protocol.PlanNode``. Every node has ``type``, ``name`` (its segment: the spec's
 name or its index in the parent list, as a string), ``path`` (the dotted canonical prefix, e.g.
 ``"block.0"``) and ``in_rank`` (the rank of its input at its first use: 2 for (N, F), 4 for
-NCHW). By type:
+NCHW). A layer node has ``attrs``, its layer type's fields (``backends.layers``, every one filled
+in, read as ``node.units``, ``node.kernel``...), and ``init``; the structure:
 
-- ``dense``:      ``units``, ``in_units`` (int, or None: infer lazily), ``bias`` (bool), ``init``;
-                  acts on the last axis of its input (any rank), as torch's Linear
-- ``my_dense``:   ``units``, ``in_units``, ``init``: ``relu(x W^T + b)`` as a hand-made layer
-                  whose two parameters the adapter creates itself, in the framework's idiom
-                  (d2l's MyLinear / MyDense), lazily where the framework allows it
-- ``conv2d``:     ``channels``, ``in_channels`` (int or None), ``kernel``/``stride``/``padding``
-                  ([h, w] each, zero padding on both sides), ``bias``, ``init``
-- ``batch_norm``: ``num_features`` (int or None), ``spatial`` (True for NCHW input, False for
-                  (N, C)), ``eps``, ``momentum`` (PyTorch meaning: new = (1 - m) * old + m *
-                  batch), ``init``
-- ``max_pool2d``: ``pool``/``stride`` ([h, w] each)
-- ``flatten``, ``relu``, ``sigmoid``, ``tanh``
-- ``center``:     the parameter-free custom layer ``x - mean(x)``, mean over every element
-- ``sequential``: ``layers`` (a list of nodes)
-- ``ref``:        ``to`` (the canonical path of an earlier layer, never another ref): that very
-                  layer called again, so its parameters are shared
+- ``sequential``: ``layers`` (a list of nodes), called in order;
+- ``ref``: ``to`` (the canonical path of an earlier layer or block, never another ref or a
+  residual): that very layer called again, so its parameters are shared;
+- ``residual``: ``activation(body(x) + shortcut(x))`` with the body in ``layers``, an optional
+  ``shortcut`` node (identity when None) and an optional ``activation`` leaf. A residual is not
+  a module: its layers' paths continue the block around it (``block.conv1``, as torchvision's
+  BasicBlock names ``conv1`` and ``downsample``), and it adds no segment.
 
 ``init`` maps each parameter role of the node (``weight``, ``bias``, ``running_mean``,
-``running_var``) to an INIT: ``{"name": NAME, ARG: VALUE, ...}`` with every argument filled in,
-``torch.nn.init`` semantics on the canonical layout ((out, in), (out, in, kh, kw)). ``default``
-means: leave the framework's own initialization in place.
+``running_var``: ``backends.layers`` says which a type has) to an INIT: ``{"name": NAME, ARG:
+VALUE, ...}`` with every argument filled in, ``torch.nn.init`` semantics on the canonical layout
+((out, in), (out, in, kh, kw)). ``default`` means: leave the framework's own initialization in
+place.
 
 Canonical parameter names are ``<node path>.<role>``; canonical layouts are PyTorch's. Inputs and
 outputs cross the boundary in canonical layout (NCHW); ``to_device`` / ``to_host`` convert.
@@ -49,15 +43,9 @@ from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
 
+from backends import layers
 from backends.protocol import CompileCounts, ParamRecord, Plan, PlanNode
 
-PARAM_ROLES = {
-    "dense": ("weight", "bias"),
-    "my_dense": ("weight", "bias"),
-    "conv2d": ("weight", "bias"),
-    "batch_norm": ("weight", "bias", "running_mean", "running_var"),
-}
-TRAINABLE_ROLES = {"weight", "bias"}
 # Std of N(0, 1) cut to [-2, 2]: Keras and JAX variance scaling divide their std by it.
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
 #: the one wording of a refused GPU request (the conformance suite checks for it)
@@ -68,22 +56,30 @@ class DeviceUnavailable(RuntimeError):
     """The requested device is not usable by this framework."""
 
 
+class Unsupported(ValueError):
+    """A plan needs a layer type (or structure) this adapter has no builder for."""
+
+
 # ----------------------------------------------------------------------------- plan walks
 
-def iter_nodes(layers: list[PlanNode]) -> Iterator[PlanNode]:
-    """Every node of a plan, depth first in document order (a block before its children)."""
-    for node in layers:
+def iter_nodes(nodes: list[PlanNode]) -> Iterator[PlanNode]:
+    """Every node of a plan, depth first in document order (a block before its children; a
+    residual before its body, its shortcut and its activation)."""
+    for node in nodes:
         yield node
-        if node.type == "sequential":
-            yield from iter_nodes(node.layers)
+        yield from iter_nodes(node.layers)
+        yield from iter_nodes([n for n in (node.shortcut, node.activation) if n is not None])
 
 
 def param_roles(node: PlanNode) -> tuple[str, ...]:
-    """The parameter roles a node owns (none for ``ref``: it owns nothing, it reuses)."""
-    roles = PARAM_ROLES.get(node.type, ())
-    if node.type in ("dense", "conv2d") and not node.bias:
-        roles = ("weight",)
-    return roles
+    """The parameter roles a node owns (none for structure: a ``ref`` reuses, it owns nothing)."""
+    lt = layers.LAYERS.get(node.type)
+    return tuple(r.name for r in lt.present_roles(node.attrs)) if lt else ()
+
+
+def trainable(node: PlanNode, role: str) -> bool:
+    """Whether a role is a trained parameter (not a buffer, such as a running statistic)."""
+    return layers.LAYERS[node.type].role(role).trainable
 
 
 def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
@@ -95,19 +91,13 @@ def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
 
 def given_in_size(node: PlanNode) -> int | None:
     """The input size the plan gives a node with parameters (None: inferred lazily)."""
-    return {"dense": node.in_units, "my_dense": node.in_units, "conv2d": node.in_channels,
-            "batch_norm": node.num_features}.get(node.type)
+    lt = layers.LAYERS.get(node.type)
+    return lt.given_size(node.attrs) if lt else None
 
 
 def param_shapes(node: PlanNode, n: int | None) -> dict[str, tuple]:
     """Canonical shape of each parameter a node owns, for input size ``n`` (None: not known)."""
-    if node.type in ("dense", "my_dense"):
-        shapes = {"weight": (node.units, n), "bias": (node.units,)}
-    elif node.type == "conv2d":
-        shapes = {"weight": (node.channels, n, *node.kernel), "bias": (node.channels,)}
-    else:
-        shapes = dict.fromkeys(PARAM_ROLES.get(node.type, ()), (n,))
-    return {role: shapes[role] for role in param_roles(node)}
+    return layers.LAYERS[node.type].param_shapes(node.attrs, n)
 
 
 @dataclass
@@ -127,37 +117,44 @@ class Tree:
 
 
 def build_tree(plan: Plan, make_layer: Callable[[PlanNode], Any],
-               make_block: Callable[[PlanNode, list], Any]) -> Tree:
+               make_block: Callable[[PlanNode, list], Any],
+               make_residual: Callable[[PlanNode, list, list | None, list | None], Any]
+               | None = None) -> Tree:
     """Build the framework's tree for a plan, depth first in document order.
 
-    ``make_layer(leaf)`` returns the framework layer (or a ``Calls``); ``make_block(node, items)``
-    returns the container of ``items`` for a sequential node (the top level is a sequential node
-    with an empty name and path). A ``ref`` puts the very object built for its target into its
+    ``make_layer(leaf)`` returns the framework layer (or a ``Calls``); ``make_block(node,
+    items)`` the container of ``items`` for a sequential node (the top level is a sequential
+    node with an empty name and path); ``make_residual(node, body, shortcut, activation)`` the
+    framework's residual from the calls of its body, of its shortcut and of its activation
+    (None where it has none). A ``ref`` puts the very objects built for its target into its
     container again: that is what sharing means in every framework here."""
     tree = Tree(None)
     built: dict[str, list] = {}
 
-    def walk(node: PlanNode):
-        items = []
-        for child in node.layers:
-            if child.type == "ref":
-                if child.to not in built:
-                    raise ValueError(f"{child.path}: ref to unknown layer {child.to!r}")
-                calls = built[child.to]
-                tree.owners[child.path] = tree.owners[child.to]
-            elif child.type == "sequential":
-                block = walk(child)
-                calls, tree.owners[child.path] = [block], block
-            else:
-                made = make_layer(child)
-                calls, owner = (made.layers, made.owner) if isinstance(made, Calls) \
-                    else ([made], made)
-                tree.owners[child.path] = owner
-            built[child.path] = calls
-            items.extend(calls)
-        return make_block(node, items)
+    def calls(node: PlanNode) -> list:
+        """The framework objects that compute ``node``, in order."""
+        if node.type == "ref":
+            if node.to not in built:
+                raise ValueError(f"{node.path}: ref to unknown layer {node.to!r}")
+            tree.owners[node.path] = tree.owners[node.to]
+            return built[node.to]
+        if node.type == "sequential":
+            made = owner = make_block(node, [c for child in node.layers for c in calls(child)])
+        elif node.type == "residual":
+            if make_residual is None:
+                raise Unsupported(f"{node.path}: this backend builds no residual")
+            body = [c for child in node.layers for c in calls(child)]
+            extra = [calls(n) if n is not None else None
+                     for n in (node.shortcut, node.activation)]
+            made = owner = make_residual(node, body, *extra)
+        else:
+            made = make_layer(node)
+            made, owner = (made.layers, made.owner) if isinstance(made, Calls) else (made, made)
+        tree.owners[node.path] = owner
+        built[node.path] = made if isinstance(made, list) else [made]
+        return built[node.path]
 
-    tree.root = walk(PlanNode("sequential", "", "", layers=plan.layers))
+    tree.root = calls(PlanNode("sequential", "", "", layers=plan.layers))[0]
     return tree
 
 
@@ -177,20 +174,27 @@ class Position:
 
 
 def positions(plan: Plan) -> list[Position]:
-    """Every position of a parameterized leaf, in forward order."""
+    """Every position of a parameterized leaf, in forward order. ``index`` steps are a child's
+    index in a sequential's list or a residual's body, or ``"shortcut"``."""
     by_path = {n.path: n for n in iter_nodes(plan.layers)}
     out: list[Position] = []
 
-    def reach(node: PlanNode, path: str, index: tuple[int, ...]) -> None:
-        node = by_path[node.to] if node.type == "ref" else node
-        if node.type == "sequential":
+    def reach(node: PlanNode, at: tuple[str, str] | None, index: tuple) -> None:
+        """``at``: (a ref target's path, the ref's path) when reached through a ref."""
+        path = node.path if at is None else at[1] + node.path[len(at[0]):]
+        if node.type == "ref":
+            target = by_path[node.to]
+            reach(target, (target.path, path), index)
+        elif node.type in ("sequential", "residual"):
             for i, child in enumerate(node.layers):
-                reach(child, f"{path}.{child.name}", index + (i,))
+                reach(child, at, index + (i,))
+            if node.shortcut is not None:
+                reach(node.shortcut, at, index + ("shortcut",))
         elif param_roles(node):
             out.append(Position(path, index, node))
 
     for i, node in enumerate(plan.layers):
-        reach(node, node.name, (i,))
+        reach(node, None, (i,))
     return out
 
 
@@ -333,6 +337,15 @@ def kaiming_gain_and_fan(init: dict) -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------- the adapter
 
+@dataclass(frozen=True)
+class Builder:
+    """A layer builder: ``make(adapter, leaf)`` returns the framework layer, and ``native``
+    names its parameters where the framework's name is not the canonical role (Keras
+    ``{"weight": "kernel"}``); an adapter may keep other facts of the layer beside it."""
+    make: Callable[[Any, PlanNode], Any]
+    native: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class ParamRef:
     """One parameter the model has now: canonical name, plan node and role, the framework's own
@@ -371,9 +384,11 @@ class BaseAdapter:
     - ``use_device(kind) -> (device, device name)``: make ``kind`` ("cpu" or "cuda") the place
       every later array and model lives, and return the framework's own device object.
     - ``seed(seed)``: seed the framework's random state.
-    - ``make_layer(leaf) -> layer | Calls`` and ``make_block(node, layers) -> container``:
-      one framework layer per plan leaf, lazy where the leaf leaves its input size None; the
-      base walks the plan (``build_tree``) and puts refs' targets in again.
+    - ``builders``: a table from layer type to a small builder (one framework layer per plan
+      leaf, lazy where the leaf leaves its input size None), ``make_block(node, layers) ->
+      container`` and ``make_residual(node, body, shortcut, activation)``; the base walks the
+      plan (``build_tree``), dispatches each leaf to its builder (``make_layer``) and puts
+      refs' targets in again.
     - ``param_refs(model) -> [ParamRef]``: the plan's owned parameters that exist now, in
       ``owned_params`` order (none yet, before a framework without deferred parameter objects
       has seen an input).
@@ -464,19 +479,45 @@ class BaseAdapter:
 
     # -- building ----------------------------------------------------------------------------
 
+    #: layer type -> its builder: ``fn(adapter, leaf) -> layer | Calls``, or a ``Builder``
+    #: (the function and the framework's names of its parameters); what is missing here is
+    #: not supported (the one error of ``builder``)
+    builders: dict[str, Any] = {}
+
     def build(self, plan: Plan) -> Any:
         """The model for the plan: ``finish_build`` of the tree ``build_tree`` makes."""
-        return self.finish_build(plan, build_tree(plan, self.make_layer, self.make_block))
+        return self.finish_build(plan, build_tree(plan, self.make_layer, self.make_block,
+                                                  self.make_residual))
 
     def finish_build(self, plan: Plan, tree: Tree) -> Any:
         """The model object the other methods receive (default: the tree itself)."""
         return tree
 
+    def builder(self, node: PlanNode) -> Builder:
+        """The builder of a leaf's layer type, or the one error saying it is not supported."""
+        made = self.builders.get(node.type)
+        if made is None:
+            raise Unsupported(f"{node.path}: layer type {node.type!r} is not supported by "
+                              f"{type(self).__module__} (no builder; a backend declares what "
+                              "it lacks under `unsupported:` in its backend.yaml)")
+        return made if isinstance(made, Builder) else Builder(made)
+
     def make_layer(self, node: PlanNode) -> Any:
-        raise NotImplementedError
+        """The framework layer (or ``Calls``) of one leaf, from the builder table."""
+        return self.builder(node).make(self, node)
+
+    def native_role(self, node: PlanNode, role: str) -> str:
+        """The framework's name of a role's parameter in the layer the builder makes."""
+        return self.builder(node).native.get(role, role)
 
     def make_block(self, node: PlanNode, layers: list) -> Any:
         raise NotImplementedError
+
+    def make_residual(self, node: PlanNode, body: list, shortcut: list | None,
+                      activation: list | None) -> Any:
+        """The framework's residual: ``activation(body(x) + shortcut(x))`` (see build_tree)."""
+        raise Unsupported(f"{node.path}: residual connections are not supported by "
+                          f"{type(self).__module__}")
 
     # -- parameters --------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: bump when any record below changes shape; the parent refuses other versions
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Status(str, enum.Enum):
@@ -30,6 +30,7 @@ class Status(str, enum.Enum):
     OK = "ok"            # ran to the end; its checks decide whether it passed
     FAILED = "failed"    # could not run (error says why)
     SKIPPED = "skipped"  # not asked for (e.g. a phase turned off)
+    UNSUPPORTED = "unsupported"  # needs what the backend declares it does not support
 
 
 class ProtocolError(ValueError):
@@ -40,30 +41,37 @@ class ProtocolError(ValueError):
 
 @dataclass
 class PlanNode:
-    """One layer of a plan. ``name`` is its segment (the spec's name or its index), ``path`` the
-    dotted canonical prefix of its parameters, ``in_rank`` the rank of its input (4 = NCHW).
-    Only the fields of its ``type`` are set; see backends/base.py for their meaning."""
+    """One node of a plan: a layer, or structure (``sequential``, ``ref``, ``residual``).
+    ``name`` is its segment (the spec's name or its index), ``path`` the dotted canonical prefix
+    of its parameters, ``in_rank`` the rank of its input (4 = NCHW), ``attrs`` its layer type's
+    fields as ``backends.layers`` defines them (every one filled in; read as ``node.units``),
+    ``init`` role -> INIT: {"name": NAME, ARG: VALUE, ...} with every argument filled in. A
+    ``sequential`` has ``layers``; a ``residual`` its body in ``layers``, an optional
+    ``shortcut`` node and an optional ``activation`` leaf; a ``ref`` the path ``to`` of the
+    layer it uses again. See backends/base.py for the meaning of each."""
     type: str
     name: str
     path: str
     in_rank: int | None = None
-    units: int | None = None
-    in_units: int | None = None
-    bias: bool = True
-    channels: int | None = None
-    in_channels: int | None = None
-    kernel: list[int] | None = None
-    stride: list[int] | None = None
-    padding: list[int] | None = None
-    num_features: int | None = None
-    spatial: bool | None = None
-    eps: float | None = None
-    momentum: float | None = None
-    pool: list[int] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
     layers: list[PlanNode] = field(default_factory=list)
+    shortcut: PlanNode | None = None
+    activation: PlanNode | None = None
     to: str | None = None
-    #: role -> INIT: {"name": NAME, ARG: VALUE, ...} with every argument filled in
     init: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from backends import layers  # noqa: PLC0415 (the registry imports this module)
+
+        layers.check_node(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """A layer field (``node.units``, ``node.kernel``) from ``attrs``."""
+        attrs = self.__dict__.get("attrs")
+        if attrs is not None and name in attrs:
+            return attrs[name]
+        raise AttributeError(f"{type(self).__name__} of type "
+                             f"{self.__dict__.get('type')!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -423,7 +431,10 @@ def _decode_dataclass(cls, value, where):
             kwargs[f.name] = decode(hints[f.name], value[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError(f"{where}: missing field {f.name!r} of {cls.__name__}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a record's own check (a plan node's attributes)
+        raise ProtocolError(f"{where}: {exc}") from None
 
 
 _HINTS: dict[type, dict] = {}

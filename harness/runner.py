@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import protocol
+from backends import layers, protocol
 from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, ProtocolError,
                                Request, SpecRecord, Status, TimingRequest, failed_record)
 
@@ -97,23 +97,36 @@ def mismatch_shape(spec: Spec) -> tuple[int, ...]:
 
 def make_probe(spec: Spec) -> dict[str, np.ndarray]:
     """Parameters every backend loads before the numerics forward and the gradient pass, so
-    outputs are comparable: weights and biases U(+-1/sqrt(fan_in)), batch-norm scale and
-    variance in [0.5, 1.5]; with ``probe: initial``, the spec's own (deterministic) values."""
+    outputs are comparable, drawn as each role's registry entry says (``backends.layers.Role
+    .probe``): ``fan_in`` U(+-1/sqrt(fan_in of the layer's weight)), ``scale`` U(0.5, 1.5)
+    (e.g. a batch-norm scale or variance), ``shift`` N(0, 0.1); with ``probe: initial``, the
+    spec's own (deterministic) values."""
     rng = np.random.default_rng([spec.seed, 2])
     out = {}
     for p in spec.params:
-        fan_shape = p.shape if len(p.shape) >= 2 else p.layer_weight_shape
         if spec.probe == "initial":
             values = inits.exact_values(p.init, p.shape, p.layer_weight_shape)
-        elif p.layer_type == "batch_norm" and p.role in ("weight", "running_var"):
-            values = rng.uniform(0.5, 1.5, p.shape)
-        elif p.layer_type == "batch_norm":
-            values = rng.normal(0.0, 0.1, p.shape)
         else:
-            bound = 1.0 / np.sqrt(fan_shape[1] * np.prod(fan_shape[2:], dtype=int))
-            values = rng.uniform(-bound, bound, p.shape)
+            values = PROBES[layers.LAYERS[p.layer_type].role(p.role).probe](rng, p)
         out[p.name] = values.astype(np.float32)
     return out
+
+
+def _fan_in_probe(rng, p) -> np.ndarray:
+    """U(+-1/sqrt(fan_in)): of the parameter itself when it has fans, else of its layer's
+    weight (a bias)."""
+    fan_shape = p.shape if len(p.shape) >= 2 else p.layer_weight_shape
+    if fan_shape is None:
+        raise ValueError(f"{p.name}: a fan_in probe needs a weight with fans (backends/layers.py "
+                         "gives this role another probe)")
+    bound = 1.0 / np.sqrt(fan_shape[1] * np.prod(fan_shape[2:], dtype=int))
+    return rng.uniform(-bound, bound, p.shape)
+
+
+#: how a probe draws a role (``backends.layers.Role.probe``)
+PROBES = {"fan_in": _fan_in_probe,
+          "scale": lambda rng, p: rng.uniform(0.5, 1.5, p.shape),
+          "shift": lambda rng, p: rng.normal(0.0, 0.1, p.shape)}
 
 
 #: the thread-count variables every BLAS / OpenMP runtime reads when it loads

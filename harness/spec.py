@@ -17,17 +17,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from backends import protocol
+from backends import layers, protocol
 from backends.protocol import Plan
 
 from . import initializers as inits
 from .files import NotAFileOfData, kind_of, open_regular, read_regular
 
-LAYER_TYPES = ("dense", "my_dense", "conv2d", "batch_norm", "max_pool2d", "flatten", "relu",
-               "sigmoid", "tanh", "center", "sequential", "ref")
-ROLES = {"dense": ("weight", "bias"), "my_dense": ("weight", "bias"), "conv2d": ("weight", "bias"),
-         "batch_norm": ("weight", "bias", "running_mean", "running_var")}
-TRAINABLE_ROLES = ("weight", "bias")
 #: names no layer may have, and why (every other identifier works in every backend: the
 #: conformance suite runs layers named like the frameworks' own attributes and methods)
 RESERVED_NAMES = {
@@ -49,31 +44,14 @@ class SpecError(Exception):
 
 # ---------------------------------------------------------------- schema
 #: sizes: anything larger than this is refused here (and far smaller by the memory estimate)
-MAX_SIZE = 2 ** 31 - 1
+MAX_SIZE = layers.MAX_SIZE
 #: seeds: what every framework accepts (Keras refuses 2**32 and above)
 MAX_SEED = 2 ** 32 - 1
-_INT1 = {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}
-_INT0 = {"type": "integer", "minimum": 0, "maximum": MAX_SIZE}
-_PAIR1 = {"oneOf": [_INT1, {"type": "array", "items": _INT1, "minItems": 2, "maxItems": 2}]}
-_PAIR0 = {"oneOf": [_INT0, {"type": "array", "items": _INT0, "minItems": 2, "maxItems": 2}]}
-_INIT = {"$ref": "#/$defs/init"}
-_COMMON = {"type": {"enum": list(LAYER_TYPES)},
+_INT1 = layers.INT1
+_COMMON = {"type": {"enum": list(layers.NODE_TYPES)},
            "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*\Z", "maxLength": 100}}
-_INITS = {"weight_init": _INIT, "bias_init": _INIT}
-_FIELDS = {
-    "dense": ({"units": _INT1, "in_units": _INT1, "bias": {"type": "boolean"}, **_INITS},
-              ["units"]),
-    "my_dense": ({"units": _INT1, "in_units": _INT1, **_INITS}, ["units"]),
-    "conv2d": ({"channels": _INT1, "kernel": _PAIR1, "stride": _PAIR1, "padding": _PAIR0,
-                "in_channels": _INT1, "bias": {"type": "boolean"}, **_INITS},
-               ["channels", "kernel"]),
-    "batch_norm": ({"num_features": _INT1, "eps": {"type": "number", "exclusiveMinimum": 0},
-                    "momentum": {"type": "number", "minimum": 0, "maximum": 1}, **_INITS}, []),
-    "max_pool2d": ({"pool": _PAIR1, "stride": _PAIR1}, ["pool"]),
-    "sequential": ({"layers": {"type": "array", "minItems": 1,
-                               "items": {"$ref": "#/$defs/layer"}}}, ["layers"]),
-    "ref": ({"to": {"type": "string", "minLength": 1}}, ["to"]),
-}
+#: per node type: (its properties besides type and name, its required ones), from the registry
+_FIELDS = {**{t: lt.schema() for t, lt in layers.LAYERS.items()}, **layers.STRUCTURE}
 SCHEMA = {
     "type": "object",
     "required": ["name", "input", "layers"],
@@ -89,17 +67,17 @@ SCHEMA = {
         "probe": {"enum": ["random", "initial"]},
         "timing": {"type": "boolean"},
         "init": {"type": "object", "additionalProperties": False,
-                 "properties": {"weight": _INIT, "bias": _INIT}},
-        "layers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/layer"}},
+                 "properties": {"weight": layers.INIT, "bias": layers.INIT}},
+        "layers": {"type": "array", "minItems": 1, "items": layers.LAYER},
     },
     "$defs": {
         "init": inits.init_schema(),
         "layer": {
             "type": "object", "required": ["type"], "properties": {"type": _COMMON["type"]},
             "allOf": [{"if": {"required": ["type"], "properties": {"type": {"const": t}}},
-                       "then": {"properties": {**_COMMON, **_FIELDS.get(t, ({}, []))[0]},
-                                "required": _FIELDS.get(t, ({}, []))[1],
-                                "additionalProperties": False}} for t in LAYER_TYPES],
+                       "then": {"properties": {**_COMMON, **props}, "required": required,
+                                "additionalProperties": False}}
+                      for t, (props, required) in _FIELDS.items()],
         },
     },
 }
@@ -153,7 +131,7 @@ class ParamSpec:
 
     @property
     def trainable(self) -> bool:
-        return self.role in TRAINABLE_ROLES
+        return layers.LAYERS[self.layer_type].role(self.role).trainable
 
     @property
     def fans(self) -> tuple[int, int] | None:
@@ -216,29 +194,29 @@ class Spec:
 
 
 def forward_flops(node: dict, shape: tuple, out: tuple) -> int:
-    """Floating-point operations of one leaf's forward (a multiply-add is 2): dense and conv
-    by their products; every other layer one per output element (flatten: none)."""
-    t, n_out = node["type"], math.prod(out)
-    if t in ("dense", "my_dense"):
-        return 2 * n_out * shape[-1] + n_out * (node["bias"] + (t == "my_dense"))
-    if t == "conv2d":
-        return 2 * n_out * shape[1] * math.prod(node["kernel"]) + n_out * node["bias"]
-    return 0 if t == "flatten" else n_out
+    """Floating-point operations of one leaf's forward (a multiply-add is 2), as its registry
+    entry counts them: dense and conv by their products, most others one per output element."""
+    return layers.LAYERS[node["type"]].flops(node["attrs"], shape, out)
 
 
-def _pair(value, default) -> list[int]:
-    value = default if value is None else value
-    return [value, value] if isinstance(value, int) else list(value)
+def _join(prefix: str, segment: str) -> str:
+    return f"{prefix}.{segment}" if prefix else segment
 
 
 class _Builder:
-    """Walks the validated document once: plan nodes, shapes, inits, sharing."""
+    """Walks the validated document once: plan nodes, shapes, inits, sharing.
+
+    A ``residual`` is not a block: its layers (and its shortcut) are named in the block around
+    it, as torchvision's BasicBlock registers conv1, bn1, downsample. So a parameterized layer
+    inside one needs a name, and names must stay unique in that block once flattened; an
+    unnamed parameter-free layer gets a segment no name can be (``<residual's index>_<i>``)."""
 
     def __init__(self, file, doc):
         self.file, self.doc = file, doc
         self.top_init = {k: inits.normalize(v) for k, v in doc.get("init", {}).items()}
         self.nodes: dict[str, dict] = {}        # canonical path -> plan node (completed)
         self.where: dict[str, str] = {}         # canonical path -> spec field path
+        self.open: set[str] = set()             # paths of the blocks being built
         self.params: dict[str, ParamSpec] = {}  # canonical name -> ParamSpec
         self.flops = 0                          # forward FLOPs at the spec's input
         self.activations = 0                    # values every leaf outputs, at that input
@@ -246,77 +224,117 @@ class _Builder:
     def fail(self, where, message):
         raise SpecError(self.file, where, message)
 
-    def layers(self, raw_layers, prefix, where) -> list[dict]:
-        nodes, seen = [], set()
+    def block(self, raw_layers, prefix, where, seen, residual=None) -> list[dict]:
+        """The nodes of one list of layers: a block's (``seen``: its names so far) or, with
+        ``residual`` (the residual's segment), a residual's body, named in the block around."""
+        nodes = []
         for i, raw in enumerate(raw_layers):
             here = f"{where}[{i}]"
-            seg = raw.get("name", str(i))
-            if seg in RESERVED_NAMES:
-                self.fail(f"{here}.name", f"{seg!r} cannot name a layer: {RESERVED_NAMES[seg]}")
-            if seg in seen:
-                self.fail(f"{here}.name", f"duplicate layer name {seg!r} in the same block")
-            seen.add(seg)
-            path = f"{prefix}.{seg}" if prefix else seg
-            node = self.node(raw, seg, path, here)
-            self.nodes[path], self.where[path] = node, here
+            seg = raw.get("name", str(i) if residual is None else f"{residual}_{i}")
+            node = self.node(raw, seg, prefix, here, seen, residual is not None)
             nodes.append(node)
         return nodes
 
-    def node(self, raw, seg, path, where) -> dict:
+    def node(self, raw, seg, prefix, where, seen, in_residual=False) -> dict:
         t = raw["type"]
+        if seg in RESERVED_NAMES:
+            self.fail(f"{where}.name", f"{seg!r} cannot name a layer: {RESERVED_NAMES[seg]}")
+        if t == "residual" and "name" in raw:
+            self.fail(f"{where}.name", "a residual is not a module, so it has no name: its "
+                                       "layers are named in the block around it (name them, "
+                                       "or put the residual in a named sequential)")
+        if seg in seen:
+            around = " (a residual's layers are named in the block around it)" \
+                if in_residual else ""
+            self.fail(f"{where}.name", f"duplicate layer name {seg!r} in the same block{around}")
+        seen.add(seg)
+        path = _join(prefix, seg)
         node = {"type": t, "name": seg, "path": path}
-        if t in ("dense", "my_dense"):
-            node.update(units=raw["units"], in_units=raw.get("in_units"),
-                        bias=raw.get("bias", True))
-        elif t == "conv2d":
-            node.update(channels=raw["channels"], in_channels=raw.get("in_channels"),
-                        kernel=_pair(raw["kernel"], None), stride=_pair(raw.get("stride"), 1),
-                        padding=_pair(raw.get("padding"), 0), bias=raw.get("bias", True))
-        elif t == "batch_norm":
-            node.update(num_features=raw.get("num_features"), spatial=None,
-                        eps=float(raw.get("eps", 1e-5)), momentum=float(raw.get("momentum", 0.1)))
-        elif t == "max_pool2d":
-            node.update(pool=_pair(raw["pool"], None),
-                    stride=_pair(raw.get("stride", raw["pool"]), None))
-        elif t == "sequential":
-            node["layers"] = self.layers(raw["layers"], path, f"{where}.layers")
+        if t == "sequential":
+            self.open.add(path)
+            node["layers"] = self.block(raw["layers"], path, f"{where}.layers", set())
+            self.open.discard(path)
+        elif t == "residual":
+            self.residual(node, raw, seg, prefix, where, seen)
         elif t == "ref":
             node["to"] = self.resolve_ref(raw["to"], path, f"{where}.to")
-        if t in ROLES:
-            node["init"] = self.layer_inits(raw, t, where)
+        else:
+            lt = layers.LAYERS[t]
+            node["attrs"] = lt.normalize(raw)
+            if lt.roles:
+                node["init"] = self.layer_inits(raw, lt, node["attrs"], where)
+        if in_residual and "name" not in raw and t != "residual" and self.has_params(node):
+            self.fail(where, f"a {t} with parameters inside a residual needs a name: a residual "
+                             "is not a module, its layers are named in the block around it (as "
+                             "torchvision's BasicBlock names conv1, bn1, downsample)")
+        self.nodes[path], self.where[path] = node, where
         return node
 
+    def residual(self, node, raw, seg, prefix, where, seen) -> None:
+        """Body, shortcut and activation of a residual, named in the block around it."""
+        node["layers"] = self.block(raw["layers"], prefix, f"{where}.layers", seen, seg)
+        if "shortcut" in raw:
+            if raw["shortcut"]["type"] == "residual":
+                self.fail(f"{where}.shortcut", "a shortcut is a layer or a block, not a "
+                                               "residual (put it in a sequential)")
+            node["shortcut"] = self.node(raw["shortcut"],
+                                         raw["shortcut"].get("name", f"{seg}_shortcut"), prefix,
+                                         f"{where}.shortcut", seen, True)
+        if "activation" in raw:
+            name = f"{seg}_activation"
+            node["activation"] = {"type": raw["activation"], "name": name,
+                                  "path": _join(prefix, name), "attrs": {}}
+            self.where[node["activation"]["path"]] = f"{where}.activation"
+
+    def has_params(self, node) -> bool:
+        """Whether a node owns or reaches parameters (a ref: its target's)."""
+        t = node["type"]
+        if t == "ref":
+            return self.has_params(self.nodes[node["to"]])
+        if t in layers.STRUCTURE:
+            return any(self.has_params(c) for c in node.get("layers", []) +
+                       ([node["shortcut"]] if node.get("shortcut") else []))
+        return bool(layers.LAYERS[t].present_roles(node["attrs"]))
+
     def resolve_ref(self, to, path, where) -> str:
-        if to in self.nodes:
+        if to in self.nodes or to in self.open:
             target = to
         else:
-            named = [p for p in self.nodes if p.rsplit(".", 1)[-1] == to]
+            named = [p for p in (*self.nodes, *self.open) if p.rsplit(".", 1)[-1] == to]
             if len(named) != 1:
-                known = ", ".join(repr(p) for p in self.nodes if not p.split(".")[-1].isdigit())
+                known = ", ".join(repr(p) for p in self.nodes
+                                  if p.rsplit(".", 1)[-1].isidentifier())
                 why = "is ambiguous" if named else "names no earlier layer"
                 self.fail(where, f"{to!r} {why}; write the full dotted path "
                                  f"(named layers so far: {known or 'none'})")
             target = named[0]
+        if target in self.open:
+            self.fail(where, f"{to!r} is a block this ref is inside of: a ref cycle (a block "
+                             "cannot contain itself)")
         while self.nodes[target]["type"] == "ref":
             target = self.nodes[target]["to"]
+        if self.nodes[target]["type"] == "residual":
+            self.fail(where, f"{to!r} is a residual, which is not a module: refer to the layers "
+                             "in it, or put it in a named sequential and refer to that")
         return target
 
-    def layer_inits(self, raw, t, where) -> dict:
+    def layer_inits(self, raw, lt, attrs, where) -> dict:
         out = {}
-        for role in ROLES[t]:
-            if role == "bias" and not raw.get("bias", True):
-                if "bias_init" in raw:
-                    self.fail(f"{where}.bias_init", "is given but the layer has bias: false")
+        for r in lt.roles:
+            if r.optional and not attrs[r.optional]:
+                if f"{r.name}_init" in raw:
+                    self.fail(f"{where}.{r.name}_init", f"is given but the layer has "
+                                                        f"{r.optional}: false")
                 continue
-            if role.startswith("running_"):
-                out[role] = {"name": "zeros" if role == "running_mean" else "ones"}
-            elif f"{role}_init" in raw:
-                out[role] = inits.normalize(raw[f"{role}_init"])
-                out[role]["_field"] = f"{where}.{role}_init"
-            elif t != "batch_norm" and role in self.top_init:
-                out[role] = dict(self.top_init[role], _field=f"init.{role}")
+            if r.init is not None:
+                out[r.name] = {"name": r.init}
+            elif f"{r.name}_init" in raw:
+                out[r.name] = inits.normalize(raw[f"{r.name}_init"])
+                out[r.name]["_field"] = f"{where}.{r.name}_init"
+            elif r.top_init and r.name in self.top_init:
+                out[r.name] = dict(self.top_init[r.name], _field=f"init.{r.name}")
             else:
-                out[role] = {"name": "default", "_field": f"{where} ({role}: default)"}
+                out[r.name] = {"name": "default", "_field": f"{where} ({r.name}: default)"}
         return out
 
     # ------------------------------------------------------------ shapes (PyTorch semantics)
@@ -325,111 +343,80 @@ class _Builder:
             shape = self.apply(node, shape)
         return shape
 
-    def apply(self, node, shape, alias_prefix=None, where=None) -> tuple[int, ...]:
-        """Shape after ``node``. ``alias_prefix`` is set when the node is reached again through
-        a ``ref``: its parameters must then agree with their first use, and are recorded as
-        shared under that prefix (the name PyTorch's state_dict gives the second use)."""
+    @staticmethod
+    def reached(node, at) -> str:
+        """The path at which ``node`` is reached: its own, or through a ``ref`` (``at`` =
+        (the ref target's path, the ref's path)), the name PyTorch's state_dict gives it."""
+        return node["path"] if at is None else at[1] + node["path"][len(at[0]):]
+
+    def apply(self, node, shape, at=None, where=None) -> tuple[int, ...]:
+        """Shape after ``node``. ``at`` is set when the node is reached again through a
+        ``ref``: its parameters must then agree with their first use, and are recorded as
+        shared under the path they are reached at there."""
         t, where = node["type"], where or self.where[node["path"]]
         if t != "ref":
-            if alias_prefix is None:
+            if at is None:
                 node["in_rank"] = len(shape)
             elif node["in_rank"] != len(shape):
                 self.fail(where, f"shares {node['path']!r}, first used on a "
                                  f"{node['in_rank']}-D input, but here the input is "
                                  f"{len(shape)}-D; a shared layer must see inputs of one rank")
+        inner = where if at else None  # errors of a replay are the ref's
         if t == "ref":
-            return self.apply(self.nodes[node["to"]], shape, alias_prefix or node["path"], where)
+            target = self.nodes[node["to"]]
+            return self.apply(target, shape, (target["path"], self.reached(node, at)), where)
         if t == "sequential":
             for child in node["layers"]:
-                sub = alias_prefix and alias_prefix + child["path"][len(node["path"]):]
-                shape = self.apply(child, shape, sub, where if alias_prefix else None)
+                shape = self.apply(child, shape, at, inner)
             return shape
-        out = self.leaf(node, shape, alias_prefix, where)
+        if t == "residual":
+            body = shape
+            for child in node["layers"]:
+                body = self.apply(child, body, at, inner)
+            short = shape if "shortcut" not in node else \
+                self.apply(node["shortcut"], shape, at, inner)
+            if body != short:
+                self.fail(where, f"the residual's body gives shape {body} but its "
+                                 f"{'shortcut' if 'shortcut' in node else 'identity shortcut'}"
+                                 f" gives {short}: they must agree at the add")
+            self.flops += layers.residual_flops(body)
+            self.activations += math.prod(body)
+            return body if "activation" not in node else \
+                self.apply(node["activation"], body, at, inner)
+        out = self.leaf(node, shape, at, where)
         self.flops += forward_flops(node, shape, out)
         self.activations += math.prod(out)
         return out
 
-    def leaf(self, node, shape, alias_prefix, where) -> tuple[int, ...]:
+    def leaf(self, node, shape, at, where) -> tuple[int, ...]:
         """Shape after a leaf node (see ``apply``), its parameters recorded."""
-        t = node["type"]
-        if t in ("dense", "my_dense"):
-            if len(shape) < 2:
-                self.fail(where, f"{t} needs an input with a feature axis, got shape {shape}")
-            given, n_in = node["in_units"], shape[-1]
-            self.check_given(given, n_in, where, "in_units", "features")
-            out = shape[:-1] + (node["units"],)
-            self.add_params(node, {"weight": (node["units"], n_in), "bias": (node["units"],)},
-                            {"weight": (node["units"], given), "bias": (node["units"],)},
-                            alias_prefix, where)
-            return out
-        if t == "conv2d":
-            self.need_rank(shape, 4, t, where)
-            kh, kw = node["kernel"]
-            self.check_given(node["in_channels"], shape[1], where, "in_channels", "channels")
-            hw = [self.window(shape[2 + i], node["kernel"][i], node["stride"][i],
-                              node["padding"][i], where) for i in range(2)]
-            self.add_params(node, {"weight": (node["channels"], shape[1], kh, kw),
-                                   "bias": (node["channels"],)},
-                            {"weight": (node["channels"], node["in_channels"], kh, kw),
-                             "bias": (node["channels"],)}, alias_prefix, where)
-            return (shape[0], node["channels"], *hw)
-        if t == "batch_norm":
-            if len(shape) not in (2, 4):
-                self.fail(where, f"batch_norm takes (N, C) or (N, C, H, W) input, got {shape}")
-            if node["spatial"] is not None and node["spatial"] != (len(shape) == 4):
-                self.fail(where, "a shared batch_norm is used on inputs of different rank")
-            node["spatial"] = len(shape) == 4
-            self.check_given(node["num_features"], shape[1], where, "num_features", "channels")
-            if shape[0] * math.prod(shape[2:]) < 2:  # the gradient pass runs in training mode
-                self.fail(where, f"batch_norm on an input of shape {shape} sees 1 value per "
-                                 "channel: training mode needs more (PyTorch refuses it; the "
-                                 "others output just the bias); use a batch of at least 2")
-            c = (shape[1],)
-            lazy = (node["num_features"],)
-            self.add_params(node, dict.fromkeys(ROLES[t], c), dict.fromkeys(ROLES[t], lazy),
-                            alias_prefix, where)
-            return shape
-        if t == "max_pool2d":
-            self.need_rank(shape, 4, t, where)
-            hw = [self.window(shape[2 + i], node["pool"][i], node["stride"][i], 0, where)
-                  for i in range(2)]
-            return (shape[0], shape[1], *hw)
-        if t == "flatten":
-            return (shape[0], math.prod(shape[1:]))
-        return shape  # relu, sigmoid, tanh, center
-
-    def need_rank(self, shape, rank, t, where):
-        if len(shape) != rank:
-            self.fail(where, f"{t} needs a {rank}-D (N, C, H, W) input, got shape {shape}")
-
-    def check_given(self, given, actual, where, key, what):
-        if given is not None and given != actual:
-            self.fail(f"{where}.{key}", f"is {given} but the input here has {actual} {what}")
-
-    def window(self, size, k, s, p, where) -> int:
-        out = (size + 2 * p - k) // s + 1
-        if out < 1:
-            self.fail(where, f"window {k} (padding {p}) does not fit an input of size {size}")
+        lt = layers.LAYERS[node["type"]]
+        try:
+            out = lt.infer(node["attrs"], shape)
+        except layers.LayerError as exc:
+            self.fail(f"{where}.{exc.field}" if exc.field else where, exc.message)
+        if lt.present_roles(node["attrs"]):
+            self.add_params(node, lt, lt.param_shapes(node["attrs"], shape[lt.in_axis]),
+                            lt.param_shapes(node["attrs"], lt.given_size(node["attrs"])),
+                            at, where)
         return out
 
-    def add_params(self, node, shapes, lazy_shapes, alias_prefix, where):
-        w_shape = tuple(shapes["weight"]) if node["type"] != "batch_norm" else None
-        for role in ROLES[node["type"]]:
-            if role == "bias" and not node.get("bias", True):
-                continue
-            name, shape = f"{node['path']}.{role}", tuple(shapes[role])
-            if alias_prefix is not None:  # a replay through a ref: shapes must agree
+    def add_params(self, node, lt, shapes, lazy_shapes, at, where):
+        w_shape = shapes[lt.fan_role] if lt.fan_role else None
+        for role in shapes:
+            name, shape = f"{node['path']}.{role}", shapes[role]
+            if at is not None:  # a replay through a ref: shapes must agree
                 have = self.params[name]
                 if have.shape != shape:
                     self.fail(where, f"shares {node['path']!r}, whose {role} has shape "
                                      f"{have.shape}, but here the input makes it {shape}")
-                have.shared_with.append(f"{alias_prefix}.{role}")
+                have.shared_with.append(f"{self.reached(node, at)}.{role}")
                 continue
             init = node["init"][role]
             field_ = init.pop("_field", where)
             self.check_init(init, shape, w_shape, field_, name)
-            self.params[name] = ParamSpec(name, role, node["type"], shape,
-                                          tuple(lazy_shapes[role]), init, field_, w_shape)
+            self.params[name] = ParamSpec(name, role, node["type"], shape, lazy_shapes[role],
+                                          init, field_, w_shape)
 
     def check_init(self, init, shape, w_shape, field_, name):
         if init["name"] == "default":
@@ -578,7 +565,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     _check_values(doc, file)
     _schema_error(doc, file)
     b = _Builder(file, doc)
-    nodes = b.layers(doc["layers"], "", "layers")
+    nodes = b.block(doc["layers"], "", "layers", set())
     input_shape = tuple(doc["input"])
     output_shape = b.infer(nodes, input_shape)
     seed = doc.get("seed", 0) if seed is None else seed

@@ -7,10 +7,13 @@ forward. Parameters are stored as float32; forward and backward compute in float
 gradients are float64 until they cross to the host as float32), so the reference is as close to
 the exact result as float32 parameters allow.
 
-Each layer type is one class below with its ``forward`` and ``backward`` side by side. A forward
-pass walks the plan (``sequential`` and ``ref`` are structure only) and, when gradients are
-wanted, records every leaf call on a tape; the backward replays the tape in reverse, so a layer
-reached twice through a ``ref`` contributes twice and its gradients are summed, as autograd does.
+Each layer type is one class below with its ``forward`` and ``backward`` side by side (and its
+``defaults``, what PyTorch draws), in the builder table ``LAYERS``. A forward pass walks the
+plan's graph (``sequential``, ``ref`` and ``residual`` are structure only) and, when gradients
+are wanted, records every leaf call on a tape, a residual as a fork holding the tapes of its
+body, shortcut and activation; the backward replays the tape in reverse, so a layer reached
+twice through a ``ref`` contributes twice and its gradients are summed, as autograd does, and a
+residual's input gets the sum of its two branches' gradients.
 
 Training mode is PyTorch's: batch norm normalizes with the biased batch variance (eps inside the
 square root) and updates its running statistics at every call, ``new = (1 - m) * old + m *
@@ -29,25 +32,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backends.base import (TRAINABLE_ROLES, TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter,
-                           ParamInfo, ParamRef, SavedFile, calculate_gain, dirac_kernel,
-                           fan, given_in_size, iter_nodes, owned_params, param_roles,
-                           param_shapes, torch_fans)
+from backends import layers
+from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, ParamInfo, ParamRef,
+                           SavedFile, calculate_gain, dirac_kernel, fan, given_in_size,
+                           iter_nodes, owned_params, param_roles, param_shapes, torch_fans,
+                           trainable)
 from backends.protocol import Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
-# What `default` means here: PyTorch's own initialization of each role.
+# What `default` means here: PyTorch's own initialization of each role (torch.nn.Linear's and
+# Conv2d's reset_parameters), per layer class below as ``defaults``.
 _TORCH_DEFAULTS = {
     "weight": {"name": "kaiming_uniform", "a": math.sqrt(5), "mode": "fan_in",
                "nonlinearity": "leaky_relu"},
     "bias": {"name": "fan_in_uniform", "scale": 1.0},
 }
-_BN_DEFAULTS = {"weight": "ones", "bias": "zeros", "running_mean": "zeros", "running_var": "ones"}
-# The hand-made layer's own: d2l's MyLinear draws both parameters with torch.randn.
-_MY_DENSE_DEFAULTS = {"weight": {"name": "normal", "mean": 0.0, "std": 1.0},
-                      "bias": {"name": "normal", "mean": 0.0, "std": 1.0}}
-#: layer types whose bias rule (fan_in_uniform) needs the layer's weight shape
-_WEIGHTED = ("dense", "my_dense", "conv2d")
 
 
 # ---------------------------------------------------------------- initializers (torch semantics)
@@ -179,14 +178,11 @@ _INITS = {
 }
 
 
-
 def _default(node: PlanNode, role: str) -> dict:
-    """The INIT that `default` stands for on this role: PyTorch's (d2l's MyLinear for my_dense)."""
-    if node.type == "batch_norm":
-        return {"name": _BN_DEFAULTS[role]}
-    if node.type == "my_dense":
-        return _MY_DENSE_DEFAULTS[role]
-    return _TORCH_DEFAULTS[role]
+    """The INIT that `default` stands for on this role: a buffer's fixed one, else PyTorch's
+    own for the layer (its class's ``defaults``)."""
+    fixed = layers.LAYERS[node.type].role(role).init
+    return {"name": fixed} if fixed else LAYERS[node.type].defaults[role]
 
 
 # ---------------------------------------------------------------- layers: forward and backward
@@ -200,7 +196,8 @@ class _Pass:
 
     ``training`` selects batch statistics in batch norm, and their running update;
     ``running_var_estimator`` which batch variance that update uses; ``tape``, when not None,
-    collects every leaf call ``(node, layer, p, saved)`` for the backward."""
+    collects every leaf call ``(node, layer, p, saved)`` and every residual (a ``_Fork``) for
+    the backward."""
     model: _Model
     training: bool = False
     running_var_estimator: str = "unbiased"
@@ -217,14 +214,25 @@ class _Pass:
         self.model.params[name] = np.asarray(value, dtype=self.model.params[name].dtype)
 
 
+@dataclass
+class _Fork:
+    """A residual on the tape: the tapes of its body, its shortcut (None: the identity) and
+    its activation."""
+    body: list
+    shortcut: list | None
+    activation: list
+
+
 class _Layer:
     """One layer type, forward and backward side by side. ``p`` maps the node's roles to its
-    parameters in canonical layout; they, x, y, dy and dx are all float64.
+    parameters in canonical layout; they, x, y, dy and dx are all float64. ``defaults``: the
+    INIT that ``default`` means for each trainable role (PyTorch's own).
 
     - ``forward(node, p, x, ps) -> (y, saved)``: the output, and what the backward needs;
     - ``backward(node, p, saved, dy) -> (dx, {role: gradient})``: given dL/dy, the gradient of
       the loss with respect to the input and to each trainable parameter of this call.
     """
+    defaults: dict = {}
 
     @staticmethod
     def forward(node: PlanNode, p: dict, x: np.ndarray, ps: _Pass):
@@ -256,6 +264,7 @@ def _windows(node, x, size, stride):
 class _Dense(_Layer):
     """``y = x W^T + b`` on the last axis of an input of any rank, as torch's Linear; the
     gradients of W and b sum over every leading axis."""
+    defaults = _TORCH_DEFAULTS
 
     @staticmethod
     def forward(node, p, x, ps):
@@ -272,7 +281,10 @@ class _Dense(_Layer):
 
 class _MyDense(_Layer):
     """The hand-made layer (d2l's MyLinear): ``relu(x W^T + b)``, W (out, in), b (out,), on
-    the last axis; relu's gradient is 0 where ``x W^T + b <= 0``."""
+    the last axis; relu's gradient is 0 where ``x W^T + b <= 0``. Its own initialization is
+    d2l's MyLinear's: torch.randn for both."""
+    defaults = {"weight": {"name": "normal", "mean": 0.0, "std": 1.0},
+                "bias": {"name": "normal", "mean": 0.0, "std": 1.0}}
 
     @staticmethod
     def forward(node, p, x, ps):
@@ -289,6 +301,7 @@ class _Conv2d(_Layer):
     """Zero-padded strided cross-correlation, as torch's conv2d:
     ``y[n, o, h, w] = b[o] + sum_{c, i, j} W[o, c, i, j] * xpad[n, c, h*sh + i, w*sw + j]``.
     Floor mode: input rows and columns that no window reaches get a zero gradient."""
+    defaults = _TORCH_DEFAULTS
 
     @staticmethod
     def forward(node, p, x, ps):
@@ -324,6 +337,7 @@ class _BatchNorm(_Layer):
     batch`` with the batch mean and the *unbiased* batch variance ``n / (n - 1) * var`` (or the
     biased one: ``_Pass.running_var_estimator``). The backward goes through the batch
     statistics too: every output of a channel depends on every input of that channel."""
+    defaults = {"weight": {"name": "ones"}, "bias": {"name": "zeros"}}
 
     @staticmethod
     def forward(node, p, x, ps):
@@ -455,7 +469,8 @@ class _Center(_Layer):
         return dy - dy.mean(), {}
 
 
-_LAYERS = {
+#: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
+LAYERS = {
     "dense": _Dense,
     "my_dense": _MyDense,
     "conv2d": _Conv2d,
@@ -466,8 +481,6 @@ _LAYERS = {
     "sigmoid": _Sigmoid,
     "tanh": _Tanh,
     "center": _Center,
-    "sequential": None,  # structure only: Adapter._apply walks it
-    "ref": None,         # structure only: the target called again, its parameters shared
 }
 
 
@@ -483,6 +496,7 @@ class Adapter(BaseAdapter):
     layer objects, so it overrides ``build`` itself; its parameters live in one dict."""
 
     framework = "NumPy"
+    builders = LAYERS
     #: the batch variance a training-mode batch norm folds into running_var: "unbiased"
     #: (PyTorch's) or "biased" (Keras', Flax's, Gluon's); the worker switches it for a variant
     running_var_estimator = "unbiased"
@@ -507,10 +521,11 @@ class Adapter(BaseAdapter):
         """Index the nodes, check refs point backwards, create the parameters of known size."""
         model = _Model(plan)
         for node in iter_nodes(plan.layers):
-            if node.type not in _LAYERS:
-                raise ValueError(f"unknown layer type {node.type!r} at {node.path!r}")
+            if node.type not in layers.STRUCTURE:
+                self.builder(node)  # the one error for a layer type without a layer here
             if node.type == "ref" and (node.to not in model.nodes
-                                       or node.path.startswith(node.to + ".")):
+                                       or node.path.startswith(node.to + ".")
+                                       or model.nodes[node.to].type == "residual"):
                 raise ValueError(f"ref {node.path!r}: {node.to!r} is not an earlier layer "
                                  "outside it")
             model.nodes[node.path] = node
@@ -523,7 +538,8 @@ class Adapter(BaseAdapter):
     def _create(self, model: _Model, node: PlanNode, n: int) -> None:
         """Create a node's parameters for input size n, with the default initialization."""
         shapes = param_shapes(node, n)
-        wshape = shapes["weight"] if node.type in _WEIGHTED else None
+        fan_role = layers.LAYERS[node.type].fan_role
+        wshape = shapes[fan_role] if fan_role else None
         for role, shape in shapes.items():
             model.params[f"{node.path}.{role}"] = self._sample(_default(node, role), shape, wshape)
 
@@ -544,8 +560,8 @@ class Adapter(BaseAdapter):
     def describe(self, model: _Model, ref: ParamRef) -> ParamInfo:
         arr = model.params[ref.name]
         if arr is None:
-            return ParamInfo(None, None, ref.role in TRAINABLE_ROLES, initialized=False)
-        return ParamInfo(arr.shape, str(arr.dtype), ref.role in TRAINABLE_ROLES)
+            return ParamInfo(None, None, trainable(ref.node, ref.role), initialized=False)
+        return ParamInfo(arr.shape, str(arr.dtype), trainable(ref.node, ref.role))
 
     def read(self, model: _Model, ref: ParamRef) -> np.ndarray:
         if model.params[ref.name] is None:
@@ -564,8 +580,8 @@ class Adapter(BaseAdapter):
     def init_param(self, model: _Model, ref: ParamRef, init: dict) -> str:
         """Draw one INIT; `default` is PyTorch's rule (d2l's MyLinear's for my_dense)."""
         shape = self.read(model, ref).shape
-        wshape = (model.params[f"{ref.node.path}.weight"].shape
-                  if ref.node.type in _WEIGHTED else None)
+        fan_role = layers.LAYERS[ref.node.type].fan_role
+        wshape = model.params[f"{ref.node.path}.{fan_role}"].shape if fan_role else None
         is_default = init["name"] == "default"
         model.params[ref.name] = self._sample(_default(ref.node, ref.role) if is_default
                                               else init, shape, wshape)
@@ -597,7 +613,7 @@ class Adapter(BaseAdapter):
 
     def _apply(self, model: _Model, node: PlanNode, x: np.ndarray, ps: _Pass) -> np.ndarray:
         """One node on x, creating lazy parameters and checking the input against existing ones;
-        a leaf call goes on the tape when the pass keeps one."""
+        a leaf call goes on the tape when the pass keeps one, a residual as a ``_Fork``."""
         kind = node.type
         if kind == "sequential":
             for child in node.layers:
@@ -605,15 +621,17 @@ class Adapter(BaseAdapter):
             return x
         if kind == "ref":
             return self._apply(model, model.nodes[node.to], x, ps)
-        ndim = {"conv2d": 4, "max_pool2d": 4,
-                "batch_norm": 4 if node.spatial else 2}.get(kind)
-        if ndim is not None and x.ndim != ndim or x.ndim < 2:
-            raise ValueError(f"{kind} {node.path!r} expects a {ndim or '>=2'}-D input, "
+        if kind == "residual":
+            return self._residual(model, node, x, ps)
+        lt = layers.LAYERS[kind]
+        if x.ndim < 2 or (lt.ranks and x.ndim not in lt.ranks):
+            raise ValueError(f"{kind} {node.path!r} expects {lt.takes or 'a >=2-D input'}, "
                              f"got shape {list(x.shape)}")
         p = {}
         if param_roles(node):
-            n = x.shape[-1] if kind in ("dense", "my_dense") else x.shape[1]
-            if model.params[f"{node.path}.weight"] is None:
+            n = x.shape[lt.in_axis]
+            first = f"{node.path}.{param_roles(node)[0]}"
+            if model.params[first] is None:
                 self._create(model, node, n)
             for role, want in param_shapes(node, n).items():
                 have = model.params[f"{node.path}.{role}"]
@@ -623,10 +641,34 @@ class Adapter(BaseAdapter):
                         f"{node.path}.{role} of shape {list(want)}, but it has "
                         f"{list(have.shape)} (inferred or given earlier)")
                 p[role] = have.astype(np.float64)
-        layer = _LAYERS[kind]
+        layer = LAYERS[kind]
         y, saved = layer.forward(node, p, x, ps)
         if ps.tape is not None:
             ps.tape.append((node, layer, p, saved))
+        return y
+
+    def _residual(self, model: _Model, node: PlanNode, x: np.ndarray, ps: _Pass) -> np.ndarray:
+        """``activation(body(x) + shortcut(x))``; on the tape, one ``_Fork`` of its branches."""
+        outer, fork = ps.tape, _Fork([], None if node.shortcut is None else [], [])
+        ps.tape = fork.body if outer is not None else None
+        y = x
+        for child in node.layers:
+            y = self._apply(model, child, y, ps)
+        if node.shortcut is not None:
+            ps.tape = fork.shortcut if outer is not None else None
+            s = self._apply(model, node.shortcut, x, ps)
+        else:
+            s = x
+        if y.shape != s.shape:
+            raise ValueError(f"residual at {node.path!r}: the body gives shape {list(y.shape)}, "
+                             f"the shortcut {list(s.shape)}")
+        y = y + s
+        if node.activation is not None:
+            ps.tape = fork.activation if outer is not None else None
+            y = self._apply(model, node.activation, y, ps)
+        ps.tape = outer
+        if outer is not None:
+            outer.append(fork)
         return y
 
     # -- training semantics ------------------------------------------------------------------
@@ -643,20 +685,33 @@ class Adapter(BaseAdapter):
             raise ValueError(f"cotangent of shape {list(dy.shape)} for an output of shape "
                              f"{list(y.shape)}")
         grads: dict[str, np.ndarray] = {}
-        for node, layer, p, saved in reversed(tape):
+        dx = self._backward(tape, dy, grads)
+        return y, dx, grads
+
+    def _backward(self, tape: list, dy: np.ndarray, grads: dict) -> np.ndarray:
+        """dL/d(input of the tape) from dL/d(its output), every parameter's gradient added to
+        ``grads``; a residual's input gets the sum of its body's and its shortcut's."""
+        for entry in reversed(tape):
+            if isinstance(entry, _Fork):
+                dsum = self._backward(entry.activation, dy, grads)
+                dy = self._backward(entry.body, dsum, grads) + (
+                    dsum if entry.shortcut is None else
+                    self._backward(entry.shortcut, dsum, grads))
+                continue
+            node, layer, p, saved = entry
             dy, own = layer.backward(node, p, saved, dy)
             for role, g in own.items():
                 name = f"{node.path}.{role}"
                 grads[name] = grads[name] + g if name in grads else g
-        return y, dy, grads
+        return dy
 
     def grads(self, model: _Model, x: np.ndarray, cotangent: np.ndarray):
         """(output, {canonical name: gradient}) for every trainable parameter, float64, in
         canonical order; running statistics updated once per batch-norm call, parameters not
         changed."""
         y, _, grads = self.vjp(model, x, cotangent)
-        return y, {name: grads[name] for name, _, role in owned_params(model.plan)
-                   if role in TRAINABLE_ROLES}
+        return y, {name: grads[name] for name, node, role in owned_params(model.plan)
+                   if trainable(node, role)}
 
     def save(self, model: _Model, stem: str) -> SavedFile:
         """Every parameter and running statistic, by canonical name, with ``np.savez``."""
@@ -703,14 +758,16 @@ class Adapter(BaseAdapter):
 
     @staticmethod
     def _in_size(model: _Model, node: PlanNode, stored: dict) -> int | None:
-        """A node's input size: the model's, else the plan's, else the file's (lazy)."""
-        axis = 0 if node.type == "batch_norm" else 1
-        have = model.params[f"{node.path}.weight"]
+        """A node's input size: the model's, else the plan's, else the file's (lazy); read
+        where the lazy size sits in its first parameter's canonical shape."""
+        first = f"{node.path}.{param_roles(node)[0]}"
+        axis = param_shapes(node, None)[param_roles(node)[0]].index(None)
+        have = model.params[first]
         if have is not None:
             return have.shape[axis]
         if given_in_size(node) is not None:
             return given_in_size(node)
-        shape = stored[f"{node.path}.weight"].shape
+        shape = stored[first].shape
         return shape[axis] if len(shape) > axis else None
 
     def semantics(self) -> dict[str, str]:

@@ -68,8 +68,8 @@ class Adapter(TorchDevices, base.BaseAdapter):
         if kind == "batch_norm":
             args = dict(eps=node.eps, momentum=node.momentum)
             if node.num_features is None:
-                return (nn.LazyBatchNorm2d if node.spatial else nn.LazyBatchNorm1d)(**args)
-            return (nn.BatchNorm2d if node.spatial else nn.BatchNorm1d)(node.num_features, **args)
+                return (nn.LazyBatchNorm2d if node.in_rank == 4 else nn.LazyBatchNorm1d)(**args)
+            return (nn.BatchNorm2d if node.in_rank == 4 else nn.BatchNorm1d)(node.num_features, **args)
         if kind == "max_pool2d":
             return nn.MaxPool2d(tuple(node.pool), tuple(node.stride))
         if kind == "my_dense":

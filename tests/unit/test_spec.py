@@ -188,7 +188,7 @@ def test_plan_nodes_are_complete(path):
                     entry = inits.CATALOGUE[init["name"]]
                     assert set(init) == {"name", *entry.args}, (node["path"], role, init)
             if node["type"] in ("dense", "conv2d"):
-                expected_roles = {"weight", "bias"} if node["bias"] else {"weight"}
+                expected_roles = {"weight", "bias"} if node["attrs"]["bias"] else {"weight"}
                 assert set(node["init"]) == expected_roles
 
     walk(plan["layers"], "")
@@ -211,8 +211,8 @@ def test_nested_plan_paths():
         ("dense", "1", "1"),
     ]
     inner = plan["layers"][0]["layers"][3]["layers"][0]
-    assert inner["in_units"] == 8 and inner["units"] == 4 and inner["bias"] is True
-    assert plan["layers"][1]["in_units"] is None
+    assert inner["attrs"] == {"units": 4, "in_units": 8, "bias": True}
+    assert plan["layers"][1]["attrs"]["in_units"] is None
 
 
 def test_plan_fills_in_init_arguments():
@@ -228,7 +228,7 @@ def test_plan_fills_in_init_arguments():
         "name": "trunc_normal", "mean": 0.0, "std": 1.0, "a": -2.0, "b": 2.0}
     assert by_path["conv_dirac"]["init"]["weight"] == {"name": "dirac", "groups": 1}
     assert by_path["sparse"]["init"]["weight"] == {"name": "sparse", "sparsity": 0.1, "std": 0.01}
-    assert by_path["eye"]["bias"] is False and "bias" not in by_path["eye"]["init"]
+    assert by_path["eye"]["attrs"]["bias"] is False and "bias" not in by_path["eye"]["init"]
 
 
 def test_untruncated_normal_is_normalized():

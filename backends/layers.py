@@ -1,0 +1,348 @@
+"""The layer registry: everything the harness knows about each layer type, in one entry.
+
+Per layer type: its spec fields (JSON-schema fragments, defaults, how they are normalized into
+the plan), its parameter roles (trainable or buffer, whether the spec's top-level ``init``
+applies, how a probe draws them), the input size it infers lazily and from which axis, its
+canonical parameter shapes, its output shape (with the spec errors it raises), its forward
+FLOPs, the NumPy reference's working memory for it, and the input ranks it takes. Spec
+validation, planning, probes, expectations, the report, the worker and every adapter read it;
+an adapter adds only its builder (``BaseAdapter.builders``), the NumPy reference its layer.
+
+Structure is not a layer: ``sequential`` (a block of layers), ``ref`` (an earlier layer used
+again: shared parameters) and ``residual`` (``activation(body(x) + shortcut(x))``, whose layers
+are named in the block around it) have schema fields here (``STRUCTURE``) and are walked by
+``backends.base`` and ``harness.spec``.
+
+Standard library only: the parent and every worker (numpy 1.23 to 2.x) import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+#: sizes: anything larger is refused by the spec's schema (and far smaller by the memory estimate)
+MAX_SIZE = 2 ** 31 - 1
+INT1 = {"type": "integer", "minimum": 1, "maximum": MAX_SIZE}
+INT0 = {"type": "integer", "minimum": 0, "maximum": MAX_SIZE}
+PAIR1 = {"oneOf": [INT1, {"type": "array", "items": INT1, "minItems": 2, "maxItems": 2}]}
+PAIR0 = {"oneOf": [INT0, {"type": "array", "items": INT0, "minItems": 2, "maxItems": 2}]}
+BOOL = {"type": "boolean"}
+INIT = {"$ref": "#/$defs/init"}      # the initializer schema (harness.initializers.init_schema)
+LAYER = {"$ref": "#/$defs/layer"}    # any layer (the spec's schema defines it from this module)
+REQUIRED = object()                  # a field without a default
+FLOAT64 = 8                          # bytes per value of the NumPy reference's working arrays
+
+
+class LayerError(Exception):
+    """A layer that cannot take its input: the spec reports ``message`` at the layer's field
+    path, with ``.field`` appended where one field is at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+@dataclass(frozen=True)
+class Field:
+    """One spec field of a layer type: its schema, its type in the plan (as ``protocol.decode``
+    reads it), its default (a value, or a function of the spec's layer mapping) and whether an
+    int means ``[v, v]`` (``pair``)."""
+    schema: dict
+    plan: Any
+    default: Any = REQUIRED
+    pair: bool = False
+
+    def normalize(self, raw: dict, name: str):
+        value = raw.get(name, REQUIRED)
+        if value is REQUIRED:
+            value = self.default(raw) if callable(self.default) else self.default
+        if self.pair and isinstance(value, int):
+            value = [value, value]
+        elif self.pair:
+            value = list(value)
+        return float(value) if self.plan is float else value
+
+
+@dataclass(frozen=True)
+class Role:
+    """One parameter or buffer of a layer type, named ``<layer path>.<role>``.
+
+    ``trainable``: a parameter (False: a buffer, e.g. running statistics); ``top_init``: the
+    spec's top-level ``init`` applies to it; ``init``: a fixed INIT name (a buffer's) instead of
+    the spec's; ``optional``: the boolean field that turns it off (``bias: false``); ``probe``:
+    how the harness draws it for the numerics and gradient checks (``fan_in``: U(+-1/sqrt(fan_in
+    of the layer's weight)); ``scale``: U(0.5, 1.5); ``shift``: N(0, 0.1))."""
+    name: str
+    trainable: bool = True
+    top_init: bool = True
+    init: str | None = None
+    optional: str | None = None
+    probe: str = "fan_in"
+
+
+def _identity(attrs, shape):
+    return shape
+
+
+def _per_output(attrs, shape, out):
+    """Every layer without a product: one operation per output element."""
+    return math.prod(out)
+
+
+def _elementwise_memory(attrs, shape, out):
+    """A few arrays of the input's and the output's size (forward, saved state, backward)."""
+    return FLOAT64 * 4 * (math.prod(shape) + math.prod(out))
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """One layer type of the spec. Functions take the node's plan attributes (``attrs``, the
+    normalized fields) and canonical shapes (tuples, batch first, NCHW)."""
+    name: str
+    doc: str
+    fields: dict[str, Field] = field(default_factory=dict)
+    roles: tuple[Role, ...] = ()
+    #: the field giving the input size inferred lazily (None in the spec: infer it), the input
+    #: axis it is read from, and what that size counts (for messages)
+    in_size: str | None = None
+    in_axis: int = 1
+    in_what: str = "features"
+    #: the input ranks it takes (None: any), described for the message
+    ranks: tuple[int, ...] | None = None
+    takes: str = ""
+    #: role -> canonical shape for input size n (None: not known yet)
+    shapes: Callable[[dict, int | None], dict] = lambda attrs, n: {}
+    #: the output shape for an input shape; raises LayerError
+    output: Callable[[dict, tuple], tuple] = _identity
+    #: forward FLOPs (a multiply-add is 2) for an input and output shape
+    flops: Callable[[dict, tuple, tuple], int] = _per_output
+    #: bytes the NumPy reference allocates for one forward and backward of this layer (its
+    #: working arrays and the state the backward keeps), an upper bound
+    memory: Callable[[dict, tuple, tuple], int] = _elementwise_memory
+    #: the role whose shape gives the layer's fans (a bias's fan_in_uniform, probes); None: none
+    fan_role: str | None = None
+    #: may be a residual's ``activation`` (no fields, no parameters, shape-preserving)
+    activation: bool = False
+
+    def normalize(self, raw: dict) -> dict:
+        """The plan attributes of a spec layer (every field, defaults filled in)."""
+        return {name: f.normalize(raw, name) for name, f in self.fields.items()}
+
+    def present_roles(self, attrs: dict) -> tuple[Role, ...]:
+        """The roles a layer with these attributes owns (``bias: false`` drops the bias)."""
+        return tuple(r for r in self.roles if r.optional is None or attrs[r.optional])
+
+    def role(self, name: str) -> Role:
+        return next(r for r in self.roles if r.name == name)
+
+    def given_size(self, attrs: dict) -> int | None:
+        """The input size the spec gives (None: inferred at the first forward)."""
+        return attrs[self.in_size] if self.in_size else None
+
+    def param_shapes(self, attrs: dict, n: int | None) -> dict[str, tuple]:
+        """Canonical shape of each role the layer owns, for input size ``n``."""
+        shapes = self.shapes(attrs, n)
+        return {r.name: tuple(shapes[r.name]) for r in self.present_roles(attrs)}
+
+    def infer(self, attrs: dict, shape: tuple) -> tuple:
+        """The output shape for ``shape``, after checking the rank and a given input size."""
+        if self.ranks is not None and len(shape) not in self.ranks:
+            raise LayerError(f"{self.name} needs {self.takes}, got shape {shape}")
+        given = self.given_size(attrs)
+        if given is not None and given != shape[self.in_axis]:
+            raise LayerError(f"is {given} but the input here has {shape[self.in_axis]} "
+                             f"{self.in_what}", self.in_size)
+        return tuple(self.output(attrs, tuple(shape)))
+
+    def schema(self) -> tuple[dict, list[str]]:
+        """(properties, required) of its spec mapping, besides ``type`` and ``name``."""
+        props = {name: f.schema for name, f in self.fields.items()}
+        props.update({f"{r.name}_init": INIT for r in self.roles if r.init is None})
+        return props, [name for name, f in self.fields.items() if f.default is REQUIRED]
+
+
+def window(size: int, k: int, s: int, p: int) -> int:
+    """Positions of a window ``k`` with stride ``s`` over ``size`` padded by ``p`` each side
+    (floor mode, as PyTorch); LayerError when none fits."""
+    out = (size + 2 * p - k) // s + 1
+    if out < 1:
+        raise LayerError(f"window {k} (padding {p}) does not fit an input of size {size}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the layer types
+
+def _dense_flops(attrs, shape, out):
+    n_out = math.prod(out)
+    return 2 * n_out * shape[-1] + n_out * attrs.get("bias", True)
+
+
+def _dense_memory(attrs, shape, out):
+    """Output and its bias sum, the input's gradient, float64 copies of W and b, their
+    gradients and the transposed products."""
+    params = attrs["units"] * (shape[-1] + 1)
+    return FLOAT64 * (3 * math.prod(out) + 2 * math.prod(shape) + 4 * params)
+
+
+def _conv_output(attrs, shape):
+    hw = [window(shape[2 + i], attrs["kernel"][i], attrs["stride"][i], attrs["padding"][i])
+          for i in range(2)]
+    return (shape[0], attrs["channels"], *hw)
+
+
+def _conv_memory(attrs, shape, out):
+    """The im2col window array (copied by the forward's and the backward's contractions),
+    the per-tap products of the input's gradient, the padded input and its gradient, the
+    output, float64 W and its gradient."""
+    (n, c, h, w), (ph, pw) = shape, attrs["padding"]
+    windows = n * c * out[2] * out[3] * math.prod(attrs["kernel"])
+    padded = n * c * (h + 2 * ph) * (w + 2 * pw)
+    params = attrs["channels"] * (c * math.prod(attrs["kernel"]) + 1)
+    return FLOAT64 * (3 * windows + 2 * padded + 3 * math.prod(out) + 3 * params)
+
+
+def _pool_output(attrs, shape):
+    hw = [window(shape[2 + i], attrs["pool"][i], attrs["stride"][i], 0) for i in range(2)]
+    return (shape[0], shape[1], *hw)
+
+
+def _pool_memory(attrs, shape, out):
+    """The windows flattened for the argmax (and their NaN mask), the index arrays, the
+    input's gradient."""
+    windows = math.prod(out) * math.prod(attrs["pool"])
+    return FLOAT64 * (2 * windows + math.prod(shape) + 8 * math.prod(out))
+
+
+def _batch_norm_output(attrs, shape):
+    if shape[0] * math.prod(shape[2:]) < 2:  # the gradient pass runs in training mode
+        raise LayerError(f"batch_norm on an input of shape {shape} sees 1 value per channel: "
+                         "training mode needs more (PyTorch refuses it; the others output just "
+                         "the bias); use a batch of at least 2")
+    return shape
+
+
+def _batch_norm_memory(attrs, shape, out):
+    """The normalized input (kept for the backward), its products and centred copies."""
+    return FLOAT64 * 8 * math.prod(shape)
+
+
+_WEIGHT_AND_BIAS = (Role("weight"), Role("bias", optional="bias"))
+_DENSE_FIELDS = {"units": Field(INT1, int), "in_units": Field(INT1, int | None, None)}
+
+LAYERS: dict[str, LayerType] = {t.name: t for t in [
+    LayerType(
+        "dense", "y = x W^T + b on the last axis (torch.nn.Linear)",
+        {**_DENSE_FIELDS, "bias": Field(BOOL, bool, True)}, _WEIGHT_AND_BIAS,
+        in_size="in_units", in_axis=-1,
+        shapes=lambda a, n: {"weight": (a["units"], n), "bias": (a["units"],)},
+        output=lambda a, s: s[:-1] + (a["units"],), flops=_dense_flops, memory=_dense_memory,
+        fan_role="weight"),
+    LayerType(
+        "my_dense", "the hand-made layer relu(x W^T + b), its parameters made by each adapter",
+        dict(_DENSE_FIELDS), (Role("weight"), Role("bias")), in_size="in_units", in_axis=-1,
+        shapes=lambda a, n: {"weight": (a["units"], n), "bias": (a["units"],)},
+        output=lambda a, s: s[:-1] + (a["units"],),
+        flops=lambda a, s, o: _dense_flops(a, s, o) + math.prod(o),  # and the relu
+        memory=lambda a, s, o: _dense_memory(a, s, o) + FLOAT64 * 2 * math.prod(o),
+        fan_role="weight"),
+    LayerType(
+        "conv2d", "zero-padded strided 2-D cross-correlation on NCHW (torch.nn.Conv2d)",
+        {"channels": Field(INT1, int), "kernel": Field(PAIR1, list[int], pair=True),
+         "stride": Field(PAIR1, list[int], 1, pair=True),
+         "padding": Field(PAIR0, list[int], 0, pair=True),
+         "in_channels": Field(INT1, int | None, None), "bias": Field(BOOL, bool, True)},
+        _WEIGHT_AND_BIAS, in_size="in_channels", in_what="channels",
+        ranks=(4,), takes="a 4-D (N, C, H, W) input",
+        shapes=lambda a, n: {"weight": (a["channels"], n, *a["kernel"]),
+                             "bias": (a["channels"],)},
+        output=_conv_output,
+        flops=lambda a, s, o: 2 * math.prod(o) * s[1] * math.prod(a["kernel"])
+        + math.prod(o) * a["bias"],
+        memory=_conv_memory, fan_role="weight"),
+    LayerType(
+        "batch_norm", "batch normalization over channel axis 1 (torch.nn.BatchNorm1d/2d)",
+        {"num_features": Field(INT1, int | None, None),
+         "eps": Field({"type": "number", "exclusiveMinimum": 0}, float, 1e-5),
+         "momentum": Field({"type": "number", "minimum": 0, "maximum": 1}, float, 0.1)},
+        (Role("weight", top_init=False, probe="scale"),
+         Role("bias", top_init=False, probe="shift"),
+         Role("running_mean", trainable=False, top_init=False, init="zeros", probe="shift"),
+         Role("running_var", trainable=False, top_init=False, init="ones", probe="scale")),
+        in_size="num_features", in_what="channels",
+        ranks=(2, 4), takes="an (N, C) or (N, C, H, W) input",
+        shapes=lambda a, n: dict.fromkeys(("weight", "bias", "running_mean", "running_var"),
+                                          (n,)),
+        output=_batch_norm_output, memory=_batch_norm_memory),
+    LayerType(
+        "max_pool2d", "max over floor-mode windows without padding (torch.nn.MaxPool2d)",
+        {"pool": Field(PAIR1, list[int], pair=True),
+         "stride": Field(PAIR1, list[int], lambda raw: raw["pool"], pair=True)},
+        ranks=(4,), takes="a 4-D (N, C, H, W) input", output=_pool_output,
+        memory=_pool_memory),
+    LayerType(
+        "flatten", "(N, ...) -> (N, prod(...)), row-major (torch.nn.Flatten)",
+        output=lambda a, s: (s[0], math.prod(s[1:])), flops=lambda a, s, o: 0,
+        memory=lambda a, s, o: FLOAT64 * math.prod(s)),
+    LayerType("relu", "max(x, 0)", activation=True),
+    LayerType("sigmoid", "the logistic function", activation=True),
+    LayerType("tanh", "tanh(x)", activation=True),
+    LayerType("center", "the parameter-free custom layer x - mean(x) (d2l's CenteredLayer)"),
+]}
+
+ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)
+
+#: the structure's own fields: (properties, required); every node may have a ``name``
+STRUCTURE: dict[str, tuple[dict, list[str]]] = {
+    "sequential": ({"layers": {"type": "array", "minItems": 1, "items": LAYER}}, ["layers"]),
+    "ref": ({"to": {"type": "string", "minLength": 1}}, ["to"]),
+    "residual": ({"layers": {"type": "array", "minItems": 1, "items": LAYER},
+                  "shortcut": LAYER, "activation": {"enum": list(ACTIVATIONS)}}, ["layers"]),
+}
+NODE_TYPES = (*LAYERS, *STRUCTURE)
+
+
+def layer_type(name: str) -> LayerType:
+    """The registry entry of a layer type; ValueError naming the known ones otherwise."""
+    try:
+        return LAYERS[name]
+    except KeyError:
+        raise ValueError(f"unknown layer type {name!r} (known: {', '.join(LAYERS)})") from None
+
+
+def residual_flops(out: tuple) -> int:
+    """The add of a residual: one operation per output element."""
+    return math.prod(out)
+
+
+def check_node(node) -> None:
+    """A plan node's structure and attributes as this registry defines them (ValueError):
+    the parent builds them so, and a worker receives them so."""
+    from backends import protocol  # noqa: PLC0415 (protocol imports this module lazily too)
+
+    where = node.path or "(top)"
+    if node.type in STRUCTURE:
+        if node.attrs:
+            raise ValueError(f"{where}: a {node.type} has no attributes, got {sorted(node.attrs)}")
+        if node.type != "sequential" and node.type != "residual" and node.layers:
+            raise ValueError(f"{where}: a {node.type} has no layers")
+        if node.type == "ref" and not node.to:
+            raise ValueError(f"{where}: a ref needs `to`")
+    else:
+        lt = layer_type(node.type)
+        if set(node.attrs) != set(lt.fields):
+            raise ValueError(f"{where}: a {node.type} has the attributes "
+                             f"{sorted(lt.fields)}, got {sorted(node.attrs)}")
+        for name, f in lt.fields.items():
+            try:
+                protocol.decode(f.plan, node.attrs[name], f"{where}.{name}")
+            except protocol.ProtocolError as exc:
+                raise ValueError(str(exc)) from None
+        if node.layers:
+            raise ValueError(f"{where}: a {node.type} has no layers")
+    if node.type != "residual" and (node.shortcut is not None or node.activation is not None):
+        raise ValueError(f"{where}: only a residual has a shortcut or an activation")
+    if node.activation is not None and node.activation.type not in ACTIVATIONS:
+        raise ValueError(f"{where}: a residual's activation is one of {list(ACTIVATIONS)}, got "
+                         f"{node.activation.type!r}")
