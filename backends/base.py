@@ -339,11 +339,13 @@ def kaiming_gain_and_fan(init: dict) -> tuple[float, str]:
 
 @dataclass(frozen=True)
 class Builder:
-    """A layer builder: ``make(adapter, leaf)`` returns the framework layer, and ``native``
-    names its parameters where the framework's name is not the canonical role (Keras
-    ``{"weight": "kernel"}``); an adapter may keep other facts of the layer beside it."""
+    """A layer builder: ``make(adapter, leaf)`` returns the framework layer, ``native`` names
+    its parameters where the framework's name is not the canonical role (Keras ``{"weight":
+    "kernel"}``), and ``defaults`` says per role what the layer's own initialization is, for
+    an adapter that reports it from here."""
     make: Callable[[Any, PlanNode], Any]
     native: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

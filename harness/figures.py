@@ -41,16 +41,16 @@ def timing_figures(run_dir: Path, specs, results) -> dict:
 
 
 def defaults_figure(run_dir: Path, backend: str, cells: list, defaults) -> str | None:
-    """Histograms of one backend's default dense/conv weight initializations against their
-    analytic densities (``default_init_<backend>.png``), for the report."""
+    """Histograms of one backend's default weight initializations (kernels with fans) against
+    their analytic densities (``default_init_<backend>.png``), for the report."""
     cells = [c for c in cells if c.backend.name == backend and c.result is not None]
     arrays = {c.spec.name: c.arrays for c in cells}
     panels = []
     examples = report.default_examples([c.spec for c in cells], [c.result for c in cells],
                                        {backend: defaults})
     for (_, layer, role), example in examples.items():
-        if example is None or role != "weight" or layer == "batch_norm":
-            continue
+        if example is None or role != "weight" or len(example[1].spec.shape) < 2:
+            continue  # a weight with fans: a dense or conv kernel (a 1-D scale is ones)
         spec_name, q = example
         values = arrays[spec_name].get(f"param/{q.name}")
         if values is not None:

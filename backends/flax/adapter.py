@@ -19,38 +19,22 @@ import functools
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from backends import base
+from backends import base, layers
 from backends.jax_support import JaxDevices
 from backends.protocol import Plan
 
-#: canonical role -> the variable's leaf name in linen, per layer type
-NATIVE_LEAF = {
-    "dense": {"weight": "kernel", "bias": "bias"},
-    "conv2d": {"weight": "kernel", "bias": "bias"},
-    "my_dense": {"weight": "kernel", "bias": "bias"},
-    "batch_norm": {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"},
-}
 #: the collection linen trains (what jax.grad / optax see); others (batch_stats) are state
 TRAINABLE_COLLECTION = "params"
-#: what `default` is, per role or, where it differs, per (layer type, role) (flax/linen/*.py)
+#: what `default` is, per role (flax/linen/*.py); a builder states its own where it differs
 DEFAULT_IMPL = {
     "weight": "native: flax default kernel_init = lecun_normal() "
               "(variance_scaling(1, fan_in, truncated_normal))",
     "bias": "native: flax default bias_init = zeros_init()",
-    ("batch_norm", "weight"): "native: flax default scale_init = ones",
-    ("batch_norm", "bias"): "native: flax default bias_init = zeros",
-    ("my_dense", "weight"): "native: jax.nn.initializers.normal(stddev=1) in the hand-made "
-                            "MyDense (d2l's JAX MyDense)",
-    ("my_dense", "bias"): "native: jax.nn.initializers.zeros in the hand-made MyDense (d2l's JAX "
-                          "MyDense)",
 }
-#: the size a plan may give each layer type
-GIVEN_SIZE = {"dense": "in_units", "my_dense": "in_units", "conv2d": "in_channels",
-              "batch_norm": "num_features"}
 #: what linen's BatchNorm always puts in its `batch_stats` (not configurable)
 BATCH_STATS_INIT = {"running_mean": "zeros", "running_var": "ones"}
 
@@ -68,6 +52,156 @@ class _Model:
     jitted: dict = field(default_factory=dict)
 
 
+# ------------------------------------------------------------------------------ initializers
+# INIT name -> fn(adapter, init, args) -> (JAX initializer, "native: ..." / "custom: ...").
+# Native where jax.nn.initializers means the same thing (JAX's fans on the native layout,
+# in_axis=-2 and out_axis=-1, are torch's fans on the canonical one); custom ones are JAX
+# initializers (key, shape, dtype), on the canonical shape where the layout matters.
+
+def _normal(fx, init, args):
+    mean, std = args["mean"], args["std"]
+    if mean == 0:
+        return fx.ji.normal(std), "native: jax.nn.initializers.normal(stddev=std)"
+    return (lambda k, s, d: mean + std * fx.jr.normal(k, s, d),
+            "custom: mean + std * jax.random.normal")
+
+
+def _trunc_normal(fx, init, args):
+    """JAX's bounds are in std units around 0 (native only for mean 0), torch's absolute."""
+    mean, std = args["mean"], args["std"]
+    if mean == 0:
+        return (fx.ji.truncated_normal(std, lower=args["a"] / std, upper=args["b"] / std),
+                "native: jax.nn.initializers.truncated_normal(std, lower=a/std, upper=b/std)")
+    lo, hi = (args["a"] - mean) / std, (args["b"] - mean) / std
+    return (lambda k, s, d: mean + std * fx.jr.truncated_normal(k, lo, hi, s, d),
+            "custom: mean + std * jax.random.truncated_normal((a-mean)/std, (b-mean)/std)")
+
+
+def _xavier_kaiming(fx, init, args):
+    dist = init["name"].split("_")[1]  # "normal" is untruncated in JAX, as in torch
+    gain, mode = base.kaiming_gain_and_fan(init)
+    return (fx.ji.variance_scaling(gain ** 2, mode, dist),
+            f"native: jax.nn.initializers.variance_scaling(gain^2, {mode}, {dist})")
+
+
+def _variance_scaling(fx, init, args):
+    return (fx.ji.variance_scaling(args["scale"], args["mode"], args["distribution"]),
+            f"native: jax.nn.initializers.variance_scaling(scale, {args['mode']}, "
+            f"{args['distribution']})")
+
+
+def _uniform(fx, init, args):
+    """jax.nn.initializers.uniform(scale) is U[0, scale): custom."""
+    return (lambda k, s, d: fx.jr.uniform(k, s, d, args["a"], args["b"]),
+            "custom: jax.random.uniform(minval=a, maxval=b)")
+
+
+def _bimodal(fx, init, args):
+    def bimodal(key, shape, dtype):
+        u = fx.jr.uniform(key, shape, dtype, -10.0, 10.0)
+        return fx.jnp.where(fx.jnp.abs(u) < 5, 0.0, u).astype(dtype)
+    return bimodal, "custom: jax.random.uniform(-10, 10), |x| < 5 set to 0"
+
+
+def _eye(fx, init, args):
+    return (_canonical_init(lambda k, s, d: fx.jnp.eye(*s, dtype=d)),
+            "custom: jnp.eye on the canonical (out, in) matrix, transposed to (in, out)")
+
+
+def _dirac(fx, init, args):
+    dirac = functools.partial(base.dirac_kernel, groups=args["groups"])
+    return (_canonical_init(lambda k, s, d: fx.jnp.asarray(dirac(s), d)),
+            "custom: centred ones per group on (out, in, kh, kw), transposed to native")
+
+
+def _sparse(fx, init, args):
+    """torch's sparse_: ceil(sparsity * rows) zeros per column."""
+    jr, jnp = fx.jr, fx.jnp
+
+    def sparse(key, shape, dtype):
+        k_values, k_rows = jr.split(key)
+        values = args["std"] * jr.normal(k_values, shape, dtype)
+        zero_rows = jnp.argsort(jr.uniform(k_rows, shape), axis=0)[
+            :math.ceil(args["sparsity"] * shape[0])]
+        return values.at[zero_rows, jnp.arange(shape[1])].set(0)
+    return (_canonical_init(sparse),
+            "custom: jax.random.normal, ceil(sparsity*out) random zeros per input column")
+
+
+INITIALIZERS = {
+    "zeros": lambda fx, init, args: (fx.ji.zeros, "native: jax.nn.initializers.zeros"),
+    "ones": lambda fx, init, args: (fx.ji.ones, "native: jax.nn.initializers.ones"),
+    "constant": lambda fx, init, args: (fx.ji.constant(args["val"]),
+                                        "native: jax.nn.initializers.constant"),
+    "normal": _normal, "trunc_normal": _trunc_normal,
+    "xavier_uniform": _xavier_kaiming, "xavier_normal": _xavier_kaiming,
+    "kaiming_uniform": _xavier_kaiming, "kaiming_normal": _xavier_kaiming,
+    "variance_scaling": _variance_scaling,
+    # Haar on (rest, out): its transpose is torch's (out, rest)
+    "orthogonal": lambda fx, init, args: (
+        fx.ji.orthogonal(args["gain"], column_axis=-1),
+        "native: jax.nn.initializers.orthogonal(scale=gain, column_axis=-1)"),
+    "uniform": _uniform, "bimodal": _bimodal, "eye": _eye, "dirac": _dirac, "sparse": _sparse,
+}
+
+
+# ------------------------------------------------------------------------------ builders
+
+def _dense(a, node):
+    """A Dense on a 4-D activation acts on NCHW's last axis (W), not NHWC's (C)."""
+    dense = a.nn.Dense(node.units, use_bias=node.bias, **a.init_kwargs(node))
+    return a.LastCanonicalAxis(dense) if node.in_rank == 4 else dense
+
+
+def _my_dense(a, node):
+    dense = a.MyDense(node.units, **a.init_kwargs(node))
+    return a.LastCanonicalAxis(dense) if node.in_rank == 4 else dense
+
+
+def _conv2d(a, node):
+    return a.nn.Conv(node.channels, kernel_size=tuple(node.kernel),  # a tuple: 2-D
+                     strides=tuple(node.stride), padding=tuple((p, p) for p in node.padding),
+                     use_bias=node.bias, **a.init_kwargs(node))
+
+
+def _batch_norm(a, node):
+    """momentum: flax keeps m * old, torch keeps (1 - m) * old."""
+    return a.nn.BatchNorm(use_running_average=None, momentum=1.0 - node.momentum,
+                          epsilon=node.eps, **a.init_kwargs(node))
+
+
+def _function(name):
+    return lambda a, node: getattr(a.nn, name)
+
+
+_KERNEL = {"weight": "kernel"}
+#: layer type -> linen module or function on NHWC activations, with the linen name of each
+#: role's variable (``<name>_init`` is its initializer attribute) and what `default` realizes
+#: where it differs from DEFAULT_IMPL (``backends.base.BaseAdapter.builders``)
+BUILDERS = {
+    "dense": base.Builder(_dense, _KERNEL),
+    "my_dense": base.Builder(_my_dense, _KERNEL, {
+        "weight": "native: jax.nn.initializers.normal(stddev=1) in the hand-made MyDense "
+                  "(d2l's JAX MyDense)",
+        "bias": "native: jax.nn.initializers.zeros in the hand-made MyDense (d2l's JAX "
+                "MyDense)"}),
+    "conv2d": base.Builder(_conv2d, _KERNEL),
+    "batch_norm": base.Builder(_batch_norm, {"weight": "scale", "running_mean": "mean",
+                                             "running_var": "var"}, {
+        "weight": "native: flax default scale_init = ones",
+        "bias": "native: flax default bias_init = zeros"}),
+    "max_pool2d": lambda a, node: functools.partial(
+        a.nn.max_pool, window_shape=tuple(node.pool), strides=tuple(node.stride),
+        padding="VALID"),
+    # in canonical (C, H, W) order, so the dense weights after it are torch's
+    "flatten": lambda a, node: lambda x: base.nhwc_to_nchw(x).reshape(x.shape[0], -1),
+    "relu": _function("relu"),
+    "sigmoid": _function("sigmoid"),
+    "tanh": _function("tanh"),
+    "center": lambda a, node: a.Center(),
+}
+
+
 class Adapter(JaxDevices, base.BaseAdapter):
     """Flax linen: sizes inferred by ``model.init``; JAX initializers as module attributes."""
 
@@ -81,11 +215,11 @@ class Adapter(JaxDevices, base.BaseAdapter):
         from flax import linen as nn
         from flax import serialization, traverse_util
 
-        self.jnp, self.nn = jnp, nn
+        self.jnp, self.nn, self.ji, self.jr = jnp, nn, jax.nn.initializers, jax.random
         self.serialization, self.traverse_util = serialization, traverse_util
         self.prng = _flat_threefry(jax.extend.random)
-        self.Sequential, self.Center, self.LastCanonicalAxis, self.MyDense = \
-            _module_classes(nn, jnp)
+        (self.Sequential, self.Residual, self.Center, self.LastCanonicalAxis,
+         self.MyDense) = _module_classes(nn, jnp)
         return {**versions, "flax": flax.__version__}
 
     def seed(self, seed):
@@ -99,42 +233,25 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
     # -- building -----------------------------------------------------------------------------
 
+    builders = BUILDERS
+    #: canonical name -> JAX initializer while the tree is declared again with the plan's
+    #: initializers (``finish_initialize``); empty: every module's own defaults
+    declaring: dict = {}
+
     def make_block(self, node, layers):
         return self.Sequential(layers)
+
+    def make_residual(self, node, body, shortcut, activation):
+        return self.Residual(body, shortcut and shortcut[0], activation and activation[0])
 
     def finish_build(self, plan, tree):
         return _Model(tree.root, plan)
 
-    def make_layer(self, node, inits=None):
-        """The module or function for one leaf (NHWC activations); ``inits`` maps canonical
-        names to JAX initializers (absent or None: the module's own default)."""
-        nn, kind, inits = self.nn, node.type, inits or {}
-        weight_attr = "scale_init" if kind == "batch_norm" else "kernel_init"
-        args = {attr: inits[f"{node.path}.{role}"]
-                for role, attr in (("weight", weight_attr), ("bias", "bias_init"))
-                if inits.get(f"{node.path}.{role}") is not None}
-        if kind in ("dense", "my_dense"):
-            dense = nn.Dense(node.units, use_bias=node.bias, **args) if kind == "dense" \
-                else self.MyDense(node.units, **args)
-            return self.LastCanonicalAxis(dense) if node.in_rank == 4 else dense
-        if kind == "conv2d":
-            return nn.Conv(node.channels, kernel_size=tuple(node.kernel),  # a tuple: 2-D
-                           strides=tuple(node.stride), padding=tuple((p, p) for p in node.padding),
-                           use_bias=node.bias, **args)
-        if kind == "batch_norm":  # momentum: flax keeps m * old, torch keeps (1 - m) * old
-            return nn.BatchNorm(use_running_average=None, momentum=1.0 - node.momentum,
-                                epsilon=node.eps, **args)
-        if kind == "max_pool2d":
-            return functools.partial(nn.max_pool, window_shape=tuple(node.pool),
-                                     strides=tuple(node.stride), padding="VALID")
-        simple = {"relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh,
-                  # in canonical (C, H, W) order, so the dense weights after it are torch's
-                  "flatten": lambda x: base.nhwc_to_nchw(x).reshape(x.shape[0], -1)}
-        if kind in simple:
-            return simple[kind]
-        if kind == "center":
-            return self.Center()
-        raise ValueError(f"{node.path}: unsupported layer type {kind!r}")
+    def init_kwargs(self, node) -> dict:
+        """The module's initializer attributes (``kernel_init=...``) for the initializers being
+        declared (none: the module's own defaults)."""
+        return {f"{self.native_role(node, role)}_init": init for role in base.param_roles(node)
+                if (init := self.declaring.get(f"{node.path}.{role}")) is not None}
 
     def early_access(self, model):
         """Before ``init`` a linen module is an unbound declaration: its variables raise."""
@@ -150,8 +267,8 @@ class Adapter(JaxDevices, base.BaseAdapter):
         """The scope path of the module linen binds at that position: a ref puts the same
         module object in the list again, and linen binds it to its first scope."""
         module = model.module.bind(model.variables)
-        for i in position.index:
-            module = module.layers[i]
+        for step in position.index:  # a residual's body is its `layers` too
+            module = module.shortcut if step == "shortcut" else module.layers[step]
         if isinstance(module, self.LastCanonicalAxis):
             module = module.layer
         return tuple(module.path)
@@ -166,7 +283,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
                   for pos in base.positions(model.plan) if pos.is_owner}
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            suffix = (*scopes[node.path], NATIVE_LEAF[node.type][role])
+            suffix = (*scopes[node.path], self.native_role(node, role))
             found = [k for k in keys if k[1:] == suffix]
             if len(found) != 1:
                 raise ValueError(f"{name}: expected one variable */{'/'.join(suffix)}, "
@@ -205,8 +322,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
         the module docstring)."""
         if model.variables is None:
             raise ValueError("initialize before the first forward: no parameter tree exists")
-        module = base.build_tree(model.plan, functools.partial(self.make_layer, inits=model.inits),
-                                 self.make_block).root
+        self.declaring = model.inits
+        try:
+            module = base.build_tree(model.plan, self.make_layer, self.make_block,
+                                     self.make_residual).root
+        finally:
+            self.declaring = {}
         variables = module.init(self._next_key(), self.jnp.zeros(model.input_shape))
         shapes = self.jax.tree_util.tree_map(np.shape, (model.variables, variables))
         if shapes[0] != shapes[1]:
@@ -216,72 +337,16 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
     def _initializer(self, init, node, role):
         """(JAX initializer or None for the module's own default, "native: ..."/"custom: ...")."""
-        ji, jr, jnp = self.jax.nn.initializers, self.jax.random, self.jnp
         kind, args = init["name"], base.init_args(init)
         if role.startswith("running_"):  # linen's BatchNorm always creates these itself
             if kind != BATCH_STATS_INIT[role]:
                 raise ValueError(f"flax BatchNorm initializes {role} to {BATCH_STATS_INIT[role]}")
             return None, f"native: flax BatchNorm batch_stats ({BATCH_STATS_INIT[role]})"
         if kind == "default":
-            return None, DEFAULT_IMPL.get((node.type, role), DEFAULT_IMPL[role])
-        # Native where jax.nn.initializers means the same thing. JAX's fans on the native
-        # layout (in_axis=-2, out_axis=-1) are torch's fans on the canonical one.
-        if kind in ("zeros", "ones"):
-            return getattr(ji, kind), f"native: jax.nn.initializers.{kind}"
-        if kind == "constant":
-            return ji.constant(args["val"]), "native: jax.nn.initializers.constant"
-        if kind == "normal" and args["mean"] == 0:
-            return ji.normal(args["std"]), "native: jax.nn.initializers.normal(stddev=std)"
-        if kind == "trunc_normal" and args["mean"] == 0:  # JAX bounds are in std units
-            std = args["std"]
-            return (ji.truncated_normal(std, lower=args["a"] / std, upper=args["b"] / std),
-                    "native: jax.nn.initializers.truncated_normal(std, lower=a/std, upper=b/std)")
-        if kind in ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"):
-            dist = kind.split("_")[1]  # "normal" is untruncated in JAX, as in torch
-            gain, mode = base.kaiming_gain_and_fan(init)
-            return (ji.variance_scaling(gain ** 2, mode, dist),
-                    f"native: jax.nn.initializers.variance_scaling(gain^2, {mode}, {dist})")
-        if kind == "variance_scaling":
-            return (ji.variance_scaling(args["scale"], args["mode"], args["distribution"]),
-                    f"native: jax.nn.initializers.variance_scaling(scale, {args['mode']}, "
-                    f"{args['distribution']})")
-        if kind == "orthogonal":  # Haar on (rest, out): its transpose is torch's (out, rest)
-            return (ji.orthogonal(args["gain"], column_axis=-1),
-                    "native: jax.nn.initializers.orthogonal(scale=gain, column_axis=-1)")
-        # Custom: JAX initializers (key, shape, dtype), on the canonical shape where layout matters.
-        if kind == "normal":
-            return (lambda k, s, d: args["mean"] + args["std"] * jr.normal(k, s, d),
-                    "custom: mean + std * jax.random.normal")
-        if kind == "trunc_normal":  # torch's bounds are absolute
-            mean, std = args["mean"], args["std"]
-            lo, hi = (args["a"] - mean) / std, (args["b"] - mean) / std
-            return (lambda k, s, d: mean + std * jr.truncated_normal(k, lo, hi, s, d),
-                    "custom: mean + std * jax.random.truncated_normal((a-mean)/std, (b-mean)/std)")
-        if kind == "uniform":  # jax.nn.initializers.uniform(scale) is U[0, scale)
-            return (lambda k, s, d: jr.uniform(k, s, d, args["a"], args["b"]),
-                    "custom: jax.random.uniform(minval=a, maxval=b)")
-        if kind == "bimodal":
-            def bimodal(key, shape, dtype):
-                u = jr.uniform(key, shape, dtype, -10.0, 10.0)
-                return jnp.where(jnp.abs(u) < 5, 0.0, u).astype(dtype)
-            return bimodal, "custom: jax.random.uniform(-10, 10), |x| < 5 set to 0"
-        if kind == "eye":
-            return (_canonical_init(lambda k, s, d: jnp.eye(*s, dtype=d)),
-                    "custom: jnp.eye on the canonical (out, in) matrix, transposed to (in, out)")
-        if kind == "dirac":
-            dirac = functools.partial(base.dirac_kernel, groups=args["groups"])
-            return (_canonical_init(lambda k, s, d: jnp.asarray(dirac(s), d)),
-                    "custom: centred ones per group on (out, in, kh, kw), transposed to native")
-        if kind == "sparse":  # torch's sparse_: ceil(sparsity * rows) zeros per column
-            def sparse(key, shape, dtype):
-                k_values, k_rows = jr.split(key)
-                values = args["std"] * jr.normal(k_values, shape, dtype)
-                zero_rows = jnp.argsort(jr.uniform(k_rows, shape), axis=0)[
-                    :math.ceil(args["sparsity"] * shape[0])]
-                return values.at[zero_rows, jnp.arange(shape[1])].set(0)
-            return (_canonical_init(sparse),
-                    "custom: jax.random.normal, ceil(sparsity*out) random zeros per input column")
-        raise ValueError(f"unsupported initializer {kind!r}")
+            return None, self.builder(node).defaults.get(role, DEFAULT_IMPL[role])
+        if kind not in INITIALIZERS:
+            raise ValueError(f"unsupported initializer {kind!r}")
+        return INITIALIZERS[kind](self, init, args)
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -310,7 +375,8 @@ class Adapter(JaxDevices, base.BaseAdapter):
             given, info = base.given_in_size(ref.node), self.describe(model, ref)
             if given is not None and (self.canonical_shape(ref, info)
                                       != base.param_shapes(ref.node, given)[ref.role]):
-                raise ValueError(f"{ref.node.path}: the spec gives {GIVEN_SIZE[ref.node.type]}="
+                raise ValueError(f"{ref.node.path}: the spec gives "
+                                 f"{layers.LAYERS[ref.node.type].in_size}="
                                  f"{given}, but Flax inferred {ref.native_name} of shape "
                                  f"{list(info.native_shape)} from the input")
 
@@ -484,6 +550,14 @@ class Adapter(JaxDevices, base.BaseAdapter):
 def _module_classes(nn, jnp):
     """The custom linen modules (defined late: they need flax)."""
 
+    def call(layer, x, training):
+        """A layer of a block: blocks and BatchNorm hear of training mode, the rest do not."""
+        if isinstance(layer, (Sequential, Residual)):
+            return layer(x, training=training)
+        if isinstance(layer, nn.BatchNorm):
+            return layer(x, use_running_average=not training)
+        return layer(x)
+
     class Sequential(nn.Sequential):
         """``nn.Sequential`` (same names) handing ``training`` on to nested blocks and BatchNorm:
         linen's passes keyword arguments to its first layer only (google/flax#3017)."""
@@ -491,13 +565,25 @@ def _module_classes(nn, jnp):
         @nn.compact
         def __call__(self, x, training: bool = False):
             for layer in self.layers:
-                if isinstance(layer, Sequential):
-                    x = layer(x, training=training)
-                elif isinstance(layer, nn.BatchNorm):
-                    x = layer(x, use_running_average=not training)
-                else:
-                    x = layer(x)
+                x = call(layer, x, training)
             return x
+
+    class Residual(nn.Module):
+        """``activation(body(x) + shortcut(x))``: the body in ``layers`` (named ``layers_0``,
+        ... as Sequential's), the shortcut a module or None (the identity), the activation a
+        function or None."""
+
+        layers: Sequence[Any]
+        shortcut: Any = None
+        activation: Any = None
+
+        @nn.compact
+        def __call__(self, x, training: bool = False):
+            y = x
+            for layer in self.layers:
+                y = call(layer, y, training)
+            y = y + (x if self.shortcut is None else call(self.shortcut, x, training))
+            return y if self.activation is None else self.activation(y)
 
     class Center(nn.Module):
         """The d2l CenteredLayer: ``x - mean(x)``, mean over every element, no parameters."""
@@ -529,7 +615,7 @@ def _module_classes(nn, jnp):
             bias = self.param("bias", self.bias_init, (self.units,))
             return nn.relu(x @ kernel + bias)
 
-    return Sequential, Center, LastCanonicalAxis, MyDense
+    return Sequential, Residual, Center, LastCanonicalAxis, MyDense
 
 
 def _flat_threefry(jer):

@@ -23,12 +23,6 @@ import numpy as np
 from backends import base
 from backends.protocol import CompileCounts, Plan
 
-#: Gluon's attribute for each canonical role (batch norm's affine pair is gamma / beta)
-NATIVE_ATTR = {"dense": {"weight": "weight", "bias": "bias"},
-               "my_dense": {"weight": "weight", "bias": "bias"},
-               "conv2d": {"weight": "weight", "bias": "bias"},
-               "batch_norm": {"weight": "gamma", "bias": "beta", "running_mean": "running_mean",
-                              "running_var": "running_var"}}
 _FACTOR = {"fan_in": "in", "fan_out": "out", "fan_avg": "avg"}  # mx.init.Xavier's factor_type
 #: INITs realized by the custom fill of the same name where no mx.init initializer matches
 CUSTOM = {"uniform": "U(a, b) by mx.nd.random.uniform",
@@ -124,8 +118,131 @@ def _framework_classes(mx):
         x = rand.uniform(-10.0, 10.0, arr.shape, ctx=arr.context)
         arr[:] = x * (nd.abs(x) >= 5)
 
+    class Residual(mx.gluon.nn.HybridBlock):
+        """``activation(body(x) + shortcut(x))``, as d2l's Gluon Residual: a HybridBlock with
+        its body (a HybridSequential), its shortcut (a block, or None: the identity) and its
+        activation block as children; ``residual[i]`` is the body's i-th block."""
+
+        def __init__(self, body, shortcut=None, activation=None):
+            super().__init__()
+            self.body = mx.gluon.nn.HybridSequential()
+            self.body.add(*body)
+            self.shortcut, self.activation = shortcut, activation
+
+        def __getitem__(self, i):
+            return self.body[i]
+
+        def hybrid_forward(self, F, x):
+            y = self.body(x)
+            y = y + (x if self.shortcut is None else self.shortcut(x))
+            return y if self.activation is None else self.activation(y)
+
     fills = (uniform, normal, trunc_normal, eye, dirac, sparse, bimodal)
-    return Center, MyDense, Custom, {f.__name__: f for f in fills}
+    return Center, MyDense, Residual, Custom, {f.__name__: f for f in fills}
+
+
+# ------------------------------------------------------------------------------ builders
+
+def _dense(a, node):
+    """flatten=False: dense acts on the last axis, as in the spec (and torch); Gluon's default
+    flatten=True would fold every axis after the batch one into in_units."""
+    return a.nn.Dense(node.units, use_bias=node.bias, flatten=False,
+                      in_units=node.in_units or 0)
+
+
+def _conv2d(a, node):
+    return a.nn.Conv2D(node.channels, tuple(node.kernel), strides=tuple(node.stride),
+                       padding=tuple(node.padding), use_bias=node.bias,
+                       in_channels=node.in_channels or 0)
+
+
+def _batch_norm(a, node):
+    """Gluon: running = momentum * running + (1 - momentum) * batch, torch's the reverse."""
+    return a.nn.BatchNorm(axis=1, momentum=1.0 - node.momentum, epsilon=node.eps,
+                          in_channels=node.num_features or 0)
+
+
+#: layer type -> Gluon block (a size of 0 is Gluon's "infer at the first forward"), with the
+#: Parameter attribute of each role where it is not the role (``BaseAdapter.builders``)
+BUILDERS = {
+    "dense": _dense,
+    "my_dense": lambda a, node: a.MyDense(node.units, node.in_units or 0),
+    "conv2d": _conv2d,
+    "batch_norm": base.Builder(_batch_norm, {"weight": "gamma", "bias": "beta"}),
+    "max_pool2d": lambda a, node: a.nn.MaxPool2D(pool_size=tuple(node.pool),
+                                                 strides=tuple(node.stride)),
+    "flatten": lambda a, node: a.nn.Flatten(),
+    "relu": lambda a, node: a.nn.Activation("relu"),
+    "sigmoid": lambda a, node: a.nn.Activation("sigmoid"),
+    "tanh": lambda a, node: a.nn.Activation("tanh"),
+    "center": lambda a, node: a.Center(),
+}
+
+
+# ------------------------------------------------------------------------------ initializers
+# INIT name -> fn(adapter, init, args, canonical shape) -> (mx.init initializer, "native: ..."),
+# or None where no mx.init initializer has torch's semantics for these arguments (then the
+# custom fill of CUSTOM). Native only where the semantics are torch's: Xavier's magnitude is
+# set so that its sqrt(magnitude / factor) equals torch's bound or std (its fans are torch's on
+# OIHW), Orthogonal gets scale=gain (its default is 1.414) and normal draws, Uniform(s) is used
+# only for the symmetric U(-s, s).
+
+def _xavier(mx, uniform, mode, scale, fmt=".4g"):
+    """Variance scaling, std sqrt(scale / fan): Xavier's uniform bound and gaussian std are
+    sqrt(magnitude / fan), so magnitude is 3 * scale and scale."""
+    rnd, magnitude = ("uniform", 3.0 * scale) if uniform else ("gaussian", scale)
+    factor = _FACTOR[mode]
+    return mx.init.Xavier(rnd, factor, magnitude), \
+        f"native: mx.init.Xavier('{rnd}', '{factor}', magnitude={magnitude:{fmt}})"
+
+
+def _xavier_kaiming(g, init, a, shape):
+    gain, mode = base.kaiming_gain_and_fan(init)
+    return _xavier(g.mx, init["name"].endswith("uniform"), mode, gain ** 2)
+
+
+def _kaiming_normal(g, init, a, shape):
+    """MSRAPrelu where torch's gain is the (leaky) relu one, else Xavier's gaussian."""
+    if a["nonlinearity"] not in ("relu", "leaky_relu"):
+        return _xavier_kaiming(g, init, a, shape)
+    slope = a["a"] if a["nonlinearity"] == "leaky_relu" else 0.0
+    return g.mx.init.MSRAPrelu(_FACTOR[a["mode"]], slope), \
+        f"native: mx.init.MSRAPrelu('{_FACTOR[a['mode']]}', slope={slope:g})"
+
+
+def _variance_scaling(g, init, a, shape):
+    """Xavier for the uniform and normal; Keras/JAX's truncated normal (std / 0.8796..., cut
+    at +-2 std) by the custom inverse-CDF fill, with torch's fans (Gluon's OIHW is the
+    canonical layout)."""
+    dist = a["distribution"]
+    if dist in ("uniform", "normal"):
+        return _xavier(g.mx, dist == "uniform", a["mode"], a["scale"], "g")
+    if dist != "truncated_normal":
+        raise ValueError(f"unknown variance_scaling distribution {dist!r}")
+    std = math.sqrt(a["scale"] / base.fan(shape, a["mode"])) \
+        / base.TRUNCATED_NORMAL_STD_CORRECTION
+    return g.Custom(g.fills["trunc_normal"], mean=0.0, std=std, a=-2 * std, b=2 * std), \
+        f"custom: variance_scaling({a['mode']}, truncated_normal), inverse CDF"
+
+
+INITIALIZERS = {
+    "zeros": lambda g, init, a, shape: (g.mx.init.Zero(), "native: mx.init.Zero()"),
+    "ones": lambda g, init, a, shape: (g.mx.init.One(), "native: mx.init.One()"),
+    "constant": lambda g, init, a, shape: (g.mx.init.Constant(a["val"]),
+                                           f"native: mx.init.Constant({a['val']:g})"),
+    "uniform": lambda g, init, a, shape: (g.mx.init.Uniform(a["b"]),
+                                          f"native: mx.init.Uniform({a['b']:g})")
+    if a["a"] == -a["b"] else None,
+    "normal": lambda g, init, a, shape: (g.mx.init.Normal(a["std"]),
+                                         f"native: mx.init.Normal({a['std']:g})")
+    if a["mean"] == 0 else None,
+    "kaiming_normal": _kaiming_normal, "kaiming_uniform": _xavier_kaiming,
+    "xavier_uniform": _xavier_kaiming, "xavier_normal": _xavier_kaiming,
+    "orthogonal": lambda g, init, a, shape: (
+        g.mx.init.Orthogonal(scale=a["gain"], rand_type="normal"),
+        f"native: mx.init.Orthogonal(scale={a['gain']:g}, rand_type='normal')"),
+    "variance_scaling": _variance_scaling,
+}
 
 
 @dataclass
@@ -135,7 +252,7 @@ class _Model:
     net: object
     plan: Plan
     owners: dict
-    has_batch_norm: bool
+    has_buffers: bool     # running statistics, which mxnet moves in the backward on the CPU
     mode: str = "eager"
 
 
@@ -165,7 +282,8 @@ class Adapter(base.BaseAdapter):
         import mxnet as mx
 
         self.mx, self.nn = mx, mx.gluon.nn
-        self.Center, self.MyDense, self.Custom, self.fills = _framework_classes(mx)
+        (self.Center, self.MyDense, self.Residual, self.Custom,
+         self.fills) = _framework_classes(mx)
         self.has_cuda = mx.runtime.Features().is_enabled("CUDA")
         try:  # the team size mxnet's operators get (OMP_NUM_THREADS set); mxnet has no getter
             omp = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()
@@ -213,8 +331,10 @@ class Adapter(base.BaseAdapter):
         """``net.initialize()``: eager parameters get Gluon's default values now, parameters
         with an unknown size (0) only record it, to be drawn at the first forward."""
         tree.root.initialize(ctx=self.device)
-        has_bn = any(node.type == "batch_norm" for node in base.iter_nodes(plan.layers))
-        return _Model(tree.root, plan, tree.owners, has_bn)
+        buffers = any(not base.trainable(node, role) for _, node, role in base.owned_params(plan))
+        return _Model(tree.root, plan, tree.owners, buffers)
+
+    builders = BUILDERS
 
     def make_block(self, node, layers):
         """A ``HybridSequential``; a ref's target is added again as the very same block."""
@@ -222,33 +342,8 @@ class Adapter(base.BaseAdapter):
         seq.add(*layers)
         return seq
 
-    def make_layer(self, node):
-        """The block for one leaf node; a size of 0 is Gluon's "infer at the first forward"."""
-        nn, kind = self.nn, node.type
-        if kind == "dense":
-            # flatten=False: dense acts on the last axis, as in the spec (and torch); Gluon's
-            # default flatten=True would fold every axis after the batch one into in_units.
-            return nn.Dense(node.units, use_bias=node.bias, flatten=False,
-                            in_units=node.in_units or 0)
-        if kind == "conv2d":
-            return nn.Conv2D(node.channels, tuple(node.kernel), strides=tuple(node.stride),
-                             padding=tuple(node.padding), use_bias=node.bias,
-                             in_channels=node.in_channels or 0)
-        if kind == "batch_norm":
-            # Gluon: running = momentum * running + (1 - momentum) * batch, torch's the reverse
-            return nn.BatchNorm(axis=1, momentum=1.0 - node.momentum, epsilon=node.eps,
-                                in_channels=node.num_features or 0)
-        if kind == "max_pool2d":
-            return nn.MaxPool2D(pool_size=tuple(node.pool), strides=tuple(node.stride))
-        if kind == "flatten":
-            return nn.Flatten()
-        if kind in ("relu", "sigmoid", "tanh"):
-            return nn.Activation(kind)
-        if kind == "center":
-            return self.Center()
-        if kind == "my_dense":
-            return self.MyDense(node.units, node.in_units or 0)
-        raise ValueError(f"{node.path}: unsupported layer type {kind!r}")
+    def make_residual(self, node, body, shortcut, activation):
+        return self.Residual(body, shortcut and shortcut[0], activation and activation[0])
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -257,7 +352,7 @@ class Adapter(base.BaseAdapter):
         exactly these (a shared one once)."""
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            param = getattr(model.owners[node.path], NATIVE_ATTR[node.type][role])
+            param = getattr(model.owners[node.path], self.native_role(node, role))
             refs.append(base.ParamRef(name, node, role, param.name, param))
         counted = len(model.net.collect_params().keys())
         if counted != len(refs):
@@ -288,11 +383,11 @@ class Adapter(base.BaseAdapter):
     def share_key(self, model, position):
         """The ``Parameter`` objects of the block Gluon's tree holds at that position (a block
         added twice, or built with another's ``params``, has the same ones)."""
-        block = model.net
-        for i in position.index:
-            block = block[i]
-        attrs = NATIVE_ATTR[position.node.type]
-        return tuple(id(getattr(block, attrs[role])) for role in base.param_roles(position.node))
+        block, node = model.net, position.node
+        for step in position.index:
+            block = block.shortcut if step == "shortcut" else block[step]
+        return tuple(id(getattr(block, self.native_role(node, role)))
+                     for role in base.param_roles(node))
 
     def init_param(self, model, ref, init) -> str:
         """Re-initialize the Parameter (``force_reinit``) with the INIT's initializer."""
@@ -308,57 +403,14 @@ class Adapter(base.BaseAdapter):
         return impl
 
     def _initializer(self, init: dict, shape: tuple) -> tuple[object, str]:
-        """The ``mx.init.Initializer`` realizing one INIT, and how ("native: ..." / "custom: ...").
-
-        Native only where the semantics are torch's: Xavier's magnitude is set so that its
-        sqrt(magnitude / factor) equals torch's bound or std (its fans are torch's on OIHW),
-        Orthogonal gets scale=gain (its default is 1.414) and normal draws, Uniform(s) is used
-        only for the symmetric U(-s, s).
-        """
-        mx, kind, a = self.mx, init["name"], base.init_args(init)
-
-        def xavier(uniform, mode, scale, fmt=".4g"):
-            """Variance scaling, std sqrt(scale / fan): Xavier's uniform bound and gaussian std
-            are sqrt(magnitude / fan), so magnitude is 3 * scale and scale."""
-            rnd, magnitude = ("uniform", 3.0 * scale) if uniform else ("gaussian", scale)
-            factor = _FACTOR[mode]
-            return mx.init.Xavier(rnd, factor, magnitude), \
-                f"native: mx.init.Xavier('{rnd}', '{factor}', magnitude={magnitude:{fmt}})"
-
-        if kind == "zeros":
-            return mx.init.Zero(), "native: mx.init.Zero()"
-        if kind == "ones":
-            return mx.init.One(), "native: mx.init.One()"
-        if kind == "constant":
-            return mx.init.Constant(a["val"]), f"native: mx.init.Constant({a['val']:g})"
-        if kind == "uniform" and a["a"] == -a["b"]:
-            return mx.init.Uniform(a["b"]), f"native: mx.init.Uniform({a['b']:g})"
-        if kind == "normal" and a["mean"] == 0:
-            return mx.init.Normal(a["std"]), f"native: mx.init.Normal({a['std']:g})"
-        if kind == "kaiming_normal" and a["nonlinearity"] in ("relu", "leaky_relu"):
-            slope = a["a"] if a["nonlinearity"] == "leaky_relu" else 0.0
-            return mx.init.MSRAPrelu(_FACTOR[a["mode"]], slope), \
-                f"native: mx.init.MSRAPrelu('{_FACTOR[a['mode']]}', slope={slope:g})"
-        if kind.startswith(("xavier_", "kaiming_")):
-            gain, mode = base.kaiming_gain_and_fan(init)
-            return xavier(kind.endswith("uniform"), mode, gain ** 2)
-        if kind == "orthogonal":
-            return mx.init.Orthogonal(scale=a["gain"], rand_type="normal"), \
-                f"native: mx.init.Orthogonal(scale={a['gain']:g}, rand_type='normal')"
-        if kind == "variance_scaling":
-            dist = a["distribution"]
-            if dist in ("uniform", "normal"):
-                return xavier(dist == "uniform", a["mode"], a["scale"], "g")
-            if dist == "truncated_normal":  # Keras/JAX: std / 0.8796..., cut at +-2 std
-                # Gluon's OIHW is the canonical layout: torch's fans apply as they are
-                std = math.sqrt(a["scale"] / base.fan(shape, a["mode"])) \
-                    / base.TRUNCATED_NORMAL_STD_CORRECTION
-                return self.Custom(self.fills["trunc_normal"], mean=0.0, std=std, a=-2 * std,
-                                   b=2 * std), \
-                    f"custom: variance_scaling({a['mode']}, truncated_normal), inverse CDF"
-            raise ValueError(f"unknown variance_scaling distribution {dist!r}")
+        """The ``mx.init.Initializer`` realizing one INIT, and how ("native: ..." / "custom: ...")
+        (see INITIALIZERS), else the custom fill of its name."""
+        kind, args = init["name"], base.init_args(init)
+        made = INITIALIZERS[kind](self, init, args, shape) if kind in INITIALIZERS else None
+        if made is not None:
+            return made
         if kind in CUSTOM:
-            return self.Custom(self.fills[kind], **a), f"custom: {CUSTOM[kind]}"
+            return self.Custom(self.fills[kind], **args), f"custom: {CUSTOM[kind]}"
         raise ValueError(f"unsupported initializer {kind!r}")
 
     # -- compute ------------------------------------------------------------------------------
@@ -391,7 +443,7 @@ class Adapter(base.BaseAdapter):
                 return model.net(x)
         with autograd.record(train_mode=True):
             y = model.net(x)
-        if model.has_batch_norm:
+        if model.has_buffers:
             y.backward()
         return y
 

@@ -21,10 +21,6 @@ import numpy as np
 from backends import base
 from backends.protocol import CompileCounts
 
-#: canonical role -> the Keras variable attribute (``<attr>_initializer`` is its initializer)
-VARIABLE_ATTRS = {"weight": "kernel", "bias": "bias"}
-BN_VARIABLE_ATTRS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
-                     "running_var": "moving_variance"}
 #: INIT name -> (keras.initializers class, the INIT's arguments in its positional order), where
 #: the Keras initializer has exactly torch's semantics
 NATIVE_INITS = {
@@ -35,6 +31,35 @@ NATIVE_INITS = {
     # and a column permutation, so the same (Haar) orthogonal distribution
     "orthogonal": ("Orthogonal", ["gain"]),
 }
+
+
+def _trunc_normal(inits, init, mean, std, a, b):
+    """Keras re-draws beyond 2 std of the mean: torch's rule only for these bounds."""
+    if math.isclose(a, mean - 2 * std) and math.isclose(b, mean + 2 * std):
+        return inits.TruncatedNormal(mean, std)
+    return None
+
+
+def _xavier_kaiming(inits, init, **args):
+    """Keras's fans on its native layout ((in, out); (kh, kw, in, out): receptive field times
+    the last two axes) equal torch's on the canonical one, so VarianceScaling is torch's
+    xavier/kaiming exactly, with the scale gain^2 and the untruncated normal."""
+    gain, mode = base.kaiming_gain_and_fan(init)
+    dist = "uniform" if init["name"].endswith("_uniform") else "untruncated_normal"
+    return inits.VarianceScaling(gain ** 2, mode, dist)
+
+
+def _variance_scaling(inits, init, scale, mode, distribution):
+    """Keras's "normal" is truncated: the canonical normal is its "untruncated_normal"."""
+    dist = {"normal": "untruncated_normal"}.get(distribution, distribution)
+    return inits.VarianceScaling(scale, mode, dist)
+
+
+#: INIT name -> fn(keras.initializers, init, **args): the Keras initializer with exactly
+#: torch's semantics for these arguments, or None (then a custom one realizes it)
+NATIVE_RULES = {"trunc_normal": _trunc_normal, "xavier_uniform": _xavier_kaiming,
+                "xavier_normal": _xavier_kaiming, "kaiming_uniform": _xavier_kaiming,
+                "kaiming_normal": _xavier_kaiming, "variance_scaling": _variance_scaling}
 
 
 def _keras_classes(keras):
@@ -120,8 +145,80 @@ def _keras_classes(keras):
             x = random.uniform(shape, -10.0, 10.0, dtype=dtype, seed=self.seed)
             return ops.where(ops.abs(x) < 5, ops.zeros_like(x), x)
 
-    return Center, MyDense, {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse,
-                             "dirac": Dirac, "bimodal": Bimodal}
+    class Residual(keras.layers.Layer):
+        """``activation(body(x) + shortcut(x))``: a Layer calling its body (a Sequential), its
+        shortcut (one, or the identity) and its activation layer, as Keras's ResNet blocks
+        compose layers; their variables are tracked through these attributes."""
+
+        def __init__(self, body, shortcut=None, after=None, **kwargs):
+            super().__init__(**kwargs)
+            self.body, self.shortcut, self.after = body, shortcut, after
+
+        def call(self, x, training=None):
+            y = self.body(x, training=training)
+            y = y + (x if self.shortcut is None else self.shortcut(x, training=training))
+            return y if self.after is None else self.after(y)
+
+    return Center, MyDense, Residual, {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse,
+                                       "dirac": Dirac, "bimodal": Bimodal}
+
+
+# ------------------------------------------------------------------------------ builders
+
+def _canonical_order(a, node, layer, back=True):
+    """A layer acting on the canonical last axis of an NHWC input, W: NHWC -> NCHW before it,
+    and (``back``) NCHW -> NHWC after it (Keras flattens NHWC in (h, w, c) order, canonical
+    is (c, h, w): a flatten is permuted before, not after)."""
+    if node.in_rank != 4:
+        return layer
+    Permute = a.keras.layers.Permute
+    calls = [a._new(Permute, (3, 1, 2)), layer] + ([a._new(Permute, (2, 3, 1))] if back else [])
+    return base.Calls(calls, layer)
+
+
+def _conv2d(a, node):
+    """Keras pads 'valid' or 'same'; 'same' is torch's symmetric padding only for stride 1 and
+    kernel 2p+1, other padding is an explicit ZeroPadding2D before it."""
+    (ph, pw), stride, kernel, L = node.padding, node.stride, node.kernel, a.keras.layers
+    same = (ph or pw) and stride == [1, 1] and kernel == [2 * ph + 1, 2 * pw + 1]
+    layer = a._new(L.Conv2D, node.channels, tuple(kernel), strides=tuple(stride),
+                   padding="same" if same else "valid", use_bias=node.bias, name=node.name)
+    if same or not any(node.padding):
+        return layer
+    return base.Calls([a._new(L.ZeroPadding2D, ((ph, ph), (pw, pw))), layer], layer)
+
+
+def _batch_norm(a, node):
+    """Keras: moving = momentum * moving + (1 - momentum) * batch, torch the other way."""
+    return a._new(a.keras.layers.BatchNormalization, axis=-1, momentum=1.0 - node.momentum,
+                  epsilon=node.eps, name=node.name)
+
+
+def _activation(kind):
+    return lambda a, node: a._new(a.keras.layers.Activation, kind, name=node.name)
+
+
+_KERNEL = {"weight": "kernel"}
+#: layer type -> Keras layer(s), with the Keras attribute of each canonical role's variable
+#: (``backends.base.BaseAdapter.builders``)
+BUILDERS = {
+    "dense": base.Builder(lambda a, node: _canonical_order(a, node, a._new(
+        a.keras.layers.Dense, node.units, use_bias=node.bias, name=node.name)), _KERNEL),
+    "my_dense": base.Builder(lambda a, node: _canonical_order(
+        a, node, a._new(a.MyDense, node.units, name=node.name)), _KERNEL),
+    "conv2d": base.Builder(_conv2d, _KERNEL),
+    "batch_norm": base.Builder(_batch_norm, {"weight": "gamma", "bias": "beta",
+                                             "running_mean": "moving_mean",
+                                             "running_var": "moving_variance"}),
+    "max_pool2d": lambda a, node: a._new(a.keras.layers.MaxPooling2D, tuple(node.pool),
+                                         tuple(node.stride), name=node.name),
+    "flatten": lambda a, node: _canonical_order(
+        a, node, a._new(a.keras.layers.Flatten, name=node.name), back=False),
+    "relu": _activation("relu"),
+    "sigmoid": _activation("sigmoid"),
+    "tanh": _activation("tanh"),
+    "center": lambda a, node: a._new(a.Center, name=node.name),
+}
 
 
 class _Model:
@@ -267,7 +364,7 @@ class Adapter(base.BaseAdapter):
         import keras
 
         self.keras = keras
-        self.Center, self.MyDense, self.custom_inits = _keras_classes(keras)
+        self.Center, self.MyDense, self.Residual, self.custom_inits = _keras_classes(keras)
         # the backend Keras really runs on, as the environment record shows it
         return {"keras": keras.__version__, "keras backend": keras.backend.backend(), **versions}
 
@@ -290,8 +387,19 @@ class Adapter(base.BaseAdapter):
     def finish_build(self, plan, tree):
         return _Model(tree.root, tree.owners, plan)
 
+    builders = BUILDERS
+
     def make_block(self, node, layers):
         return self._new(self.keras.Sequential, layers, name=node.name)
+
+    def make_residual(self, node, body, shortcut, activation):
+        """A ``Residual`` layer of a Sequential body, the shortcut (a Sequential of its calls)
+        and the activation layer."""
+        body = self._new(self.keras.Sequential, body)
+        if shortcut is not None:
+            shortcut = shortcut[0] if len(shortcut) == 1 else \
+                self._new(self.keras.Sequential, shortcut)
+        return self._new(self.Residual, body, shortcut, activation and activation[0])
 
     def _new(self, cls, *args, name: str = "", **kwargs):
         """``cls(*args, name=name, **kwargs)`` with a name no other layer of this model has:
@@ -314,49 +422,13 @@ class Adapter(base.BaseAdapter):
         return layer
 
     def make_layer(self, node):
-        """The Keras layer of one leaf, built now where the plan gives its input size, with the
-        layers Keras needs around it on NHWC input."""
-        layer, L, n = self._layer(node), self.keras.layers, base.given_in_size(node)
+        """The Keras layer(s) of one leaf, its owner built now where the plan gives its input
+        size."""
+        made, n = super().make_layer(node), base.given_in_size(node)
         if n is not None:  # input (N, .., n), NHWC where 4-D
-            layer.build((None,) * (node.in_rank - 1) + (n,))
-        if node.type in ("dense", "my_dense", "flatten") and node.in_rank == 4:
-            # dense acts on the last canonical axis, W: NHWC -> NCHW around it, and back; Keras
-            # flattens NHWC in (h, w, c) order, canonical is (c, h, w): permute first
-            calls = [self._new(L.Permute, (3, 1, 2)), layer]
-            if node.type != "flatten":
-                calls.append(self._new(L.Permute, (2, 3, 1)))
-            return base.Calls(calls, layer)
-        if node.type == "conv2d" and layer.padding == "valid" and any(node.padding):
-            (ph, pw) = node.padding
-            return base.Calls([self._new(L.ZeroPadding2D, ((ph, ph), (pw, pw))), layer], layer)
-        return layer
-
-    def _layer(self, node):
-        """The Keras layer of one leaf node, unbuilt."""
-        L, kind, name = self.keras.layers, node.type, node.name
-        if kind == "dense":
-            return self._new(L.Dense, node.units, use_bias=node.bias, name=name)
-        if kind == "conv2d":
-            (ph, pw), stride, kernel = node.padding, node.stride, node.kernel
-            # Keras pads 'valid' or 'same'; 'same' is torch's symmetric padding only for
-            # stride 1 and kernel 2p+1, other padding is an explicit ZeroPadding2D before it.
-            same = (ph or pw) and stride == [1, 1] and kernel == [2 * ph + 1, 2 * pw + 1]
-            return self._new(L.Conv2D, node.channels, tuple(kernel), strides=tuple(stride),
-                             padding="same" if same else "valid", use_bias=node.bias, name=name)
-        if kind == "batch_norm":
-            # Keras: moving = momentum * moving + (1 - momentum) * batch, torch the other way
-            return self._new(L.BatchNormalization, axis=-1, momentum=1.0 - node.momentum,
-                             epsilon=node.eps, name=name)
-        if kind == "max_pool2d":
-            return self._new(L.MaxPooling2D, tuple(node.pool), tuple(node.stride), name=name)
-        if kind in ("relu", "sigmoid", "tanh"):
-            return self._new(L.Activation, kind, name=name)
-        if kind == "my_dense":
-            return self._new(self.MyDense, node.units, name=name)
-        simple = {"flatten": L.Flatten, "center": self.Center}
-        if kind in simple:
-            return self._new(simple[kind], name=name)
-        raise ValueError(f"{node.path}: unsupported layer type {kind!r}")
+            owner = made.owner if isinstance(made, base.Calls) else made
+            owner.build((None,) * (node.in_rank - 1) + (n,))
+        return made
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -367,7 +439,7 @@ class Adapter(base.BaseAdapter):
         for name, node, role in base.owned_params(model.plan):
             layer = model.owners[node.path]
             if layer.built:
-                var = getattr(layer, _attr(node, role))
+                var = getattr(layer, self.native_role(node, role))
                 refs.append(base.ParamRef(name, node, role, var.path, var))
         return refs
 
@@ -393,14 +465,14 @@ class Adapter(base.BaseAdapter):
         for _, node, role in base.owned_params(model.plan):
             layer = model.owners[node.path]
             if not layer.built:
-                return f"{layer.name}.{_touch(layer, _attr(node, role))}"
+                return f"{layer.name}.{_touch(layer, self.native_role(node, role))}"
 
     def init_param(self, model, ref, init):
         """Assign one INIT to a variable, with Keras's own initializer where one has exactly
         torch's semantics, else a custom ``keras.initializers.Initializer``."""
         kind, args = init["name"], base.init_args(init)
         if kind == "default":
-            layer, attr = model.owners[ref.node.path], _attr(ref.node, ref.role)
+            layer, attr = model.owners[ref.node.path], self.native_role(ref.node, ref.role)
             if isinstance(layer, self.MyDense):
                 given = layer.initializers[attr]
                 return (f"native: add_weight(initializer={given!r}) in MyDense.build()"
@@ -531,32 +603,14 @@ def _h5_contents(path: str) -> tuple[dict, dict]:
     return shapes, names
 
 
-def _attr(node, role: str) -> str:
-    """The Keras attribute holding a canonical role's variable (``kernel``, ``moving_mean``)."""
-    return (BN_VARIABLE_ATTRS if node.type == "batch_norm" else VARIABLE_ATTRS)[role]
-
-
 def _native(inits, init: dict):
-    """The Keras initializer with exactly torch's semantics, or None where none has.
-
-    Keras's fans on its native layout ((in, out); (kh, kw, in, out): receptive field times the
-    last two axes) equal torch's on the canonical one, so VarianceScaling is torch's
-    xavier/kaiming exactly, with the scale gain^2 and the untruncated normal."""
+    """The Keras initializer with exactly torch's semantics, or None where none has."""
     kind, args = init["name"], base.init_args(init)
     if kind in NATIVE_INITS:
         cls, arg_names = NATIVE_INITS[kind]
         return getattr(inits, cls)(*(args[a] for a in arg_names))
-    if kind == "trunc_normal" and math.isclose(args["a"], args["mean"] - 2 * args["std"]) \
-            and math.isclose(args["b"], args["mean"] + 2 * args["std"]):
-        # Keras re-draws beyond 2 std of the mean: torch's rule only for these bounds
-        return inits.TruncatedNormal(args["mean"], args["std"])
-    if kind.startswith(("xavier_", "kaiming_")):
-        gain, mode = base.kaiming_gain_and_fan(init)
-        dist = "uniform" if kind.endswith("_uniform") else "untruncated_normal"
-        return inits.VarianceScaling(gain ** 2, mode, dist)
-    if kind == "variance_scaling":  # Keras's "normal" is truncated
-        dist = {"normal": "untruncated_normal"}.get(args["distribution"], args["distribution"])
-        return inits.VarianceScaling(args["scale"], args["mode"], dist)
+    if kind in NATIVE_RULES:
+        return NATIVE_RULES[kind](inits, init, **args)
     return None
 
 

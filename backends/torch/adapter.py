@@ -21,6 +21,80 @@ NATIVE_INITS = {"constant", "zeros", "ones", "eye", "dirac", "uniform", "normal"
                 "orthogonal"}
 
 
+def _variance_scaling(nn, t, scale, mode, distribution) -> str:
+    """Keras/JAX variance scaling with torch.nn.init draws (torch's layout is canonical)."""
+    std = math.sqrt(scale / base.fan(tuple(t.shape), mode))
+    if distribution == "uniform":
+        nn.init.uniform_(t, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
+    elif distribution == "normal":
+        nn.init.normal_(t, 0.0, std)
+    else:
+        std /= base.TRUNCATED_NORMAL_STD_CORRECTION
+        nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std)
+    return f"custom: variance_scaling({mode}, {distribution}) via torch.nn.init"
+
+
+def _bimodal(nn, t) -> str:
+    nn.init.uniform_(t, -10.0, 10.0)
+    t.masked_fill_(t.abs() < 5, 0.0)
+    return "custom: uniform_(-10, 10), then |w| < 5 set to 0"
+
+
+#: initializers torch.nn.init has no one call for: name -> fn(nn, tensor, **args) -> how
+CUSTOM_INITS = {"variance_scaling": _variance_scaling, "bimodal": _bimodal}
+
+
+# ------------------------------------------------------------------------------ builders
+
+def _dense(a, node):
+    if node.in_units is None:
+        return a.nn.LazyLinear(node.units, bias=node.bias)
+    return a.nn.Linear(node.in_units, node.units, bias=node.bias)
+
+
+def _conv2d(a, node):
+    args = dict(kernel_size=tuple(node.kernel), stride=tuple(node.stride),
+                padding=tuple(node.padding), bias=node.bias)
+    if node.in_channels is None:
+        return a.nn.LazyConv2d(node.channels, **args)
+    return a.nn.Conv2d(node.in_channels, node.channels, **args)
+
+
+def _batch_norm(a, node):
+    nn, args = a.nn, dict(eps=node.eps, momentum=node.momentum)
+    if node.num_features is None:
+        return (nn.LazyBatchNorm2d if node.in_rank == 4 else nn.LazyBatchNorm1d)(**args)
+    return (nn.BatchNorm2d if node.in_rank == 4 else nn.BatchNorm1d)(node.num_features, **args)
+
+
+def _my_dense(a, node):
+    return a.LazyMyDense(node.units) if node.in_units is None else \
+        a.MyDense(node.in_units, node.units)
+
+
+#: layer type -> module (``backends.base.BaseAdapter.builders``)
+BUILDERS = {
+    "dense": _dense,
+    "my_dense": _my_dense,
+    "conv2d": _conv2d,
+    "batch_norm": _batch_norm,
+    "max_pool2d": lambda a, node: a.nn.MaxPool2d(tuple(node.pool), tuple(node.stride)),
+    "flatten": lambda a, node: a.nn.Flatten(),
+    "relu": lambda a, node: a.nn.ReLU(),
+    "sigmoid": lambda a, node: a.nn.Sigmoid(),
+    "tanh": lambda a, node: a.nn.Tanh(),
+    "center": lambda a, node: a.Center(),
+}
+
+
+@dataclass
+class _Residual:
+    """A residual as a step of the block around it (not a module): its modules by their
+    names there, and the step ``(body steps, shortcut name or None, activation or None)``."""
+    named: list
+    step: tuple
+
+
 @dataclass
 class _Model:
     """A built plan: the ``nn.Sequential`` tree and the plan it came from."""
@@ -34,8 +108,8 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def import_framework(self) -> dict:
         versions = self.import_torch()
         self.nn = self.torch.nn
-        self.Block, self.Center, self.MyDense, self.LazyMyDense = _layer_classes(self.torch,
-                                                                                 self.nn)
+        (self.Block, self.Graph, self.Center, self.MyDense,
+         self.LazyMyDense) = _layer_classes(self.torch, self.nn)
         return versions
 
     def seed(self, seed: int) -> None:
@@ -44,43 +118,29 @@ class Adapter(TorchDevices, base.BaseAdapter):
 
     # -- building -----------------------------------------------------------------------------
 
+    builders = BUILDERS
+
     def make_block(self, node, layers):
         """An ``nn.Sequential`` whose children are named by their plan segments, so that
-        ``state_dict`` keys are the canonical names."""
-        return self.Block(zip([n.name for n in node.layers], layers))
+        ``state_dict`` keys are the canonical names; with a residual in it, a ``Graph`` whose
+        children are the residual's layers too, under the same names."""
+        named, steps = _steps(node.layers, layers)
+        if all(isinstance(step, str) for step in steps):
+            return self.Block(named)
+        return self.Graph(named, steps)
+
+    def make_residual(self, node, body, shortcut, activation):
+        """Not a module: the block around it registers its layers (torchvision's BasicBlock
+        registers conv1, bn1, downsample itself) and runs ``activation(body(x) + shortcut(x))``
+        in its forward; the activation has no state and is not registered."""
+        named, steps = _steps(node.layers, body)
+        if shortcut is not None:
+            named.append((node.shortcut.name, shortcut[0]))
+        return _Residual(named, (steps, None if shortcut is None else node.shortcut.name,
+                                 None if activation is None else activation[0]))
 
     def finish_build(self, plan, tree):
         return _Model(tree.root.to(self.device), plan)
-
-    def make_layer(self, node):
-        """The module for one leaf node: lazy where a size is None."""
-        nn, kind = self.nn, node.type
-        if kind == "dense":
-            if node.in_units is None:
-                return nn.LazyLinear(node.units, bias=node.bias)
-            return nn.Linear(node.in_units, node.units, bias=node.bias)
-        if kind == "conv2d":
-            args = dict(kernel_size=tuple(node.kernel), stride=tuple(node.stride),
-                        padding=tuple(node.padding), bias=node.bias)
-            if node.in_channels is None:
-                return nn.LazyConv2d(node.channels, **args)
-            return nn.Conv2d(node.in_channels, node.channels, **args)
-        if kind == "batch_norm":
-            args = dict(eps=node.eps, momentum=node.momentum)
-            if node.num_features is None:
-                return (nn.LazyBatchNorm2d if node.in_rank == 4 else nn.LazyBatchNorm1d)(**args)
-            return (nn.BatchNorm2d if node.in_rank == 4 else nn.BatchNorm1d)(node.num_features, **args)
-        if kind == "max_pool2d":
-            return nn.MaxPool2d(tuple(node.pool), tuple(node.stride))
-        if kind == "my_dense":
-            if node.in_units is None:
-                return self.LazyMyDense(node.units)
-            return self.MyDense(node.in_units, node.units)
-        simple = {"flatten": nn.Flatten, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
-                  "center": self.Center}
-        if kind in simple:
-            return simple[kind]()
-        raise ValueError(f"{node.path}: unsupported layer type {kind!r}")
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -126,21 +186,8 @@ class Adapter(TorchDevices, base.BaseAdapter):
             if kind in NATIVE_INITS:
                 getattr(nn.init, f"{kind}_")(ref.handle, **args)
                 return f"native: torch.nn.init.{kind}_"
-            if kind == "variance_scaling":
-                n = base.fan(tuple(ref.handle.shape), args["mode"])  # torch's layout: canonical
-                std, dist = math.sqrt(args["scale"] / n), args["distribution"]
-                if dist == "uniform":
-                    nn.init.uniform_(ref.handle, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
-                elif dist == "normal":
-                    nn.init.normal_(ref.handle, 0.0, std)
-                else:
-                    std /= base.TRUNCATED_NORMAL_STD_CORRECTION
-                    nn.init.trunc_normal_(ref.handle, 0.0, std, -2 * std, 2 * std)
-                return f"custom: variance_scaling({args['mode']}, {dist}) via torch.nn.init"
-            if kind == "bimodal":
-                nn.init.uniform_(ref.handle, -10.0, 10.0)
-                ref.handle.masked_fill_(ref.handle.abs() < 5, 0.0)
-                return "custom: uniform_(-10, 10), then |w| < 5 set to 0"
+            if kind in CUSTOM_INITS:
+                return CUSTOM_INITS[kind](nn, ref.handle, **args)
         raise ValueError(f"unsupported initializer {kind!r}")
 
     # -- compute ------------------------------------------------------------------------------
@@ -252,6 +299,20 @@ def _submodule(net, path: str):
     return net
 
 
+def _steps(nodes, items) -> tuple[list, list]:
+    """(named modules, forward steps) of plan nodes and their modules (one each in torch): a
+    module is a step by its name, a residual brings its own named modules and step."""
+    named, steps = [], []
+    for node, item in zip(nodes, items, strict=True):
+        if isinstance(item, _Residual):
+            named += item.named
+            steps.append(item.step)
+        else:
+            named.append((node.name, item))
+            steps.append(node.name)
+    return named, steps
+
+
 def _layer_classes(torch, nn):
     """The custom modules (defined late: they subclass torch classes)."""
 
@@ -264,6 +325,30 @@ def _layer_classes(torch, nn):
             nn.Module.__init__(self)
             for name, module in named:
                 self._modules[name] = module
+
+    class Graph(nn.Module):
+        """A block with residuals in it: its children (the residuals' layers among them) by
+        their plan names, registered as ``Block``'s are, and a forward that runs its steps: a
+        child's name, or a residual ``(body steps, shortcut name or None, activation)``."""
+
+        def __init__(self, named, steps):
+            nn.Module.__init__(self)
+            for name, module in named:
+                self._modules[name] = module
+            self.steps = steps
+
+        def forward(self, x):
+            return self.run(self.steps, x)
+
+        def run(self, steps, x):
+            for step in steps:
+                if isinstance(step, str):
+                    x = self._modules[step](x)
+                    continue
+                body, shortcut, activation = step
+                y = self.run(body, x) + (x if shortcut is None else self._modules[shortcut](x))
+                x = y if activation is None else activation(y)
+            return x
 
     class Center(nn.Module):
         """The d2l CenteredLayer: ``x - x.mean()``, mean over every element."""
@@ -302,7 +387,7 @@ def _layer_classes(torch, nn):
                     self.weight.normal_()
                     self.bias.normal_()
 
-    return Block, Center, MyDense, LazyMyDense
+    return Block, Graph, Center, MyDense, LazyMyDense
 
 
 def _touch(tensor) -> str | None:
