@@ -71,6 +71,16 @@ def iter_nodes(nodes: list[PlanNode]) -> Iterator[PlanNode]:
         yield from iter_nodes([n for n in (node.shortcut, node.activation) if n is not None])
 
 
+def unsupported_reason(plan: Plan, lacking: dict[str, str]) -> str | None:
+    """Why a backend lacking the node types ``lacking`` (type -> reason, as its backend.yaml
+    declares them) cannot run ``plan``, or None."""
+    for node in iter_nodes(plan.layers):
+        if node.type in lacking:
+            return f"layer type {node.type!r} (at {node.path or 'the top'}) is not supported: " \
+                   f"{lacking[node.type]}"
+    return None
+
+
 def param_roles(node: PlanNode) -> tuple[str, ...]:
     """The parameter roles a node owns (none for structure: a ``ref`` reuses, it owns nothing)."""
     lt = layers.LAYERS.get(node.type)

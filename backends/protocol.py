@@ -33,6 +33,10 @@ class Status(str, enum.Enum):
     UNSUPPORTED = "unsupported"  # needs what the backend declares it does not support
 
 
+#: the worker's phases after the numerics, each of which may fail (or be unsupported) alone
+PHASES = ("gradients", "save_load", "timing", "mismatch")
+
+
 class ProtocolError(ValueError):
     """Worker output that does not fit the protocol (wrong version, field or type)."""
 
@@ -130,6 +134,10 @@ class Request:
     timing: TimingRequest | None = None
     checkpoint: str | None = None
     reference_variants: bool = False  # the NumPy reference: also the biased-variance update
+    #: what the backend declares it does not support, with the reason: ``{"layers": {TYPE:
+    #: why}, "phases": {PHASE: why}}``; a plan needing such a layer type is not run (its record
+    #: says ``unsupported``), such a phase (PHASES) is skipped
+    unsupported: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- records (worker -> parent)
@@ -292,6 +300,8 @@ class SpecRecord:
     mismatch: MismatchRecord | None = None
     modes: dict[str, str] = field(default_factory=dict)   # timed mode -> the API realizing it
     timings: list[TimingRecord] = field(default_factory=list)
+    #: phases skipped because the backend declares it does not support them, with the reason
+    unsupported: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -323,6 +333,11 @@ class FatalRecord:
     """Why a worker could not start at all (``fatal.json``)."""
     error: str
     traceback: str = ""
+
+
+def unsupported_record(spec: str, reason: str) -> SpecRecord:
+    """A spec the backend was not asked to run: it needs what the backend declares it lacks."""
+    return SpecRecord(spec=spec, status=Status.UNSUPPORTED, error=reason)
 
 
 def failed_record(spec: str, error: str, *, log_tail: str | None = None,

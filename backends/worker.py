@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import protocol, timer
-from backends.base import CompiledStep, owned_params
+from backends.base import CompiledStep, owned_params, unsupported_reason
 from backends.protocol import (CompileWitness, DoneRecord, EnvironmentRecord, FatalRecord,
                                GradientRecord, MismatchRecord, PhaseError, Plan, Request,
                                SaveLoadRecord, SpecRecord, Status, TimingRecord)
@@ -85,7 +85,12 @@ class _Spec:
             self.record.phases[phase] = time.perf_counter() - t0
 
     def phase(self, name: str, fn) -> None:
-        """Run one optional phase; an exception fails that phase only."""
+        """Run one optional phase; an exception fails that phase only; a phase the backend
+        declares unsupported is skipped, with the reason."""
+        lacking = self.request.unsupported.get("phases", {})
+        if name in lacking:
+            self.record.unsupported[name] = lacking[name]
+            return
         try:
             fn()
         except Exception as exc:
@@ -347,7 +352,10 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         try:
             data, probe = inputs[str(i)], probes.get(str(i))
-            if request.task == "compare":
+            lacking = unsupported_reason(plan, request.unsupported.get("layers", {}))
+            if lacking:  # declared in backend.yaml: not run, not failed
+                record, arrays = protocol.unsupported_record(plan.name, lacking), {}
+            elif request.task == "compare":
                 record, arrays = _Spec(adapter, plan, data, probe, request).run()
             else:
                 record, arrays = checkpoint_task(adapter, request, data, probe)

@@ -7,7 +7,8 @@ line's own validation path, ``python -m harness check SPEC...``.
 Every case is generated to be *invalid* (hypothesis strategies below: random structures,
 mutations of the built-in specs with wrong types, out-of-range and non-finite numbers, huge
 sizes, deep nesting, YAML aliases, duplicate keys, control characters, hostile names, unicode,
-oversized integers, bad bytes, YAML tags, special files, bad command-line numbers). Each must
+oversized integers, residual graphs that cannot be built, bad bytes, YAML tags, special files,
+bad command-line numbers). Each must
 give a *clean* refusal: exit status 2 and exactly one line on stderr, ``error: FILE: ...``,
 naming the file, no traceback, within the time bound (``--time-limit`` seconds) and the memory
 bound (``--memory-limit`` GiB of address space per process, RLIMIT_AS).
@@ -527,6 +528,72 @@ def semantic_cases(draw):
     return _as_case("semantic", copy.deepcopy(doc), draw(formats), note)
 
 
+def _residual(body, **extra) -> dict:
+    return {"type": "residual", "layers": body, **extra}
+
+
+def _dense(units, name=None) -> dict:
+    return {"type": "dense", "units": units, **({"name": name} if name else {})}
+
+
+@st.composite
+def residual_cases(draw):
+    """Residual graphs that describe no buildable model, at any depth of blocks: branches
+    that disagree at the add (a body or a shortcut of another width, a strided conv without
+    a downsample), an unnamed layer (or block, or ref) with parameters inside a residual, a
+    name two layers share once the residual is flattened into its block, a ref cycle, a ref
+    to a residual, a named residual, a residual as a shortcut."""
+    width = draw(st.integers(1, 6))
+    other = draw(st.integers(1, 6).filter(lambda n: n != width))
+    name = draw(st.from_regex(LAYER_NAME, fullmatch=True).filter(
+        lambda n: n != "training" and len(n) <= 12))
+    act = draw(st.sampled_from([{}, {"activation": "relu"}, {"activation": "tanh"}]))
+    before = draw(st.lists(st.sampled_from([{"type": "relu"}, {"type": "tanh"},
+                                            _dense(width)]), max_size=2))
+    kind = draw(st.sampled_from([
+        "body width", "shortcut width", "strided conv", "unnamed dense", "unnamed block",
+        "unnamed ref", "unnamed shortcut", "flattened name clash", "shortcut name clash",
+        "ref cycle", "ref to a residual", "named residual", "residual shortcut"]))
+    input_shape = [2, width]
+    if kind == "body width":
+        graph = [_residual([_dense(other, name)], **act)]
+    elif kind == "shortcut width":
+        graph = [_residual([{"type": "relu"}], shortcut=_dense(other, name), **act)]
+    elif kind == "strided conv":
+        input_shape, before = [2, width, 4, 4], []
+        graph = [_residual([{"type": "conv2d", "name": name, "channels": width, "kernel": 1,
+                             "stride": 2}], **act)]
+    elif kind == "unnamed dense":
+        graph = [_residual([{"type": "tanh"}, _dense(width)], **act)]
+    elif kind == "unnamed block":
+        graph = [_residual([{"type": "sequential", "layers": [_dense(width)]}], **act)]
+    elif kind == "unnamed ref":
+        graph = [_dense(width, name), _residual([{"type": "ref", "to": name}], **act)]
+    elif kind == "unnamed shortcut":
+        graph = [_residual([{"type": "relu"}], shortcut=_dense(width), **act)]
+    elif kind == "flattened name clash":
+        graph = [{"type": "relu", "name": name}, _residual([_dense(width, name)], **act)]
+    elif kind == "shortcut name clash":
+        graph = [_residual([_dense(width, name)], shortcut=_dense(width, name), **act)]
+    elif kind == "ref cycle":
+        graph = [{"type": "sequential", "name": name, "layers": [
+            _residual([{"type": "relu"}, {"type": "ref", "to": name, "name": f"{name}_r"}])]}]
+    elif kind == "ref to a residual":
+        graph = [_residual([{"type": "relu"}], **act), {"type": "ref", "to": str(len(before))}]
+    elif kind == "named residual":
+        graph = [_residual([{"type": "relu"}], name=name, **act)]
+    else:
+        graph = [_residual([{"type": "relu"}], shortcut=_residual([{"type": "tanh"}]), **act)]
+    layers = before + graph
+    for i in range(draw(st.integers(0, 3))):  # inside blocks, named or not
+        block = {"type": "sequential", "layers": layers}
+        if draw(st.booleans()):
+            block["name"] = f"block{i}"
+        layers = [block]
+    doc = {"name": "residual", "input": input_shape, "layers": layers}
+    return _as_case("residual", doc, draw(formats), kind)
+
+
 BAD_TEXT = [
     ("not UTF-8", b"name: \xff\xfe\n"),
     ("latin-1", "name: caf\xe9\ninput: [2, 4]\nlayers: [{type: relu}]\n".encode("latin-1")),
@@ -598,7 +665,7 @@ def cli_number_cases(draw):
 KINDS = [nonfinite_cases, wrong_type_cases, out_of_range_cases, huge_size_cases, deep_cases,
          alias_cases, duplicate_key_cases, control_char_cases, hostile_name_cases,
          unicode_cases, big_integer_cases, random_structure_cases, random_text_cases,
-         semantic_cases, bad_text_cases, special_file_cases, cli_number_cases]
+         semantic_cases, residual_cases, bad_text_cases, special_file_cases, cli_number_cases]
 any_case = st.one_of([k() for k in KINDS])
 
 

@@ -161,7 +161,15 @@ class Result:
         return self.record.status == Status.OK
 
     @property
+    def supported(self) -> bool:
+        """False: the backend declares it lacks what the spec needs (not run, not failed)."""
+        return self.record.status != Status.UNSUPPORTED
+
+    @property
     def passed(self) -> bool:
+        """Ran and passed every check; a spec the backend declares unsupported fails nothing."""
+        if not self.supported:
+            return True
         return self.ok and all(c.passed for c in self.checks) and \
             all(p.passed for p in self.params)
 

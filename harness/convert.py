@@ -82,8 +82,10 @@ def _checkpoint_worker(backend, overrides, spec, args, work: Path, **job) -> Cel
         raise ToolError(f"{backend.name}: {exc}") from None
     result = run_worker(backend.name, python, [spec], work, device=args.device,
                         timeout=args.timeout, progress=progress, max_memory=args.max_memory,
-                        **job)
+                        unsupported=backend.unsupported, **job)
     rec = result.records[0]
+    if rec.status == Status.UNSUPPORTED:
+        raise ToolError(f"{backend.name} cannot convert {spec.name}: {rec.error}")
     if rec.status != Status.OK:
         if (rec.error or "").startswith("CheckpointError: "):
             raise UserError(f"--weights: {args.weights} does not fit {spec.name} in "

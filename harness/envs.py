@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from backends import layers, protocol
+
 from . import initializers as inits
 from .files import open_regular, tail
 
@@ -89,6 +91,9 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")  # what --device may ask of it
     imports: tuple[str, ...] = ()  # top-level modules of its framework (never in the parent)
     semantics: dict = field(default_factory=dict)  # declared semantic facts the checks use
+    #: what it declares it does not support, with the reason: {"layers": {type: why},
+    #: "phases": {phase: why}} (backend.yaml ``unsupported:``; empty: everything)
+    unsupported: dict = field(default_factory=dict)
     flavor: str = ""  # "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda
     #: per flavor ("cpu", "cuda"): the environment's declared size, stated before provisioning
     sizes: dict = field(default_factory=dict)
@@ -158,6 +163,26 @@ def _read_meta(folder: Path, seen: tuple[str, ...] = ()) -> dict:
     return {**_read_meta(BACKENDS_DIR / parent, seen + (folder.name,)), **meta}
 
 
+#: what backend.yaml's ``unsupported:`` may name: node types of the registry, worker phases
+CAPABILITIES = {"layers": layers.NODE_TYPES, "phases": protocol.PHASES}
+
+
+def _unsupported(meta: dict, where: Path) -> dict:
+    """backend.yaml's ``unsupported: {layers: {TYPE: why}, phases: {PHASE: why}}``, checked."""
+    declared = meta.get("unsupported") or {}
+    out = {}
+    for kind, items in declared.items():
+        if kind not in CAPABILITIES or not isinstance(items, dict):
+            raise UserError(f"{display_path(where)}: unsupported: expected a mapping under "
+                            f"{' / '.join(CAPABILITIES)}, got {kind!r}")
+        for name, why in items.items():
+            if name not in CAPABILITIES[kind] or not isinstance(why, str) or not why.strip():
+                raise UserError(f"{display_path(where)}: unsupported.{kind}.{name}: expected "
+                                f"one of {', '.join(CAPABILITIES[kind])} with a reason")
+        out[kind] = dict(items)
+    return out
+
+
 def _load_backend(folder: Path) -> Backend:
     meta = _read_meta(folder)
     try:
@@ -168,7 +193,7 @@ def _load_backend(folder: Path) -> Backend:
         return Backend(folder.name, folder, str(meta.get("framework", folder.name)), defaults,
                        tuple(meta.get("devices", ("cpu", "cuda"))),
                        tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}),
-                       sizes=sizes)
+                       _unsupported(meta, folder / "backend.yaml"), sizes=sizes)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
                         f"metadata: {type(exc).__name__}: {exc}") from None

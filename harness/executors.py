@@ -80,7 +80,8 @@ def start_unit(unit: Unit, python: Path, work: Path, progress, env: dict | None 
     return start_worker(unit.backend.name, python, unit.specs, work, device=unit.device,
                         timeout=unit.timeout, progress=progress, settings=unit.settings,
                         timing=unit.timing, checks=unit.checks,
-                        reference_variants=unit.reference, max_memory=unit.max_memory, env=env)
+                        reference_variants=unit.reference, max_memory=unit.max_memory, env=env,
+                        unsupported=unit.backend.unsupported)
 
 
 def new_backend_run(unit: Unit, interpreter: str) -> BackendRun:

@@ -105,9 +105,29 @@ def _summary(results: list[Result], backends) -> str:
         n_checks = sum(r.n_checks for r in recs)
         n_failed = sum(len(r.failures()) for r in recs)
         ok = sum(r.ok for r in recs)
-        rows.append([b, f"{ok}/{len(recs)}", n_checks - n_failed, n_failed,
+        lacking = sum(not r.supported for r in recs)
+        rows.append([b, f"{ok}/{len(recs) - lacking}", lacking, n_checks - n_failed, n_failed,
                      _verdict(all(r.passed for r in recs))])
-    return _table(["backend", "specs run ok", "checks passed", "checks failed", "verdict"], rows)
+    return _table(["backend", "specs run ok", "not supported", "checks passed",
+                   "checks failed", "verdict"], rows)
+
+
+def _spec_verdict(r: Result) -> str:
+    return "not supported" if not r.supported else _verdict(r.passed)
+
+
+def _not_supported(results: list[Result]) -> str:
+    """What backends declare they lack (backend.yaml ``unsupported:``), where a spec needs it."""
+    lines = [f"- **{escape(r.backend)} / {escape(r.spec)}**: {escape(r.record.error)}\n"
+             for r in results if not r.supported]
+    lines += [f"- **{escape(r.backend)} / {escape(r.spec)}**: phase {escape(phase)} not "
+              f"supported: {escape(why)}\n"
+              for r in results for phase, why in r.record.unsupported.items()]
+    if not lines:
+        return ""
+    return ("\n## Not supported\n\nWhat a backend declares it does not support (`unsupported:` "
+            "in its backend.yaml, with the reason): not run, and not counted as a failure.\n\n"
+            + "".join(lines))
 
 
 def _environments(environments: dict) -> str:
@@ -140,6 +160,8 @@ def _failures(results: list[Result]) -> str:
     out = []
     for r in results:
         head = f"- **{escape(r.backend)} / {escape(r.spec)}**: "
+        if not r.supported:
+            continue
         if not r.ok:
             out.append(f"{head}{escape(r.record.status.value)}: {escape(r.record.error)}\n")
             if r.record.log_tail:
@@ -757,14 +779,14 @@ def render(run: dict, specs, results: list[Result], environments: dict,
              _machines_section(machines or {}, environments),
              _semantics_section(environments), _timing_method(run, environments),
              _one_off_section(specs, results, environments), _roofline_section(environments),
-             "\n## Failures\n\n", _failures(results)]
+             "\n## Failures\n\n", _failures(results), _not_supported(results)]
     for spec in specs:
         recs = [r for r in results if r.spec == spec.name]
         parts += [f"\n## Spec `{spec.name}`\n\n",  # a validated name: no backticks in it
                   f"{escape(spec.description.strip())}\n\n" if spec.description else "",
                   f"File {escape(display_path(spec.file))}; input {_fmt(spec.input_shape)}, "
                   f"output {_fmt(spec.output_shape)}; verdicts: " +
-                  ", ".join(f"{escape(r.backend)} {_verdict(r.passed)}" for r in recs) + ".\n",
+                  ", ".join(f"{escape(r.backend)} {_spec_verdict(r)}" for r in recs) + ".\n",
                   "\n### Shapes: canonical vs native\n\n", _shape_section(spec, recs),
                   "\n### Lazy initialization: before → after the first forward\n\n",
                   _lazy_section(spec, recs),

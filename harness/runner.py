@@ -238,18 +238,21 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
                checks: bool = True, reference_variants: bool = False, task: str = "compare",
                checkpoint: str | None = None,
                probes: list[dict[str, np.ndarray]] | None = None,
-               max_memory: int | None = None, env: dict | None = None) -> WorkerResult:
+               max_memory: int | None = None, env: dict | None = None,
+               unsupported: dict | None = None) -> WorkerResult:
     """Start ``python -m backends.worker`` for ``specs`` and collect what it writes.
 
     ``adapter`` is the adapter's module (default ``backends.<backend>.adapter``), importable
     from the project root; the other options are ``protocol.Request``'s. ``settings["threads"]``
     also sets the BLAS/OpenMP thread variables before the worker starts; ``env`` sets more
     variables last. ``max_memory`` (bytes) bounds the resident memory of the worker and
-    everything it starts."""
+    everything it starts. ``unsupported``: what the backend declares it lacks
+    (``Backend.unsupported``; the worker skips those specs and phases)."""
     ended = start_worker(backend, python, specs, work_dir, device=device, timeout=timeout,
                          progress=progress, adapter=adapter, settings=settings, timing=timing,
                          checks=checks, reference_variants=reference_variants, task=task,
-                         checkpoint=checkpoint, probes=probes, max_memory=max_memory, env=env)
+                         checkpoint=checkpoint, probes=probes, max_memory=max_memory, env=env,
+                         unsupported=unsupported)
     return read_worker_output(backend, specs, ended, max_memory)
 
 
@@ -280,7 +283,8 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
                  checks: bool = True, reference_variants: bool = False, task: str = "compare",
                  checkpoint: str | None = None,
                  probes: list[dict[str, np.ndarray]] | None = None,
-                 max_memory: int | None = None, env: dict | None = None) -> WorkerExit:
+                 max_memory: int | None = None, env: dict | None = None,
+                 unsupported: dict | None = None) -> WorkerExit:
     """Write the worker's request and inputs into ``work_dir``, run it to its end under
     supervision (progress, timeout, memory) and say how it ended; nothing it wrote is read."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +304,7 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
                       inputs=str(work_dir / "inputs.npz"), probe=str(work_dir / "probe.npz"),
                       out_dir=str(out_dir), settings=settings, task=task, checks=checks,
                       timing=timing, checkpoint=checkpoint,
-                      reference_variants=reference_variants)
+                      reference_variants=reference_variants, unsupported=dict(unsupported or {}))
     (work_dir / "request.json").write_text(json.dumps(protocol.dump(request), indent=1))
     log_path = work_dir / "worker.log"
     set_here = {"PYTHONPATH": os.pathsep.join(

@@ -280,3 +280,56 @@ def test_list_names_backends_and_builtin_specs():
     for path in BUILTIN_SPECS:
         assert path.stem in specs_part, path.stem
     assert "INVALID" not in specs_part
+
+
+# ------------------------------------------------------------------ capabilities
+
+def test_what_a_backend_declares_unsupported_is_reported_not_failed(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A backend whose backend.yaml declares `unsupported: {layers: {residual: ...}, phases:
+    {save_load: ...}}`: the spec with residuals is not run and reads "not supported" with the
+    reason (record, report, the run's line), the other spec runs without its save/load phase,
+    and the run exits 0: nothing failed."""
+    import dataclasses
+
+    from harness import cli, compare, envs
+
+    declared = {"layers": {"residual": "a runtime without residual blocks (test)"},
+                "phases": {"save_load": "no native format (test)"}}
+    backends = envs.discover()
+    backends["numpy"] = dataclasses.replace(backends["numpy"], unsupported=declared)
+    monkeypatch.setattr(envs, "discover", lambda: backends)
+    monkeypatch.setattr(compare, "discover", lambda: backends)
+    out = tmp_path / "run"
+    rc = cli.main(["compare", "specs/lazy_mlp.yaml",
+                   str(ROOT / "tests/conformance/specs/conformance_residual.yaml"),
+                   "--backend", "numpy", "--python", NUMPY, "--timing", "off", "--out",
+                   str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "not supported: layer type 'residual'" in printed
+    data = json.loads((out / "results.json").read_text())
+    by_spec = {r["spec"]: r for r in data["results"]}
+    residual, plain = by_spec["conformance_residual"], by_spec["lazy_mlp"]
+    assert residual["status"] == "unsupported" and residual["passed"] is True
+    assert "a runtime without residual blocks (test)" in residual["error"]
+    assert plain["status"] == "ok" and plain["passed"] is True
+    assert plain["unsupported"] == {"save_load": "no native format (test)"}
+    assert plain["save_load"] is None and plain["gradients"] is not None
+    report = (out / "report.md").read_text()
+    assert "## Not supported" in report and "numpy / conformance_residual" in report
+    assert "phase save_load not supported: no native format (test)" in report
+    assert "numpy not supported" in report
+
+
+def test_a_capability_backend_yaml_cannot_name_is_refused(tmp_path):
+    """`unsupported:` names registry layer types and worker phases, each with a reason."""
+    from harness.envs import UserError, _unsupported
+
+    where = tmp_path / "backend.yaml"
+    assert _unsupported({"unsupported": {"layers": {"residual": "why"}}}, where) == \
+        {"layers": {"residual": "why"}}
+    for bad in ({"layers": {"dense2": "why"}}, {"phases": {"numerics": "why"}},
+                {"layers": {"dense": ""}}, {"modes": {}}, {"layers": ["dense"]}):
+        with pytest.raises(UserError, match="unsupported"):
+            _unsupported({"unsupported": bad}, where)

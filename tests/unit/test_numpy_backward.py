@@ -352,6 +352,79 @@ def test_ref_to_a_sequential_block_sums_gradients_and_updates_batch_norm_twice()
     assert not np.allclose(m.params["block.1.running_mean"], first)
 
 
+# ----------------------------------------------------------------------------- residuals
+
+BASIC = {"type": "residual", "layers": [
+    {"type": "conv2d", "name": "conv1", "channels": 3, "kernel": 3, "padding": 1, "bias": False},
+    {"type": "batch_norm", "name": "bn1", "momentum": 0.3},
+    {"type": "tanh"},
+    {"type": "conv2d", "name": "conv2", "channels": 3, "kernel": 3, "padding": 1}],
+    "activation": "relu"}
+STRIDED = {"type": "residual", "layers": [
+    {"type": "conv2d", "name": "conv1", "channels": 4, "kernel": 3, "stride": 2, "padding": 1,
+     "bias": False},
+    {"type": "batch_norm", "name": "bn1"},
+    {"type": "relu"},
+    {"type": "conv2d", "name": "conv2", "channels": 4, "kernel": 3, "padding": 1,
+     "bias": False}],
+    "shortcut": {"type": "sequential", "name": "downsample", "layers": [
+        {"type": "conv2d", "channels": 4, "kernel": 1, "stride": 2, "bias": False},
+        {"type": "batch_norm"}]},
+    "activation": "tanh"}
+
+
+def test_residual_with_the_identity_shortcut_gradients():
+    """The input's gradient is the body's plus the identity's; the activation after the add."""
+    a, m, x, c = float64_model([{"type": "conv2d", "channels": 3, "kernel": 1}, BASIC],
+                               (2, 2, 5, 4), seed=3)
+    grads = check_against_finite_differences(a, m, x, c)
+    assert {"conv1.weight", "bn1.weight", "conv2.bias"} <= set(grads)
+
+
+def test_residual_with_a_strided_conv_and_batch_norm_shortcut_gradients():
+    """torchvision's downsample: a strided 1x1 conv and batch norm in training mode."""
+    a, m, x, c = float64_model([STRIDED, {"type": "flatten"}, {"type": "dense", "units": 3}],
+                               (3, 2, 6, 5), seed=4)
+    assert a.run(m, x).shape == (3, 3)
+    grads = check_against_finite_differences(a, m, x, c)
+    assert {"downsample.0.weight", "downsample.1.weight", "downsample.1.bias"} <= set(grads)
+
+
+def test_residual_output_is_the_activation_of_the_sum_of_both_branches():
+    """The forward itself: relu(body(x) + x), body and shortcut run on their own."""
+    a, m, x, _ = float64_model([BASIC], (2, 3, 4, 4), seed=6)
+    body = [dict(layer) for layer in BASIC["layers"]]
+    twin_a, twin = untied_twin(body, {}, m.params, (2, 3, 4, 4))
+    np.testing.assert_allclose(a.run(m, x), np.maximum(twin_a.run(twin, x) + x, 0), rtol=1e-13)
+
+
+SHARED_RESIDUAL = [
+    {"type": "dense", "units": 5, "name": "square"},
+    {"type": "tanh"},
+    {"type": "sequential", "name": "block", "layers": [
+        {"type": "residual", "layers": [
+            {"type": "dense", "units": 5, "name": "mix"},
+            {"type": "ref", "to": "square", "name": "square_again"},
+            {"type": "sigmoid"},
+            {"type": "residual", "layers": [{"type": "dense", "units": 5, "name": "inner"},
+                                             {"type": "tanh"}]}],
+         "shortcut": {"type": "dense", "units": 5, "name": "skip", "bias": False}}]},
+    {"type": "ref", "to": "block", "name": "block_again"},
+    {"type": "ref", "to": "block.mix", "name": "mix_again"},
+    {"type": "dense", "units": 2},
+]
+
+
+def test_a_layer_shared_into_and_out_of_residuals_sums_every_use():
+    """square is used outside and (by a ref) inside a residual, mix inside and (by a ref)
+    outside, the block holding them twice: each gradient sums all its uses."""
+    a, m, x, c = float64_model(SHARED_RESIDUAL, (4, 5), seed=7)
+    grads = check_against_finite_differences(a, m, x, c)
+    assert sorted(grads) == ["5.bias", "5.weight", "block.inner.bias", "block.inner.weight",
+                             "block.mix.bias", "block.mix.weight", "block.skip.weight",
+                             "square.bias", "square.weight"]
+
+
 # ----------------------------------------------------------------------------- deep mixed model
 
 DEEP = [

@@ -882,6 +882,39 @@ def test_batch_norm_with_one_value_per_channel_is_refused(tmp_path):
     assert harness_in_process("check", path)[0] == 0
 
 
+BAD_GRAPHS = {  # YAML text of a spec's layers -> the field and the words its one line names
+    "branches disagree at the add": (
+        "[{type: residual, layers: [{type: dense, units: 3, name: d}], activation: relu}]",
+        "layers[0]:", "(2, 3)", "(2, 4)", "agree at the add"),
+    "strided body, identity shortcut": (
+        "[{type: conv2d, channels: 2, kernel: 1}, {type: residual, layers: [{type: conv2d, "
+        "name: c, channels: 2, kernel: 3, stride: 2, padding: 1}]}]",
+        "layers[1]:", "(2, 2, 2, 2)", "(2, 2, 4, 4)"),
+    "unnamed layer with parameters in a residual": (
+        "[{type: residual, layers: [{type: relu}, {type: dense, units: 4}]}]",
+        "layers[0].layers[1]:", "needs a name"),
+    "a ref cycle": (
+        "[{type: sequential, name: b, layers: [{type: relu}, {type: ref, to: b}]}]",
+        "layers[0].layers[1].to:", "ref cycle"),
+    "a name two layers share once flattened": (
+        "[{type: dense, units: 4, name: x}, {type: sequential, name: s, layers: [{type: relu, "
+        "name: y}, {type: residual, layers: [{type: dense, units: 4, name: y}]}]}]",
+        "layers[1].layers[1].layers[0].name:", "duplicate layer name 'y'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRAPHS))
+def test_bad_graphs_are_one_line_user_errors(tmp_path, case):
+    """Residual graphs that cannot be built: exit 2, one line naming the file and the field."""
+    layers, where, *words = BAD_GRAPHS[case]
+    shape = "[2, 2, 4, 4]" if "conv2d" in layers else "[2, 4]"
+    path = tmp_path / "graph.yaml"
+    path.write_text(f"name: g\ninput: {shape}\nlayers: {layers}\n")
+    assert_refused(path, f": {where} ", *words)
+    rc, _, err = harness_in_process("compare", "--backend", "numpy", "--", path)
+    assert rc == 2 and err.count("\n") == 1 and where in err
+
+
 def test_yaml_exponent_floats_are_numbers(tmp_path):
     """YAML 1.1 reads `1e-3` (no dot) as a string, which made `eps: 1e-3` "not of type
     'number'"; it is a number, and `1.0e+400` (infinite) is refused as non-finite."""

@@ -391,6 +391,65 @@ BAD = {
         "layers[0]", "window 12"),
     "batch norm on a 3-D input": (
         doc([{"type": "batch_norm"}], input=(2, 3, 4)), "layers[0]", "batch_norm"),
+    "residual whose branches disagree at the add": (
+        doc([{"type": "residual", "layers": [{"type": "dense", "units": 3, "name": "d"}]}]),
+        "layers[0]", "body gives shape (2, 3) but its identity shortcut gives (2, 20)"),
+    "residual whose strided body has no shortcut": (
+        doc([{"type": "residual", "layers": [{"type": "conv2d", "name": "c", "channels": 3,
+                                              "kernel": 1, "stride": 2}]}], input=CONV_IN),
+        "layers[0]", "(2, 3, 4, 4) but its identity shortcut gives (2, 3, 8, 8)"),
+    "residual whose shortcut disagrees": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}],
+              "shortcut": {"type": "dense", "units": 4, "name": "s"}}]),
+        "layers[0]", "shortcut gives (2, 4)"),
+    "unnamed layer with parameters in a residual": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}, {"type": "dense", "units": 20}]}]),
+        "layers[0].layers[1]", "a dense with parameters inside a residual needs a name"),
+    "unnamed block with parameters in a residual": (
+        doc([{"type": "residual", "layers": [{"type": "sequential", "layers": [
+            {"type": "dense", "units": 20}]}]}]),
+        "layers[0].layers[0]", "a sequential with parameters inside a residual needs a name"),
+    "unnamed shortcut with parameters": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}],
+              "shortcut": {"type": "dense", "units": 20}}]),
+        "layers[0].shortcut", "needs a name"),
+    "unnamed ref to a layer with parameters in a residual": (
+        doc([{"type": "dense", "units": 20, "name": "d"},
+             {"type": "residual", "layers": [{"type": "ref", "to": "d"}]}]),
+        "layers[1].layers[0]", "a ref with parameters inside a residual needs a name"),
+    "a name two layers share once a residual is flattened": (
+        doc([{"type": "dense", "units": 20, "name": "x"},
+             {"type": "residual", "layers": [{"type": "dense", "units": 20, "name": "x"}]}]),
+        "layers[1].layers[0].name", "duplicate layer name 'x' in the same block (a residual's "
+                                    "layers are named in the block around it)"),
+    "a residual's shortcut named like a layer of its body": (
+        doc([{"type": "residual", "layers": [{"type": "dense", "units": 20, "name": "x"}],
+              "shortcut": {"type": "dense", "units": 20, "name": "x"}}]),
+        "layers[0].shortcut.name", "duplicate layer name 'x'"),
+    "a named residual": (
+        doc([{"type": "residual", "name": "block", "layers": [{"type": "relu"}]}]),
+        "layers[0].name", "a residual is not a module, so it has no name"),
+    "a ref cycle": (
+        doc([{"type": "sequential", "name": "b", "layers": [
+            {"type": "relu"}, {"type": "ref", "to": "b"}]}]),
+        "layers[0].layers[1].to", "a ref cycle"),
+    "a ref cycle through the full path": (
+        doc([{"type": "sequential", "name": "a", "layers": [{"type": "sequential", "name": "b",
+                                                             "layers": [{"type": "ref",
+                                                                         "to": "a"}]}]}]),
+        "layers[0].layers[0].layers[0].to", "a ref cycle"),
+    "a ref to a residual": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}]}, {"type": "ref", "to": "0"}]),
+        "layers[1].to", "'0' is a residual, which is not a module"),
+    "a residual as a shortcut": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}],
+              "shortcut": {"type": "residual", "layers": [{"type": "relu"}]}}]),
+        "layers[0].shortcut", "not a residual"),
+    "a residual's activation that is no activation": (
+        doc([{"type": "residual", "layers": [{"type": "relu"}], "activation": "dense"}]),
+        "layers[0].activation", "'dense'"),
+    "a residual without layers": (
+        doc([{"type": "residual", "layers": []}]), "layers[0].layers", None),
     "empty layer list": (doc([]), "layers", None),
     "input with one axis": (doc([{"type": "relu"}], input=(5,)), "input", None),
 }
@@ -538,3 +597,74 @@ def test_shared_layer_used_on_inputs_of_another_rank_is_refused():
     with pytest.raises(SpecError) as err:
         build_spec(d, "rank.yaml")
     assert "layers[2]" in str(err.value) and "first used on a 4-D input" in str(err.value)
+
+
+# ------------------------------------------------------------------ residuals
+
+def test_resnet18_has_torchvision_state_dict_names_and_parameter_count():
+    """A ResNet-18 written in the spec: a residual adds no name segment, its layers and its
+    downsample are named in the block around it, as torchvision's BasicBlock registers them;
+    so the canonical names are torchvision resnet18's state_dict keys (num_batches_tracked
+    aside) and the trainable count is its 11,689,512."""
+    from benchmarks.reference_speed import resnet18_doc
+
+    spec = build_spec(resnet18_doc(), "resnet18.yaml")
+    bn = ("weight", "bias", "running_mean", "running_var")
+    want = ["conv1.weight", *(f"bn1.{r}" for r in bn)]
+    for stage in range(1, 5):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            want += [f"{p}.conv1.weight", *(f"{p}.bn1.{r}" for r in bn),
+                     f"{p}.conv2.weight", *(f"{p}.bn2.{r}" for r in bn)]
+            if stage > 1 and block == 0:
+                want += [f"{p}.downsample.0.weight", *(f"{p}.downsample.1.{r}" for r in bn)]
+    want += ["fc.weight", "fc.bias"]
+    assert [p.name for p in spec.params] == want
+    assert spec.param_count == 11_689_512
+    assert spec.param("layer2.0.downsample.0.weight").shape == (128, 64, 1, 1)
+    assert spec.param("layer2.0.downsample.0.weight").lazy_shape == (128, None, 1, 1)
+    assert spec.output_shape == (2, 1000)
+
+
+def test_residual_plan_nodes_and_generated_segments():
+    """The residual node keeps its body, shortcut and activation; an unnamed parameter-free
+    layer in it gets a segment no name can be (<the residual's index>_<i>)."""
+    spec = build_spec(doc([{"type": "dense", "units": 4, "name": "a"},
+                           {"type": "residual", "layers": [{"type": "relu"},
+                                                           {"type": "dense", "units": 4,
+                                                            "name": "b"}],
+                            "shortcut": {"type": "tanh"}, "activation": "sigmoid"}],
+                          input=(2, 4)), "r.yaml")
+    node = plan_of(spec)["layers"][1]
+    assert node["type"] == "residual" and node["path"] == "1" and node["in_rank"] == 2
+    assert [(n["name"], n["path"]) for n in node["layers"]] == [("1_0", "1_0"), ("b", "b")]
+    assert (node["shortcut"]["type"], node["shortcut"]["path"]) == ("tanh", "1_shortcut")
+    assert (node["activation"]["type"], node["activation"]["path"]) == ("sigmoid",
+                                                                        "1_activation")
+    assert [p.name for p in spec.params] == ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+
+def test_sharing_into_and_out_of_residuals_names_every_use():
+    """A ref inside a residual to a layer outside, a ref outside to a layer inside, and a ref
+    to a block holding a residual: aliases as PyTorch's state_dict names them."""
+    spec = build_spec(doc([
+        {"type": "dense", "units": 4, "name": "sq"},
+        {"type": "sequential", "name": "blk", "layers": [
+            {"type": "residual", "layers": [{"type": "dense", "units": 4, "name": "mix"},
+                                            {"type": "ref", "to": "sq", "name": "sq2"}]}]},
+        {"type": "ref", "to": "blk", "name": "blk2"},
+        {"type": "ref", "to": "blk.mix", "name": "mix2"}], input=(2, 4)), "s.yaml")
+    assert spec.param("sq.weight").shared_with == ["blk.sq2.weight", "blk2.sq2.weight"]
+    assert spec.param("blk.mix.bias").shared_with == ["blk2.mix.bias", "mix2.bias"]
+    assert spec.param_count == 2 * (16 + 4)
+
+
+def test_residual_flops_count_the_add():
+    """The add of a residual is one operation per output element, beside its layers'."""
+    body = [{"type": "dense", "units": 4, "name": "d"}]
+    plain = build_spec(doc(body, input=(3, 4)))
+    res = build_spec(doc([{"type": "residual", "layers": body}], input=(3, 4)))
+    assert res.flops == plain.flops + 3 * 4
+    act = build_spec(doc([{"type": "residual", "layers": body, "activation": "relu"}],
+                         input=(3, 4)))
+    assert act.flops == res.flops + 3 * 4
