@@ -59,7 +59,6 @@ def resnet18_doc(batch: int = 2, size: int = 64, classes: int = 1000) -> dict:
 def largest_layer_memory(spec) -> tuple[int, str]:
     """The registry's estimate of the reference's working memory of each layer, largest."""
     out = (0, "")
-    shapes = {}
 
     def walk(nodes, shape):
         nonlocal out
@@ -75,7 +74,7 @@ def largest_layer_memory(spec) -> tuple[int, str]:
                 lt = layers.LAYERS[node.type]
                 after = lt.infer(node.attrs, shape)
                 out = max(out, (lt.memory(node.attrs, shape, after), node.path))
-                shapes[node.path], shape = shape, after
+                shape = after
         return shape
 
     walk(spec.plan.layers, tuple(spec.input_shape))
