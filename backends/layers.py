@@ -289,6 +289,8 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
     LayerType("sigmoid", "the logistic function", activation=True),
     LayerType("tanh", "tanh(x)", activation=True),
     LayerType("center", "the parameter-free custom layer x - mean(x) (d2l's CenteredLayer)"),
+    LayerType("softmax", "exp(x) / sum(exp(x)) over the last axis (torch.nn.Softmax(dim=-1))",
+              flops=lambda a, s, o: 5 * math.prod(o), activation=True),  # max, -, exp, sum, /
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)

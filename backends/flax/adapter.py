@@ -199,6 +199,9 @@ BUILDERS = {
     "sigmoid": _function("sigmoid"),
     "tanh": _function("tanh"),
     "center": lambda a, node: a.Center(),
+    # the canonical last axis: NCHW's W is NHWC's axis 2
+    "softmax": lambda a, node: functools.partial(a.nn.softmax,
+                                                 axis=2 if node.in_rank == 4 else -1),
 }
 
 

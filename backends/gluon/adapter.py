@@ -176,6 +176,7 @@ BUILDERS = {
     "sigmoid": lambda a, node: a.nn.Activation("sigmoid"),
     "tanh": lambda a, node: a.nn.Activation("tanh"),
     "center": lambda a, node: a.Center(),
+    "softmax": lambda a, node: a.nn.HybridLambda(lambda F, x: F.softmax(x, axis=-1)),
 }
 
 

@@ -218,6 +218,8 @@ BUILDERS = {
     "sigmoid": _activation("sigmoid"),
     "tanh": _activation("tanh"),
     "center": lambda a, node: a._new(a.Center, name=node.name),
+    "softmax": lambda a, node: _canonical_order(
+        a, node, a._new(a.keras.layers.Softmax, axis=-1, name=node.name)),
 }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from backends import layers
+from backends.numpy import kernels
 from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, ParamInfo, ParamRef,
                            SavedFile, calculate_gain, dirac_kernel, fan, given_in_size,
                            iter_nodes, owned_params, param_roles, param_shapes, torch_fans,
@@ -469,6 +470,24 @@ class _Center(_Layer):
         return dy - dy.mean(), {}
 
 
+def _kernel(kernel) -> type[_Layer]:
+    """A layer of ``backends/numpy/kernels.py`` (forward beside backward there), its options
+    the node's attributes."""
+
+    class Layer(_Layer):
+        __doc__ = kernel.__doc__
+
+        @staticmethod
+        def forward(node, p, x, ps):
+            return kernel.forward(p, x, **node.attrs)
+
+        @staticmethod
+        def backward(node, p, saved, dy):
+            return kernel.backward(saved, dy)
+
+    return Layer
+
+
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
 LAYERS = {
     "dense": _Dense,
@@ -481,6 +500,7 @@ LAYERS = {
     "sigmoid": _Sigmoid,
     "tanh": _Tanh,
     "center": _Center,
+    "softmax": _kernel(kernels.Softmax),
 }
 
 

@@ -84,6 +84,7 @@ BUILDERS = {
     "sigmoid": lambda a, node: a.nn.Sigmoid(),
     "tanh": lambda a, node: a.nn.Tanh(),
     "center": lambda a, node: a.Center(),
+    "softmax": lambda a, node: a.nn.Softmax(dim=-1),
 }
 
 

@@ -265,7 +265,7 @@ def test_max_pool_ties_go_to_the_first_maximum_and_overlaps_add():
     assert dx[0, 0].tolist() == [[0, 0, 0], [0, 15, 0], [0, 0, 0]]
 
 
-@pytest.mark.parametrize("kind", ["relu", "sigmoid", "tanh", "center", "flatten"])
+@pytest.mark.parametrize("kind", ["relu", "sigmoid", "tanh", "center", "flatten", "softmax"])
 def test_parameter_free_layer_gradients(kind):
     rng = np.random.default_rng(1)
     shape = (3, 2, 2, 3)
@@ -273,6 +273,19 @@ def test_parameter_free_layer_gradients(kind):
     a, m, _, _ = float64_model([{"type": kind}], shape)
     c = rng.standard_normal(a.run(m, x).shape)
     check_against_finite_differences(a, m, x, c)
+
+
+def test_softmax_is_over_the_last_axis_and_survives_large_inputs():
+    """Each row along the last axis sums to 1, shifting a row changes nothing, and inputs
+    of 1000 do not overflow."""
+    a = Adapter()
+    m = a.build(make_plan([{"type": "softmax"}], (2, 3, 4)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    y = a.run(m, x)
+    np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-15)
+    np.testing.assert_allclose(a.run(m, x + np.arange(3)[None, :, None] * 7), y, rtol=1e-13)
+    big = a.run(m, np.array([[1000.0, 0.0, -1000.0]]))
+    assert np.all(np.isfinite(big)) and big[0, 0] == pytest.approx(1.0)
 
 
 def test_relu_gradient_is_zero_at_zero_and_center_subtracts_the_global_mean():
