@@ -171,10 +171,11 @@ def build_tree(plan: Plan, make_layer: Callable[[PlanNode], Any],
 @dataclass(frozen=True)
 class Position:
     """A place a parameterized leaf is reached in a forward pass: its canonical ``path`` there
-    (``"4"`` for the second use of a shared layer), the plan child indices from the top down to
-    it (refs followed into their targets), and the leaf that owns the parameters."""
+    (``"4"`` for the second use of a shared layer), the steps from the top down to it (refs
+    followed into their targets; a step is a child's index in a block's list or a residual's
+    body, or ``"shortcut"``), and the leaf that owns the parameters."""
     path: str
-    index: tuple[int, ...]
+    index: tuple[int | str, ...]
     node: PlanNode
 
     @property
@@ -184,8 +185,7 @@ class Position:
 
 
 def positions(plan: Plan) -> list[Position]:
-    """Every position of a parameterized leaf, in forward order. ``index`` steps are a child's
-    index in a sequential's list or a residual's body, or ``"shortcut"``."""
+    """Every position of a parameterized leaf, in forward order."""
     by_path = {n.path: n for n in iter_nodes(plan.layers)}
     out: list[Position] = []
 
