@@ -1,10 +1,10 @@
-"""Compiled modes prove they compiled: twelve small specs of different shapes and layer types
-through ONE worker process, each timed (with a tiny budget) in every mode the backend offers.
-Every compiled mode's witness (the framework's own counts of what its compiler did) must say it
-compiled at the first call and compiled nothing after it, for every spec, however many specs
-the process compiled before (torch.compile's recompile_limit of 8 per code object once made
-the ninth silently eager). The NumPy reference has no compiled mode: there the test checks that
-it offers only ``eager`` and reports no witness.
+"""Compiled modes prove they compiled: thirteen small specs of different shapes and layer types
+(a residual among them) through ONE worker process, each timed (with a tiny budget) in every
+mode the backend offers. Every compiled mode's witness (the framework's own counts of what its
+compiler did) must say it compiled at the first call and compiled nothing after it, for every
+spec, however many specs the process compiled before (torch.compile's recompile_limit of 8 per
+code object once made the ninth silently eager). The NumPy reference has no compiled mode: there
+the test checks that it offers only ``eager`` and reports no witness.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ DOCS = [
     {"name": "w12_strided_conv", "input": [1, 1, 7, 7],
      "layers": [{"type": "conv2d", "channels": 2, "kernel": 3, "stride": 2}, {"type": "tanh"},
                 {"type": "flatten"}, {"type": "dense", "units": 1, "bias": False}]},
+    {"name": "w13_residual", "input": [2, 2, 5, 5],
+     "layers": [{"type": "residual", "activation": "relu", "layers": [
+                    {"type": "conv2d", "name": "conv", "channels": 3, "kernel": 3, "padding": 1},
+                    {"type": "batch_norm", "name": "bn"}],
+                 "shortcut": {"type": "conv2d", "name": "skip", "channels": 3, "kernel": 1}},
+                {"type": "flatten"}, {"type": "dense", "units": 2}]},
 ]
 SPECS = [build_spec(doc, f"<{doc['name']}>") for doc in DOCS]
 NAMES = [s.name for s in SPECS]
@@ -96,9 +102,9 @@ def _counts(counts) -> str:
 
 
 def test_the_specs_differ_in_shape_and_layer_types():
-    """At least twelve specs, no two of the same input shape and layer types."""
+    """At least thirteen specs, no two of the same input shape and layer types."""
     kinds = {(tuple(s.input_shape), tuple(_types(d["layers"]))) for s, d in zip(SPECS, DOCS)}
-    assert len(SPECS) >= 12 and len(kinds) == len(SPECS)
+    assert len(SPECS) >= 13 and len(kinds) == len(SPECS)
 
 
 def _types(layers):
