@@ -17,7 +17,7 @@ from backends.protocol import CompileWitness, ParamRecord, SpecRecord, Status, T
 
 from .initializers import Expectation
 from .spec import ParamSpec, Spec
-from .stats import Check, TimingStats, summarize, timing_stats
+from .stats import Check, TimingStats, outside_support, summarize, timing_stats
 
 NUMERICS_RTOL, NUMERICS_ATOL = 1e-4, 1e-5
 #: gradients: the same relative tolerance, on the largest reference magnitude of each gradient
@@ -60,7 +60,8 @@ class ParamResult:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """Every check holds (a known framework defect's failure is a finding, not a fail)."""
+        return all(c.holds for c in self.checks)
 
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
@@ -167,11 +168,21 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        """Ran and passed every check; a spec the backend declares unsupported fails nothing."""
+        """Ran, and every check passed or failed as a declared known limitation says; a spec
+        the backend declares unsupported fails nothing."""
         if not self.supported:
             return True
-        return self.ok and all(c.passed for c in self.checks) and \
+        return self.ok and all(c.holds for c in self.checks) and \
             all(p.passed for p in self.params)
+
+    def all_checks(self) -> list[tuple[str, Check]]:
+        """Every check with what it is of: ``""`` for the record, else the parameter."""
+        return [("", c) for c in self.checks] + [(p.name, c) for p in self.params
+                                                  for c in p.checks]
+
+    def known_failures(self) -> list[tuple[str, Check]]:
+        """Failed checks that a known limitation or defect of the framework explains."""
+        return [(where, c) for where, c in self.all_checks() if not c.passed and c.known]
 
     def check(self, name: str, subject: str = "") -> Check | None:
         return next((c for c in self.checks if c.name == name and c.subject == subject), None)
@@ -183,13 +194,13 @@ class Result:
         return next((p for p in self.params if p.name == name), None)
 
     def failures(self) -> list[str]:
-        """One line per failed check."""
+        """One line per failed check (a known limitation's or defect's is not a failure)."""
         out = [f"{c.subject + ': ' if c.subject else ''}{c.name}: observed "
                f"{_brief(c.observed)}, expected {_brief(c.expected)}"
-               for c in self.checks if not c.passed]
+               for c in self.checks if not c.holds]
         for p in self.params:
             out += [f"{p.name} {c.label}: observed {_brief(c.observed)}, expected "
-                    f"{_brief(c.expected)} ({c.detail})" for c in p.checks if not c.passed]
+                    f"{_brief(c.expected)} ({c.detail})" for c in p.checks if not c.holds]
         return out
 
     @property
@@ -484,6 +495,9 @@ def _param_result(p: ParamSpec, rec: ParamRecord | None, values, defaults) -> Pa
     if values is not None and values.shape == tuple(p.shape):
         stats = summarize(values)
         checks += expected.checks(np.asarray(values, dtype=np.float64))
+        support = getattr(expected, "support", None)
+        if support and support[0] is not None and values.size:
+            stats["outside_support"] = outside_support(values, *support)
     else:
         stats = summarize(values) if values is not None else {"n": 0}
         checks.append(Check(VALUES, False, None, list(p.shape),

@@ -17,7 +17,7 @@ from pathlib import Path
 from backends import protocol
 from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
-from . import analysis, devices, machine_report, report
+from . import analysis, devices, known, machine_report, report
 from .analysis import Result
 from .console import one_line, progress
 from .envs import ROOT, Backend, UserError, discover, parse_python_overrides, select
@@ -360,6 +360,8 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path, ex
             for cell, rec in zip(mine, outcome.result.records):
                 if rec.status == Status.OK:
                     analysis.add_repeat(cell.result, rec)
+        known.apply([c.result for c in mr.cells], {b.name: b.limitations for b in backends},
+                    {b.name: b.defects for b in backends})
     return list(runs.values())
 
 

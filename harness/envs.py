@@ -23,6 +23,7 @@ import yaml
 from backends import layers, protocol
 
 from . import initializers as inits
+from . import known
 from .files import open_regular, tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,9 @@ class Backend:
     flavor: str = ""  # "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda
     #: per flavor ("cpu", "cuda"): the environment's declared size, stated before provisioning
     sizes: dict = field(default_factory=dict)
+    #: known framework limitations and defects (harness.known), with reasons and sources
+    limitations: tuple = ()
+    defects: tuple = ()
 
     @property
     def requirements(self) -> Path:
@@ -186,6 +190,10 @@ def _unsupported(meta: dict, where: Path) -> dict:
 def _load_backend(folder: Path) -> Backend:
     meta = _read_meta(folder)
     try:
+        limitations, defects = known.read_declarations(folder.name, meta)
+    except known.DeclarationError as exc:
+        raise UserError(f"{display_path(folder / 'backend.yaml')}: {exc}") from None
+    try:
         defaults = {layer: {role: inits.normalize(init) for role, init in roles.items()}
                     for layer, roles in meta.get("defaults", {}).items()}
         sizes = {flavor: DeclaredSize.read(entry)
@@ -193,7 +201,8 @@ def _load_backend(folder: Path) -> Backend:
         return Backend(folder.name, folder, str(meta.get("framework", folder.name)), defaults,
                        tuple(meta.get("devices", ("cpu", "cuda"))),
                        tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}),
-                       _unsupported(meta, folder / "backend.yaml"), sizes=sizes)
+                       _unsupported(meta, folder / "backend.yaml"), sizes=sizes,
+                       limitations=limitations, defects=defects)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
                         f"metadata: {type(exc).__name__}: {exc}") from None
