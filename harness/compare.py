@@ -22,7 +22,7 @@ from .analysis import Result
 from .console import one_line, progress
 from .envs import ROOT, Backend, UserError, discover, parse_python_overrides, select
 from .executors import LocalExecutor, Unit
-from .figures import defaults_figure, timing_figures
+from .figures import defaults_figures, timing_figures
 from .machine_report import machine_dir
 from .options import default_threads
 from .rundir import TMP_PREFIX, RunDir, new_run_dir, point_latest, sweep_leftovers
@@ -203,7 +203,6 @@ class MachineRun:
     choice: devices.DeviceChoice
     environments: dict = dataclasses.field(default_factory=dict)
     cells: list = dataclasses.field(default_factory=list)
-    figures: dict = dataclasses.field(default_factory=dict)
     repeats: list = dataclasses.field(default_factory=list)
     machines: dict = dataclasses.field(default_factory=dict)   # label -> Machine
     units: list = dataclasses.field(default_factory=list)      # where and when each unit ran
@@ -275,16 +274,18 @@ def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun")
                     if b.name in mr.environments}  # the user's order
     _keep_logs(environments, here / "logs")
     defaults = {b.name: b.defaults for b in backends}
-    figure = {b.name: mr.figures[b.name] for b in backends if mr.figures.get(b.name)}
     results = [c.result for c in mr.cells]
     figures = timing_figures(here, specs, results)
     machines = {label: m.to_json() for label, m in mr.machines.items()}
     document = report.results_document(run, specs, results, environments, machines)
     document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
-    markdown = report.render(run, specs, results, environments, defaults, figure, figures,
-                             machines=machines)
-    report.write_run(here, document, markdown)
-    return json.loads(json.dumps(document, default=float))  # as results.json holds it
+    text = report.results_json(document)
+    ctx = report.Context(run, specs, results, environments, defaults, figures,
+                         defaults_figures(here, mr.cells, defaults), machines,
+                         {b.name: b.limitations for b in backends},
+                         {b.name: b.defects for b in backends}, len(text.encode()))
+    report.write_run(here, document, report.render(ctx))
+    return json.loads(text)  # as results.json holds it
 
 
 def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path, executor,
@@ -304,15 +305,9 @@ def run_backends(args, specs, backends, overrides, work: Path, run_dir: Path, ex
     pending: dict = {p: [] for p in runs}
     references: dict = {p: None if any(b.name == REFERENCE for b in backends) else {}
                         for p in runs}
-    fig_dir = run_dir if len(runs) == 1 else None
 
     def analyze_pending(p):
-        mr = runs[p]
         _analyze(pending[p], references[p] or {})
-        for b in {c.backend.name: c.backend for c in pending[p]}.values():
-            here = fig_dir or run_dir / "machines" / machine_dir(mr.label)
-            here.mkdir(parents=True, exist_ok=True)
-            mr.figures[b.name] = defaults_figure(here, b.name, pending[p], b.defaults)
         pending[p] = []
 
     def take(outcome):

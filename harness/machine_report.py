@@ -43,14 +43,12 @@ MACHINE_HEADER = ["machine", "host", "CPU", "cores", "memory", "GPUs (driver)", 
                   "Python", "Ray node"]
 
 
-def machines_section(machines: dict, environments: dict) -> str:
+def machines_blocks(machines: dict, environments: dict) -> list:
     """The machines a run used, and where each backend ran (with the variables its worker was
-    started with, and its start and end), for the single-kind report."""
+    started with, and its start and end), for the single-kind report's run page."""
+    from .document import Paragraph, Section, Table
     if not machines:
-        return ""
-    text = ("\n## Machines\n\nFingerprints as each machine saw itself (modelled on asv's "
-            "machine.json and MLPerf's system description); every record in results.json "
-            "names its machine.\n\n" + report._table(MACHINE_HEADER, _machine_rows(machines)))
+        return []
     rows = []
     for name, env in environments.items():
         launch = env.launch or {}
@@ -63,10 +61,13 @@ def machines_section(machines: dict, environments: dict) -> str:
                      or "–",
                      f"{pids.get('worker', '–')} (parent {pids.get('worker_parent', '–')})",
                      _span(env), env.retried or "–"])
-    text += ("\n" + report._table(["backend", "machine", "kind", "threads set",
-                                   "CUDA_VISIBLE_DEVICES set", "set by Ray in the task",
-                                   "worker pid", "ran", "retried"], rows))
-    return text
+    return [Section("Machines", [
+        Paragraph("Fingerprints as each machine saw itself (modelled on asv's machine.json "
+                  "and MLPerf's system description); every record in results.json names its "
+                  "machine."),
+        Table(MACHINE_HEADER, _machine_rows(machines)),
+        Table(["backend", "machine", "kind", "threads set", "CUDA_VISIBLE_DEVICES set",
+               "set by Ray in the task", "worker pid", "ran", "retried"], rows)], "machines")]
 
 
 def _visible(value: str | None) -> str:

@@ -30,7 +30,8 @@ REPORT_LIMIT = 64 << 20
 FIGURE_LIMIT = 32 << 20
 LOG_LIMIT = 8 << 20
 #: the files of a run that are carried into the merged run (beside results.json)
-CARRIED = re.compile(r"(report\.md|[A-Za-z0-9_.-]{1,120}\.png|logs/[A-Za-z0-9_.-]{1,120}\.log)\Z")
+CARRIED = re.compile(r"([A-Za-z0-9_-]{1,120}\.(md|html|png)|logs/[A-Za-z0-9_.-]{1,120}\.log|"
+                     r"specs/[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\.(md|html))\Z")
 
 _STR = {"type": "string", "maxLength": 100_000}
 _CHECK = {"type": "object", "required": ["check", "passed"],
@@ -185,10 +186,11 @@ def _carry(source: Path, target: Path) -> None:
     target.mkdir(parents=True)
     (target / "results.json").write_bytes(_read(source / "results.json", RESULTS_LIMIT))
     names = [n for n in sorted(os.listdir(source)) if CARRIED.match(n)]
-    if (source / "logs").is_dir() and not (source / "logs").is_symlink():
-        names += [f"logs/{n}" for n in sorted(os.listdir(source / "logs"))
-                  if CARRIED.match(f"logs/{n}")]
-    limits = {"md": REPORT_LIMIT, "png": FIGURE_LIMIT, "log": LOG_LIMIT}
+    for sub in ("logs", "specs"):
+        if (source / sub).is_dir() and not (source / sub).is_symlink():
+            names += [f"{sub}/{n}" for n in sorted(os.listdir(source / sub))
+                      if CARRIED.match(f"{sub}/{n}")]
+    limits = {"md": REPORT_LIMIT, "html": REPORT_LIMIT, "png": FIGURE_LIMIT, "log": LOG_LIMIT}
     for name in names:
         data = _read(source / name, limits[name.rsplit(".", 1)[1]])
         (target / name).parent.mkdir(parents=True, exist_ok=True)

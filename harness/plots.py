@@ -69,28 +69,92 @@ def _save(fig, plt, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: one colour per mode, the same in every figure (eager grey, compilers in colour)
+MODE_COLOURS = {"eager": "#9aa5b1", "compiled": "#2b7bba", "xla": "#e07b39"}
+NOT_COMPILED = "#d9d9d9"
+#: a linear axis while the slowest bar is at most this many times the fastest
+LINEAR_RANGE = 30.0
+
+
 def timing_bars(path: Path, title: str, rows: list[dict]) -> bool:
-    """One bar per (backend, mode) and phase: median ms per call, IQR as the error bar (the
-    25th to 75th percentile), on a log axis. ``rows``: backend, mode, phase, median, q1, q3."""
+    """Per phase, one bar per (backend, mode), sorted fastest first, coloured by mode, each
+    labelled with its median; the IQR as the error bar; a linear axis where the range allows
+    (else log, said on the axis). ``rows``: backend, mode, phase, median, q1, q3, compiled
+    (False: a compiled mode whose witness failed, hatched and grey)."""
     plt = _pyplot()
     if plt is None or not rows:
         return False
-    phases = sorted({r["phase"] for r in rows})
-    fig, axes = plt.subplots(1, len(phases), figsize=(5.2 * len(phases), 0.45 * max(
-        len([r for r in rows if r["phase"] == p]) for p in phases) + 1.6), squeeze=False)
+    phases = [p for p in ("inference", "train") if any(r["phase"] == p for r in rows)] + \
+        sorted({r["phase"] for r in rows} - {"inference", "train"})
+    height = 0.32 * max(len([r for r in rows if r["phase"] == p]) for p in phases) + 1.5
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.6 * len(phases), height),
+                             squeeze=False, layout="constrained")
     for ax, phase in zip(axes[0], phases):
-        mine = [r for r in rows if r["phase"] == phase]
-        labels = [f"{r['backend']} {r['mode']}" for r in mine]
-        med = np.array([r["median"] for r in mine]) * 1e3
-        err = np.array([[r["median"] - r["q1"], r["q3"] - r["median"]] for r in mine]).T * 1e3
-        ax.barh(range(len(mine)), med, xerr=err, color="#8fb3d9", ecolor="#333333",
-                capsize=3)
-        ax.set_yticks(range(len(mine)), labels, fontsize=7)
+        mine = sorted((r for r in rows if r["phase"] == phase), key=lambda r: r["median"])
+        med = np.array([r["median"] for r in mine])
+        unit, scale = ("µs", 1e6) if np.median(med) < 1e-3 else ("ms", 1e3)
+        med = med * scale
+        err = np.array([[r["median"] - r["q1"], r["q3"] - r["median"]] for r in mine]).T * scale
+        colours = [MODE_COLOURS.get(r["mode"], "#6a51a3") if r.get("compiled", True)
+                   else NOT_COMPILED for r in mine]
+        bars = ax.barh(range(len(mine)), med, xerr=err, color=colours, ecolor="#555555",
+                       capsize=2, error_kw={"lw": 0.8})
+        for bar, r in zip(bars, mine):
+            if not r.get("compiled", True):
+                bar.set_hatch("//")
+        log = med.max() / max(med.min(), 1e-12) > LINEAR_RANGE
+        if log:
+            ax.set_xscale("log")
+        ax.set_yticks(range(len(mine)), [f"{r['backend']} {r['mode']}"
+                                         + ("" if r.get("compiled", True) else " (not compiled)")
+                                         for r in mine], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per call (median; error bar: IQR)", fontsize=7)
+        for i, v in enumerate(med):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=6.5)
+        ax.set_xlim(right=med.max() * (4 if log else 1.25))
+        ax.set_xlabel(f"{unit} per call (median; bar: IQR)"
+                      + ("; log axis: the range exceeds 30x" if log else ""), fontsize=7)
         ax.set_title(phase, fontsize=8)
         ax.tick_params(labelsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in MODE_COLOURS.values()]
+    axes[0][-1].legend(handles, list(MODE_COLOURS), fontsize=6, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, plt, path)
+    return True
+
+
+def kind_histograms(path: Path, title: str, panels: list[dict]) -> bool:
+    """One parameter kind across frameworks: one row per framework (``label``, ``values``,
+    ``expected``), every row on the same x axis, the analytic density on top; a constant
+    as a single line at its value."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return False
+    lo = min(float(np.min(p["values"])) for p in panels)
+    hi = max(float(np.max(p["values"])) for p in panels)
+    pad = 0.05 * (hi - lo or 1.0)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.05 * len(panels) + 0.9),
+                             sharex=True, squeeze=False, layout="constrained")
+    for ax, panel in zip(axes[:, 0], panels):
+        values = np.asarray(panel["values"], dtype=np.float64).ravel()
+        if np.all(values == values[0]):
+            ax.axvline(values[0], color="#2b7bba", lw=2)
+            ax.set_yticks([])
+            ax.text(0.99, 0.5, f"every value {values[0]:g}", transform=ax.transAxes,
+                    ha="right", va="center", fontsize=7)
+        else:
+            ax.hist(values, bins=np.linspace(lo - pad, hi + pad, 80), density=True,
+                    color="#8fb3d9", edgecolor="none")
+            dist = panel["expected"].density()
+            if dist is not None:
+                x = np.linspace(lo - pad, hi + pad, 400)
+                ax.plot(x, dist.pdf(x), color="#c0392b", lw=1.2)
+        ax.set_ylabel(panel["label"], fontsize=7, rotation=0, ha="right", va="center")
+        ax.tick_params(labelsize=6.5)
+        ax.text(0.01, 0.85, panel["expected"].description, transform=ax.transAxes,
+                fontsize=6.5, va="top")
+    axes[-1][0].set_xlim(lo - pad, hi + pad)
+    axes[-1][0].set_xlabel("value (histogram: observed; red: analytic density)", fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, plt, path)
     return True

@@ -55,8 +55,8 @@ def _stray_entry(path: Path) -> str | None:
     names = sorted(os.listdir(path))
     if names and not set(names) & set(RUN_FILES):
         return names[0]
-    return next((n for n in names if n not in (*RUN_FILES, "logs", "machines") and
-                 not n.endswith(".png")), None)
+    return next((n for n in names if n not in (*RUN_FILES, "logs", "machines", "specs") and
+                 not n.endswith((".png", ".md", ".html"))), None)
 
 
 def new_run_dir(out: str | None) -> RunDir:
