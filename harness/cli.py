@@ -1,4 +1,4 @@
-"""``python -m harness compare | merge | convert | check | setup | list``: the command line. It
+"""``python -m harness compare | merge | diff | convert | check | setup | list``: the command line. It
 parses and dispatches; the work is done in modules named for it (``compare``, ``merge``,
 ``convert``, ``rundir``, ``executors``, ...).
 
@@ -13,7 +13,7 @@ import argparse
 import signal
 import sys
 
-from . import compare, convert, merge, provisioning
+from . import compare, convert, diff, merge, provisioning
 from .console import one_line
 from .convert import ToolError
 from .envs import UserError
@@ -99,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
                    "several machine kinds)")
     m.add_argument("--out", help="write the merged run straight into this directory")
     m.set_defaults(func=merge.merge_command)
+    d = sub.add_parser("diff", help="what changed from run A to run B: framework versions, "
+                       "verdicts, parameters whose statistics moved, timings beyond the noise "
+                       "(exit 1 when something got worse)")
+    d.add_argument("run_a", metavar="RUN_A", help="the earlier run (its directory or results.json)")
+    d.add_argument("run_b", metavar="RUN_B", help="the later run")
+    d.set_defaults(func=diff.diff_command)
     k = sub.add_parser("check", help="validate specs and their memory estimate without running "
                        "anything (exit 0: all valid, 2: any invalid, one line each)")
     k.add_argument("spec", nargs="*",

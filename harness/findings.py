@@ -164,13 +164,23 @@ def _links(items: list[tuple[str, str]]) -> list:
 _AXES = {2: ("out", "in"), 4: ("out", "in", "kh", "kw")}
 
 
+def _telling(shape) -> bool:
+    """Whether a weight's sizes tell its axes apart (a square kernel's kh and kw need not)."""
+    return len(shape) in _AXES and len(set(shape[:3])) == min(3, len(shape)) and \
+        (len(shape) == 2 or shape[0] != shape[3] and shape[1] != shape[3])
+
+
 def _layout(canonical, native) -> str | None:
-    """The native layout in canonical axis names, where the dimensions tell them apart."""
+    """The native layout in canonical axis names (kh before kw where they are equal)."""
     axes = _AXES.get(len(canonical))
-    if axes is None or native is None or len(native) != len(canonical) or \
-            len(set(canonical)) != len(canonical) or sorted(native) != sorted(canonical):
+    if axes is None or native is None or sorted(native) != sorted(canonical):
         return None
-    return "(" + ", ".join(axes[list(canonical).index(d)] for d in native) + ")"
+    free, out = list(range(len(canonical))), []
+    for d in native:
+        i = next(i for i in free if canonical[i] == d)
+        free.remove(i)
+        out.append(axes[i])
+    return "(" + ", ".join(out) + ")"
 
 
 def layouts_and_names(ctx: Context) -> list[Section]:
@@ -178,8 +188,7 @@ def layouts_and_names(ctx: Context) -> list[Section]:
     rows, labels = {}, []
     for s in ctx.specs:
         for p in s.params:
-            if p.role != "weight" or len(p.shape) not in _AXES or len(set(p.shape)) != \
-                    len(p.shape) or p.layer_type in rows:
+            if p.role != "weight" or not _telling(p.shape) or p.layer_type in rows:
                 continue
             cells = {}
             for r in ctx.of_spec(s.name):
@@ -209,7 +218,8 @@ def layouts_and_names(ctx: Context) -> list[Section]:
     return [Section("Layouts and names", summary=headline, blocks=[
         Paragraph(["Each framework stores the same weight in its own layout and under its own "
                    "name; the harness compares them in PyTorch's (canonical) layout. Evidence: ",
-                   *_links([(spec, "shapes") for spec, _, _ in rows.values()]), "."]),
+                   *_links(list(dict.fromkeys((spec, "shapes") for spec, _, _ in
+                                              rows.values()))), "."]),
         backend_table(labels, ["what"], backends, columns)], anchor="layouts-and-names")]
 
 

@@ -75,18 +75,18 @@ SCHEMA = {
 }
 
 
-def _read(path: Path, limit: int) -> bytes:
+def _read(path: Path, limit: int, command: str = "merge") -> bytes:
     """A file of an input run: a regular file (not a symbolic link), at most ``limit`` bytes."""
     if path.is_symlink():
-        raise UserError(f"merge: {path}: a symbolic link; a run's files are read only as "
+        raise UserError(f"{command}: {path}: a symbolic link; a run's files are read only as "
                         "regular files")
     try:
         with open_regular(path) as fh:
             return read_regular(fh, limit)
     except FileNotFoundError:
-        raise UserError(f"merge: {path}: no such file") from None
+        raise UserError(f"{command}: {path}: no such file") from None
     except OSError as exc:
-        raise UserError(f"merge: {path}: {exc.strerror or exc}") from None
+        raise UserError(f"{command}: {path}: {exc.strerror or exc}") from None
 
 
 def _where(error: jsonschema.ValidationError) -> str:

@@ -106,18 +106,20 @@ def timing_bars(path: Path, title: str, rows: list[dict]) -> bool:
         if log:
             ax.set_xscale("log")
         ax.set_yticks(range(len(mine)), [f"{r['backend']} {r['mode']}"
-                                         + ("" if r.get("compiled", True) else " (not compiled)")
+                                         + ("" if r.get("compiled", True) else ": NOT compiled")
                                          for r in mine], fontsize=7)
         ax.invert_yaxis()
-        for i, v in enumerate(med):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=6.5)
-        ax.set_xlim(right=med.max() * (4 if log else 1.25))
+        ends = med + err[1]
+        for i, (v, end) in enumerate(zip(med, ends)):
+            ax.text(end * 1.08 if log else end + 0.01 * ends.max(), i, f"{v:.3g}",
+                    va="center", fontsize=6.5)
+        ax.set_xlim(right=ends.max() * (5 if log else 1.2))
         ax.set_xlabel(f"{unit} per call (median; bar: IQR)"
                       + ("; log axis: the range exceeds 30x" if log else ""), fontsize=7)
         ax.set_title(phase, fontsize=8)
         ax.tick_params(labelsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in MODE_COLOURS.values()]
-    axes[0][-1].legend(handles, list(MODE_COLOURS), fontsize=6, loc="lower right")
+    fig.legend(handles, list(MODE_COLOURS), fontsize=7, loc="outside upper right", ncols=3)
     fig.suptitle(title, fontsize=9)
     _save(fig, plt, path)
     return True

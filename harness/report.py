@@ -716,20 +716,18 @@ def compiled_sentence(v) -> str:
 
 
 def compiled_sentence_short(v) -> str:
-    """The same in a table cell: ``49x, compile 0.59 s, break-even 23 calls``."""
+    """The same in a table cell: speed-up, compile cost, break-even (``49x, 0.59 s, 23``)."""
     if not v.compiled:
         return "not compiled"
     if v.speedup is None:
         return "–"
-    cost = "" if v.compile_s is None else \
-        f", compile {_seconds(v.compile_s)}" if v.compile_s > 0 else ", no compile cost"
+    cost = "–" if v.compile_s is None else _seconds(v.compile_s) if v.compile_s > 0 else "0"
     if v.saving_s <= 0:
-        return f"{_times(v.speedup)} (slower){cost}, never pays off"
+        return f"{_times(v.speedup)}, {cost}, never"
     if v.break_even_calls is not None:
-        calls = _calls(v.break_even_calls)
-        return f"{_times(v.speedup)}{cost}, break-even {calls} call{'s' * (calls != '1')}"
-    return f"{_times(v.speedup)}{cost}" + (", pays off at once" if v.compile_s is not None
-                                           else "")
+        return f"{_times(v.speedup)}, {cost}, {_calls(v.break_even_calls)}"
+    return f"{_times(v.speedup)}, {cost}, at once" if v.compile_s is not None else \
+        _times(v.speedup)
 
 
 def _times(ratio: float) -> str:

@@ -69,13 +69,18 @@ def f32(x: float) -> float:
 
 
 def summarize(values) -> dict:
-    """n, mean, std (ddof 1), min, max and the fraction of exact zeros."""
+    """n, mean, std (ddof 1), min, max, the fraction of exact zeros, and the kurtosis (the
+    fourth central moment over the squared variance: the standard error of a variance, which
+    ``harness diff`` needs to tell whether a parameter's spread moved between two runs)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         return {"n": 0}
+    centred = v - v.mean()
+    m2 = float(np.mean(centred ** 2))
     return {"n": int(v.size), "mean": float(v.mean()),
             "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "min": float(v.min()),
-            "max": float(v.max()), "zero_fraction": float(np.mean(v == 0))}
+            "max": float(v.max()), "zero_fraction": float(np.mean(v == 0)),
+            "kurtosis": float(np.mean(centred ** 4)) / m2 ** 2 if m2 > 0 else None}
 
 
 def continuous_checks(v: np.ndarray, dist, support=(None, None), subject: str = "") -> list[Check]:
