@@ -210,7 +210,7 @@ def failure_causes(results: list[Result], link_pages: bool = True) -> list:
             continue  # declared by the backend: under "Not supported"
         if not r.ok:
             error = (r.record.error or "").strip().splitlines()
-            items.append([Strong(f"{r.backend} / "), page, f": {r.record.status.value}: "
+            items.append([Strong(r.backend), " / ", page, f": {r.record.status.value}: "
                           f"{error[0] if error else 'no error text'}"
                           + (" (the log's tail is on the spec's page)"
                              if r.record.log_tail and link_pages else "")])
@@ -219,7 +219,7 @@ def failure_causes(results: list[Result], link_pages: bool = True) -> list:
         if lines:
             shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3
                                             else "")
-            items.append([Strong(f"{r.backend} / "), page, f": {len(lines)} check"
+            items.append([Strong(r.backend), " / ", page, f": {len(lines)} check"
                           f"{'s' * (len(lines) != 1)} failed: {shown}"])
     return items
 

@@ -281,10 +281,14 @@ def test_default_has_no_expectation_of_its_own():
 
 
 def test_summarize_by_hand():
-    """summarize gives n, mean, sample std, min, max and the fraction of exact zeros."""
+    """summarize gives n, mean, sample std, min, max, the fraction of exact zeros and the
+    kurtosis."""
     s = stats.summarize(np.array([[0.0, 1.0], [2.0, 0.0]], dtype=np.float32))
     assert s == {"n": 4, "mean": 0.75, "std": pytest.approx(math.sqrt(11 / 12)), "min": 0.0,
-                 "max": 2.0, "zero_fraction": 0.5}
+                 "max": 2.0, "zero_fraction": 0.5,
+                 # the fourth central moment over the squared variance (both over n):
+                 # mean 0.75, deviations -0.75, 0.25, 1.25, -0.75
+                 "kurtosis": pytest.approx(0.76953125 / 0.6875 ** 2)}
     assert stats.summarize(np.zeros(0)) == {"n": 0}
 
 

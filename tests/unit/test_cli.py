@@ -203,7 +203,8 @@ def test_results_json_schema(cli_run):
                    rec["lazy"]["after"])
         for p in rec["params"]:
             assert PARAM_KEYS <= set(p), (p["name"], PARAM_KEYS - set(p))
-            assert set(p["stats"]) == {"n", "mean", "std", "min", "max", "zero_fraction"}
+            assert set(p["stats"]) - {"outside_support"} == {"n", "mean", "std", "min", "max",
+                                                             "zero_fraction", "kurtosis"}
             assert p["stats"]["n"] == math.prod(p["shape"])
             assert p["checks"] and all({"check", "passed"} <= set(c) for c in p["checks"])
             assert p["passed"] is True
@@ -219,18 +220,25 @@ def test_results_json_schema(cli_run):
     assert w["expected"]["dist"] == "uniform"
 
 
-def test_report_has_every_section(cli_run):
-    """report.md has the summary, environments, per-spec sections and the defaults section."""
+def test_report_has_every_page_and_section(cli_run):
+    """report.md (verdict, findings, timing digest, failures, specs, words), a page per spec
+    with its sections, the run and defaults pages; each also as HTML."""
     _, out = cli_run
     text = (out / "report.md").read_text()
-    for section in ["## Summary", "## Environments", "## Failures", "## Spec `lazy_mlp`",
-                    "## Spec `tied`", "### Shapes: canonical vs native",
-                    "### Lazy initialization", "### Initial values",
-                    "### Parameter sharing", "## What `default` means"]:
-        assert section in text, section
-    assert text.count("### Shapes: canonical vs native") == 2
-    assert "all checks passed" in text
-    assert "None: every backend ran every spec and passed every check." in text
+    for section in ["Key findings", "Timing digest", "Failures", "Specs", "Words used here"]:
+        assert f'"></a>{section}\n' in text, section
+    assert "**Verdict: pass.**" in text
+    assert "None: every backend ran every spec, and every check passed" in text
+    for spec in ("lazy_mlp", "tied"):
+        page = (out / "specs" / f"{spec}.md").read_text()
+        for section in ["Names and shapes: canonical vs native", "Lazy sizes", "Initial values",
+                        "Parameter sharing"]:
+            assert section in page, (spec, section)
+        assert f"[{spec}](specs/{spec}.md)" in text
+    assert "## <a id=\"environments\"></a>Environments" in (out / "run.md").read_text()
+    assert "What default means in each framework" in (out / "defaults.md").read_text()
+    for page in ("report", "run", "defaults", "specs/lazy_mlp", "specs/tied"):
+        assert (out / f"{page}.html").read_text().startswith("<!DOCTYPE html>")
 
 
 # ------------------------------------------------------------------ failed runs: exit 1
@@ -251,7 +259,9 @@ def test_backend_without_its_framework_fails_alone(tmp_path):
     assert "No module named 'torch'" in status["torch"]["error"]
     assert "No module named 'torch'" in status["torch"]["log_tail"]
     report = (out / "report.md").read_text()
-    assert "torch / lazy_mlp" in report and "No module named 'torch'" in report
+    assert "**torch** / [lazy_mlp](specs/lazy_mlp.md#failures): failed" in report
+    assert "No module named 'torch'" in report
+    assert "No module named 'torch'" in (out / "specs" / "lazy_mlp.md").read_text()
 
 
 def test_compare_without_matplotlib_still_writes_the_report(tmp_path):

@@ -13,7 +13,7 @@ from unit_helpers import PYTHON, doc, quiet
 
 from backends import protocol, timer
 from backends.protocol import Budget, CompileCounts, CompileWitness, TimingRecord, TimingRequest
-from harness import analysis, report
+from harness import analysis, document, report, spec_pages
 from harness.runner import run_worker
 from harness.spec import build_spec
 from harness.stats import timing_stats
@@ -201,20 +201,28 @@ def test_worker_witness_becomes_a_check(fake_compiled, name, reason):
         assert first.witness.first_call.compiled == (0 if name == "falls_back" else 1)
 
 
+def _timing_page(spec, results) -> str:
+    """A spec's timing section, rendered as markdown."""
+    ctx = report.Context({}, [spec], results, {}, {})
+    _, section = spec_pages.timing(ctx, spec, results)
+    return document.to_markdown(document.Page(f"specs/{spec.name}", spec.name, [section]))
+
+
 def test_report_never_labels_a_failed_compiled_mode_compiled(fake_compiled):
     """A row whose witness fails says NOT compiled and is not ranked; the witness table shows
     the counts and the reason; only a mode that compiled gets a comparison sentence."""
     specs, by_name = fake_compiled
     results = list(by_name.values())
     spec = next(s for s in specs if s.name == "falls_back")
-    text = report._timing_section(spec, [by_name["falls_back"]], {}, {})
+    text = _timing_page(spec, [by_name["falls_back"]])
     assert "compiled requested, NOT compiled: fake.compile fell back to eager at the first " \
-        "call (the witness below says why)" in text
+        "call (the witness says why)" in text
     assert "not ranked (not compiled)" in text
     assert "| compiled: fake.compile" not in text
     assert "fallback x2: fake limit (8) reached for 'forward'" in text
-    assert "is not compared: it did not compile" in text
-    good = report._timing_section(specs[0], [by_name["compiles"]], {}, {})
+    assert "| fake compiled |" in text and " nc* |" in text  # the grid: not ranked, muted
+    assert "not compiled" in text and "faster than eager" not in text
+    good = _timing_page(specs[0], [by_name["compiles"]])
     assert "| compiled: fake.compile (a counter in the fake adapter) |" in good
     assert "fake, inference: compiled (fake.compile) is" in good
     doc_json = report.results_document({}, specs, results, {})
@@ -254,7 +262,7 @@ def test_graph_breaks_are_named_only_where_the_witness_counted_them(breaks, labe
     t.verdict = analysis.compiled_verdict(t, row("eager", 0.1, 2e-3))
     result = analysis.Result("keras_torch", protocol.SpecRecord(
         "s", protocol.Status.OK, modes={"compiled": "torch.compile(step)"}))
-    assert report._mode_cell(result, t) == label
+    assert spec_pages.mode_label(result, t) == label
 
 
 def test_side_by_side_median_of_a_failed_compiled_mode_says_so():

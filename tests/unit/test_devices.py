@@ -257,7 +257,7 @@ def test_auto_with_a_gpu_takes_it_and_the_report_says_why(machine, isolated):
         data["environments"]["numpy"]["note"]
     report = (out / "report.md").read_text()
     assert ("device auto → cuda (nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3 (driver "
-            "550.54.15, 81559 MiB)), seed from each spec. Verdict: ") in report
+            "550.54.15, 81559 MiB)); seed from each spec.") in report
 
 
 # ------------------------------------------------------------------ a whole GPU run, faked
@@ -320,10 +320,12 @@ def test_a_cuda_run_with_a_gpu_backend_and_a_cpu_only_one(machine, isolated, mon
     assert "PyTorch's rule (the rule declared for cuda)" in running_var[0]["detail"]
     report = (out / "report.md").read_text()
     assert ("device cuda (nvidia-smi lists 1 usable GPU: 0: NVIDIA H100 80GB HBM3 (driver "
-            "550.54.15, 81559 MiB)), seed from each spec.") in report
-    assert f"cuda:0 ({gpu_adapter.DEVICE_NAME})" in report
-    assert report.count(f"peak device memory {gpu_adapter.PEAK_BYTES / 2**20:,.1f} MiB") == 2
-    assert r"\[declared: unbiased on cuda; cpu: biased\]" in report
+            "550.54.15, 81559 MiB)); seed from each spec.") in report
+    run_page = (out / "run.md").read_text()
+    assert f"cuda:0 ({gpu_adapter.DEVICE_NAME})" in run_page
+    spec_page = (out / "specs" / "gpu_cnn.md").read_text()
+    assert spec_page.count(f"peak device memory {gpu_adapter.PEAK_BYTES / 2**20:,.1f} MiB") == 2
+    assert r"\[declared: unbiased on cuda; cpu: biased\]" in run_page
     assert not (isolated / "envs").exists()
 
 
@@ -340,7 +342,7 @@ def test_the_same_backend_on_the_cpu_is_held_to_its_cpu_rule(machine, isolated, 
     assert [c["check"] for c in failed] == [f"1.running_var_{analysis.RUNNING_STAT}"], failed
     assert "the biased batch variance (this framework's rule) (the rule declared for cpu)" in \
         failed[0]["detail"]
-    assert r"\[declared: biased on cpu; cuda: unbiased\]" in (out / "report.md").read_text()
+    assert r"\[declared: biased on cpu; cuda: unbiased\]" in (out / "run.md").read_text()
 
 
 def test_setup_device_cuda_provisions_the_gpu_builds_ahead(machine, isolated, monkeypatch):

@@ -21,13 +21,14 @@ RUN = {"id": "test-run", "started": "2026-01-01 00:00:00 UTC", "device": "cpu",
        "command": "python -m harness compare (unit test)", "seed_note": "from each spec"}
 
 
-def render(specs, records, environments, defaults):
-    return report.render(RUN, specs, records, environments, defaults)
+def render(specs, records, environments, defaults) -> dict[str, str]:
+    """Every page, markdown and HTML, by file name."""
+    return report.render(report.Context(RUN, specs, records, environments, defaults))
 
 
 def section(markdown, title):
     """The text of one '## title' section, up to the next '## '."""
-    return markdown.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return markdown.split(f'"></a>{title}\n', 1)[1].split("\n## ", 1)[0]
 
 
 def analyzed(numpy_run, defaults, names, corrupt=None):
@@ -51,35 +52,44 @@ def numpy_env(numpy_session_run):
 def test_clean_run_report(numpy_run, numpy_session_run, numpy_defaults):
     """Records that pass give a report with no failures and a passing verdict."""
     specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp", "tied"])
-    md = render(specs, records, numpy_env(numpy_session_run), {"numpy": numpy_defaults})
-    assert "Verdict: **all checks passed**" in md
+    pages = render(specs, records, numpy_env(numpy_session_run), {"numpy": numpy_defaults})
+    md = pages["report.md"]
+    assert "**Verdict: pass.**" in md
     assert "None: every backend ran every spec" in section(md, "Failures")
-    assert "| numpy | 2/2 |" in section(md, "Summary")
-    assert "shared.weight" in section(md, "Spec `tied`") and "4.weight" in md
+    assert "| numpy | 2/2 |" in md
+    tied = pages["specs/tied.md"]
+    assert "`shared.weight`" in tied and "| 4.weight |" in tied
 
 
 def test_failed_check_is_listed_with_its_parameter(numpy_run, numpy_session_run,
                                                    numpy_defaults):
-    """A parameter failing its value checks appears under Failures by name and check."""
+    """A parameter failing its value checks appears under Failures by name and check, and
+    its spec page shows the failed section first, unfolded, the rest folded."""
     def widen(name, arrays):
         if name == "layout":  # fan_out instead of fan_in: sqrt(2) too wide
             arrays["param/0.weight"] = (arrays["param/0.weight"] * math.sqrt(2)).astype(
                 np.float32)
 
     specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp", "layout"], widen)
-    md = render(specs, records, numpy_env(numpy_session_run), {"numpy": numpy_defaults})
+    pages = render(specs, records, numpy_env(numpy_session_run), {"numpy": numpy_defaults})
+    md = pages["report.md"]
     failures = section(md, "Failures")
-    assert "**numpy / layout**: 0.weight" in failures
+    assert "**numpy** / [layout](specs/layout.md#failures): 3 checks failed" in failures
     assert "0.weight bounds" in failures and "0.weight std" in failures
     assert "lazy_mlp" not in failures and "0.bias" not in failures
-    assert "Verdict: **FAILURES**" in md
-    summary = section(md, "Summary")
-    assert "**FAIL**" in summary and "| numpy | 2/2 |" in summary
-    assert "**FAIL** (" in section(md, "Spec `layout`")
+    assert "**Verdict: FAILURES.**" in md
+    assert "| numpy | 2/2 |" in md and "**FAIL**" in md
+    layout = pages["specs/layout.md"]
+    first = layout.index('<a id="failures"></a>Failures')
+    assert first < layout.index('<a id="initial-values"></a>Initial values') < \
+        layout.index('<details id="shapes">')
+    assert "**FAIL: std (" in layout and "; bounds (" in layout
+    assert '<details id="initial-values-passed">' in layout
 
 
 def test_failed_backend_record_shows_error_and_log_tail(tmp_path, numpy_defaults):
-    """A crashed worker's records show their error and the log tail under Failures."""
+    """A crashed worker's records show their error under Failures and the log tail on the
+    spec's page."""
     specs = [dense_spec("first"), dense_spec("crash")]
     result = run_worker("fake", PYTHON, specs, tmp_path, device="cpu", timeout=60,
                         progress=quiet, adapter="tests.fakes.adapter")
@@ -88,12 +98,14 @@ def test_failed_backend_record_shows_error_and_log_tail(tmp_path, numpy_defaults
         records.append(analysis.analyze(spec, numpy_defaults, "fake", rec, arrays, None))
     env = {"fake": BackendRun(interpreter=str(PYTHON), worker=result.environment,
                               wall_s=result.wall_s, error="; ".join(result.errors))}
-    md = render(specs, records, env, {"fake": numpy_defaults})
-    failures = section(md, "Failures")
-    assert "**fake / crash**: failed: worker exited with status 7" in failures
-    assert "crashing now" in failures and "```" in failures
-    assert "fake / first" not in failures
-    assert "| fake | 1/2 |" in section(md, "Summary")
+    pages = render(specs, records, env, {"fake": numpy_defaults})
+    failures = section(pages["report.md"], "Failures")
+    assert "**fake** / [crash](specs/crash.md#failures): failed: worker exited with status 7" \
+        in failures
+    assert "fake / first" not in failures and "[first]" not in failures
+    crash = pages["specs/crash.md"]
+    assert "crashing now" in crash and "```" in crash
+    assert "| fake | 1/2 |" in pages["report.md"]
 
 
 def test_backend_that_never_started_shows_why(numpy_defaults):
@@ -104,12 +116,12 @@ def test_backend_that_never_started_shows_why(numpy_defaults):
                                          log_tail="line one\nline two"), {}, None)
     env = {"x": BackendRun(interpreter="/opt/x/bin/python",
                            error="ImportError: no fakeframework")}
-    md = render([spec], [rec], env, {"x": numpy_defaults})
-    environments = section(md, "Environments")
+    pages = render([spec], [rec], env, {"x": numpy_defaults})
+    environments = section(pages["run.md"], "Environments")
     assert "/opt/x/bin/python" in environments and "ImportError: no fakeframework" in environments
-    failures = section(md, "Failures")
-    assert "**x / a**: failed: ImportError: no fakeframework" in failures
-    assert "  line one\n  line two" in failures
+    failures = section(pages["report.md"], "Failures")
+    assert "**x** / [a](specs/a.md#failures): failed: ImportError: no fakeframework" in failures
+    assert "line one\nline two" in pages["specs/a.md"]
 
 
 def test_results_document(numpy_run, numpy_session_run, numpy_defaults):
@@ -123,7 +135,8 @@ def test_results_document(numpy_run, numpy_session_run, numpy_defaults):
     assert doc["environments"] == {"numpy": envs["numpy"].to_json()}
     assert doc["environments"]["numpy"]["worker"]["backend"] == "numpy"
     assert doc["specs"] == [{"name": "tied", "file": specs[0].file, "input_shape": [2, 20],
-                             "output_shape": [2, 1], "param_count": 249}]
+                             "output_shape": [2, 1], "param_count": 249,
+                             "flops_per_sample": specs[0].flops_per_sample}]
     assert doc["results"] == [r.to_json() for r in records]
     json.dumps(doc, default=float)
 
@@ -137,14 +150,16 @@ def test_write_atomic_leaves_no_tmp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
 
 
-def test_write_run_writes_both_files(tmp_path, numpy_run, numpy_session_run, numpy_defaults):
-    """write_run creates the directory and writes results.json and report.md, nothing else."""
+def test_write_run_writes_every_page(tmp_path, numpy_run, numpy_session_run, numpy_defaults):
+    """write_run creates the directory and writes results.json and every page, nothing else."""
     specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp"])
     envs = numpy_env(numpy_session_run)
     out = tmp_path / "deep" / "run"
     report.write_run(out, report.results_document(RUN, specs, records, envs),
                      render(specs, records, envs, {"numpy": numpy_defaults}))
-    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
+        [f"{page}.{ext}" for page in ("report", "run", "defaults", "specs/lazy_mlp")
+         for ext in ("md", "html")] + ["results.json"])
     assert json.loads((out / "results.json").read_text())["results"][0]["spec"] == "lazy_mlp"
 
 
@@ -245,12 +260,38 @@ def test_lazy_table_tells_absent_declared_and_early_access(numpy_run, numpy_defa
     has not created is `absent`, and a framework-level early-access note is shown when no
     parameter carries a touch message."""
     specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp"])
-    md = render(specs, records, {}, {"numpy": numpy_defaults})
-    assert "| 0.weight | (256, ?) | (256, ?) declared → (256, 20) |" in md
+    md = render(specs, records, {}, {"numpy": numpy_defaults})["specs/lazy_mlp.md"]
+    assert "| `0.weight` | (256, ?) | (256, ?) declared → (256, 20) |" in md
     flax_like = copy.deepcopy(records[0])
     flax_like.backend = "other"
     flax_like.record.lazy.before = []
     flax_like.record.lazy.early_access = "ValueError: Can't access variables on unbound modules"
-    md = render(specs, [flax_like], {}, {"other": numpy_defaults})
-    assert "| 0.weight | (256, ?) | absent → (256, 20) |" in md
-    assert "other, reading a parameter before the first forward: ValueError: Can't" in md
+    md = render(specs, [records[0], flax_like], {}, {"other": numpy_defaults})
+    page = md["specs/lazy_mlp.md"]
+    assert "| `0.weight` | (256, ?) | (256, ?) declared → (256, 20) | absent → (256, 20) |" in page
+    assert "**other**: ValueError: Can't access variables on unbound modules" in page
+    assert "| the parameter | declared, no value, native shape (256, ?) | absent (no such " \
+        "parameter yet) |" in md["report.md"]
+
+
+def test_agreeing_backends_share_a_column():
+    """Backend columns that say the same in every row are merged, headed by every name."""
+    names, cols = report.merge_agreeing(["keras", "keras_jax", "torch", "keras_torch"],
+                                        [["a", "b"], ["a", "b"], ["c", "b"], ["a", "b"]])
+    assert names == ["keras, keras_jax, keras_torch", "torch"]
+    assert cols == [["a", "b"], ["c", "b"]]
+
+
+@pytest.mark.parametrize("init, text", [
+    ({"name": "kaiming_uniform", "a": math.sqrt(5), "mode": "fan_in",
+      "nonlinearity": "leaky_relu"}, "U(±1/√fan_in)"),
+    ({"name": "xavier_uniform", "gain": 1.0}, "U(±1.73/√fan_avg)"),
+    ({"name": "variance_scaling", "scale": 1.0, "mode": "fan_in",
+      "distribution": "truncated_normal"}, "truncated N(0, 1/fan_in) within ±2σ"),
+    ({"name": "uniform", "a": -0.07, "b": 0.07}, "U(-0.07, 0.07)"),
+    ({"name": "fan_in_uniform", "scale": 1.0}, "U(±1/√fan_in)"),
+    ({"name": "zeros"}, "zeros"),
+])
+def test_defaults_in_a_few_symbols(init, text):
+    """The defaults grid writes each initializer as its distribution."""
+    assert report.short_init(init) == text

@@ -321,28 +321,42 @@ def test_compare_survives_damaged_worker_output(damaged_compare):
     assert cells["torch", names[-1]]["status"] == "ok"
 
 
+HEADING = re.compile(r'#{1,6} <a id="[a-z0-9-]+"></a>[A-Z][^<>]*\Z')
+
+
+def _outside_code(text: str) -> list[str]:
+    """The lines of a markdown page outside its code blocks; asserts every block closes."""
+    out, opened = [], None
+    for line in text.splitlines():
+        fence = re.match(r"^\s*(`{3,}|~{3,})", line)
+        if fence and (opened is None or fence.group(1) == opened):
+            opened = None if opened else fence.group(1)
+        elif opened is None:
+            out.append(line)
+    assert opened is None, "a code block is never closed"
+    return out
+
+
 def test_report_failures_section_survives_a_fenced_log_tail(damaged_compare):
     """The log tail (a ``` fence, '## Failures', '~~~', raw HTML) stays inside its code
-    block: the report's headings are exactly the ones it writes, the Failures section is
-    followed by every spec's section, and every code block is closed."""
+    block on the spec's page: every page's headings are the ones it writes, the report lists
+    each damaged backend once under Failures, and every code block is closed."""
     proc, out, names, damages = damaged_compare
     text = (out / "report.md").read_text()
-    headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings.count("## Failures") == 1
-    assert [h for h in headings if h.startswith("## Spec")] == \
-        [f"## Spec `{n}`" for n in names]
-    failures = text.split("## Failures", 1)[1].split("\n## Spec", 1)[0]
-    assert failures.count("- **torch / ") == len(damages)
-    assert "None: forged by a log tail" in failures  # shown, as text inside a block
-    fences = re.findall(r"^\s*(`{3,}|~{3,})", failures, flags=re.M)
-    opened = None
-    for fence in fences:  # every opened block is closed by the same fence before the end
-        if opened is None:
-            opened = fence
-        elif fence == opened:
-            opened = None
-    assert opened is None, "a code block in the Failures section is never closed"
-    assert "<b>raw html</b>" not in text.replace("  <b>raw html</b>", "")  # only in a block
+    headings = [line for line in _outside_code(text) if line.startswith("#")]
+    assert all(HEADING.match(h) for h in headings[1:]), headings
+    assert sum(h.endswith("></a>Failures") for h in headings) == 1
+    failures = text.split("></a>Failures\n", 1)[1].split("\n## ", 1)[0]
+    assert failures.count("- **torch** / [") == len(damages)
+    for name in names[:len(damages)]:
+        page = (out / "specs" / f"{name}.md").read_text()
+        shown = _outside_code(page)
+        assert all(HEADING.match(h) for h in (x for x in shown[1:] if x.startswith("#")))
+        assert "None: forged by a log tail" in page  # shown, as text inside a block
+        assert not any("None: forged by a log tail" in line or "<b>raw html</b>" in line
+                       for line in shown)
+        html = (out / "specs" / f"{name}.html").read_text()
+        assert "<b>raw html</b>" not in html and "&lt;b&gt;raw html&lt;/b&gt;" in html
 
 
 def test_compare_keeps_only_a_bounded_copy_of_a_huge_log(damaged_compare):
@@ -613,11 +627,14 @@ def test_hostile_file_name_and_description_still_give_a_report(tmp_path):
     err = proc.stderr.decode(errors="replace")
     assert "Traceback" not in err, err
     assert proc.returncode == 0, err
-    text = (out / "report.md").read_text()
-    assert [line for line in text.splitlines() if line.startswith("## ")].count(
-        "## Failures") == 1
-    assert "<script>" not in text and "\x1b" not in text
-    assert "\n```\n" not in text.split("## Spec `hostile`", 1)[1].split("###", 1)[0]
+    for page in ("report.md", "specs/hostile.md", "specs/odd_name.md"):
+        text = (out / page).read_text()
+        assert sum(line.endswith("></a>Failures") for line in text.splitlines()
+                   if line.startswith("#")) == (page == "report.md")
+        assert "<script>" not in text and "\x1b" not in text
+        assert "\n```\n" not in text and "\n## Failures" not in text
+        html = (out / page.replace(".md", ".html")).read_text()
+        assert "<script>alert" not in html and "\x1b" not in html
     json.loads((out / "results.json").read_text())
 
 
@@ -626,10 +643,14 @@ def test_worker_error_text_is_bounded_in_the_report():
     report's Failures section, and stays one escaped line."""
     from backends.protocol import failed_record
     from harness import analysis, report
-    huge = "## Failures\n" + "x" * 1_000_000
-    text = report._failures([analysis.Result("torch", failed_record("s", huge))])
-    assert len(text) < 2 * report.ESCAPE_LIMIT
-    assert "more characters" in text and "\n## " not in text
+    huge = "## Failures " + "x" * 1_000_000 + "\nsecond line"
+    from harness import document
+    items = report.failure_causes([analysis.Result("torch", failed_record("s", huge))])
+    page = document.Page("report", "t", [document.Bullets(items)])
+    for text in (document.to_markdown(page), document.to_html(page)):
+        body = text.split("<body>")[-1].split("<script>")[0]
+        assert len(body) < 2 * report.ESCAPE_LIMIT
+        assert "more characters" in body and "\n## " not in body and "second" not in body
 
 
 # ------------------------------------------------------------------ spec validation gaps
