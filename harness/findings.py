@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import re
 
+from backends.layers import LAYERS
+
 from . import document as doc
 from .analysis import GRADIENT, NUMERICS
 from .document import Cell, Code, Link, Paragraph, Section, Strong
@@ -131,8 +133,7 @@ def batch_norm(ctx: Context) -> list[Section]:
                         (var.group(0).strip() + " batch variance") if var else "–"])
     if not names:
         return []
-    bn_specs = [s.name for s in ctx.specs if any(p.layer_type == "batch_norm"
-                                                 for p in s.params)]
+    bn_specs = [s.name for s in ctx.specs if any(not p.trainable for p in s.params)]
     evidence = [" Evidence: ", *_links([(s, "batch-norm") for s in bn_specs])] \
         if bn_specs else []
     conventions = {}
@@ -161,6 +162,7 @@ def _links(items: list[tuple[str, str]]) -> list:
     return out
 
 
+#: a fan-carrying weight's canonical axes by rank (PyTorch's dense and conv layouts)
 _AXES = {2: ("out", "in"), 4: ("out", "in", "kh", "kw")}
 
 
@@ -184,11 +186,13 @@ def _layout(canonical, native) -> str | None:
 
 
 def layouts_and_names(ctx: Context) -> list[Section]:
-    """Per layer type with a weight: the native layout, and one parameter's native name."""
+    """Per layer type with a fan-carrying weight (the registry's ``fan_role``: its axes are
+    out, in and the kernel's): the native layout, and one parameter's native name."""
     rows, labels = {}, []
     for s in ctx.specs:
         for p in s.params:
-            if p.role != "weight" or not _telling(p.shape) or p.layer_type in rows:
+            if p.layer_type in rows or p.layer_type not in LAYERS or \
+                    LAYERS[p.layer_type].fan_role != p.role or not _telling(p.shape):
                 continue
             cells = {}
             for r in ctx.of_spec(s.name):

@@ -32,6 +32,7 @@ from .envs import display_path
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
 from backends.base import SEMANTICS
+from backends.layers import LAYERS
 
 RESULTS_SCHEMA_VERSION = 4
 REFERENCE = "numpy"  # the NumPy reference: compared against, timed only as a baseline
@@ -614,12 +615,14 @@ def default_examples(specs, results: list[Result], defaults_by_backend) -> dict:
 
 
 def default_kinds(defaults_by_backend: dict) -> list[tuple[str, str]]:
-    """Every (layer type, role) some backend declares a default for, in declaration order."""
-    kinds = []
-    for layers in defaults_by_backend.values():
-        for layer, roles in layers.items():
-            kinds += [(layer, role) for role in roles if (layer, role) not in kinds]
-    return kinds
+    """Every (layer type, role) some backend declares a default for, in the layer registry's
+    order (its layer types, then each one's roles); any other kind after them."""
+    declared = []
+    for by_layer in defaults_by_backend.values():
+        for layer, roles in by_layer.items():
+            declared += [(layer, role) for role in roles if (layer, role) not in declared]
+    order = [(t.name, r.name) for t in LAYERS.values() for r in t.roles]
+    return sorted(declared, key=lambda k: order.index(k) if k in order else len(order))
 
 
 def defaults_page(ctx: Context) -> doc.Page:

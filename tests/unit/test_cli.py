@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import socket
 import math
@@ -327,9 +328,13 @@ def test_what_a_backend_declares_unsupported_is_reported_not_failed(tmp_path, mo
     assert plain["unsupported"] == {"save_load": "no native format (test)"}
     assert plain["save_load"] is None and plain["gradients"] is not None
     report = (out / "report.md").read_text()
-    assert "## Not supported" in report and "numpy / conformance_residual" in report
+    assert '<a id="not-supported"></a>Not supported' in report
+    assert "**numpy / conformance_residual**: " in report
     assert "phase save_load not supported: no native format (test)" in report
-    assert "numpy not supported" in report
+    index = report.split('<a id="specs"></a>')[1]
+    assert re.search(r"\[conformance_residual\].*\| not supported \|", index)
+    assert re.search(r"\[lazy_mlp\].*\| pass \|", index)
+    assert "1 not supported" in report.split("Key findings")[0]
 
 
 def test_a_capability_backend_yaml_cannot_name_is_refused(tmp_path):

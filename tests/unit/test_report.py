@@ -295,3 +295,47 @@ def test_agreeing_backends_share_a_column():
 def test_defaults_in_a_few_symbols(init, text):
     """The defaults grid writes each initializer as its distribution."""
     assert report.short_init(init) == text
+
+
+#: the modules that build the report's pages and figures, and harness diff
+PAGE_MODULES = ("report", "findings", "spec_pages", "figures", "timing_digest", "diff")
+
+
+@pytest.mark.parametrize("module", PAGE_MODULES)
+def test_the_pages_name_no_layer_type(module):
+    """The pages read layer types from the registry (backends/layers.py), so a layer type added
+    there (layer_norm, embedding, ...) needs nothing here: no module building them names one."""
+    import ast
+    from pathlib import Path
+
+    from backends.layers import LAYERS
+
+    source = Path(report.__file__).with_name(f"{module}.py").read_text()
+    named = [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Constant) and node.value in LAYERS]
+    assert named == [], f"harness/{module}.py names layer types {named}"
+
+
+def test_a_new_layer_type_takes_its_place_in_the_defaults(monkeypatch, numpy_defaults):
+    """A layer type added to the registry with a default in some backend.yaml gets its rows in
+    the defaults grid, in the registry's order (layer types, then roles), with no change here."""
+    from backends import layers
+    from harness import findings
+    from harness import initializers as inits
+
+    new = layers.LayerType("scale_shift", "y = x * weight + bias (test only)",
+                           roles=(layers.Role("weight"), layers.Role("bias")))
+    monkeypatch.setitem(layers.LAYERS, new.name, new)
+    ones, zeros = inits.normalize({"name": "ones"}), inits.normalize({"name": "zeros"})
+    other = {"scale_shift": {"bias": zeros, "weight": ones}, **numpy_defaults}
+    ctx = report.Context(RUN, [], [], dict.fromkeys(["numpy", "other"]),
+                         {"numpy": numpy_defaults, "other": other})
+    kinds = report.default_kinds(ctx.defaults_by_backend)
+    assert kinds[-2:] == [("scale_shift", "weight"), ("scale_shift", "bias")]
+    assert kinds[:2] == [(next(iter(layers.LAYERS)), "weight"),
+                         (next(iter(layers.LAYERS)), "bias")]
+    [grid] = findings.defaults_grid(ctx)
+    table = next(b for b in grid.blocks if isinstance(b, report.Table))
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["scale_shift weight"] == ["–", "ones"]
+    assert "scale_shift weight (2)" in report.doc.plain(grid.summary)
