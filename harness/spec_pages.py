@@ -242,7 +242,8 @@ def gradients(ctx, spec, recs):
     return _status(failed, False), Section("Gradients against the NumPy reference", blocks,
                                            "gradients", folded=not failed,
                                            summary="every gradient within tolerance"
-                                           + (f" ({lesson} everywhere)" if lesson else ""))
+                                           + (f" ({lesson} everywhere)"
+                                              if lesson and len(lesson) <= 120 else ""))
 
 
 def _values(values) -> str:

@@ -40,7 +40,7 @@ class Adapter(TorchDevices, KerasAdapter):
 
     def modes(self):
         v = self.torch.__version__
-        return {"eager": f"Model.__call__ + loss.backward() (torch {v} eager)",
+        return {"eager": f"Model.__call__, and loss.backward() when training (torch {v} eager)",
                 "compiled": f"torch.compile(the whole step, dynamic=False), torch {v}, as "
                             "Keras's jit_compile=True"}
 
