@@ -227,7 +227,7 @@ def diff(path_a: str, path_b: str) -> tuple[list[str], bool]:
             if change is None:
                 continue
             ma, mb, ratio, p = change
-            line = (f"  {_name(key)} {one_line(t['phase'], 50)} {one_line(t['mode'], 50)} "
+            line = (f"    {_name(key)} {one_line(t['phase'], 50)} {one_line(t['mode'], 50)} "
                     f"batch {t['batch']}: {ma * 1e3:.4g} ms -> {mb * 1e3:.4g} ms "
                     f"({ratio:.2f}x, p = {p:.1g})")
             (slower if ratio > 1 else faster).append(line)

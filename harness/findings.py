@@ -102,10 +102,14 @@ def defaults_grid(ctx: Context) -> list[Section]:
               for i, (layer, role) in enumerate(kinds) if len(set(col[i] for col in columns)) > 1]
     same = [f"{layer} {role}" for i, (layer, role) in enumerate(kinds)
             if len(set(col[i] for col in columns)) == 1]
-    headline = [f"{len(differ)} of {len(kinds)} parameter kinds get different default "
-                f"initializers across the frameworks (kinds, with the number of distinct "
-                f"defaults: {', '.join(differ) or 'none'})"
-                + (f"; the same everywhere: {', '.join(same)}" if same else "")]
+    if differ:
+        headline = [f"{len(differ)} of {len(kinds)} parameter kinds get different default "
+                    f"initializers across the frameworks (with the number of distinct "
+                    f"defaults: {', '.join(differ)})"
+                    + (f"; the same everywhere: {', '.join(same)}" if same else "")]
+    else:
+        headline = [f"every framework here draws the same default for each of the "
+                    f"{len(kinds)} parameter kinds ({', '.join(same)})"]
     return [Section("Defaults: what each framework draws when the spec says default", summary=headline, blocks=[
         Paragraph(["Declared in each backend's backend.yaml with its source and measured in "
                    "this run (", Link("every default measured, with one figure per kind",
@@ -141,9 +145,7 @@ def batch_norm(ctx: Context) -> list[Section]:
         conventions.setdefault(col[1], []).append(n)
     headline = ["running variance: " + "; ".join(f"{k} in {', '.join(v)}"
                                                  for k, v in conventions.items())
-                + "; the momentum convention is PyTorch's in "
-                + ", ".join(n for n, col in zip(names, columns) if "momentum * batch" in col[0])
-                + " and its complement (1 - m) elsewhere"]
+                + "; " + _momentum_headline(names, columns)]
     return [Section("Batch norm: two conventions", summary=headline, blocks=[
         Paragraph(["The momentum means opposite things (the plan gives PyTorch's m; every "
                    "adapter passes 1 - m where the framework's convention is the other), and "
@@ -153,6 +155,18 @@ def batch_norm(ctx: Context) -> list[Section]:
                    ".", *evidence]),
         backend_table([["momentum"], ["running variance"]], ["fact"], names, columns)],
         anchor="batch-norm-conventions")]
+
+
+def _momentum_headline(names: list[str], columns: list[list]) -> str:
+    """Which frameworks take PyTorch's momentum m (weight of the batch) and which 1 - m."""
+    torch_like = [n for n, col in zip(names, columns) if "momentum * batch" in col[0]]
+    other = [n for n in names if n not in torch_like]
+    if not other:
+        return "the momentum convention is PyTorch's everywhere"
+    if not torch_like:
+        return "the momentum convention is the complement (1 - m) of PyTorch's everywhere"
+    return (f"the momentum convention is PyTorch's in {', '.join(torch_like)} and its "
+            f"complement (1 - m) in {', '.join(other)}")
 
 
 def _links(items: list[tuple[str, str]]) -> list:
