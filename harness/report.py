@@ -393,11 +393,11 @@ def top_page(ctx: Context) -> doc.Page:
     blocks.append(Section("Timing digest", timing_digest.digest_blocks(ctx), "timing"))
     causes = failure_causes(ctx.results)
     stale = [c for r in ctx.results for c in r.checks if c.name == STILL_HAPPENS]
+    known = any(r.known_failures() for r in ctx.results)
     blocks.append(Section("Failures", [doc.Bullets(causes)] if causes else [Paragraph(
-        "None: every backend ran every spec it supports, and every check passed or failed as a "
-        "framework's declared known issue says" + (" (listed under Key findings)."
-                                                   if any(r.known_failures()
-                                                          for r in ctx.results) else "."))]
+        "None: every backend ran every spec it supports, and every check passed"
+        + (" or failed as a framework's declared known issue says (under Key findings)."
+           if known else "."))]
         + ([Paragraph(f"{len(stale)} declared known limitation(s) no longer happen: "
                       "remove them from backend.yaml.")] if stale else []), "failures"))
     lacking = not_supported(ctx.results)

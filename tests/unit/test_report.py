@@ -339,3 +339,17 @@ def test_a_new_layer_type_takes_its_place_in_the_defaults(monkeypatch, numpy_def
     rows = {row[0]: row[1:] for row in table.rows}
     assert rows["scale_shift weight"] == ["–", "ones"]
     assert "scale_shift weight (2)" in report.doc.plain(grid.summary)
+
+
+def test_the_momentum_finding_names_both_sides_only_when_both_exist():
+    """PyTorch's convention (m weighs the batch) against the complement, as the semantics say."""
+    from harness.findings import _momentum_headline
+
+    torch_rule = ["new = (1 - momentum) * old + momentum * batch", "unbiased"]
+    keras_rule = ["moving = momentum * moving + (1 - momentum) * batch", "biased"]
+    assert _momentum_headline(["numpy", "torch"], [torch_rule, torch_rule]) == \
+        "the momentum convention is PyTorch's everywhere"
+    assert _momentum_headline(["torch", "keras"], [torch_rule, keras_rule]) == \
+        "the momentum convention is PyTorch's in torch and its complement (1 - m) in keras"
+    assert "complement (1 - m) of PyTorch's everywhere" in \
+        _momentum_headline(["keras"], [keras_rule])
