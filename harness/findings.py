@@ -219,6 +219,8 @@ def layouts_and_names(ctx: Context) -> list[Section]:
                 rows[p.layer_type] = (s.name, p.name, cells)
     if not rows:
         return []
+    order = list(LAYERS)
+    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0])))
     backends = [b for b in ctx.backends if any(b in c for _, _, c in rows.values())]
     columns = [[] for _ in backends]
     for layer, (spec, name, cells) in rows.items():
@@ -226,12 +228,17 @@ def layouts_and_names(ctx: Context) -> list[Section]:
         for i, b in enumerate(backends):
             layout, native = cells.get(b, ("–", "–"))
             columns[i] += [layout, Code(native)]
-    layouts = {}
+    # layer types whose layouts split the frameworks the same way share one clause
+    clauses: dict[tuple, list[str]] = {}
     for layer, (spec, name, cells) in rows.items():
+        by_layout: dict[str, list[str]] = {}
         for b, (layout, _) in cells.items():
-            layouts.setdefault((layer, layout), []).append(b)
-    headline = ["; ".join(f"{layer} weights {layout} in {', '.join(bs)}"
-                          for (layer, layout), bs in layouts.items())
+            by_layout.setdefault(layout, []).append(b)
+        clauses.setdefault(tuple((lay, tuple(bs)) for lay, bs in by_layout.items()),
+                           []).append(layer)
+    headline = ["; ".join(f"{', '.join(layers_)} weights "
+                          + ", ".join(f"{lay} in {', '.join(bs)}" for lay, bs in split)
+                          for split, layers_ in clauses.items())
                 + "; every framework names parameters its own way"]
     return [Section("Layouts and names", summary=headline, blocks=[
         Paragraph(["Each framework stores the same weight in its own layout and under its own "

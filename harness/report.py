@@ -741,7 +741,9 @@ def _times(ratio: float) -> str:
 def _seconds(s: float, digits: int = 2) -> str:
     """``digits`` significant digits, in ms below 0.1 s."""
     ms = float(f"{s * 1e3:.{digits}g}")
-    return f"{ms:.{digits}g} ms" if ms < 100 else f"{s:.{digits}g} s"
+    if ms < 100:
+        return f"{ms:.{digits}g} ms"
+    return f"{s:.{digits}g} s" if s < 10 ** digits else f"{float(f'{s:.{digits}g}'):,.0f} s"
 
 
 def _calls(n: float) -> str:
