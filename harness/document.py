@@ -237,7 +237,8 @@ th{background:#f3f5f7;position:sticky;top:0}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums}td.muted{color:#8c959f}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.muted{color:#8c959f}div.wide{overflow-x:auto;max-width:100%}
 code{background:#f3f5f7;padding:0 3px;border-radius:3px;font-size:92%}
 details{margin:.3rem 0}summary{cursor:pointer;font-weight:600}
 img{max-width:100%;height:auto;border:1px solid #eee}
@@ -325,7 +326,8 @@ class Html:
         body = "".join("<tr>" + "".join(self.cell(c) for c in row) + "</tr>\n"
                        for row in t.rows)
         cls = ' class="sortable"' if t.sortable else ""
-        return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+        return (f'<div class="wide"><table{cls}><thead><tr>{head}</tr></thead><tbody>\n{body}'
+                "</tbody></table></div>\n")
 
     def block(self, b, depth: int) -> str:
         if isinstance(b, Section):
