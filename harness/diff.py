@@ -108,12 +108,19 @@ def _verdict(r: dict) -> str:
     return "pass" if r["passed"] else "FAIL"
 
 
-def _checks(r: dict) -> dict[str, bool]:
-    """Each check's verdict (a known framework issue's failure holds)."""
-    out = {c["check"]: c["passed"] or bool(c.get("known")) for c in r["checks"]}
+PASS, KNOWN, FAIL = "pass", "known", "FAIL"
+
+
+def _state(c: dict) -> str:
+    """pass; known (failed as a declared known framework issue, which holds); FAIL."""
+    return PASS if c["passed"] else KNOWN if c.get("known") else FAIL
+
+
+def _checks(r: dict) -> dict[str, str]:
+    """Each check's state."""
+    out = {c["check"]: _state(c) for c in r["checks"]}
     for p in r["params"]:
-        out.update({f"{p['name']} {c['check']}": c["passed"] or bool(c.get("known"))
-                    for c in p["checks"]})
+        out.update({f"{p['name']} {c['check']}": _state(c) for c in p["checks"]})
     return out
 
 
@@ -193,10 +200,12 @@ def diff(path_a: str, path_b: str) -> tuple[list[str], bool]:
             verdict_lines.append(f"  {_name(key)}: {va} -> {vb}")
             worse |= va == "pass"
         ca, cb = _checks(ra[key]), _checks(rb[key])
-        newly = [c for c in cb if not cb[c] and ca.get(c, True)]
-        fixed = [c for c in cb if cb[c] and ca.get(c) is False]
+        newly = [c for c in cb if cb[c] == FAIL and ca.get(c, PASS) != FAIL]
+        fixed = [c for c in cb if cb[c] == PASS and ca.get(c, PASS) != PASS]
+        known = [c for c in cb if cb[c] == KNOWN and ca.get(c, PASS) != KNOWN]
         worse |= bool(newly)
-        for what, names in (("now fails", newly), ("now passes", fixed)):
+        for what, names in (("now fails", newly), ("now passes", fixed),
+                            ("now fails as a declared known framework issue", known)):
             if names:
                 shown = "; ".join(one_line(n, 200) for n in names[:8])
                 more = f"; and {len(names) - 8} more" if len(names) > 8 else ""
