@@ -430,6 +430,7 @@ MAX_SPEC_BYTES = 1 << 20   # a spec file is text someone wrote: 1 MiB is generou
 MAX_DEPTH = 64             # nesting of mappings and lists (about 30 nested sequentials)
 MAX_STRING = 10_000        # characters in any one string (a description included)
 MAX_INT_DIGITS = 30        # integers beyond this are never sizes or seeds
+BYTE_ORDER_MARK = "\ufeff"
 
 
 def load_document(path: Path) -> dict:
@@ -453,6 +454,9 @@ def load_document(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise SpecError(path, f"byte {exc.start}", "not UTF-8 text; a spec is YAML or JSON") \
             from None
+    # A UTF-8 byte-order mark (Windows editors write one) is accepted in JSON as in YAML: YAML
+    # 1.2 allows it at the start of a stream and RFC 8259 lets a JSON parser ignore it.
+    text = text.removeprefix(BYTE_ORDER_MARK)
     try:
         if path.suffix == ".json":
             doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
@@ -500,7 +504,8 @@ def _no_constant(name):
 
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing aliases (a few hundred bytes of nested aliases expand to
-    gigabytes) and duplicate keys (the later one would silently win)."""
+    gigabytes), merge keys (``<<``: keys that come from elsewhere) and duplicate keys (the
+    later one would silently win)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -512,6 +517,11 @@ class _SpecLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # before PyYAML merges it
+                mark = key_node.start_mark
+                raise _Refused(f"line {mark.line + 1}, column {mark.column + 1}",
+                               "YAML merge keys (<<) are not allowed in a spec; write the "
+                               "keys out")
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
