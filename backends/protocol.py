@@ -323,9 +323,13 @@ class EnvironmentRecord:
 
 @dataclass
 class DoneRecord:
-    """Written last (``done.json``): what the worker measured once, after every plan."""
+    """Written last (``done.json``): what the worker measured once, after every plan.
+    ``peak_rss_bytes``: the worker's own peak resident memory (``VmHWM``), and
+    ``children_peak_rss_bytes`` that of the largest process it started and waited for."""
     wall_s: float
     roofline: TimingRecord | None = None
+    peak_rss_bytes: int | None = None
+    children_peak_rss_bytes: int | None = None
 
 
 @dataclass

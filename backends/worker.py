@@ -288,15 +288,41 @@ def checkpoint_task(adapter, request: Request, data, probe) -> tuple[SpecRecord,
     else:
         adapter.forward(model, data["x"])  # sizes inferred, so every parameter exists
         adapter.load(model, probe)
-        with tempfile.TemporaryDirectory(prefix="harness-convert-") as tmp:
+        # saved in a directory next to the file asked for (the parent's staging directory
+        # beside the user's target), so the rename never crosses filesystems
+        target_dir = os.path.dirname(os.path.abspath(request.checkpoint))
+        with tempfile.TemporaryDirectory(prefix=".harness-convert-", dir=target_dir) as tmp:
             saved = adapter.save(model, os.path.join(tmp, "model"))
-            os.replace(saved.path, request.checkpoint)  # same filesystem: the parent's temp
+            os.replace(saved.path, request.checkpoint)
         fmt, name, names, note = saved.format, os.path.basename(saved.path), saved.names, None
         arrays["output"] = adapter.forward(model, data["x"])
     rec.params = adapter.inspect(model, plan)
     rec.save_load = SaveLoadRecord(fmt, name, os.path.getsize(request.checkpoint), names,
                                    True, 0.0, note)
     return rec, arrays
+
+
+def peak_rss() -> tuple[int | None, int | None]:
+    """(this process's peak resident memory, its largest waited-for child's) in bytes: its own
+    from /proc/self/status ``VmHWM`` (the peak since this program started: getrusage's
+    ``ru_maxrss`` would also count the parent's memory at the fork before the exec), its
+    children's from getrusage (Linux reports kilobytes); None where the platform cannot say."""
+    own = children = None
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    own = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        if own is None:
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError, ValueError):
+        pass
+    return own, children
 
 
 class CheckpointError(ValueError):
@@ -368,8 +394,9 @@ def main(argv: list[str]) -> int:
         write_npz(out / f"{i}.npz", arrays)
         write_record(out / f"{i}.json", record)
         sys.stdout.flush()
-    write_record(out / "done.json", DoneRecord(time.perf_counter() - started,
-                                               roofline(adapter, request)))
+    roof = roofline(adapter, request)
+    write_record(out / "done.json", DoneRecord(time.perf_counter() - started, roof,
+                                               *peak_rss()))
     return 0
 
 

@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = ROOT / "specs"
 BUILTIN = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(SPECS_DIR.glob("*.yaml"))}
 
-#: the estimate limit every case is checked under (a "huge" case must exceed it)
-MAX_MEMORY_GIB = 1
+#: the estimate limit every case is checked under (a "huge" case must exceed it; above every
+#: backend's own baseline, so that a wrongly valid spec is not hidden by the memory refusal)
+MAX_MEMORY_GIB = 2
 SPEC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -178,6 +179,71 @@ def nonfinite_cases(draw):
     return _as_case("nonfinite", doc, draw(formats), choice)
 
 
+#: positive numbers below float32's smallest normal (1.1754944e-38), and beyond its largest
+UNDERFLOW = [1e-39, 1e-40, 1e-45, 5e-324, 1.1e-38]
+OVERFLOW = [3.5e38, 1e39, 1e100, 1.7e308]
+
+
+@st.composite
+def float32_cases(draw):
+    """Numbers workers compute with in float32 that overflow or underflow it (initializer
+    arguments, input_fill, batch norm's eps and momentum), and initializers whose statistics
+    do (a variance below the smallest normal float32; sums behind the float32 sample mean and
+    variance beyond the largest; an orthogonal gain^2 outside the range) (issue 22)."""
+    what = draw(st.sampled_from(["init_arg", "variance", "sum", "input_fill", "eps",
+                                 "momentum", "orthogonal"]))
+    doc = {"name": "f32", "input": [2, 4], "layers": [{"type": "dense", "units": 4}]}
+    sign = draw(st.sampled_from([1, -1]))
+    if what == "init_arg":
+        name, arg = draw(st.sampled_from([
+            ("constant", "val"), ("normal", "std"), ("normal", "mean"), ("uniform", "b"),
+            ("trunc_normal", "std"), ("sparse", "std"), ("xavier_uniform", "gain"),
+            ("kaiming_normal", "a"), ("variance_scaling", "scale"),
+            ("fan_in_uniform", "scale")]))
+        value = draw(st.sampled_from(UNDERFLOW))
+        signed = arg in ("val", "mean", "a")
+        doc["layers"][0]["weight_init"] = {"name": name, arg: sign * value if signed else value}
+    elif what == "variance":
+        doc["layers"][0]["weight_init"] = {"name": draw(st.sampled_from(["normal", "sparse"])),
+                                           "std": draw(st.sampled_from([1e-20, 1e-25, 1e-30]))}
+        if doc["layers"][0]["weight_init"]["name"] == "sparse":
+            doc["layers"][0]["weight_init"]["sparsity"] = 0.5
+    elif what == "sum":
+        units = draw(st.sampled_from([4096, 65536]))
+        doc["layers"][0].update(units=units, weight_init=draw(st.sampled_from([
+            {"name": "normal", "std": 1e19}, {"name": "uniform", "a": -1e20, "b": 1e20},
+            {"name": "normal", "mean": sign * 1e35, "std": 1.0}])))
+    elif what == "input_fill":
+        doc["input_fill"] = sign * draw(st.sampled_from(UNDERFLOW + OVERFLOW[:3]))
+    elif what in ("eps", "momentum"):
+        doc["layers"] = [{"type": "batch_norm", what: draw(st.sampled_from(UNDERFLOW))}]
+    else:
+        doc["layers"][0]["weight_init"] = {"name": "orthogonal", "gain": draw(
+            st.sampled_from([1e20, 1e25, 1e-20, 1e-25]))}
+    return _as_case("float32_range", doc, draw(formats), what)
+
+
+@st.composite
+def working_memory_cases(draw):
+    """Small parameters and outputs, but a layer whose working memory (a convolution's or a
+    pooling window's sliding windows: the NumPy reference builds them as one float64 array)
+    is far above --max-memory 2 GiB: refused by the estimate before anything runs."""
+    n, c = draw(st.integers(1, 4)), draw(st.integers(4, 16))
+    side, k = draw(st.integers(96, 256)), draw(st.integers(31, 63))
+    if draw(st.booleans()):
+        layer = {"type": "conv2d", "channels": 2, "kernel": k, "padding": k // 2}
+        windows = n * c * k * k * side * side
+    else:
+        layer = {"type": "max_pool2d", "pool": k, "stride": 1}
+        windows = n * c * k * k * (side - k + 1) ** 2
+    doc = {"name": "windows", "input": [n, c, side, side], "layers": [layer]}
+    if windows < 2 ** 29:  # keep it above 4 GiB of float64 windows whatever was drawn
+        doc["input"] = [4, 16, 256, 256]
+        layer.update({"kernel": 63, "padding": 31} if layer["type"] == "conv2d" else
+                     {"pool": 63})
+    return _as_case("working_memory", doc, draw(formats), f"{layer['type']} windows")
+
+
 WRONG_FOR = {  # field -> values of a type the schema never accepts there
     "int": ["3", [3], {"n": 3}, True, 3.5, None, "", "１２"],
     "str": [3, [], {}, None, True, 1.5],
@@ -269,7 +335,7 @@ def out_of_range_cases(draw):
 
 @st.composite
 def huge_size_cases(draw):
-    """Valid-looking sizes whose memory estimate is far above --max-memory 1 GiB (or above
+    """Valid-looking sizes whose memory estimate is far above --max-memory 2 GiB (or above
     what a size may be): refused before anything would run."""
     doc = draw(builtin_docs)
     what = draw(st.sampled_from(["units", "input", "image", "channels"]))
@@ -611,6 +677,15 @@ BAD_TEXT = [
     ("int key", b"1: a\nname: a\ninput: [2, 4]\nlayers: [{type: relu}]\n"),
     ("null key", b"~: a\nname: a\ninput: [2, 4]\nlayers: [{type: relu}]\n"),
     ("merge key", b"base: &b {type: relu}\nname: a\ninput: [2, 4]\nlayers: [{<<: *b}]\n"),
+    ("inline merge key", b"name: a\ninput: [2, 4]\nlayers: [{<<: {type: relu}}]\n"),
+    ("top-level merge key", b"<<: {name: a}\ninput: [2, 4]\nlayers: [{type: relu}]\n"),
+    ("merge key after a BOM", b"\xef\xbb\xbfname: a\n<<: {input: [2, 4]}\nlayers: []\n"),
+    ("two BOMs (YAML)", b"\xef\xbb\xbf\xef\xbb\xbfname: a\ninput: [2, 4]\n"
+                        b"layers: [{type: relu}]\n"),
+    ("two BOMs (JSON)", b'\xef\xbb\xbf\xef\xbb\xbf{"name": "a", "input": [2, 4], "layers": '
+                        b'[{"type": "relu"}]}', ".json"),
+    ("a BOM inside", b"name: a\n\xef\xbb\xbfinput: [2, 4]\nlayers: [{type: relu}]\n"),
+    ("BOM, then no spec", b"\xef\xbb\xbf[1, 2]\n"),
     ("unknown tag", b"name: !custom a\ninput: [2, 4]\nlayers: [{type: relu}]\n"),
     ("unterminated", b"name: 'a\ninput: [2, 4\n"),
     ("tab indentation", b"name: a\ninput:\n\t- 2\n"),
@@ -662,7 +737,8 @@ def cli_number_cases(draw):
                 note=" ".join(a[:20] for a in args))
 
 
-KINDS = [nonfinite_cases, wrong_type_cases, out_of_range_cases, huge_size_cases, deep_cases,
+KINDS = [nonfinite_cases, wrong_type_cases, out_of_range_cases, huge_size_cases, float32_cases,
+         working_memory_cases, deep_cases,
          alias_cases, duplicate_key_cases, control_char_cases, hostile_name_cases,
          unicode_cases, big_integer_cases, random_structure_cases, random_text_cases,
          semantic_cases, residual_cases, bad_text_cases, special_file_cases, cli_number_cases]
@@ -815,6 +891,311 @@ def run_all(cases: list[Case], folder: Path, batch: int, time_limit: float,
     return results  # type: ignore[return-value]
 
 
+# ------------------------------------------------------------------------------ convert
+
+#: the spec every hostile checkpoint claims to be of, and the interpreter its NumPy worker
+#: runs with (this one: numpy is all the reference needs)
+CONVERT_SPEC = SPECS_DIR / "tied.yaml"
+SPECIAL_PATHS = ["fifo", "dev_null", "directory", "missing", "dangling_symlink", "socket",
+                 "proc_file", "symlink_to_file"]
+
+
+@dataclass
+class ConvertCase:
+    """One hostile ``convert``: what --weights is (bytes under a name, or a special file),
+    which backend reads it, and what --out is (a new file, or a special path). Every case must
+    be refused in one line naming the option, exit 2, with --out untouched."""
+    kind: str
+    source: str = "numpy"
+    weights: bytes | None = None
+    weights_name: str = "weights.npz"
+    weights_special: str | None = None
+    target: str = "numpy"
+    out_name: str = "out.npz"
+    out_special: str | None = None
+    note: str = ""
+
+
+def _tied_arrays(scale: float = 1.0, dtype: str = "float32", poke=None) -> dict:
+    """Canonical parameters of specs/tied.yaml, U(-0.3, 0.3) times ``scale``."""
+    import numpy as np
+    shapes = {"0.weight": (8, 20), "0.bias": (8,), "shared.weight": (8, 8),
+              "shared.bias": (8,), "6.weight": (1, 8), "6.bias": (1,)}
+    rng = np.random.default_rng(0)
+    arrays = {k: (rng.uniform(-0.3, 0.3, s) * scale).astype(dtype) for k, s in shapes.items()}
+    if poke:
+        name, value = poke
+        arrays[name].flat[0] = value
+    return arrays
+
+
+def _npz(arrays: dict, compressed: bool = False) -> bytes:
+    import io
+    import numpy as np
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes | tuple[bytes, int]]) -> bytes:
+    """A zip archive; a member ``(head, n)`` is ``head`` then n zero bytes, deflated (a small
+    file that declares a large member)."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            if isinstance(data, tuple):
+                with zf.open(name, "w", force_zip64=True) as member:
+                    member.write(data[0])
+                    chunk = b"\0" * (1 << 20)
+                    for _ in range(data[1] >> 20):
+                        member.write(chunk)
+            else:
+                zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple, descr: str = "<f4") -> bytes:
+    """A version 1.0 .npy header declaring ``shape`` (no data)."""
+    import struct
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
+    text = text.ljust(117) + "\n"  # 10 + 118 bytes: the data starts 64-byte aligned
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+_BOMBS: dict[str, bytes] = {}
+
+
+def _bomb(kind: str) -> bytes:
+    """Checkpoints of a few hundred kilobytes that declare hundreds of megabytes (built once)."""
+    if kind not in _BOMBS:
+        import struct
+        _BOMBS.update({
+            "npz": _zip({"0.weight.npy": (_npy_header((8192, 8192)), 256 << 20)}),
+            "torch": _zip({"archive/data.pkl": b"\x80\x02}q\x00.",
+                           "archive/data/0": (b"", 256 << 20)}),
+            "npz_lying_header": _zip({"0.weight.npy": _npy_header((8, 20)) + b"\0" * 16}),
+            "mxnet": struct.pack("<QQQIii2qiii", 0x112, 0, 1, 0xF993FAC9, 0, 2, 100_000,
+                                 100_000, 1, 0, 0) + struct.pack("<Q", 0),
+            "msgpack": b"\x81\xa6params\xc6" + struct.pack(">I", 3 << 20) + b"\0" * (3 << 20),
+        })
+    return _BOMBS[kind]
+
+
+#: a file in each backend's format (enough of it for its signature), and who reads it
+FORMAT_FILES = {
+    "torch": (lambda: _zip({"archive/data.pkl": b"\x80\x02}q\x00.",
+                            "archive/version": b"3"}), ".pt"),
+    "numpy": (lambda: _npz(_tied_arrays()), ".npz"),
+    "keras": (lambda: b"\x89HDF\r\n\x1a\n" + b"\0" * 2040, ".weights.h5"),
+    "flax": (lambda: b"\x81\xa6params\x80", ".msgpack"),
+    "gluon": (lambda: __import__("struct").pack("<QQQQ", 0x112, 0, 0, 0), ".params"),
+}
+OTHER_FILES = {
+    "npy": b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }",
+    "pickle": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.",
+    "torch_legacy": b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.",
+    "safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": {}}      ",
+    "text": b"name: tied\ninput: [2, 20]\n",
+    "empty": b"",
+    "keras_archive": None,  # built below (a zip)
+    "truncated_zip": None,
+    "random": bytes(range(256)) * 4,
+}
+
+
+@st.composite
+def convert_cases(draw):
+    """Hostile --weights and --out for ``convert`` (issue 22): special files, another
+    framework's format, formats no backend reads, the suffix Keras insists on, checkpoints
+    that declare far more than the spec's model holds (zip members, .npy headers, MXNet
+    array headers, a large msgpack), damaged archives, non-finite and float32-overflowing
+    values; --out a device, FIFO, socket, directory, symbolic link, a missing directory, the
+    --weights file itself, a name Keras would not read."""
+    what = draw(st.sampled_from(["weights_special", "wrong_format", "other_format",
+                                 "keras_suffix", "declared_size", "non_finite", "out"]))
+    if what == "weights_special":
+        return ConvertCase(what, weights_special=draw(st.sampled_from(SPECIAL_PATHS[:-1])))
+    if what == "wrong_format":
+        made_by = draw(st.sampled_from(sorted(FORMAT_FILES)))
+        source = draw(st.sampled_from([b for b in FORMAT_FILES if b != made_by]))
+        make, suffix = FORMAT_FILES[made_by]
+        return ConvertCase(what, source=source, weights=make(), weights_name="w" + suffix,
+                           note=f"{made_by}'s file --from {source}")
+    if what == "other_format":
+        name = draw(st.sampled_from(sorted(OTHER_FILES)))
+        data = OTHER_FILES[name]
+        if name == "keras_archive":
+            data = _zip({"config.json": b"{}", "model.weights.h5": b"\x89HDF\r\n\x1a\n"})
+        elif name == "truncated_zip":
+            data = _npz(_tied_arrays())[:700]
+        source = draw(st.sampled_from(sorted(FORMAT_FILES)))
+        return ConvertCase(what, source=source, weights=data,
+                           weights_name="w" + FORMAT_FILES[source][1], note=name)
+    if what == "keras_suffix":
+        name = draw(st.sampled_from(["w.h5", "w.hdf5", "w.pt", "weights", "w.weights.h5.bak"]))
+        return ConvertCase(what, source=draw(st.sampled_from(["keras", "keras_jax",
+                                                              "keras_torch"])),
+                           weights=FORMAT_FILES["keras"][0](), weights_name=name, note=name)
+    if what == "declared_size":
+        kind = draw(st.sampled_from(["npz", "torch", "npz_lying_header", "mxnet", "msgpack"]))
+        source = {"npz": "numpy", "npz_lying_header": "numpy", "mxnet": "gluon",
+                  "msgpack": "flax"}.get(kind, "torch")
+        return ConvertCase(what, source=source, weights=_bomb(kind),
+                           weights_name="w" + FORMAT_FILES[source][1], note=kind)
+    if what == "non_finite":
+        value = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300,
+                                      -1e39]))
+        name = draw(st.sampled_from(["0.weight", "shared.bias", "6.weight"]))
+        arrays = _tied_arrays(dtype="float64", poke=(name, value))
+        if draw(st.booleans()) and abs(value) < float("inf"):  # finite, but the forward
+            arrays = _tied_arrays(scale=1e38 / 0.3, dtype="float32")  # overflows float32
+            name = "output"
+        return ConvertCase(what, weights=_npz(arrays, draw(st.booleans())),
+                           note=f"{name} = {value}")
+    special = draw(st.sampled_from([p for p in SPECIAL_PATHS if p != "missing"] +
+                                   ["missing_dir", "weights", "keras_name", "trailing_slash"]))
+    return ConvertCase("out", weights=_npz(_tied_arrays()), out_special=special,
+                       target="keras" if special == "keras_name" else "numpy",
+                       out_name="out.h5" if special == "keras_name" else "out.npz", note=special)
+
+
+def _special(path: Path, kind: str) -> str:
+    """Make ``path`` the special file ``kind`` (or name a system one); the path to use."""
+    import socket
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_null":
+        return "/dev/null"
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling_symlink":
+        path.symlink_to(path.with_name("nowhere"))
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(path))
+        except OSError:  # a path too long for a socket address: a FIFO stands in
+            os.mkfifo(path)
+        finally:
+            sock.close()
+    elif kind == "proc_file":
+        return "/proc/self/status"
+    elif kind == "symlink_to_file":
+        path.with_name("target.npz").write_bytes(b"keep")
+        path.symlink_to(path.with_name("target.npz"))
+    return str(path)
+
+
+def _snapshot(path: str):
+    """What is at ``path`` (None: nothing), to tell whether convert touched it."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    link = os.readlink(path) if os.path.islink(path) else None
+    data = Path(path).read_bytes() if os.path.isfile(path) and not link and \
+        not path.startswith("/proc") else None
+    return info.st_mode, info.st_ino, link, data
+
+
+def materialize_convert(case: ConvertCase, folder: Path) -> list[str]:
+    """The case's files under ``folder`` (a fresh one); the ``convert`` arguments."""
+    weights = folder / case.weights_name
+    if case.weights_special:
+        weights = Path(_special(weights, case.weights_special))
+    else:
+        weights.write_bytes(case.weights)
+    out = folder / case.out_name
+    if case.out_special == "missing_dir":
+        out = folder / "no_such_dir" / case.out_name
+    elif case.out_special == "weights":
+        out = weights
+    elif case.out_special == "trailing_slash":
+        out = Path(str(out) + "/")
+    elif case.out_special not in (None, "keras_name"):
+        out = Path(_special(out, case.out_special))
+    return [str(CONVERT_SPEC), "--from", case.source, "--weights", str(weights), "--to",
+            case.target, "--out", str(out).rstrip("/") + ("/" if case.out_special ==
+                                                          "trailing_slash" else ""),
+            "--python", f"numpy={sys.executable}", "--timeout", "60"]
+
+
+def classify_convert(case: ConvertCase, args: list[str], before, result: dict) -> tuple[str, str]:
+    """(outcome, evidence): clean is exit 2, no traceback, one ``error: --weights:`` or
+    ``error: --out:`` line naming that path (other stderr lines only progress), --out as it
+    was before, and nothing staged beside it."""
+    err = result["err"]
+    out = args[args.index("--out") + 1]
+    if result["timed_out"]:
+        return "time_bound", "no answer within the time bound"
+    if "Traceback" in err:
+        return "traceback", err.strip()[-600:]
+    if result["rc"] == 0:
+        return "accepted", result["out"].strip()[:300]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    others = [line for line in err.splitlines() if not line.startswith(("error: ", "["))]
+    option = "--out" if case.kind == "out" else "--weights"
+    named = args[args.index(option) + 1]
+    ok = (result["rc"] == 2 and len(errors) == 1 and not others and
+          errors[0].startswith(f"error: {option}: {named}"))
+    if _snapshot(out.rstrip("/")) != before:
+        return "unclean", f"--out {out} changed: {err.strip()[:200]}"
+    parent = Path(out.rstrip("/")).parent
+    staged = [p.name for p in parent.glob(".*partial*")] if parent.is_dir() else []
+    if staged:
+        return "unclean", f"left behind {staged}"
+    return ("clean" if ok else "unclean"), err.strip()[:300]
+
+
+def run_convert_cases(cases: list[ConvertCase], folder: Path, time_limit: float,
+                      memory_bytes: int, progress=print) -> list[tuple[ConvertCase, str, str]]:
+    """Each case in its own ``python -m harness convert`` process, in its own folder."""
+    results = []
+    for i, case in enumerate(cases):
+        here = folder / f"convert{i:05d}"
+        here.mkdir()
+        args = materialize_convert(case, here)
+        out = args[args.index("--out") + 1].rstrip("/")
+        before = _snapshot(out)
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT))
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "convert", *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_limits(memory_bytes))
+        try:
+            o, e = proc.communicate(timeout=time_limit)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            o, e = proc.communicate()
+            timed_out = True
+        result = {"rc": proc.returncode, "out": o.decode(errors="replace"),
+                  "err": e.decode(errors="replace"), "timed_out": timed_out,
+                  "seconds": time.monotonic() - started}
+        results.append((case, *classify_convert(case, args, before, result)))
+        if (i + 1) % 20 == 0:
+            progress(f"  {i + 1}/{len(cases)} conversions tried")
+    return results
+
+
+def generate_convert(n: int, seed: int) -> list[ConvertCase]:
+    cases: list[ConvertCase] = []
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(convert_cases())
+    def collect(case):
+        cases.append(case)
+
+    collect()
+    return cases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=1200)
@@ -823,18 +1204,26 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per case")
     p.add_argument("--memory-limit", type=float, default=1.5, help="GiB per process")
     p.add_argument("--show", type=int, default=3, help="examples shown per failure kind")
+    p.add_argument("--convert", type=int, default=150,
+                   help="hostile checkpoints and output paths through `convert` (0: none)")
     args = p.parse_args(argv)
     started = time.monotonic()
     cases = generate(args.examples, args.seed)
     print(f"generated {len(cases)} invalid specs with hypothesis (seed {args.seed}) in "
           f"{time.monotonic() - started:.1f} s: " +
           ", ".join(f"{k} {n}" for k, n in sorted(Counter(c.kind for c in cases).items())))
+    convert_cases_ = generate_convert(args.convert, args.seed) if args.convert else []
     folder = Path(tempfile.mkdtemp(prefix="fuzz-specs-"))
     try:
         results = run_all(cases, folder, args.batch, args.time_limit,
                           int(args.memory_limit * 2 ** 30))
+        converted = run_convert_cases(convert_cases_, folder, args.time_limit * 6,
+                                      int(args.memory_limit * 2 ** 30))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    results += [(Case(f"convert/{c.kind}", note=f"{c.note} (--from {c.source}, --to "
+                      f"{c.target}, --weights {c.weights_special or c.weights_name}, --out "
+                      f"{c.out_special or c.out_name})"), o, e) for c, o, e in converted]
     counts = Counter(outcome for _, outcome, _ in results)
     by_kind = defaultdict(Counter)
     for case, outcome, _ in results:
@@ -851,7 +1240,7 @@ def main(argv=None) -> int:
         print(f"  {label:<72} {counts[outcome]:>5}  ({counts[outcome] / total:.1%})")
     print("\nper kind (clean / all):")
     for kind, c in sorted(by_kind.items()):
-        print(f"  {kind:<18} {c['clean']:>4} / {sum(c.values()):<4}" +
+        print(f"  {kind:<26} {c['clean']:>4} / {sum(c.values()):<4}" +
               ("" if c["clean"] == sum(c.values()) else
                "   " + ", ".join(f"{o} {n}" for o, n in c.items() if o != "clean")))
     failures = [(c, o, e) for c, o, e in results if o != "clean"]

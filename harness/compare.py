@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 from backends import protocol
 from backends.protocol import Budget, SpecRecord, Status, TimingRequest, failed_record
 
-from . import analysis, devices, known, machine_report, report
+from . import analysis, devices, known, machine_report, memory, report
 from .analysis import Result
 from .console import one_line, progress
 from .envs import ROOT, Backend, UserError, discover, parse_python_overrides, select
@@ -93,17 +92,32 @@ def worker_settings(args) -> dict:
     return {"threads": args.threads, "tf32": bool(args.tf32)}
 
 
-def check_memory(specs, args) -> None:
-    """Refuse, before any worker starts, a spec whose estimated need (from the spec alone, at
-    the largest batch it will run) exceeds --max-memory."""
+def memory_needs(specs, backends, batch: int = 0) -> list[tuple[Spec, Backend, int]]:
+    """(spec, backend, bytes) for every pair: what that backend's worker needs for the spec
+    at the largest batch it runs (``batch``, or the spec's own), while holding the other
+    specs' inputs and probe parameters (harness.memory)."""
+    held = sum(memory.held_between_specs(s) for s in specs)
+    return [(s, b, memory.estimate(s, b.memory, max(batch, s.input_shape[0])) + held
+             - memory.held_between_specs(s)) for s in specs for b in backends]
+
+
+def check_memory(specs, args, backends=None) -> None:
+    """Refuse, before any worker starts, a spec whose estimated need in any of ``backends``
+    (default: every backend), from the spec alone at the largest batch it will run, exceeds
+    --max-memory; the message says where the need comes from."""
     batch = max(args.batch or [0]) if getattr(args, "timing", "off") != "off" else 0
+    backends = list(discover().values()) if backends is None else backends
+    needs = memory_needs(specs, backends, batch)
     for spec in specs:
-        need = spec.memory_estimate(max(batch, spec.input_shape[0]))
+        _, b, need = max((n for n in needs if n[0] is spec), key=lambda n: n[2])
         if need > args.max_memory:
-            raise SpecError(spec.file, "", f"needs about {need / 2**30:,.1f} GiB by its sizes "
-                            f"({sum(math.prod(p.shape) for p in spec.params):,} parameter values, "
-                            f"{spec.activations:,} activation values per forward), more than "
-                            f"--max-memory {args.max_memory / 2**30:.1f} GiB")
+            z = memory.sizes(spec, max(batch, spec.input_shape[0]))
+            raise SpecError(spec.file, "", (
+                f"needs about {need / 2**30:,.1f} GiB in {b.name} by its sizes, more than "
+                f"--max-memory {args.max_memory / 2**30:.1f} GiB: {b.memory.baseline_mib:,.0f} "
+                f"MiB for the framework, {z.parameters:,} parameter values, {z.activations:,} "
+                f"activation values") + (
+                f", {z.working:,} working values in {z.working_field}" if z.working else ""))
 
 
 def compare(args) -> int:
@@ -118,7 +132,7 @@ def compare(args) -> int:
         if args.where or args.ray_address:
             raise UserError(f"{'--where' if args.where else '--ray-address'} needs "
                             "--executor ray")
-    check_memory(specs, args)
+    check_memory(specs, args, backends)
     if args.threads is None and args.executor == "local":
         args.threads = default_threads()  # on Ray: the CPUs each unit holds on its node
     executor = make_executor(args)
@@ -415,7 +429,8 @@ def check_specs(args) -> int:
             status = 2
             continue
         seen[spec.name] = spec.file
+        _, most, need = max(memory_needs([spec], discover().values()), key=lambda n: n[2])
         print(one_line(f"ok {spec.file}: {spec.name}, {len(spec.params)} tensors, "
-                       f"{spec.param_count:,} trainable scalars, about "
-                       f"{spec.memory_estimate() / 2**20:,.1f} MiB per worker"))
+                       f"{spec.param_count:,} trainable scalars, at most about "
+                       f"{need / 2**20:,.0f} MiB per worker ({most.name})"))
     return status

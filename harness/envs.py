@@ -24,7 +24,9 @@ from backends import layers, protocol
 
 from . import initializers as inits
 from . import known
+from .checkpoints import FORMATS
 from .files import open_regular, tail
+from .memory import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS_DIR = ROOT / "backends"
@@ -101,6 +103,11 @@ class Backend:
     #: known framework limitations and defects (harness.known), with reasons and sources
     limitations: tuple = ()
     defects: tuple = ()
+    #: its native checkpoint: ``format`` (a key of harness.checkpoints.FORMATS), ``suffix``,
+    #: ``suffix_required`` (the framework's loader picks the format by the file's name)
+    checkpoint: dict = field(default_factory=dict)
+    #: what its worker needs in memory (harness.memory), measured as backend.yaml says
+    memory: Profile | None = None
 
     @property
     def requirements(self) -> Path:
@@ -198,11 +205,16 @@ def _load_backend(folder: Path) -> Backend:
                     for layer, roles in meta.get("defaults", {}).items()}
         sizes = {flavor: DeclaredSize.read(entry)
                  for flavor, entry in (meta.get("environment_size") or {}).items()}
+        checkpoint = dict(meta.get("checkpoint") or {})
+        if checkpoint.get("format") not in FORMATS:
+            raise KeyError(f"checkpoint.format: {checkpoint.get('format')!r} is not one of "
+                           f"{', '.join(FORMATS)}")
         return Backend(folder.name, folder, str(meta.get("framework", folder.name)), defaults,
                        tuple(meta.get("devices", ("cpu", "cuda"))),
                        tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}),
                        _unsupported(meta, folder / "backend.yaml"), sizes=sizes,
-                       limitations=limitations, defects=defects)
+                       limitations=limitations, defects=defects,
+                       checkpoint=checkpoint, memory=Profile.from_yaml(meta["memory"]))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
                         f"metadata: {type(exc).__name__}: {exc}") from None

@@ -144,6 +144,12 @@ def input_file_problem(path) -> str | None:
     except NotAFileOfData as exc:
         return exc.what
     except OSError as exc:
+        try:  # a socket cannot even be opened (ENXIO): say what it is all the same
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            return f"{kind_of(mode)}, not a regular file"
         return f"cannot be opened ({exc.strerror or exc})"
 
 

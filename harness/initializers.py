@@ -387,6 +387,69 @@ def check_arguments(init: dict) -> str | None:
     return CATALOGUE[init["name"]].refuse(init)
 
 
+#: float32's largest finite value and its smallest normal one: below that, values lose
+#: precision (subnormals) or become 0 (XLA, cuDNN and MXNet flush subnormals to zero)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+#: a normal sample's largest |z| among up to 2**31 draws, for the largest value it reaches
+NORMAL_REACH = 8.0
+
+
+def float32_number_problem(value: float) -> str | None:
+    """Why a number a worker uses as float32 does not survive the conversion: it overflows or
+    underflows (0 itself is fine), or None."""
+    if abs(value) > FLOAT32_MAX:
+        return f"{value:g} overflows float32 (largest {FLOAT32_MAX:.8g})"
+    if 0 < abs(value) < FLOAT32_TINY:
+        return (f"{value:g} underflows float32 (smallest normal {FLOAT32_TINY:.8g}; smaller "
+                "values lose precision, and XLA, cuDNN and MXNet flush them to zero)")
+    return None
+
+
+def float32_problem(init: dict, shape: tuple, layer_weight_shape: tuple | None = None
+                    ) -> tuple[str | None, str] | None:
+    """Why ``init`` cannot run in float32 on a parameter of ``shape``: (the argument at fault
+    or None, the reason), or None. Its arguments must be float32 numbers, and the statistics
+    of its values must be too: the variance (which float32 sample statistics square, and which
+    JAX's variance_scaling computes in float32) at least the smallest normal float32, and the
+    float32 sums behind the sample mean and variance of all its values below the largest."""
+    for arg, value in init.items():
+        if isinstance(value, float):
+            problem = float32_number_problem(value)
+            if problem:
+                return arg, f"{init['name']}: {arg}={problem}"
+    e = expected_distribution(init, shape, layer_weight_shape)
+    n = math.prod(shape)
+    if isinstance(e, Orthogonal):  # its check computes W W^T = gain^2 I in float32
+        g2 = e.gain ** 2
+        if not FLOAT32_TINY <= g2 <= FLOAT32_MAX:
+            return None, (f"{describe(init)}: W W^T = gain^2 I = {g2:.3g} I, outside float32's "
+                          f"normal range [{FLOAT32_TINY:.8g}, {FLOAT32_MAX:.8g}]")
+        return None
+    if isinstance(e, Sparse):
+        mean, sigma, deviation = 0.0, e.std, NORMAL_REACH * e.std
+    elif isinstance(e, Continuous):
+        mean, sigma = e.moments()
+        lo, hi = e.support
+        deviation = NORMAL_REACH * sigma if lo is None else max(hi - mean, mean - lo)
+    else:  # constants, eye, dirac, bimodal: exact values or a fixed range
+        return None
+    what = f"{describe(init)} on {n:,} values"
+    if 0 < sigma ** 2 < FLOAT32_TINY:
+        return None, (f"{what}: its variance {sigma ** 2:.3g} underflows float32 (smallest "
+                      f"normal {FLOAT32_TINY:.8g}); float32 sample statistics, and JAX's "
+                      "variance_scaling, compute it in float32")
+    for label, total in (("its values reach", abs(mean) + deviation),
+                         ("the float32 sum behind the sample mean reaches",
+                          n * abs(mean) + math.sqrt(n) * deviation),
+                         ("the float32 sum behind the sample variance reaches",
+                          max(2 * n * sigma ** 2, deviation ** 2))):
+        if total > FLOAT32_MAX:
+            return None, (f"{what}: {label} about {total:.3g}, beyond float32's largest "
+                          f"{FLOAT32_MAX:.8g}")
+    return None
+
+
 def check_fits(init: dict, shape: tuple[int, ...], layer_weight_shape: tuple | None) -> str | None:
     """Why ``init`` cannot fill a parameter of canonical ``shape``, or None when it can."""
     entry = CATALOGUE[init["name"]]

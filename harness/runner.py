@@ -41,6 +41,16 @@ class WorkerResult:
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     done: DoneRecord | None = None
+    sampled_peak_rss: int = 0   # the largest resident memory of its process group seen
+
+    @property
+    def peak_rss(self) -> int:
+        """Bytes: the larger of the sampled peak of the worker's process group (what
+        --max-memory watches) and the worker's own peak plus its largest child's, as the
+        worker measured them (exact, where sampling may miss a short peak)."""
+        own = (self.done.peak_rss_bytes or 0) + (self.done.children_peak_rss_bytes or 0) \
+            if self.done else 0
+        return max(self.sampled_peak_rss, own)
 
 
 @dataclass
@@ -270,6 +280,7 @@ class WorkerExit:
     pid: int | None = None
     parent_pid: int | None = None
     env: dict = field(default_factory=dict)   # the variables the harness set for it
+    sampled_peak_rss: int = 0   # the largest resident memory of its process group seen
 
     def env_shown(self) -> dict:
         """The variables set for the worker that say how it runs (threads, devices), for the
@@ -330,7 +341,7 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
             return ended
         ended.pid, ended.parent_pid = proc.pid, _parent_pid(proc.pid)
         try:
-            ended.rc, ended.killed, _ = _supervise(
+            ended.rc, ended.killed, _, ended.sampled_peak_rss = _supervise(
                 proc, backend, specs, out_dir, timeout, progress,
                 _LogFollower(log_path, backend, progress), max_memory)
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
@@ -345,8 +356,10 @@ def read_worker_output(backend: str, specs: list[Spec], ended: WorkerExit,
     """What a worker wrote, read as the untrusted input it is (``_collect``)."""
     if ended.start_error:
         return _failed_all(backend, specs, ended.log, ended.start_error)
-    return _collect(backend, specs, ended.out_dir, ended.log, ended.rc, ended.killed,
-                    ended.wall_s, max_memory)
+    result = _collect(backend, specs, ended.out_dir, ended.log, ended.rc, ended.killed,
+                      ended.wall_s, max_memory)
+    result.sampled_peak_rss = ended.sampled_peak_rss
+    return result
 
 
 def _parent_pid(pid: int) -> int | None:
@@ -405,8 +418,9 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
                max_memory: int | None = None):
     """Wait for the worker, reporting progress; kill it after ``timeout`` s without any, or
     once its process group's resident memory exceeds ``max_memory`` bytes.
-    Returns (exit status, why it was killed or None, specs finished)."""
-    killed, rc, done, seen = None, None, 0, 0
+    Returns (exit status, why it was killed or None, specs finished, the largest resident
+    memory of the group seen, sampled every 0.2 s)."""
+    killed, rc, done, seen, peak = None, None, 0, 0, 0
     last_progress = time.monotonic()
     while True:
         try:
@@ -418,14 +432,14 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
             _kill(proc)
             raise Stopped(f"{backend}: stopped")
         follow()
-        if max_memory:
-            rss = _group_rss(proc.pid)
-            if rss > max_memory:
-                killed = (f"exceeded the memory limit: {rss / 2**30:.2f} GiB resident, limit "
-                          f"{max_memory / 2**30:.2f} GiB (--max-memory); the worker was killed")
-                _kill(proc)
-                rc = proc.returncode
-                break
+        rss = _group_rss(proc.pid)
+        peak = max(peak, rss)
+        if max_memory and rss > max_memory:
+            killed = (f"exceeded the memory limit: {rss / 2**30:.2f} GiB resident, limit "
+                      f"{max_memory / 2**30:.2f} GiB (--max-memory); the worker was killed")
+            _kill(proc)
+            rc = proc.returncode
+            break
         finished = _finished(out_dir, len(specs))
         markers = finished + (out_dir / "worker.json").exists()
         if markers > seen:  # set up, or one more spec finished: progress
@@ -442,7 +456,7 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
     finished = _finished(out_dir, len(specs))
     if finished > done:
         progress(f"[{backend}] {finished}/{len(specs)} specs done")
-    return rc, killed, finished
+    return rc, killed, finished, peak
 
 
 #: how much of a worker's log is kept next to the report: its start and its end

@@ -163,16 +163,7 @@ class Spec:
     loss: str = "cotangent"       # see LOSSES
     input_fill: float | None = None   # a constant input instead of N(0, 1) draws
     probe: str = "random"         # "initial": numerics and gradients with the initial values
-
-    def memory_estimate(self, batch: int | None = None) -> int:
-        """Bytes a worker needs for this spec, from the spec alone, at ``batch`` (default: its
-        own): float32 parameters held about 8 times over (values, probe, gradients, copies
-        read back, a saved-and-reloaded model, the framework's own), activations 4 times
-        (kept for the backward, their gradients, compiled buffers), the input twice."""
-        scale = (batch or self.input_shape[0]) / self.input_shape[0]
-        params = sum(math.prod(p.shape) for p in self.params)
-        values = 8 * params + scale * (4 * self.activations + 2 * math.prod(self.input_shape))
-        return int(4 * values)
+    leaves: list = field(default_factory=list)  # every leaf call: (node, in, out shape, field)
 
     @property
     def flops_per_sample(self) -> float:
@@ -220,6 +211,7 @@ class _Builder:
         self.params: dict[str, ParamSpec] = {}  # canonical name -> ParamSpec
         self.flops = 0                          # forward FLOPs at the spec's input
         self.activations = 0                    # values every leaf outputs, at that input
+        self.leaves: list = []                  # every leaf call: (node, in, out shape, field)
 
     def fail(self, where, message):
         raise SpecError(self.file, where, message)
@@ -386,6 +378,7 @@ class _Builder:
         out = self.leaf(node, shape, at, where)
         self.flops += forward_flops(node, shape, out)
         self.activations += math.prod(out)
+        self.leaves.append((node, shape, out, where))
         return out
 
     def leaf(self, node, shape, at, where) -> tuple[int, ...]:
@@ -424,6 +417,10 @@ class _Builder:
         problem = inits.check_arguments(init) or inits.check_fits(init, shape, w_shape)
         if problem:
             self.fail(field_, f"cannot initialize {name} (shape {shape}): {problem}")
+        arg, problem = inits.float32_problem(init, shape, w_shape) or (None, None)
+        if problem:
+            self.fail(f"{field_}.{arg}" if arg else field_,
+                      f"cannot initialize {name} (shape {shape}) in float32: {problem}")
 
 
 MAX_SPEC_BYTES = 1 << 20   # a spec file is text someone wrote: 1 MiB is generous
@@ -454,9 +451,17 @@ def load_document(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise SpecError(path, f"byte {exc.start}", "not UTF-8 text; a spec is YAML or JSON") \
             from None
-    # A UTF-8 byte-order mark (Windows editors write one) is accepted in JSON as in YAML: YAML
-    # 1.2 allows it at the start of a stream and RFC 8259 lets a JSON parser ignore it.
+    # One UTF-8 byte-order mark at the start (Windows editors write one) is accepted in JSON as
+    # in YAML: YAML 1.2 allows it at the start of a stream and RFC 8259 lets a JSON parser
+    # ignore it. Anywhere else it is refused in both (PyYAML would skip a second one at the
+    # start and make one inside a key part of the key).
     text = text.removeprefix(BYTE_ORDER_MARK)
+    if BYTE_ORDER_MARK in text:
+        at = text.index(BYTE_ORDER_MARK)
+        line = text.count("\n", 0, at) + 1
+        raise SpecError(path, f"line {line}, column {at - text.rfind(chr(10), 0, at)}",
+                        "a byte-order mark (U+FEFF) after the start of the file; a spec may "
+                        "begin with one, nowhere else")
     try:
         if path.suffix == ".json":
             doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
@@ -570,6 +575,24 @@ def _check_values(doc, file) -> None:
             raise SpecError(file, where, f"a {type(value).__name__} is not JSON data")
 
 
+#: numbers of a spec that workers use as float32 (initializer arguments are checked with
+#: their initializer): top-level fields, and fields of each layer type
+FLOAT32_FIELDS = {"input_fill": None, "batch_norm": ("eps", "momentum")}
+
+
+def _check_float32_numbers(b: _Builder, doc: dict) -> None:
+    """Every number a worker uses as float32 survives the conversion (no overflow, no
+    underflow to a subnormal or zero)."""
+    checks = [("input_fill", doc.get("input_fill"))]
+    for path, node in b.nodes.items():
+        checks += [(f"{b.where[path]}.{key}", node.get(key))
+                   for key in FLOAT32_FIELDS.get(node["type"], ())]
+    for where, value in checks:
+        problem = value is not None and inits.float32_number_problem(float(value))
+        if problem:
+            b.fail(where, f"{problem}: workers compute in float32")
+
+
 def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) -> Spec:
     """Validate a parsed document fully and compute its plan and expectations."""
     _check_values(doc, file)
@@ -582,6 +605,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
                                   "input_shape": list(input_shape), "layers": nodes,
                                   "timed": doc.get("timing", True)}, "plan")
+    _check_float32_numbers(b, doc)
     params = list(b.params.values())
     for p in params:
         p.shared_with.sort()
@@ -595,7 +619,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
                 params, output_shape, b.flops, b.activations, doc.get("loss", "cotangent"),
                 None if doc.get("input_fill") is None else float(doc["input_fill"]),
-                doc.get("probe", "random"))
+                doc.get("probe", "random"), b.leaves)
 
 
 def load_spec(path: str | Path, seed: int | None = None) -> Spec:

@@ -536,11 +536,15 @@ class Adapter(base.BaseAdapter):
             note = ("one forward first: load_weights needs built layers (a Sequential without "
                     "an input shape builds at its first call)")
         try:
-            have = _h5_contents(path)[0]
+            have, _, dtypes = _h5_contents(path)
         except OSError as exc:
             raise ValueError(f"{path} is not a Keras weights file (h5py: {exc})") from None
+        odd = [f"{k} ({dt})" for k, dt in dtypes.items()
+               if dt.kind not in "fiu" or dt.itemsize > 8]
+        if odd:  # a dataset's size is its shape times this: real numbers only, as declared
+            raise ValueError(f"{path}: datasets that are not real numbers: {', '.join(odd[:5])}")
         with tempfile.TemporaryDirectory(prefix="harness-keras-") as tmp:
-            want, layer_names = _h5_contents(self.save(model, os.path.join(tmp, "m")).path)
+            want, layer_names, _ = _h5_contents(self.save(model, os.path.join(tmp, "m")).path)
         canonical = {id(ref.handle): ref.name for ref in self.param_refs(model)}
         layers = {layer.name: layer for layer in model.owners.values()}
 
@@ -587,22 +591,23 @@ class Adapter(base.BaseAdapter):
         }
 
 
-def _h5_contents(path: str) -> tuple[dict, dict]:
-    """A Keras weights file's ``{dataset path: shape}`` and ``{group path: layer name}`` (the
-    ``name`` attribute Keras writes on each layer's group)."""
+def _h5_contents(path: str) -> tuple[dict, dict, dict]:
+    """A Keras weights file's ``{dataset path: shape}``, ``{group path: layer name}`` (the
+    ``name`` attribute Keras writes on each layer's group) and ``{dataset path: dtype}``, from
+    the HDF5 metadata alone (no dataset is read)."""
     import h5py
 
-    shapes, names = {}, {}
+    shapes, names, dtypes = {}, {}, {}
 
     def visit(key, obj):
         if isinstance(obj, h5py.Dataset):
-            shapes[key] = tuple(obj.shape)
+            shapes[key], dtypes[key] = tuple(obj.shape), obj.dtype
         elif "name" in obj.attrs:
-            names[key] = str(obj.attrs["name"])
+            names[key] = str(obj.attrs["name"])[:200]
 
     with h5py.File(path, "r") as f:
         f.visititems(visit)
-    return shapes, names
+    return shapes, names, dtypes
 
 
 def _native(inits, init: dict):

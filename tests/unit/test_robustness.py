@@ -992,3 +992,487 @@ def tempfile_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "fuzz"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+# ------------------------------------------------------------------ hostile input, round two
+# (issue 22): convert's output path and checkpoints, float32 range, the memory estimate, the
+# byte-order mark and YAML merge keys
+
+TIED = ROOT / "specs" / "tied.yaml"
+
+
+def tied_npz(path: Path, **arrays_or_changes) -> Path:
+    """A NumPy checkpoint of specs/tied.yaml (canonical names), with some arrays replaced."""
+    import numpy as np
+    arrays = fuzz_specs._tied_arrays()
+    arrays.update(arrays_or_changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def convert(tmp_path, weights, out, *, source="numpy", target="numpy", seconds=10):
+    """``convert specs/tied.yaml`` in this process (the NumPy workers with this interpreter)."""
+    return harness_in_process("convert", TIED, "--from", source, "--weights", weights, "--to",
+                              target, "--out", out, "--python", f"numpy={PYTHON}",
+                              seconds=seconds)
+
+
+def assert_convert_refused(result, option: str, *fragments) -> str:
+    """Exit 2, one ``error: OPTION: ...`` line (other lines only progress), every fragment."""
+    rc, out, err = result
+    assert "Traceback" not in err, err
+    assert rc == 2, (rc, out, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(line.startswith("[") for line in err.splitlines()
+                                    if not line.startswith("error: ")), err
+    assert errors[0].startswith(f"error: {option}: "), errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def test_convert_writes_to_another_filesystem(tmp_path):
+    """The output is staged next to the target and renamed there: a conversion whose temporary
+    files are on one filesystem (TMPDIR) and whose --out is on another (/dev/shm, a tmpfs)
+    succeeds (it failed with "Invalid cross-device link"), the file holds the weights, and
+    nothing is left beside it or in TMPDIR."""
+    import numpy as np
+    shm = Path("/dev/shm")
+    assert shm.is_dir(), "this test needs /dev/shm (a tmpfs on Linux)"
+    assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, \
+        "TMPDIR and /dev/shm are one filesystem here: the test would prove nothing"
+    weights = tied_npz(tmp_path / "tied.npz")
+    target_dir = Path(tempfile_mkdtemp(shm))
+    try:
+        out = target_dir / "tied.npz"
+        env = wrapper_env(TMPDIR=tmp_path)
+        proc = run_harness("convert", TIED, "--from", "numpy", "--weights", weights, "--to",
+                           "numpy", "--out", out, "--python", f"numpy={PYTHON}", env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"wrote  {out}" in proc.stdout
+        with np.load(out) as got, np.load(weights) as want:
+            assert sorted(got.files) == sorted(want.files)
+            for name in want.files:
+                np.testing.assert_array_equal(got[name], want[name])
+        assert sorted(p.name for p in target_dir.iterdir()) == ["tied.npz"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tied.npz"]
+    finally:
+        import shutil
+        shutil.rmtree(target_dir, ignore_errors=True)
+
+
+def tempfile_mkdtemp(folder: Path) -> str:
+    import tempfile
+    return tempfile.mkdtemp(prefix="harness-test-", dir=folder)
+
+
+def test_convert_replaces_a_regular_file_and_says_so(tmp_path):
+    """An existing regular --out is replaced (atomically, by a rename) and the output says so."""
+    weights = tied_npz(tmp_path / "tied.npz")
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"an earlier file")
+    rc, stdout, err = convert(tmp_path, weights, out, seconds=60)
+    assert rc == 0, err
+    assert "replaced the regular file that was there" in stdout
+    assert out.read_bytes()[:2] == b"PK"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+#: --out that is not a new or regular file, and what the refusal must say
+BAD_OUT = {
+    "char_device": "a character device",
+    "fifo": "a FIFO (named pipe)",
+    "socket": "a socket",
+    "directory": "a directory",
+    "symlink_to_file": "a symbolic link (to",
+    "dangling_symlink": "a symbolic link (to",
+    "missing_dir": "does not exist",
+    "weights": "the --weights file itself",
+    "proc": "on procfs, a pseudo-filesystem",
+    "trailing_slash": "a directory; give the path of a file",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_OUT))
+def test_convert_never_replaces_anything_but_a_regular_file(tmp_path, kind):
+    """--out a device, FIFO, socket, directory or symbolic link (to a file, or dangling), in a
+    missing directory, the --weights file, a pseudo-filesystem: refused in one line, exit 2,
+    before any worker starts, and the path is left exactly as it was (a symbolic link is
+    refused rather than replaced: replacing it would cut whatever else reaches the file through
+    it, and writing through it would put the file where the user did not name)."""
+    weights = tied_npz(tmp_path / "tied.npz")
+    out = {"char_device": "/dev/null", "proc": "/proc/self/out.npz",
+           "missing_dir": str(tmp_path / "nowhere" / "out.npz"), "weights": str(weights),
+           "trailing_slash": str(tmp_path / "out.npz") + "/"}.get(kind)
+    out = out or fuzz_specs._special(tmp_path / "out.npz", kind)
+    before = fuzz_specs._snapshot(out.rstrip("/"))
+    line = assert_convert_refused(convert(tmp_path, weights, out), "--out", BAD_OUT[kind])
+    assert out in line
+    assert fuzz_specs._snapshot(out.rstrip("/")) == before, "--out was changed"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_convert_out_needs_the_suffix_keras_reads(tmp_path):
+    """--to keras with an --out Keras' load_weights would not read as Keras 3 weights (it picks
+    the reader by the name: only *.weights.h5): refused, naming the suffix."""
+    weights = tied_npz(tmp_path / "tied.npz")
+    for name in ("out.h5", "out.keras", "out"):
+        assert_convert_refused(convert(tmp_path, weights, tmp_path / name, target="keras"),
+                               "--out", ".weights.h5")
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (float("nan"), "1 NaN"), (float("inf"), "1 infinite"), (-float("inf"), "1 infinite"),
+    (1e300, "1 infinite or beyond float32's largest")])
+def test_convert_refuses_checkpoint_values_that_are_not_finite_float32(tmp_path, value,
+                                                                        fragment):
+    """NaN, infinities and float64 values beyond float32's range (infinite once loaded into a
+    float32 model) in one tensor: a user error naming that tensor, exit 2 (it was exit 1 with
+    "max |difference| nan"), and nothing written."""
+    import numpy as np
+    bias = np.zeros(8)
+    bias[3] = value
+    weights = tied_npz(tmp_path / "bad.npz", **{"shared.bias": bias})
+    out = tmp_path / "out.npz"
+    assert_convert_refused(convert(tmp_path, weights, out, seconds=60), "--weights",
+                           "tensor shared.bias", "not finite float32", fragment)
+    assert not out.exists()
+
+
+def test_convert_refuses_values_whose_output_overflows_float32(tmp_path):
+    """Finite float32 values whose forward overflows float32 (every weight 3e38): a user error
+    naming the largest tensor, not a disagreement of the two frameworks."""
+    import numpy as np
+    arrays = {k: np.full_like(v, 3e38) for k, v in fuzz_specs._tied_arrays().items()}
+    weights = tied_npz(tmp_path / "big.npz", **arrays)
+    out = tmp_path / "out.npz"
+    assert_convert_refused(convert(tmp_path, weights, out, seconds=60), "--weights",
+                           "output on the spec's input is not finite", "float32")
+    assert not out.exists()
+
+
+#: --weights that are not a file of data, or not what the source backend reads, and what the
+#: refusal must say (the file's kind, its format, who reads it)
+BAD_WEIGHTS = {
+    "missing": ("numpy", None, "no such file"),
+    "dangling_symlink": ("numpy", None, "a symbolic link to"),
+    "socket": ("numpy", None, "a socket"),
+    "directory": ("numpy", None, "a directory"),
+    "dev_null": ("numpy", None, "a character device"),
+    "fifo": ("numpy", None, "a FIFO (named pipe)"),
+    "empty": ("numpy", b"", "an empty file"),
+    "text": ("numpy", b"name: tied\n", "a text file"),
+    "npy": ("numpy", fuzz_specs.OTHER_FILES["npy"], "a single NumPy array (.npy"),
+    "pickle": ("torch", fuzz_specs.OTHER_FILES["pickle"], "a Python pickle"),
+    "torch_legacy": ("torch", fuzz_specs.OTHER_FILES["torch_legacy"], "legacy pickle format"),
+    "safetensors": ("torch", fuzz_specs.OTHER_FILES["safetensors"], "a safetensors file"),
+    "torch_for_numpy": ("numpy", "torch", "a PyTorch checkpoint (torch.save's zip archive), "
+                        "but numpy reads a NumPy .npz archive of named arrays (numpy.savez); "
+                        "--from torch reads it"),
+    "keras_for_torch": ("torch", "keras", "an HDF5 file (the format of Keras save_weights), "
+                        "but torch reads a PyTorch checkpoint (torch.save's zip archive); --from "
+                        "keras, keras_jax or keras_torch reads it"),
+    "flax_for_gluon": ("gluon", "flax", "msgpack data (the format of flax.serialization."
+                       "to_bytes), but gluon reads an MXNet NDArray file"),
+    "gluon_for_flax": ("flax", "gluon", "an MXNet NDArray file (the format of Gluon "
+                       "save_parameters), but flax reads msgpack data"),
+    "numpy_for_keras": ("keras_jax", "numpy", "a NumPy .npz archive of named arrays "
+                        "(numpy.savez), but keras_jax reads an HDF5 file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_WEIGHTS))
+def test_weights_refusal_says_what_the_file_is(tmp_path, kind):
+    """Every refusal of --weights says what the file is: missing, a dangling link, a socket,
+    directory, device or FIFO (never "no such file" for a file that exists), empty, text, a
+    .npy, a pickle, a legacy or safetensors file, or another framework's checkpoint (and which
+    --from reads it); in one line, before any worker starts."""
+    source, data, fragment = BAD_WEIGHTS[kind]
+    if isinstance(data, str):  # another backend's format
+        make, suffix = fuzz_specs.FORMAT_FILES[data]
+        weights = tmp_path / f"w{suffix}"
+        weights.write_bytes(make())
+    elif data is not None:
+        weights = tmp_path / "w.bin"
+        weights.write_bytes(data)
+    else:
+        weights = Path(fuzz_specs._special(tmp_path / "w.npz", kind)) \
+            if kind != "missing" else tmp_path / "missing.npz"
+    line = assert_convert_refused(convert(tmp_path, weights, tmp_path / "out.npz",
+                                          source=source), "--weights", fragment)
+    assert str(weights) in line
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_keras_weights_under_another_suffix_say_what_keras_needs(tmp_path):
+    """A Keras weights file named *.h5 (or anything but *.weights.h5) is refused saying what
+    it is and the name Keras insists on, instead of a zip or layer-count error."""
+    make, _ = fuzz_specs.FORMAT_FILES["keras"]
+    for name in ("w.h5", "w.hdf5", "w.pt"):
+        (tmp_path / name).write_bytes(make())
+        assert_convert_refused(convert(tmp_path, tmp_path / name, tmp_path / "out.npz",
+                                       source="keras"), "--weights", "an HDF5 file",
+                               "whose name ends in .weights.h5")
+
+
+@pytest.mark.parametrize("kind,source,fragment", [
+    ("npz", "numpy", "its members declare 268,435,584 bytes"),
+    ("torch", "torch", "its members declare 268,435,"),
+    ("npz_lying_header", "numpy", "declares [8, 20] float32 (640 bytes) in a member of"),
+    ("mxnet", "gluon", "an array of 40,000,000,000 bytes"),
+    ("msgpack", "flax", "larger than any checkpoint of the model"),
+])
+def test_checkpoint_declared_sizes_are_checked_before_anything_is_decompressed(
+        tmp_path, kind, source, fragment):
+    """A checkpoint of a few hundred kilobytes that declares 256 MiB (a zip member of an .npz
+    or a torch.save archive), an .npy header larger than its member, an MXNet array header of
+    40 GB, a msgpack file larger than the model: refused against the spec's size before any
+    data is read (the parent's traced memory stays far below what was declared)."""
+    import tracemalloc
+    weights = tmp_path / f"w{fuzz_specs.FORMAT_FILES[source][1]}"
+    weights.write_bytes(fuzz_specs._bomb(kind))
+    tracemalloc.start()
+    try:
+        result = convert(tmp_path, weights, tmp_path / "out.npz", source=source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_convert_refused(result, "--weights", fragment)
+    assert peak < 16 << 20, f"the parent held {peak / 2**20:.0f} MiB"
+
+
+def test_npz_holding_python_objects_is_refused_from_its_header(tmp_path):
+    """An .npz member whose header says dtype object (a pickle) is refused from the header."""
+    import numpy as np
+    weights = tmp_path / "obj.npz"
+    np.savez(weights, **{"0.weight": np.array([{"a": 1}], dtype=object)}, allow_pickle=True)
+    assert_convert_refused(convert(tmp_path, weights, tmp_path / "out.npz"), "--weights",
+                           "holds Python objects")
+
+
+# -- float32 range
+
+FLOAT32_REFUSED = [
+    ("{type: dense, units: 4, weight_init: {name: normal, std: 1.0e-45}}", "",
+     "layers[0].weight_init.std", "underflows float32 (smallest normal 1.1754944e-38"),
+    ("{type: dense, units: 4, weight_init: {name: constant, val: -1.0e-40}}", "",
+     "layers[0].weight_init.val", "underflows float32"),
+    ("{type: dense, units: 4, weight_init: {name: variance_scaling, scale: 1.0e-39}}", "",
+     "layers[0].weight_init.scale", "underflows float32"),
+    ("{type: dense, units: 512, weight_init: {name: normal, std: 1.0e-20}}", "",
+     "layers[0].weight_init", "its variance 1e-40 underflows float32"),
+    ("{type: dense, units: 512, weight_init: {name: sparse, sparsity: 0.5, std: 1.0e-21}}",
+     "", "layers[0].weight_init", "underflows float32"),
+    ("{type: dense, units: 4096, weight_init: {name: normal, std: 1.0e+18}}", "",
+     "layers[0].weight_init", "sample variance reaches about 3.28e+40, beyond float32's "
+                              "largest 3.4028235e+38"),
+    ("{type: dense, units: 4096, weight_init: {name: uniform, a: -1.0e+20, b: 1.0e+20}}", "",
+     "layers[0].weight_init", "beyond float32's largest 3.4028235e+38"),
+    ("{type: dense, units: 100000000, weight_init: {name: normal, mean: 1.0e+30, std: 1.0}}",
+     "", "layers[0].weight_init", "the float32 sum behind the sample mean reaches about 4e+38"),
+    ("{type: dense, units: 4, weight_init: {name: orthogonal, gain: 1.0e+20}}", "",
+     "layers[0].weight_init", "gain^2 I = 1e+40 I, outside float32's normal range"),
+    ("{type: relu}", "input_fill: 1.0e+39", "input_fill", "overflows float32 (largest "
+                                                           "3.4028235e+38)"),
+    ("{type: relu}", "input_fill: -1.0e-42", "input_fill", "underflows float32"),
+    ("{type: batch_norm, eps: 1.0e-50}", "", "layers[0].eps", "underflows float32"),
+    ("{type: batch_norm, momentum: 1.0e-45}", "", "layers[0].momentum", "underflows float32"),
+]
+
+
+@pytest.mark.parametrize("layer,top,field,limit", FLOAT32_REFUSED,
+                         ids=[f"{i}-{f[2]}" for i, f in enumerate(FLOAT32_REFUSED)])
+def test_check_refuses_what_cannot_run_in_float32(tmp_path, layer, top, field, limit):
+    """Initializer arguments and constants that underflow float32 (below its smallest normal:
+    subnormals lose precision and XLA, cuDNN and MXNet flush them to zero), initializers whose
+    variance underflows or whose float32 sample statistics overflow, an orthogonal gain^2
+    outside the range, input_fill, eps and momentum: refused by `check`, naming the field
+    and the float32 limit (they were accepted and then failed their checks, with numpy
+    overflow warnings on stderr)."""
+    path = tmp_path / "f32.yaml"
+    path.write_text(f"name: f32\ninput: [2, 4]\n{top}\nlayers: [{layer}]\n")
+    assert_refused(path, f"{path}: {field}: ", limit)
+
+
+@pytest.mark.parametrize("layer,top", [
+    ("{type: dense, units: 512, weight_init: {name: normal, std: 1.0e-15}}", ""),
+    ("{type: dense, units: 4, weight_init: {name: variance_scaling, scale: 1.0e-37}}", ""),
+    ("{type: dense, units: 4096, weight_init: {name: normal, std: 1.0e+15}}", ""),
+    ("{type: dense, units: 4, weight_init: {name: constant, val: 1.0e+30}}", ""),
+    ("{type: relu}", "input_fill: 1.0e+30"), ("{type: relu}", "input_fill: 2.0e-38"),
+    ("{type: batch_norm, eps: 1.0e-30, momentum: 0}", ""),
+])
+def test_check_accepts_what_float32_holds(tmp_path, layer, top):
+    """The limits are float32's, not tighter: values inside its normal range are accepted."""
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"name: ok\ninput: [2, 4]\n{top}\nlayers: [{layer}]\n")
+    rc, out, err = harness_in_process("check", path)
+    assert rc == 0, err
+
+
+def test_float32_statistics_rule_matches_numpy():
+    """The overflow rule's witness: where it refuses an initializer for its sample variance's
+    float32 sum, numpy's float32 variance of such a sample does overflow (inf, with the warning
+    users saw on stderr), and where it accepts one, the float32 variance is finite and close
+    to the float64 one. (The underflow rule's witness is the frameworks': JAX and TensorFlow
+    flush subnormal float32 values to zero; see docs/initializers.md.)"""
+    import warnings
+    import numpy as np
+    from harness import initializers as inits
+    rng = np.random.default_rng(0)
+    for std, refused in ((1e18, True), (3e17, True), (1e15, False), (1e-15, False)):
+        init = inits.normalize({"name": "normal", "std": std})
+        assert (inits.float32_problem(init, (4096, 4)) is not None) == refused, std
+        values = (rng.standard_normal(16384) * std).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            var32 = float(values.var(ddof=1))
+        var64 = float(values.astype(np.float64).var(ddof=1))
+        good = np.isfinite(var32) and abs(var32 - var64) <= 1e-3 * var64
+        assert good != refused, (std, var32, var64)
+
+
+# -- the memory estimate
+
+def test_memory_estimate_bounds_the_reference_convolution_windows(tmp_path):
+    """A large-kernel convolution whose parameters and output are small but whose sliding
+    windows are huge (the NumPy reference builds them as one float64 array: 2.3 TiB for such a
+    spec, estimated at 43 MiB before): the estimate holds at least those windows in float64
+    for the reference, and `check` refuses the spec naming the layer and its working values."""
+    from harness import memory
+    from harness.envs import discover
+    from harness.spec import load_spec
+    path = tmp_path / "conv.yaml"
+    path.write_text("name: conv\ninput: [1, 3, 1024, 1024]\nlayers: [{type: conv2d, "
+                    "channels: 64, kernel: 255, padding: 127}]\n")
+    spec = load_spec(path)
+    windows = 1 * 3 * 255 * 255 * 1024 * 1024
+    assert memory.sizes(spec).working >= windows
+    assert memory.estimate(spec, discover()["numpy"].memory) >= 8 * windows
+    assert_refused(path, "working values in layers[0] (conv2d)", "--max-memory",
+                   args=("--max-memory", "64"))
+
+
+def test_memory_estimate_is_per_backend(tmp_path):
+    """The frameworks' own resident memory differs (NumPy's reference about 70 MiB, PyTorch's
+    with torch.compile's compiler hundreds): a spec that fits the reference under a tight
+    --max-memory is refused for torch, naming torch, and accepted when only the reference
+    runs."""
+    import argparse
+    from harness.envs import select
+    from harness.spec import load_spec
+    spec = load_spec(TIED)
+    args = argparse.Namespace(max_memory=int(0.3 * 2 ** 30), timing="off", batch=None)
+    cli.check_memory([spec], args, select(["numpy"]))
+    with pytest.raises(cli.SpecError, match=r"needs about .* GiB in torch"):
+        cli.check_memory([spec], args, select(["numpy", "torch"]))
+    needs = {b.name: n for _, b, n in cli.memory_needs([spec], select(None))}
+    assert needs["numpy"] < needs["torch"]
+
+
+def test_memory_estimate_grows_with_every_term():
+    """Each size the estimate is made of grows with what it counts (parameters; activations,
+    also with the batch; a layer's windows; layer calls), every backend's coefficient of it is
+    positive, and the other specs' inputs and probes held by the same worker are added."""
+    import dataclasses
+    from harness import memory
+    from harness.envs import discover
+    from harness.spec import build_spec
+    from unit_helpers import doc
+    base = build_spec(doc([{"type": "conv2d", "channels": 2, "kernel": 1}], input=(2, 1, 8, 8)))
+    grown = {
+        "parameters": doc([{"type": "conv2d", "channels": 64, "kernel": 1}], input=(2, 1, 8, 8)),
+        "activations": doc([{"type": "conv2d", "channels": 2, "kernel": 1}, {"type": "relu"}],
+                           input=(2, 1, 8, 8)),
+        "working": doc([{"type": "conv2d", "channels": 2, "kernel": 5, "padding": 2}],
+                       input=(2, 1, 8, 8)),
+        "layer_calls": doc([{"type": "conv2d", "channels": 2, "kernel": 1}, {"type": "flatten"}],
+                           input=(2, 1, 8, 8)),
+    }
+    small = memory.sizes(base)
+    for term, d in grown.items():
+        assert getattr(memory.sizes(build_spec(d)), term) > getattr(small, term), term
+    assert memory.sizes(base, batch=64).activations > small.activations
+    assert memory.sizes(base, batch=64).working > small.working
+    for b in discover().values():  # a compiler's cost per layer call: where there is one
+        for term in ("parameters", "activations", "working", "layer_calls"):
+            more = dataclasses.replace(small, **{term: getattr(small, term) + 10 ** 6})
+            grows = memory.estimate_of(more, b.memory) > memory.estimate_of(small, b.memory)
+            assert grows or (term == "layer_calls" and b.memory.per_layer_mib == 0), \
+                (b.name, term)
+    torch = [discover()["torch"]]
+    other = build_spec(grown["parameters"])
+    assert cli.memory_needs([base, other], torch)[0][2] == \
+        cli.memory_needs([base], torch)[0][2] + memory.held_between_specs(other)
+
+
+def test_worker_reports_its_peak_resident_memory(tmp_path):
+    """The worker's own peak (getrusage) comes back in done.json and the runner keeps the
+    larger of it and what it sampled: a run that held a 200 MiB array peaks above that."""
+    result = run_worker("numpy", PYTHON, [dense_spec("a")], tmp_path / "small", device="cpu",
+                        timeout=30, progress=quiet)
+    assert result.done.peak_rss_bytes > 10 << 20
+    assert result.peak_rss >= result.done.peak_rss_bytes
+    assert result.peak_rss >= result.sampled_peak_rss > 0
+    big = dense_spec("wide", units=200_000, n_in=256)  # a 51M-value weight, 195 MiB as float32
+    result = run_worker("numpy", PYTHON, [big], tmp_path / "big", device="cpu", timeout=60,
+                        progress=quiet)
+    assert result.records[0].status == Status.OK, result.records[0].error
+    assert result.peak_rss > 200 << 20
+
+
+# -- byte-order mark, merge keys
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_byte_order_mark_is_accepted_in_json_and_yaml_alike(tmp_path, suffix):
+    """One answer for a UTF-8 byte-order mark at the start (Windows editors write one): JSON
+    and YAML both accept it (JSON refused it, YAML accepted it), and give the same spec as
+    without it; a second one, or one inside, is refused in both."""
+    from harness.spec import load_spec
+    text = '{"name": "t", "input": [2, 4], "layers": [{"type": "dense", "units": 3}]}'
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
+    plain.write_text(text)
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_spec(marked).plan == load_spec(plain).plan
+    for data, where in ((b"\xef\xbb\xbf\xef\xbb\xbf" + text.encode(), "line 1, column 1"),
+                        (text[:20].encode() + b"\xef\xbb\xbf" + text[20:].encode(),
+                         "line 1, column 21")):
+        marked.write_bytes(data)
+        assert_refused(marked, where, "a byte-order mark (U+FEFF) after the start")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("name: t\ninput: [2, 4]\n<<: {seed: 1}\nlayers: [{type: relu}]\n", "line 3, column 1"),
+    ("name: t\ninput: [2, 4]\nlayers: [{<<: {type: relu}}]\n", "line 3, column 11"),
+    ("name: t\ninput: [2, 4]\nlayers:\n  - <<: [{type: relu}]\n    name: a\n",
+     "line 4, column 5"),
+])
+def test_yaml_merge_keys_are_refused_plainly(tmp_path, text, where):
+    """A YAML merge key (``<<``; with an alias the alias is refused first) is refused in one
+    plain line with its position, not PyYAML's "could not determine a constructor"."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    line = assert_refused(path, where, "YAML merge keys (<<) are not allowed")
+    assert "constructor" not in line
+
+
+# -- fuzzing convert
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=fuzz_specs.convert_cases())
+def test_fuzzed_convert_inputs_are_refused_cleanly(tmp_path, case):
+    """A bounded hypothesis sample of the fuzz benchmark's hostile conversions (special files
+    and other formats as --weights, declared-size bombs, non-finite values, hostile --out):
+    each is refused in one line naming the option and the path, exit 2, --out untouched and
+    nothing staged beside it."""
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        args = fuzz_specs.materialize_convert(case, Path(folder))
+        out = args[args.index("--out") + 1].rstrip("/")
+        before = fuzz_specs._snapshot(out)
+        rc, stdout, err = harness_in_process("convert", *args, seconds=60)
+        outcome, evidence = fuzz_specs.classify_convert(case, args, before, {
+            "rc": rc, "out": stdout, "err": err, "timed_out": False, "seconds": 0})
+    assert outcome == "clean", (outcome, case.kind, case.note, evidence)

@@ -1,0 +1,126 @@
+"""What a worker needs in memory for a spec, from the spec alone, per backend: an upper bound of
+the resident memory of the worker's process group (what ``--max-memory`` watches and what
+``compare``, ``convert`` and ``check`` refuse a spec by).
+
+    need = baseline                                   the framework imported and set up
+         + bytes_per_parameter  x parameter values    the model and every copy a worker holds
+         + bytes_per_activation x activation values   every layer's output, the input
+         + bytes_per_working    x working values      the largest temporary of one layer call
+         + per_layer            x layer calls         what a compiler spends per operation
+
+A layer's *working values* are the largest array one call of it builds beyond its input and
+output, forward or backward: the sliding windows of a convolution (im2col: the NumPy reference
+builds them as one float64 array, and frameworks that lower a convolution to a matrix product
+build parts of it) or of a pooling window, the temporaries of batch norm. Each layer type's
+function is in ``WORKING`` below (one small function per type, to move into the layer registry).
+The coefficients are each backend's, declared in its ``backend.yaml`` (``memory:``) with how
+they were measured (``benchmarks/memory_estimate.py``, which prints the estimate beside the
+measured peak for a spread of specs on every backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+MIB = 1 << 20
+
+
+def _conv2d(node: dict, x: tuple, y: tuple) -> int:
+    """The windows: every output position times every kernel tap, per input channel (im2col),
+    plus the zero-padded input they are cut from."""
+    n, c, h, w = x
+    (kh, kw), (ph, pw) = node["kernel"], node["padding"]
+    return n * c * kh * kw * y[2] * y[3] + n * c * (h + 2 * ph) * (w + 2 * pw)
+
+
+def _max_pool2d(node: dict, x: tuple, y: tuple) -> int:
+    """The windows as one array (the backward's argmax over each window), and its NaN mask."""
+    kh, kw = node["pool"]
+    return 2 * y[0] * y[1] * y[2] * y[3] * kh * kw
+
+
+def _batch_norm(node: dict, x: tuple, y: tuple) -> int:
+    """The centred input, the normalized input and the backward's temporaries, each of the
+    input's size."""
+    return 4 * math.prod(x)
+
+
+def _dense(node: dict, x: tuple, y: tuple) -> int:
+    """The input and output as matrices (copies where a framework needs them contiguous)."""
+    return math.prod(x) + math.prod(y)
+
+
+def _elementwise(node: dict, x: tuple, y: tuple) -> int:
+    """One temporary of the input's size (a mask, ``x - mean``, ``1 - y^2``)."""
+    return math.prod(x)
+
+
+#: layer type -> working values of one call, from the node and its input and output shapes
+WORKING: dict[str, Callable[[dict, tuple, tuple], int]] = {
+    "dense": _dense,
+    "my_dense": lambda node, x, y: _dense(node, x, y) + math.prod(y),  # and its relu mask
+    "conv2d": _conv2d,
+    "batch_norm": _batch_norm,
+    "max_pool2d": _max_pool2d,
+    "flatten": lambda node, x, y: 0,
+    "relu": _elementwise,
+    "sigmoid": _elementwise,
+    "tanh": _elementwise,
+    "center": _elementwise,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One backend's memory coefficients (``backend.yaml``, ``memory:``)."""
+    baseline_mib: float
+    bytes_per_parameter: float
+    bytes_per_activation: float
+    bytes_per_working: float
+    per_layer_mib: float = 0.0
+
+    @classmethod
+    def from_yaml(cls, data: dict) -> "Profile":
+        return cls(**{k: float(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The spec's sizes the estimate is made of, at one batch size."""
+    parameters: int     # parameter and running-statistic values, each stored once
+    activations: int    # every layer call's output and the input (with its cotangent)
+    working: int        # the largest working values of one layer call ...
+    working_field: str  # ... the layer's field in the spec ("" without layers)
+    layer_calls: int
+
+
+def sizes(spec, batch: int | None = None) -> Sizes:
+    """The spec's sizes at ``batch`` (default its own): activations and working memory scale
+    with the batch, parameters do not."""
+    scale = (batch or spec.input_shape[0]) / spec.input_shape[0]
+    params = sum(math.prod(p.shape) for p in spec.params)
+    working, where = max(((WORKING[node["type"]](node, x, y), f"{where} ({node['type']})")
+                          for node, x, y, where in spec.leaves), default=(0, ""))
+    activations = spec.activations + 2 * math.prod(spec.input_shape)
+    return Sizes(params, math.ceil(scale * activations), math.ceil(scale * working), where,
+                 len(spec.leaves))
+
+
+def estimate(spec, profile: Profile, batch: int | None = None) -> int:
+    """Bytes a worker of this profile's backend needs for ``spec`` at ``batch``."""
+    return estimate_of(sizes(spec, batch), profile)
+
+
+def estimate_of(s: Sizes, profile: Profile) -> int:
+    return int(profile.baseline_mib * MIB + profile.bytes_per_parameter * s.parameters
+               + profile.bytes_per_activation * s.activations
+               + profile.bytes_per_working * s.working + profile.per_layer_mib * MIB
+               * s.layer_calls)
+
+
+def held_between_specs(spec) -> int:
+    """Bytes a worker holds for ``spec`` while it runs the others: its inputs (example,
+    cotangent, a wider one) and its probe parameters, read once for every spec, as float32."""
+    return 4 * (3 * math.prod(spec.input_shape) + sum(math.prod(p.shape) for p in spec.params))
