@@ -94,11 +94,10 @@ def worker_settings(args) -> dict:
 
 def memory_needs(specs, backends, batch: int = 0) -> list[tuple[Spec, Backend, int]]:
     """(spec, backend, bytes) for every pair: what that backend's worker needs for the spec
-    at the largest batch it runs (``batch``, or the spec's own), while holding the other
-    specs' inputs and probe parameters (harness.memory)."""
-    held = sum(memory.held_between_specs(s) for s in specs)
-    return [(s, b, memory.estimate(s, b.memory, max(batch, s.input_shape[0])) + held
-             - memory.held_between_specs(s)) for s in specs for b in backends]
+    at the largest batch it runs (``batch``, or the spec's own), while holding what it keeps
+    of the other specs (harness.memory.run_need)."""
+    needs = {b.name: memory.run_need(specs, b.memory, batch) for b in backends}
+    return [(s, b, needs[b.name][i]) for i, s in enumerate(specs) for b in backends]
 
 
 def check_memory(specs, args, backends=None) -> None:

@@ -80,6 +80,7 @@ class Profile:
     bytes_per_activation: float
     bytes_per_working: float
     per_layer_mib: float = 0.0
+    retained_per_spec_mib: float = 0.0  # what a worker keeps of each spec it has run
 
     @classmethod
     def from_yaml(cls, data: dict) -> "Profile":
@@ -120,7 +121,18 @@ def estimate_of(s: Sizes, profile: Profile) -> int:
                * s.layer_calls)
 
 
-def held_between_specs(spec) -> int:
+def held_between_specs(spec, profile: Profile) -> int:
     """Bytes a worker holds for ``spec`` while it runs the others: its inputs (example,
-    cotangent, a wider one) and its probe parameters, read once for every spec, as float32."""
-    return 4 * (3 * math.prod(spec.input_shape) + sum(math.prod(p.shape) for p in spec.params))
+    cotangent, a wider one) and its probe parameters, read once for every spec, as float32,
+    and what the framework keeps of a spec it has run (compiled programs and their caches:
+    XLA and torch.compile keep them for the process's life)."""
+    return 4 * (3 * math.prod(spec.input_shape) + sum(math.prod(p.shape) for p in spec.params)) \
+        + int(profile.retained_per_spec_mib * MIB)
+
+
+def run_need(specs, profile: Profile, batch: int = 0) -> list[int]:
+    """Bytes one worker of this profile's backend needs while it runs each of ``specs`` (at
+    ``batch`` or the spec's own, whichever is larger), holding what it keeps of the others."""
+    held = [held_between_specs(s, profile) for s in specs]
+    return [estimate(s, profile, max(batch, s.input_shape[0])) + sum(held) - h
+            for s, h in zip(specs, held)]

@@ -1374,7 +1374,8 @@ def test_memory_estimate_is_per_backend(tmp_path):
 def test_memory_estimate_grows_with_every_term():
     """Each size the estimate is made of grows with what it counts (parameters; activations,
     also with the batch; a layer's windows; layer calls), every backend's coefficient of it is
-    positive, and the other specs' inputs and probes held by the same worker are added."""
+    positive, and what the same worker keeps of the other specs (their inputs and probes, its
+    compiled programs) is added."""
     import dataclasses
     from harness import memory
     from harness.envs import discover
@@ -1404,7 +1405,7 @@ def test_memory_estimate_grows_with_every_term():
     torch = [discover()["torch"]]
     other = build_spec(grown["parameters"])
     assert cli.memory_needs([base, other], torch)[0][2] == \
-        cli.memory_needs([base], torch)[0][2] + memory.held_between_specs(other)
+        cli.memory_needs([base], torch)[0][2] + memory.held_between_specs(other, torch[0].memory)
 
 
 def test_worker_reports_its_peak_resident_memory(tmp_path):
