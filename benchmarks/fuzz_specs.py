@@ -979,6 +979,8 @@ def _bomb(kind: str) -> bytes:
             "mxnet": struct.pack("<QQQIii2qiii", 0x112, 0, 1, 0xF993FAC9, 0, 2, 100_000,
                                  100_000, 1, 0, 0) + struct.pack("<Q", 0),
             "msgpack": b"\x81\xa6params\xc6" + struct.pack(">I", 3 << 20) + b"\0" * (3 << 20),
+            "many_members": _zip({"archive/data.pkl": b"\x80\x02}q\x00.",
+                                  **{f"archive/data/{i}": b"" for i in range(40_000)}}),
         })
     return _BOMBS[kind]
 
@@ -1039,7 +1041,8 @@ def convert_cases(draw):
                                                               "keras_torch"])),
                            weights=FORMAT_FILES["keras"][0](), weights_name=name, note=name)
     if what == "declared_size":
-        kind = draw(st.sampled_from(["npz", "torch", "npz_lying_header", "mxnet", "msgpack"]))
+        kind = draw(st.sampled_from(["npz", "torch", "npz_lying_header", "mxnet", "msgpack",
+                                     "many_members"]))
         source = {"npz": "numpy", "npz_lying_header": "numpy", "mxnet": "gluon",
                   "msgpack": "flax"}.get(kind, "torch")
         return ConvertCase(what, source=source, weights=_bomb(kind),

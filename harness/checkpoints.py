@@ -255,12 +255,27 @@ def fit_problem(ckpt: Checkpoint, spec, fh: BinaryIO | None = None) -> str | Non
     return problem
 
 
+def _capacity_text(spec) -> str:
+    tensors, capacity = spec_capacity(spec)
+    return (f"the spec {spec.name}'s {tensors} tensors ({len(spec.params)} parameters and "
+            f"statistics) hold at most {capacity:,} bytes, even as float64")
+
+
+def file_size_problem(size: int, spec) -> str | None:
+    """Why a file of ``size`` bytes cannot be a checkpoint of ``spec``'s model, or None
+    (decided before its index is parsed: a huge central directory costs memory too)."""
+    if size > spec_capacity(spec)[1]:
+        return (f"a file of {size:,} bytes, larger than any checkpoint of the model: "
+                f"{_capacity_text(spec)}")
+    return None
+
+
 def _size_problem(ckpt: Checkpoint, spec) -> str | None:
     tensors, capacity = spec_capacity(spec)
-    what = (f"the spec {spec.name}'s {tensors} tensors ({len(spec.params)} parameters and "
-            f"statistics) hold at most {capacity:,} bytes, even as float64")
-    if ckpt.size > capacity:
-        return f"a file of {ckpt.size:,} bytes, larger than any checkpoint of the model: {what}"
+    what = _capacity_text(spec)
+    problem = file_size_problem(ckpt.size, spec)
+    if problem:
+        return problem
     if len(ckpt.members) > 4 * tensors + 16:
         return f"{len(ckpt.members):,} members, far more than the model's {tensors} tensors"
     if ckpt.declared_bytes > capacity:

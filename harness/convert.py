@@ -92,9 +92,12 @@ def _convert_weights(args, spec: Spec, source: Backend) -> Path:
         raise UserError(f"--weights: {args.weights}: {problem}")
     try:
         with open_regular(path, follow=True) as fh:
-            ckpt = checkpoints.identify(fh)
-            _weights_format(args, ckpt, source, path)
-            problem = checkpoints.fit_problem(ckpt, spec, fh)
+            # its size first: no index of a file larger than the model's checkpoint is parsed
+            problem = checkpoints.file_size_problem(os.fstat(fh.fileno()).st_size, spec)
+            if problem is None:
+                ckpt = checkpoints.identify(fh)
+                _weights_format(args, ckpt, source, path)
+                problem = checkpoints.fit_problem(ckpt, spec, fh)
     except (OSError, checkpoints.CheckpointRefused) as exc:
         raise UserError(f"--weights: {args.weights}: {exc}") from None
     if problem:

@@ -1222,13 +1222,15 @@ def test_keras_weights_under_another_suffix_say_what_keras_needs(tmp_path):
     ("npz_lying_header", "numpy", "declares [8, 20] float32 (640 bytes) in a member of"),
     ("mxnet", "gluon", "an array of 40,000,000,000 bytes"),
     ("msgpack", "flax", "larger than any checkpoint of the model"),
+    ("many_members", "torch", "larger than any checkpoint of the model"),
 ])
 def test_checkpoint_declared_sizes_are_checked_before_anything_is_decompressed(
         tmp_path, kind, source, fragment):
     """A checkpoint of a few hundred kilobytes that declares 256 MiB (a zip member of an .npz
     or a torch.save archive), an .npy header larger than its member, an MXNet array header of
-    40 GB, a msgpack file larger than the model: refused against the spec's size before any
-    data is read (the parent's traced memory stays far below what was declared)."""
+    40 GB, a msgpack file larger than the model, a zip of 40,000 members (refused by its size
+    before its central directory is parsed): refused against the spec's size before any data
+    is read (the parent's traced memory stays far below what was declared)."""
     import tracemalloc
     weights = tmp_path / f"w{fuzz_specs.FORMAT_FILES[source][1]}"
     weights.write_bytes(fuzz_specs._bomb(kind))
