@@ -430,6 +430,6 @@ def check_specs(args) -> int:
         seen[spec.name] = spec.file
         _, most, need = max(memory_needs([spec], discover().values()), key=lambda n: n[2])
         print(one_line(f"ok {spec.file}: {spec.name}, {len(spec.params)} tensors, "
-                       f"{spec.param_count:,} trainable scalars, at most about "
-                       f"{need / 2**20:,.0f} MiB per worker ({most.name})"))
+                       f"{spec.param_count:,} trainable scalars, a worker needs up to about "
+                       f"{need / 2**20:,.0f} MiB (in {most.name})"))
     return status
