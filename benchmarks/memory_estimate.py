@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends.protocol import Budget, Status, TimingRequest  # noqa: E402
 from harness import memory  # noqa: E402
-from harness.cli import default_spec_files, memory_needs  # noqa: E402
+from harness.compare import default_spec_files, memory_needs  # noqa: E402
 from harness.envs import ensure_env, select  # noqa: E402
 from harness.runner import run_worker  # noqa: E402
 from harness.spec import build_spec, load_spec  # noqa: E402

@@ -8,68 +8,35 @@ the resident memory of the worker's process group (what ``--max-memory`` watches
          + bytes_per_working    x working values      the largest temporary of one layer call
          + per_layer            x layer calls         what a compiler spends per operation
 
-A layer's *working values* are the largest array one call of it builds beyond its input and
-output, forward or backward: the sliding windows of a convolution (im2col: the NumPy reference
-builds them as one float64 array, and frameworks that lower a convolution to a matrix product
-build parts of it) or of a pooling window, the temporaries of batch norm. Each layer type's
-function is in ``WORKING`` below (one small function per type, to move into the layer registry).
-The coefficients are each backend's, declared in its ``backend.yaml`` (``memory:``) with how
-they were measured (``benchmarks/memory_estimate.py``, which prints the estimate beside the
-measured peak for a spread of specs on every backend).
+A layer's *working values* are what one call of it allocates, forward and backward, beyond the
+activations: the layer registry's ``memory`` function (``backends.layers``: the NumPy
+reference's float64 working arrays and saved state, an upper bound tested against the
+reference's allocations), counted in float64 values. The largest single layer call counts: a
+worker frees a layer's temporaries before the next. A layer type without its own ``memory``
+function has the registry's default (a few arrays of its input's and output's size), so a new
+layer type is estimated from the day it is registered. The NumPy reference spends 8 bytes per
+working value (the registry's own bytes); a framework computing in float32 is held to one
+float32 copy of each (its convolution lowered to a matrix product builds at most the reference's
+windows). The coefficients are each backend's, declared in its ``backend.yaml`` (``memory:``)
+with how they were measured (``benchmarks/memory_estimate.py``, which prints the estimate beside
+the measured peak for a spread of specs on every backend).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+
+from backends import layers
 
 MIB = 1 << 20
 
 
-def _conv2d(node: dict, x: tuple, y: tuple) -> int:
-    """The windows: every output position times every kernel tap, per input channel (im2col),
-    plus the zero-padded input they are cut from."""
-    n, c, h, w = x
-    (kh, kw), (ph, pw) = node["kernel"], node["padding"]
-    return n * c * kh * kw * y[2] * y[3] + n * c * (h + 2 * ph) * (w + 2 * pw)
-
-
-def _max_pool2d(node: dict, x: tuple, y: tuple) -> int:
-    """The windows as one array (the backward's argmax over each window), and its NaN mask."""
-    kh, kw = node["pool"]
-    return 2 * y[0] * y[1] * y[2] * y[3] * kh * kw
-
-
-def _batch_norm(node: dict, x: tuple, y: tuple) -> int:
-    """The centred input, the normalized input and the backward's temporaries, each of the
-    input's size."""
-    return 4 * math.prod(x)
-
-
-def _dense(node: dict, x: tuple, y: tuple) -> int:
-    """The input and output as matrices (copies where a framework needs them contiguous)."""
-    return math.prod(x) + math.prod(y)
-
-
-def _elementwise(node: dict, x: tuple, y: tuple) -> int:
-    """One temporary of the input's size (a mask, ``x - mean``, ``1 - y^2``)."""
-    return math.prod(x)
-
-
-#: layer type -> working values of one call, from the node and its input and output shapes
-WORKING: dict[str, Callable[[dict, tuple, tuple], int]] = {
-    "dense": _dense,
-    "my_dense": lambda node, x, y: _dense(node, x, y) + math.prod(y),  # and its relu mask
-    "conv2d": _conv2d,
-    "batch_norm": _batch_norm,
-    "max_pool2d": _max_pool2d,
-    "flatten": lambda node, x, y: 0,
-    "relu": _elementwise,
-    "sigmoid": _elementwise,
-    "tanh": _elementwise,
-    "center": _elementwise,
-}
+def working_values(node: dict, x: tuple, y: tuple) -> int:
+    """Float64 values one call of a leaf allocates (its working arrays and the state its
+    backward keeps), from its registry entry (``LayerType.memory``, in bytes), for input shape
+    ``x`` and output shape ``y``."""
+    return math.ceil(layers.layer_type(node["type"]).memory(node["attrs"], x, y) / layers.FLOAT64)
 
 
 @dataclass(frozen=True)
@@ -102,7 +69,7 @@ def sizes(spec, batch: int | None = None) -> Sizes:
     with the batch, parameters do not."""
     scale = (batch or spec.input_shape[0]) / spec.input_shape[0]
     params = sum(math.prod(p.shape) for p in spec.params)
-    working, where = max(((WORKING[node["type"]](node, x, y), f"{where} ({node['type']})")
+    working, where = max(((working_values(node, x, y), f"{where} ({node['type']})")
                           for node, x, y, where in spec.leaves), default=(0, ""))
     activations = spec.activations + 2 * math.prod(spec.input_shape)
     return Sizes(params, math.ceil(scale * activations), math.ceil(scale * working), where,

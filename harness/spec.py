@@ -575,18 +575,17 @@ def _check_values(doc, file) -> None:
             raise SpecError(file, where, f"a {type(value).__name__} is not JSON data")
 
 
-#: numbers of a spec that workers use as float32 (initializer arguments are checked with
-#: their initializer): top-level fields, and fields of each layer type
-FLOAT32_FIELDS = {"input_fill": None, "batch_norm": ("eps", "momentum")}
-
-
 def _check_float32_numbers(b: _Builder, doc: dict) -> None:
     """Every number a worker uses as float32 survives the conversion (no overflow, no
-    underflow to a subnormal or zero)."""
+    underflow to a subnormal or zero): ``input_fill`` and every float field of every layer
+    (its registry entry's fields whose plan type is float: batch norm's eps and momentum, and
+    any a new layer type declares). Initializer arguments are checked with their initializer."""
     checks = [("input_fill", doc.get("input_fill"))]
     for path, node in b.nodes.items():
-        checks += [(f"{b.where[path]}.{key}", node.get(key))
-                   for key in FLOAT32_FIELDS.get(node["type"], ())]
+        lt = layers.LAYERS.get(node["type"])
+        if lt is not None:
+            checks += [(f"{b.where[path]}.{key}", node["attrs"].get(key))
+                       for key, f in lt.fields.items() if f.plan is float]
     for where, value in checks:
         problem = value is not None and inits.float32_number_problem(float(value))
         if problem:

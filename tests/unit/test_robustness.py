@@ -27,7 +27,7 @@ from unit_helpers import PYTHON, ROOT, dense_spec, quiet
 
 from backends.protocol import Status
 from benchmarks import fuzz_specs  # its hypothesis strategies: a bounded sample below
-from harness import cli
+from harness import cli, compare
 from harness.runner import KEEP_LOG_HEAD, KEEP_LOG_TAIL, run_worker
 
 WRAPPER = ROOT / "tests" / "fakes" / "corrupting_python"
@@ -1366,10 +1366,10 @@ def test_memory_estimate_is_per_backend(tmp_path):
     from harness.spec import load_spec
     spec = load_spec(TIED)
     args = argparse.Namespace(max_memory=int(0.3 * 2 ** 30), timing="off", batch=None)
-    cli.check_memory([spec], args, select(["numpy"]))
-    with pytest.raises(cli.SpecError, match=r"needs about .* GiB in torch"):
-        cli.check_memory([spec], args, select(["numpy", "torch"]))
-    needs = {b.name: n for _, b, n in cli.memory_needs([spec], select(None))}
+    compare.check_memory([spec], args, select(["numpy"]))
+    with pytest.raises(compare.SpecError, match=r"needs about .* GiB in torch"):
+        compare.check_memory([spec], args, select(["numpy", "torch"]))
+    needs = {b.name: n for _, b, n in compare.memory_needs([spec], select(None))}
     assert needs["numpy"] < needs["torch"]
 
 
@@ -1406,8 +1406,8 @@ def test_memory_estimate_grows_with_every_term():
                 (b.name, term)
     torch = [discover()["torch"]]
     other = build_spec(grown["parameters"])
-    assert cli.memory_needs([base, other], torch)[0][2] == \
-        cli.memory_needs([base], torch)[0][2] + memory.held_between_specs(other, torch[0].memory)
+    assert compare.memory_needs([base, other], torch)[0][2] == \
+        compare.memory_needs([base], torch)[0][2] + memory.held_between_specs(other, torch[0].memory)
 
 
 def test_worker_reports_its_peak_resident_memory(tmp_path):
