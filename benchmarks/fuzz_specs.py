@@ -241,7 +241,13 @@ def working_memory_cases(draw):
         doc["input"] = [4, 16, 256, 256]
         layer.update({"kernel": 63, "padding": 31} if layer["type"] == "conv2d" else
                      {"pool": 63})
-    return _as_case("working_memory", doc, draw(formats), f"{layer['type']} windows")
+    where = ""
+    if layer["type"] == "conv2d" and draw(st.booleans()):  # inside a residual's body
+        layer.update({"name": "conv", "channels": doc["input"][1],
+                      "kernel": layer["kernel"] | 1, "padding": (layer["kernel"] | 1) // 2})
+        doc["layers"] = [{"type": "residual", "layers": [layer], "activation": "relu"}]
+        where = " in a residual"
+    return _as_case("working_memory", doc, draw(formats), f"{layer['type']} windows{where}")
 
 
 WRONG_FOR = {  # field -> values of a type the schema never accepts there

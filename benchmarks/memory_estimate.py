@@ -1,5 +1,6 @@
 """Is the memory estimate an upper bound? Runs a spread of specs (wide dense, a large-kernel
-convolution, a wide pooling window, deep chains, a small CNN, the initializer catalogue) on
+convolution, a wide pooling window, deep chains, a CNN, residual blocks, a small CNN, the
+initializer catalogue) on
 every backend, each in its own worker exactly as ``compare`` runs it (every check, the
 training pass, save and load, and for the frameworks every timed mode's first call and a few
 blocks; the NumPy reference with its second running-variance pass), then the default suite
@@ -67,6 +68,19 @@ SPECS = {
         {"type": "conv2d", "channels": 64, "kernel": 3, "padding": 1},
         {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool2d", "pool": 2},
         {"type": "flatten"}, {"type": "dense", "units": 10}]},
+    "resnet_blocks": {"input": [8, 16, 64, 64], "layers": [
+        {"type": "residual", "layers": [
+            {"type": "conv2d", "name": f"conv{i}a", "channels": 16, "kernel": 3, "padding": 1},
+            {"type": "batch_norm", "name": f"bn{i}a"}, {"type": "relu"},
+            {"type": "conv2d", "name": f"conv{i}b", "channels": 16, "kernel": 3, "padding": 1},
+            {"type": "batch_norm", "name": f"bn{i}b"}], "activation": "relu"}
+        for i in range(3)] + [
+        {"type": "residual", "layers": [
+            {"type": "conv2d", "name": "down_conv", "channels": 32, "kernel": 3, "stride": 2,
+             "padding": 1}, {"type": "batch_norm", "name": "down_bn"}],
+         "shortcut": {"type": "conv2d", "name": "shortcut", "channels": 32, "kernel": 1,
+                      "stride": 2}, "activation": "relu"},
+        {"type": "flatten"}, {"type": "dense", "units": 10}, {"type": "softmax"}]},
 }
 BUILTIN = ["small_cnn", "init_catalogue"]
 

@@ -1410,6 +1410,42 @@ def test_memory_estimate_grows_with_every_term():
         compare.memory_needs([base], torch)[0][2] + memory.held_between_specs(other, torch[0].memory)
 
 
+def test_memory_working_values_are_the_layer_registrys():
+    """A layer call's working values are its registry entry's memory function (the NumPy
+    reference's float64 bytes, in values), one table for the reference and the estimate: every
+    leaf of a residual network (convolutions, batch norms, shortcuts, softmax, dense) reads
+    it, and the spec's working term is the largest call's, named by its field."""
+    import math
+    from backends import layers
+    from harness import memory
+    from harness.spec import load_spec
+    spec = load_spec(ROOT / "tests" / "conformance" / "specs" / "conformance_residual.yaml")
+    calls = []
+    for node, x, y, where in spec.leaves:
+        want = math.ceil(layers.LAYERS[node["type"]].memory(node["attrs"], x, y) / 8)
+        assert memory.working_values(node, x, y) == want > 0, (where, node["type"])
+        calls.append((want, where, node["type"]))
+    assert {t for _, _, t in calls} >= {"conv2d", "batch_norm", "relu", "softmax", "dense"}
+    most, where, kind = max(calls)
+    assert memory.sizes(spec).working == most
+    assert memory.sizes(spec).working_field == f"{where} ({kind})"
+
+
+def test_memory_estimate_of_a_new_layer_type(monkeypatch):
+    """A layer type registered without a memory function is estimated by the registry's
+    default (a few float64 arrays of its input's and output's size), one with its own by
+    that: the estimate needs no second table to know a new layer type."""
+    import math
+    from backends import layers
+    from harness import memory
+    monkeypatch.setitem(layers.LAYERS, "new_plain", layers.LayerType("new_plain", "a test"))
+    monkeypatch.setitem(layers.LAYERS, "new_big", layers.LayerType(
+        "new_big", "a test", memory=lambda attrs, x, y: 8 * 1000 * math.prod(y)))
+    x, y = (2, 8), (2, 8)
+    assert memory.working_values({"type": "new_plain", "attrs": {}}, x, y) == 4 * (16 + 16)
+    assert memory.working_values({"type": "new_big", "attrs": {}}, x, y) == 16_000
+
+
 def test_worker_reports_its_peak_resident_memory(tmp_path):
     """The worker's own peak (VmHWM) comes back in done.json and the runner keeps the larger
     of it and what it sampled; a spec holding a 49 MiB weight peaks at least that much above a
