@@ -386,6 +386,17 @@ BAD = {
         doc([{"type": "conv2d", "channels": 2, "kernel": 3}]), "layers[0]", "4-D"),
     "pooling window larger than its input": (
         doc([{"type": "max_pool2d", "pool": 9}], input=CONV_IN), "layers[0]", "window 9"),
+    "pooling padded more than half its window (torch refuses it)": (
+        doc([{"type": "avg_pool2d", "pool": [3, 2], "padding": [1, 2]}], input=CONV_IN),
+        "layers[0].padding", "more than half the pool [3, 2]"),
+    "max pooling padded more than half its window": (
+        doc([{"type": "max_pool2d", "pool": 2, "padding": 2}], input=CONV_IN),
+        "layers[0].padding", "more than half"),
+    "global average pooling on features": (
+        doc([{"type": "global_avg_pool"}]), "layers[0]", "4-D"),
+    "count_include_pad not a boolean": (
+        doc([{"type": "avg_pool2d", "pool": 2, "count_include_pad": 1}], input=CONV_IN),
+        "layers[0].count_include_pad", ""),
     "conv kernel larger than its padded input": (
         doc([{"type": "conv2d", "channels": 2, "kernel": 12, "padding": 1}], input=CONV_IN),
         "layers[0]", "window 12"),
