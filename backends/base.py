@@ -72,12 +72,19 @@ def iter_nodes(nodes: list[PlanNode]) -> Iterator[PlanNode]:
 
 
 def unsupported_reason(plan: Plan, lacking: dict[str, str]) -> str | None:
-    """Why a backend lacking the node types ``lacking`` (type -> reason, as its backend.yaml
-    declares them) cannot run ``plan``, or None."""
+    """Why a backend lacking the node types or layer settings ``lacking`` (``TYPE`` or
+    ``TYPE.SETTING`` -> reason, as its backend.yaml declares them) cannot run ``plan``, or
+    None."""
     for node in iter_nodes(plan.layers):
+        where = node.path or "the top"
         if node.type in lacking:
-            return f"layer type {node.type!r} (at {node.path or 'the top'}) is not supported: " \
+            return f"layer type {node.type!r} (at {where}) is not supported: " \
                    f"{lacking[node.type]}"
+        lt = layers.LAYERS.get(node.type)
+        for setting, uses in (lt.settings if lt else {}).items():
+            if f"{node.type}.{setting}" in lacking and uses(node.attrs):
+                return f"{node.type} with {setting} (at {where}) is not supported: " \
+                       f"{lacking[f'{node.type}.{setting}']}"
     return None
 
 
@@ -760,7 +767,25 @@ SEMANTICS = {
                               "variance",
     "gradient_accumulation": "how a parameter used twice gets its gradient",
     "custom_parameters": "how a hand-made layer registers its parameters",
+    "pool_stride_default": "pooling's stride when none is given (the plan always gives it)",
+    "avg_pool_counts_padding": "whether average pooling counts padding in the divisor, by "
+                               "default",
 }
+
+
+def pool_semantics(side: int, stride_call: str, corner: float, pad_call: str) -> dict:
+    """The pooling facts of ``SEMANTICS`` from what a framework computed: ``side``, the output
+    side of ``stride_call`` (a 2 x 2 pooling, stride not given, on a 4 x 4 input: 2 when the
+    stride defaults to the pool, 3 when to 1); ``corner``, the corner output of ``pad_call`` (a
+    3 x 3 average pooling of ones padded 1 each side: 4/9 when its 5 padded taps count, 1 when
+    not)."""
+    stride = {2: "the pool size", 3: "1"}.get(side, f"neither the pool nor 1 ({side} outputs)")
+    counts = "yes" if abs(corner - 4 / 9) < 1e-6 else "no" if abs(corner - 1) < 1e-6 else "?"
+    return {"pool_stride_default": f"{stride} (measured: {stride_call} on a 4 x 4 input gives "
+                                   f"{side} x {side})",
+            "avg_pool_counts_padding": f"{counts} (measured: {pad_call} of ones gives "
+                                       f"{corner:.4g} at a corner; 4/9 counts the 5 padded "
+                                       "taps, 1 does not)"}
 
 
 @dataclass

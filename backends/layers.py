@@ -125,6 +125,9 @@ class LayerType:
     fan_role: str | None = None
     #: may be a residual's ``activation`` (no fields, no parameters, shape-preserving)
     activation: bool = False
+    #: settings a backend may lack (backend.yaml ``unsupported: {layers: {TYPE.SETTING: why}}``):
+    #: name -> whether a node's attributes use it
+    settings: dict[str, Callable[[dict], bool]] = field(default_factory=dict)
 
     def normalize(self, raw: dict) -> dict:
         """The plan attributes of a spec layer (every field, defaults filled in)."""
@@ -204,15 +207,27 @@ def _conv_memory(attrs, shape, out):
 
 
 def _pool_output(attrs, shape):
-    hw = [window(shape[2 + i], attrs["pool"][i], attrs["stride"][i], 0) for i in range(2)]
+    """Floor-mode windows over the input padded by ``padding`` each side; torch refuses a
+    padding above half the pool (a window of padding alone), so the spec does too."""
+    pool, padding = attrs["pool"], attrs["padding"]
+    if any(2 * p > k for p, k in zip(padding, pool)):
+        raise LayerError(f"{padding} is more than half the pool {pool} (torch refuses it: a "
+                         "window could hold padding alone)", "padding")
+    hw = [window(shape[2 + i], pool[i], attrs["stride"][i], padding[i]) for i in range(2)]
     return (shape[0], shape[1], *hw)
 
 
+def _padded(attrs, shape):
+    (n, c, h, w), (ph, pw) = shape, attrs["padding"]
+    return n * c * (h + 2 * ph) * (w + 2 * pw)
+
+
 def _pool_memory(attrs, shape, out):
-    """The windows flattened for the argmax (and their NaN mask), the index arrays, the
-    input's gradient."""
+    """The padded input, the windows' running max with its tap index and mask, the index
+    arrays of the backward, the input's gradient (a bound that kept the windows flattened,
+    as an argmax over them would)."""
     windows = math.prod(out) * math.prod(attrs["pool"])
-    return FLOAT64 * (2 * windows + math.prod(shape) + 8 * math.prod(out))
+    return FLOAT64 * (2 * windows + _padded(attrs, shape) + 8 * math.prod(out))
 
 
 def _batch_norm_output(attrs, shape):
@@ -229,6 +244,10 @@ def _batch_norm_memory(attrs, shape, out):
 
 
 _WEIGHT_AND_BIAS = (Role("weight"), Role("bias", optional="bias"))
+#: pooling's fields: the stride defaults to the pool, as torch's (Flax's to 1)
+_POOL_FIELDS = {"pool": Field(PAIR1, list[int], pair=True),
+                "stride": Field(PAIR1, list[int], lambda raw: raw["pool"], pair=True),
+                "padding": Field(PAIR0, list[int], 0, pair=True)}
 _DENSE_FIELDS = {"units": Field(INT1, int), "in_units": Field(INT1, int | None, None)}
 
 LAYERS: dict[str, LayerType] = {t.name: t for t in [
@@ -276,9 +295,8 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
                                           (n,)),
         output=_batch_norm_output, memory=_batch_norm_memory),
     LayerType(
-        "max_pool2d", "max over floor-mode windows without padding (torch.nn.MaxPool2d)",
-        {"pool": Field(PAIR1, list[int], pair=True),
-         "stride": Field(PAIR1, list[int], lambda raw: raw["pool"], pair=True)},
+        "max_pool2d", "max over floor-mode windows, padding acting as -inf (torch.nn.MaxPool2d)",
+        _POOL_FIELDS,
         ranks=(4,), takes="a 4-D (N, C, H, W) input", output=_pool_output,
         memory=_pool_memory),
     LayerType(
@@ -291,6 +309,19 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
     LayerType("center", "the parameter-free custom layer x - mean(x) (d2l's CenteredLayer)"),
     LayerType("softmax", "exp(x) / sum(exp(x)) over the last axis (torch.nn.Softmax(dim=-1))",
               flops=lambda a, s, o: 5 * math.prod(o), activation=True),  # max, -, exp, sum, /
+    LayerType(
+        "avg_pool2d", "mean over floor-mode windows of the zero-padded input, dividing by the "
+        "whole window or (count_include_pad: false) by its taps inside the input "
+        "(torch.nn.AvgPool2d)",
+        {**_POOL_FIELDS, "count_include_pad": Field(BOOL, bool, True)},
+        ranks=(4,), takes="a 4-D (N, C, H, W) input", output=_pool_output,
+        memory=lambda a, s, o: FLOAT64 * (2 * _padded(a, s) + 6 * math.prod(o)),
+        settings={"exclude_padding": lambda a: not a["count_include_pad"] and any(a["padding"])}),
+    LayerType(
+        "global_avg_pool", "(N, C, H, W) -> (N, C), the mean over H and W (torchvision's "
+        "AdaptiveAvgPool2d(1) and flatten)",
+        ranks=(4,), takes="a 4-D (N, C, H, W) input", output=lambda a, s: s[:2],
+        memory=lambda a, s, o: FLOAT64 * 2 * (math.prod(s) + math.prod(o))),
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)
@@ -303,6 +334,10 @@ STRUCTURE: dict[str, tuple[dict, list[str]]] = {
                   "shortcut": LAYER, "activation": {"enum": list(ACTIVATIONS)}}, ["layers"]),
 }
 NODE_TYPES = (*LAYERS, *STRUCTURE)
+#: what backend.yaml's ``unsupported: {layers: ...}`` may name: node types, and layer settings
+#: as ``TYPE.SETTING``
+CAPABILITIES = (*NODE_TYPES, *(f"{name}.{setting}" for name, t in LAYERS.items()
+                               for setting in t.settings))
 
 
 def layer_type(name: str) -> LayerType:

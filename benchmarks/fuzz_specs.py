@@ -7,8 +7,8 @@ line's own validation path, ``python -m harness check SPEC...``.
 Every case is generated to be *invalid* (hypothesis strategies below: random structures,
 mutations of the built-in specs with wrong types, out-of-range and non-finite numbers, huge
 sizes, deep nesting, YAML aliases, duplicate keys, control characters, hostile names, unicode,
-oversized integers, residual graphs that cannot be built, bad bytes, YAML tags, special files,
-bad command-line numbers). Each must
+oversized integers, residual graphs that cannot be built, pooling that cannot be built, bad
+bytes, YAML tags, special files, bad command-line numbers). Each must
 give a *clean* refusal: exit status 2 and exactly one line on stderr, ``error: FILE: ...``,
 naming the file, no traceback, within the time bound (``--time-limit`` seconds) and the memory
 bound (``--memory-limit`` GiB of address space per process, RLIMIT_AS).
@@ -263,7 +263,7 @@ FIELD_TYPES = {"name": "str", "description": "str", "input": "list", "seed": "in
                "channels": "int", "in_channels": "int", "bias": "bool", "kernel": "int",
                "stride": "int", "padding": "int", "pool": "int", "num_features": "int",
                "eps": "number", "momentum": "number", "to": "str", "weight_init": "init",
-               "bias_init": "init", "input_fill": "number"}
+               "bias_init": "init", "input_fill": "number", "count_include_pad": "bool"}
 
 
 @st.composite
@@ -666,6 +666,49 @@ def residual_cases(draw):
     return _as_case("residual", doc, draw(formats), kind)
 
 
+@st.composite
+def pooling_cases(draw):
+    """Pooling that describes no buildable model, at any depth of blocks, behind a conv or
+    not: padding above half the pool (torch refuses it), a window larger than the padded
+    input, pooling on a 2-D or 3-D input, count_include_pad that is no boolean or on max
+    pooling, a field global average pooling does not have, a padding of three numbers."""
+    kind = draw(st.sampled_from([
+        "padding over half", "window over input", "rank", "count_include_pad type",
+        "count_include_pad on max", "global with pool", "three paddings"]))
+    pool_type = draw(st.sampled_from(["max_pool2d", "avg_pool2d"]))
+    k, size = draw(st.integers(1, 7)), draw(st.integers(1, 12))
+    pooling = {"type": pool_type, "pool": k}
+    input_shape = [2, draw(st.integers(1, 3)), size, size]
+    if kind == "padding over half":
+        pooling["padding"] = draw(st.integers(k // 2 + 1, k + 3))
+        if draw(st.booleans()):
+            pooling["pool"], pooling["padding"] = [k, k + 2 * pooling["padding"]], \
+                [pooling["padding"], 0]
+    elif kind == "window over input":
+        pad = draw(st.integers(0, k // 2))
+        pooling.update(padding=pad, pool=size + 2 * pad + draw(st.integers(1, 3)))
+    elif kind == "rank":
+        pooling = draw(st.sampled_from([pooling, {"type": "global_avg_pool"}]))
+        input_shape = input_shape[:draw(st.integers(2, 3))]
+    elif kind == "count_include_pad type":
+        pooling.update(type="avg_pool2d", count_include_pad=draw(st.sampled_from(
+            [0, 1, "yes", "false", None, [True], 1.0])))
+    elif kind == "count_include_pad on max":
+        pooling.update(type="max_pool2d", count_include_pad=draw(st.booleans()))
+    elif kind == "global with pool":
+        pooling = {"type": "global_avg_pool", draw(st.sampled_from(
+            ["pool", "stride", "padding", "count_include_pad"])): 1}
+    else:
+        pooling["padding"] = [0, 0, 0]
+    before = [{"type": "conv2d", "channels": 2, "kernel": 1}] \
+        if draw(st.booleans()) and len(input_shape) == 4 else []
+    layers = before + [pooling]
+    for _ in range(draw(st.integers(0, 2))):
+        layers = [{"type": "sequential", "layers": layers}]
+    doc = {"name": "pooling", "input": input_shape, "layers": layers}
+    return _as_case("pooling", doc, draw(formats), kind)
+
+
 BAD_TEXT = [
     ("not UTF-8", b"name: \xff\xfe\n"),
     ("latin-1", "name: caf\xe9\ninput: [2, 4]\nlayers: [{type: relu}]\n".encode("latin-1")),
@@ -747,7 +790,8 @@ KINDS = [nonfinite_cases, wrong_type_cases, out_of_range_cases, huge_size_cases,
          working_memory_cases, deep_cases,
          alias_cases, duplicate_key_cases, control_char_cases, hostile_name_cases,
          unicode_cases, big_integer_cases, random_structure_cases, random_text_cases,
-         semantic_cases, residual_cases, bad_text_cases, special_file_cases, cli_number_cases]
+         semantic_cases, residual_cases, pooling_cases, bad_text_cases, special_file_cases,
+         cli_number_cases]
 any_case = st.one_of([k() for k in KINDS])
 
 

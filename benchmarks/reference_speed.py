@@ -5,9 +5,6 @@ of the reference's own allocations (tracemalloc) beside the registry's estimate 
 layer's working memory.
 
     python -m benchmarks.reference_speed [--batch 2] [--size 64] [--repeats 3]
-
-Stand-ins until the registry has them: the stem's 3x3/2 max pooling with padding 1 is a 2x2/2
-one, the global average pooling a 2x2 max pooling; both give torchvision's shapes at 64 x 64.
 """
 
 from __future__ import annotations
@@ -51,8 +48,9 @@ def resnet18_doc(batch: int = 2, size: int = 64, classes: int = 1000) -> dict:
               for i in range(4)]
     return {"name": "resnet18", "input": [batch, 3, size, size], "layers": [
         _conv(64, 7, 2, 3, "conv1"), {"type": "batch_norm", "name": "bn1"},
-        {"type": "relu", "name": "relu"}, {"type": "max_pool2d", "pool": 2, "name": "maxpool"},
-        *stages, {"type": "max_pool2d", "pool": 2, "name": "avgpool"}, {"type": "flatten"},
+        {"type": "relu", "name": "relu"},
+        {"type": "max_pool2d", "pool": 3, "stride": 2, "padding": 1, "name": "maxpool"},
+        *stages, {"type": "global_avg_pool", "name": "avgpool"},
         {"type": "dense", "units": classes, "name": "fc"}]}
 
 

@@ -174,8 +174,9 @@ def _read_meta(folder: Path, seen: tuple[str, ...] = ()) -> dict:
     return {**_read_meta(BACKENDS_DIR / parent, seen + (folder.name,)), **meta}
 
 
-#: what backend.yaml's ``unsupported:`` may name: node types of the registry, worker phases
-CAPABILITIES = {"layers": layers.NODE_TYPES, "phases": protocol.PHASES}
+#: what backend.yaml's ``unsupported:`` may name: node types of the registry (and layer
+#: settings, ``TYPE.SETTING``), worker phases
+CAPABILITIES = {"layers": layers.CAPABILITIES, "phases": protocol.PHASES}
 
 
 def _unsupported(meta: dict, where: Path) -> dict:

@@ -170,6 +170,12 @@ def _batch_norm(a, node):
                           epsilon=node.eps, **a.init_kwargs(node))
 
 
+def _pads(node):
+    """Explicit (low, high) padding per spatial axis (linen's pooling pads -inf for max, 0
+    for average)."""
+    return tuple((p, p) for p in node.padding)
+
+
 def _function(name):
     return lambda a, node: getattr(a.nn, name)
 
@@ -192,7 +198,7 @@ BUILDERS = {
         "bias": "native: flax default bias_init = zeros"}),
     "max_pool2d": lambda a, node: functools.partial(
         a.nn.max_pool, window_shape=tuple(node.pool), strides=tuple(node.stride),
-        padding="VALID"),
+        padding=_pads(node)),
     # in canonical (C, H, W) order, so the dense weights after it are torch's
     "flatten": lambda a, node: lambda x: base.nhwc_to_nchw(x).reshape(x.shape[0], -1),
     "relu": _function("relu"),
@@ -202,6 +208,12 @@ BUILDERS = {
     # the canonical last axis: NCHW's W is NHWC's axis 2
     "softmax": lambda a, node: functools.partial(a.nn.softmax,
                                                  axis=2 if node.in_rank == 4 else -1),
+    # strides always given: linen's pooling defaults to 1, not to the pool as torch's
+    "avg_pool2d": lambda a, node: functools.partial(
+        a.nn.avg_pool, window_shape=tuple(node.pool), strides=tuple(node.stride),
+        padding=_pads(node), count_include_pad=node.count_include_pad),
+    # as Flax's own ResNet example: jnp.mean(x, axis=(1, 2)) on NHWC
+    "global_avg_pool": lambda a, node: functools.partial(a.jnp.mean, axis=(1, 2)),
 }
 
 
@@ -498,7 +510,11 @@ class Adapter(JaxDevices, base.BaseAdapter):
                 return x + self.w
 
         plain = jax.eval_shape(Plain().init, key, jnp.zeros(2))
-        return {
+        ones = jnp.ones((1, 4, 4, 1))
+        return {**base.pool_semantics(
+                    nn.avg_pool(ones, (2, 2)).shape[1], "avg_pool(x, (2, 2))",
+                    float(nn.avg_pool(ones, (3, 3), (1, 1), ((1, 1), (1, 1)))[0, 0, 0, 0]),
+                    "avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))"),
             "batch_norm_momentum": "new = momentum * old + (1 - momentum) * batch "
                                    "(flax.linen.BatchNorm, momentum=0.99): the plan's torch "
                                    "momentum m is passed as 1 - m",

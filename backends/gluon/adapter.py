@@ -162,6 +162,14 @@ def _batch_norm(a, node):
                           in_channels=node.num_features or 0)
 
 
+def _global_avg_pool(a, node):
+    """GlobalAvgPool2D keeps (N, C, 1, 1), as Gluon's model zoo ResNets do (their Dense
+    flattens); the spec's layer is (N, C)."""
+    block = a.nn.HybridSequential()
+    block.add(a.nn.GlobalAvgPool2D(), a.nn.Flatten())
+    return block
+
+
 #: layer type -> Gluon block (a size of 0 is Gluon's "infer at the first forward"), with the
 #: Parameter attribute of each role where it is not the role (``BaseAdapter.builders``)
 BUILDERS = {
@@ -170,13 +178,19 @@ BUILDERS = {
     "conv2d": _conv2d,
     "batch_norm": base.Builder(_batch_norm, {"weight": "gamma", "bias": "beta"}),
     "max_pool2d": lambda a, node: a.nn.MaxPool2D(pool_size=tuple(node.pool),
-                                                 strides=tuple(node.stride)),
+                                                 strides=tuple(node.stride),
+                                                 padding=tuple(node.padding)),
     "flatten": lambda a, node: a.nn.Flatten(),
     "relu": lambda a, node: a.nn.Activation("relu"),
     "sigmoid": lambda a, node: a.nn.Activation("sigmoid"),
     "tanh": lambda a, node: a.nn.Activation("tanh"),
     "center": lambda a, node: a.Center(),
     "softmax": lambda a, node: a.nn.HybridLambda(lambda F, x: F.softmax(x, axis=-1)),
+    "avg_pool2d": lambda a, node: a.nn.AvgPool2D(pool_size=tuple(node.pool),
+                                                 strides=tuple(node.stride),
+                                                 padding=tuple(node.padding),
+                                                 count_include_pad=node.count_include_pad),
+    "global_avg_pool": _global_avg_pool,
 }
 
 
@@ -531,9 +545,13 @@ class Adapter(base.BaseAdapter):
                 self.w = mx.nd.zeros(2)  # a plain NDArray attribute
 
         plain = len(Plain().collect_params().keys())
+        ones = mx.nd.ones((1, 1, 4, 4), ctx=self.device)
+        pools = nn.AvgPool2D(2)(ones).shape[-1], nn.AvgPool2D(3, 1, 1)(ones)[0, 0, 0, 0].asscalar()
         where = "forward" if forward != 1.0 else "backward"
         estimator = "biased" if abs(backward - 4) < abs(backward - 8) else "unbiased"
         return {
+            **base.pool_semantics(pools[0], "AvgPool2D(2)", float(pools[1]),
+                                  "AvgPool2D(3, 1, padding=1)"),
             "batch_norm_momentum": "running = momentum * running + (1 - momentum) * batch "
                                    "(Gluon's BatchNorm momentum=0.9 is torch's 0.1)",
             "batch_norm_running_var": f"{estimator}, moved in BatchNorm's {where} (measured on "

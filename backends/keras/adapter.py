@@ -159,8 +159,22 @@ def _keras_classes(keras):
             y = y + (x if self.shortcut is None else self.shortcut(x, training=training))
             return y if self.after is None else self.after(y)
 
-    return Center, MyDense, Residual, {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse,
-                                       "dirac": Dirac, "bimodal": Bimodal}
+    class MinusInfPadding(keras.layers.Layer):
+        """torch's max-pooling padding: ``padding`` rows and columns of -inf each side of an
+        NHWC input's H and W. Keras pads only with zeros (ZeroPadding2D, exact for a max after
+        a relu only, as keras.applications' ResNet uses it) or by 'same' (more after than
+        before: other windows than torch's)."""
+
+        def __init__(self, padding, **kwargs):
+            super().__init__(**kwargs)
+            self.padding = tuple(padding)  # ((top, bottom), (left, right)), as ZeroPadding2D's
+
+        def call(self, x):
+            return ops.pad(x, ((0, 0), *self.padding, (0, 0)), constant_values=float("-inf"))
+
+    return (Center, MyDense, Residual, MinusInfPadding,
+            {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse, "dirac": Dirac,
+             "bimodal": Bimodal})
 
 
 # ------------------------------------------------------------------------------ builders
@@ -194,6 +208,27 @@ def _batch_norm(a, node):
                   epsilon=node.eps, name=node.name)
 
 
+def _padded_pool(a, node, cls, padding_layer):
+    """A 'valid' Keras pooling layer (strides given, though Keras's default is the pool too),
+    after ``padding_layer(((ph, ph), (pw, pw)))`` where the plan pads: Keras's 'same' pads
+    (total) // 2 before and the rest after, torch ``padding`` each side, so its windows differ
+    but for stride 1."""
+    layer = a._new(cls, tuple(node.pool), tuple(node.stride), name=node.name)
+    if not any(node.padding):
+        return layer
+    pads = tuple((p, p) for p in node.padding)
+    return base.Calls([a._new(padding_layer, pads), layer], layer)
+
+
+def _avg_pool2d(a, node):
+    """torch's count_include_pad=True: zeros from a ZeroPadding2D are averaged in. Leaving the
+    padding out of the count has no Keras layer (backend.yaml: unsupported)."""
+    if any(node.padding) and not node.count_include_pad:
+        raise ValueError("avg_pool2d with count_include_pad false and padding: no Keras layer "
+                         "(declared unsupported in backends/keras/backend.yaml)")
+    return _padded_pool(a, node, a.keras.layers.AveragePooling2D, a.keras.layers.ZeroPadding2D)
+
+
 def _activation(kind):
     return lambda a, node: a._new(a.keras.layers.Activation, kind, name=node.name)
 
@@ -210,8 +245,8 @@ BUILDERS = {
     "batch_norm": base.Builder(_batch_norm, {"weight": "gamma", "bias": "beta",
                                              "running_mean": "moving_mean",
                                              "running_var": "moving_variance"}),
-    "max_pool2d": lambda a, node: a._new(a.keras.layers.MaxPooling2D, tuple(node.pool),
-                                         tuple(node.stride), name=node.name),
+    "max_pool2d": lambda a, node: _padded_pool(
+        a, node, a.keras.layers.MaxPooling2D, a.MinusInfPadding),
     "flatten": lambda a, node: _canonical_order(
         a, node, a._new(a.keras.layers.Flatten, name=node.name), back=False),
     "relu": _activation("relu"),
@@ -220,6 +255,10 @@ BUILDERS = {
     "center": lambda a, node: a._new(a.Center, name=node.name),
     "softmax": lambda a, node: _canonical_order(
         a, node, a._new(a.keras.layers.Softmax, axis=-1, name=node.name)),
+    "avg_pool2d": _avg_pool2d,
+    # NHWC -> (N, C): the canonical (N, C) as it is
+    "global_avg_pool": lambda a, node: a._new(a.keras.layers.GlobalAveragePooling2D,
+                                              name=node.name),
 }
 
 
@@ -366,7 +405,8 @@ class Adapter(base.BaseAdapter):
         import keras
 
         self.keras = keras
-        self.Center, self.MyDense, self.Residual, self.custom_inits = _keras_classes(keras)
+        (self.Center, self.MyDense, self.Residual, self.MinusInfPadding,
+         self.custom_inits) = _keras_classes(keras)
         # the backend Keras really runs on, as the environment record shows it
         return {"keras": keras.__version__, "keras backend": keras.backend.backend(), **versions}
 
@@ -577,7 +617,11 @@ class Adapter(base.BaseAdapter):
                     self.w = ops.zeros(2)  # a plain tensor attribute
 
             plain = len(Plain().weights)
-        return {
+            ones, L = ops.ones((1, 4, 4, 1)), keras.layers
+            side = L.AveragePooling2D(2)(ones).shape[1]
+            corner = float(ops.convert_to_numpy(L.AveragePooling2D(3, 1, "same")(ones))[0, 0, 0, 0])
+        return {**base.pool_semantics(side, "AveragePooling2D(2)", corner,
+                                      "AveragePooling2D(3, 1, padding='same')"),
             "batch_norm_momentum": "moving = momentum * moving + (1 - momentum) * batch "
                                    "(keras.layers.BatchNormalization, momentum=0.99): the "
                                    "plan's PyTorch momentum m is passed as 1 - m",

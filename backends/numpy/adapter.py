@@ -36,8 +36,8 @@ from backends import layers
 from backends.numpy import kernels
 from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, ParamInfo, ParamRef,
                            SavedFile, calculate_gain, dirac_kernel, fan, given_in_size,
-                           iter_nodes, owned_params, param_roles, param_shapes, torch_fans,
-                           trainable)
+                           iter_nodes, owned_params, param_roles, param_shapes, pool_semantics,
+                           torch_fans, trainable)
 from backends.protocol import Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
@@ -374,38 +374,6 @@ class _BatchNorm(_Layer):
         return dx, grads
 
 
-class _MaxPool2d(_Layer):
-    """Max over floor-mode windows without padding, as torch's max_pool2d.
-
-    The gradient of each output goes to one input of its window, where torch's kernels (CPU
-    and CUDA alike) put it: they scan the window in row-major order and keep a candidate
-    unless a later value is strictly greater, or is NaN. So on ties the *first* maximum wins,
-    and a window holding NaN sends its gradient to its *last* NaN. Where windows overlap, an
-    input that is the maximum of several receives the sum of their gradients."""
-
-    @staticmethod
-    def forward(node, p, x, ps):
-        win = _windows(node, x, node.pool, node.stride)
-        return win.max(axis=(-2, -1)), (x.shape, win)
-
-    @staticmethod
-    def backward(node, p, saved, dy):
-        x_shape, win = saved
-        n, c, oh, ow, kh, kw = win.shape
-        flat = win.reshape(n, c, oh, ow, kh * kw)
-        arg = flat.argmax(axis=-1)  # numpy: the first maximum (and the first NaN)
-        nan = np.isnan(flat)
-        if nan.any():  # torch: the last NaN
-            arg = np.where(nan.any(axis=-1), kh * kw - 1 - nan[..., ::-1].argmax(axis=-1), arg)
-        i, j = np.divmod(arg, kw)
-        rows = np.arange(oh)[:, None] * node.stride[0] + i  # (n, c, oh, ow) input positions
-        cols = np.arange(ow) * node.stride[1] + j
-        dx = np.zeros(x_shape)
-        np.add.at(dx, (np.arange(n)[:, None, None, None], np.arange(c)[:, None, None], rows,
-                       cols), dy)
-        return dx, {}
-
-
 class _Flatten(_Layer):
     """(N, ...) -> (N, prod(...)), row-major as torch's Flatten."""
 
@@ -494,13 +462,15 @@ LAYERS = {
     "my_dense": _MyDense,
     "conv2d": _Conv2d,
     "batch_norm": _BatchNorm,
-    "max_pool2d": _MaxPool2d,
+    "max_pool2d": _kernel(kernels.MaxPool2d),
     "flatten": _Flatten,
     "relu": _ReLU,
     "sigmoid": _Sigmoid,
     "tanh": _Tanh,
     "center": _Center,
     "softmax": _kernel(kernels.Softmax),
+    "avg_pool2d": _kernel(kernels.AvgPool2d),
+    "global_avg_pool": _kernel(kernels.GlobalAvgPool),
 }
 
 
@@ -794,7 +764,11 @@ class Adapter(BaseAdapter):
         running_var = ("unbiased (PyTorch's): n/(n-1) times the biased batch variance"
                        if self.running_var_estimator == "unbiased" else
                        "biased: the batch variance itself (Keras', Flax's, Gluon's)")
-        return {
+        ones = np.ones((1, 1, 4, 4))
+        pool = kernels.AvgPool2d.forward
+        return {**pool_semantics(pool({}, ones, pool=2)[0].shape[-1], "AvgPool2d(pool=2)",
+                                 pool({}, ones, pool=3, stride=1, padding=1)[0][0, 0, 0, 0],
+                                 "AvgPool2d(pool=3, stride=1, padding=1)"),
             "batch_norm_momentum": "PyTorch's: running = (1 - momentum) * running + momentum "
                                    "* batch",
             "batch_norm_running_var": running_var,

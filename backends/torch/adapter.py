@@ -78,13 +78,20 @@ BUILDERS = {
     "my_dense": _my_dense,
     "conv2d": _conv2d,
     "batch_norm": _batch_norm,
-    "max_pool2d": lambda a, node: a.nn.MaxPool2d(tuple(node.pool), tuple(node.stride)),
+    "max_pool2d": lambda a, node: a.nn.MaxPool2d(tuple(node.pool), tuple(node.stride),
+                                                 tuple(node.padding)),
     "flatten": lambda a, node: a.nn.Flatten(),
     "relu": lambda a, node: a.nn.ReLU(),
     "sigmoid": lambda a, node: a.nn.Sigmoid(),
     "tanh": lambda a, node: a.nn.Tanh(),
     "center": lambda a, node: a.Center(),
     "softmax": lambda a, node: a.nn.Softmax(dim=-1),
+    "avg_pool2d": lambda a, node: a.nn.AvgPool2d(tuple(node.pool), tuple(node.stride),
+                                                 tuple(node.padding),
+                                                 count_include_pad=node.count_include_pad),
+    # torchvision's ResNet: avgpool = AdaptiveAvgPool2d((1, 1)), then torch.flatten(x, 1)
+    "global_avg_pool": lambda a, node: a.nn.Sequential(a.nn.AdaptiveAvgPool2d(1),
+                                                       a.nn.Flatten()),
 }
 
 
@@ -246,7 +253,10 @@ class Adapter(TorchDevices, base.BaseAdapter):
                 self.w = torch.zeros(2)  # a plain tensor attribute
 
         plain = len(list(Plain().parameters()))
-        return {
+        ones = torch.ones(1, 1, 4, 4)
+        return {**base.pool_semantics(nn.AvgPool2d(2)(ones).shape[-1], "AvgPool2d(2)",
+                                      float(nn.AvgPool2d(3, 1, 1)(ones)[0, 0, 0, 0]),
+                                      "AvgPool2d(3, 1, padding=1)"),
             "batch_norm_momentum": "new = (1 - momentum) * old + momentum * batch "
                                    "(torch.nn.BatchNorm*, momentum=0.1)",
             "batch_norm_running_var": "unbiased batch variance (n / (n - 1)); the output is "

@@ -344,7 +344,10 @@ def test_a_capability_backend_yaml_cannot_name_is_refused(tmp_path):
     where = tmp_path / "backend.yaml"
     assert _unsupported({"unsupported": {"layers": {"residual": "why"}}}, where) == \
         {"layers": {"residual": "why"}}
+    assert _unsupported({"unsupported": {"layers": {"avg_pool2d.exclude_padding": "why"}}},
+                        where) == {"layers": {"avg_pool2d.exclude_padding": "why"}}
     for bad in ({"layers": {"dense2": "why"}}, {"phases": {"numerics": "why"}},
+                {"layers": {"avg_pool2d.padding": "why"}}, {"layers": {"dense.bias": "why"}},
                 {"layers": {"dense": ""}}, {"modes": {}}, {"layers": ["dense"]}):
         with pytest.raises(UserError, match="unsupported"):
             _unsupported({"unsupported": bad}, where)

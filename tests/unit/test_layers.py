@@ -13,7 +13,7 @@ import pytest
 from unit_helpers import doc
 
 from backends import layers, protocol
-from backends.base import BaseAdapter
+from backends.base import BaseAdapter, unsupported_reason
 from backends.numpy.adapter import LAYERS as NUMPY_LAYERS
 from backends.numpy.adapter import Adapter
 from backends.protocol import PlanNode, ProtocolError
@@ -36,6 +36,22 @@ def test_every_adapter_builds_every_layer_type_it_does_not_declare_unsupported(b
     builds_residuals = adapter.make_residual is not BaseAdapter.make_residual or \
         adapter.build is not BaseAdapter.build  # the reference walks the plan itself
     assert "residual" in lacking or builds_residuals, backend
+
+
+def test_a_backend_may_lack_a_setting_of_a_layer_type_not_the_type():
+    """``TYPE.SETTING`` in ``unsupported:`` refuses only the nodes that use the setting (Keras:
+    count_include_pad false where there is padding to leave out)."""
+    lacking = {"avg_pool2d.exclude_padding": "no such Keras layer (test)"}
+
+    def plan(**fields):
+        return build_spec(doc([{"type": "relu"}, {"type": "sequential", "name": "b", "layers": [
+            {"type": "avg_pool2d", "pool": 3, **fields}]}], input=(2, 1, 6, 6))).plan
+
+    assert unsupported_reason(plan(padding=1), lacking) is None
+    assert unsupported_reason(plan(count_include_pad=False), lacking) is None  # nothing to leave
+    assert unsupported_reason(plan(padding=1, count_include_pad=False), lacking) == \
+        "avg_pool2d with exclude_padding (at b.0) is not supported: no such Keras layer (test)"
+    assert "avg_pool2d.exclude_padding" in layers.CAPABILITIES
 
 
 def test_plan_nodes_read_their_attributes_by_name():
@@ -91,6 +107,11 @@ MEMORY_CASES = [
     ("tanh", {}, (64, 64)),
     ("center", {}, (64, 64)),
     ("softmax", {}, (8, 4, 32)),
+    ("max_pool2d", {"pool": 3, "stride": 2, "padding": 1}, (2, 8, 16, 16)),
+    ("avg_pool2d", {"pool": 2}, (4, 8, 16, 16)),
+    ("avg_pool2d", {"pool": 3, "stride": 1, "padding": 1, "count_include_pad": False},
+     (2, 8, 16, 16)),
+    ("global_avg_pool", {}, (4, 32, 8, 8)),
 ]
 
 

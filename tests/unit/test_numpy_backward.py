@@ -15,11 +15,13 @@ import copy
 
 import numpy as np
 import pytest
+import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 from unit_helpers import doc
 
 from backends.base import SEMANTICS
 from backends.numpy.adapter import Adapter
+from harness.envs import ROOT
 from harness.spec import build_spec
 
 EPS = 1e-6          # the finite-difference step
@@ -78,7 +80,9 @@ def assert_away_from_kinks(a, model, x):
         elif node.type == "my_dense":
             z = inp @ p[f"{node.path}.weight"].T + p[f"{node.path}.bias"]
             margins.append(np.abs(z).min())
-        else:
+        else:  # max pooling: padding is -inf, never a window's maximum
+            (ph, pw) = node.padding
+            inp = np.pad(inp, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
             win = sliding_window_view(inp, tuple(node.pool), axis=(2, 3))
             win = win[:, :, ::node.stride[0], ::node.stride[1]]
             top = np.sort(win.reshape(*win.shape[:4], -1), axis=-1)
@@ -237,6 +241,56 @@ def test_max_pool_gradients(pool, stride):
     a, m, _, _ = float64_model([{"type": "max_pool2d", "pool": pool, "stride": stride}], shape)
     c = rng.standard_normal(a.run(m, x).shape)
     check_against_finite_differences(a, m, x, c)
+
+
+@pytest.mark.parametrize("pool,stride,padding", [(3, 2, 1), ([3, 2], [1, 2], [1, 1]),
+                                                  (2, 1, 1)])
+def test_padded_max_pool_gradients(pool, stride, padding):
+    """Padding acts as -inf: on all-negative inputs a zero padding would win every edge window
+    (and take its gradient)."""
+    rng = np.random.default_rng(8)
+    shape = (2, 2, 7, 8)
+    x = -1 - rng.permutation(np.arange(np.prod(shape)) * 0.01).reshape(shape)
+    a, m, _, _ = float64_model([{"type": "max_pool2d", "pool": pool, "stride": stride,
+                                 "padding": padding}], shape)
+    y = a.run(m, x)
+    assert y.max() < 0
+    check_against_finite_differences(a, m, x, rng.standard_normal(y.shape))
+
+
+@pytest.mark.parametrize("fields", [
+    {"pool": 2},
+    {"pool": 3, "stride": 2, "padding": 1},
+    {"pool": 3, "stride": 2, "padding": 1, "count_include_pad": False},
+    {"pool": [3, 2], "stride": [1, 2], "padding": [1, 0], "count_include_pad": False},
+])
+def test_avg_pool_gradients(fields):
+    """Behind a conv, so the input's and the weight's gradients both go through the pool."""
+    a, m, x, c = float64_model([{"type": "conv2d", "channels": 2, "kernel": 1},
+                                {"type": "avg_pool2d", **fields}], (2, 3, 7, 6))
+    check_against_finite_differences(a, m, x, c)
+
+
+def test_avg_pool_divides_by_the_window_or_by_its_taps_inside_the_input():
+    """Ones padded 1 each side, 3 x 3 windows of stride 2 on 5 x 5: a corner window holds 4
+    inputs, an edge one 6, the centre 9; counting the padding divides all by 9."""
+    a = Adapter()
+    x = np.ones((1, 1, 5, 5))
+    counted, excluded = (a.run(a.build(make_plan([{
+        "type": "avg_pool2d", "pool": 3, "stride": 2, "padding": 1, "count_include_pad": flag}],
+        x.shape)), x)[0, 0] for flag in (True, False))
+    np.testing.assert_allclose(counted, np.array([[4, 6, 4], [6, 9, 6], [4, 6, 4]]) / 9)
+    np.testing.assert_allclose(excluded, np.ones((3, 3)))
+
+
+def test_global_avg_pool_gradients_and_value():
+    a, m, x, c = float64_model([{"type": "conv2d", "channels": 3, "kernel": 2},
+                                {"type": "global_avg_pool"}, {"type": "dense", "units": 2}],
+                               (2, 2, 5, 4))
+    check_against_finite_differences(a, m, x, c)
+    m = a.build(make_plan([{"type": "global_avg_pool"}], (2, 3, 4, 5)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    np.testing.assert_allclose(a.run(m, x), x.mean(axis=(2, 3)), rtol=1e-15)
 
 
 def test_max_pool_ties_go_to_the_first_maximum_and_overlaps_add():
@@ -459,6 +513,21 @@ DEEP = [
     {"type": "ref", "to": "head"},
     {"type": "dense", "units": 2, "bias": False},
 ]
+
+
+def test_resnet_block_spec_gradients():
+    """The default suite's specs/resnet_block.yaml (padded max pooling, two BasicBlocks, a
+    strided downsample, global average pooling) with a quarter of its channels and a smaller
+    input: every gradient by finite differences."""
+    def quarter(node):
+        if isinstance(node, dict):
+            return {k: max(1, v // 4) if k in ("channels", "units") else quarter(v)
+                    for k, v in node.items()}
+        return [quarter(n) for n in node] if isinstance(node, list) else node
+
+    text = (ROOT / "specs" / "resnet_block.yaml").read_text()
+    a, m, x, c = float64_model(quarter(yaml.safe_load(text)["layers"]), (2, 3, 6, 6), seed=3)
+    check_against_finite_differences(a, m, x, c)
 
 
 def test_deep_mixed_model_gradients():

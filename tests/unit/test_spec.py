@@ -20,11 +20,12 @@ def plan_of(spec) -> dict:
 
 
 def iter_nodes(layers):
-    """Every node dict of a plan, blocks before their children."""
+    """Every node dict of a plan, blocks (and residuals) before their children."""
     for node in layers:
         yield node
-        if node["type"] == "sequential":
+        if node["type"] in ("sequential", "residual"):
             yield from iter_nodes(node["layers"])
+        yield from iter_nodes([n for n in (node.get("shortcut"), node.get("activation")) if n])
 
 
 def spec_of(name):
@@ -183,6 +184,9 @@ def test_plan_nodes_are_complete(path):
             assert node["path"] == (f"{prefix}.{node['name']}" if prefix else node["name"])
             if node["type"] == "sequential":
                 walk(node["layers"], node["path"])
+            if node["type"] == "residual":  # named in the block around it
+                walk(node["layers"] + [n for n in (node["shortcut"], node["activation"]) if n],
+                     prefix)
             if node["type"] in ("dense", "conv2d", "batch_norm"):
                 for role, init in node["init"].items():
                     entry = inits.CATALOGUE[init["name"]]
@@ -386,6 +390,17 @@ BAD = {
         doc([{"type": "conv2d", "channels": 2, "kernel": 3}]), "layers[0]", "4-D"),
     "pooling window larger than its input": (
         doc([{"type": "max_pool2d", "pool": 9}], input=CONV_IN), "layers[0]", "window 9"),
+    "pooling padded more than half its window (torch refuses it)": (
+        doc([{"type": "avg_pool2d", "pool": [3, 2], "padding": [1, 2]}], input=CONV_IN),
+        "layers[0].padding", "more than half the pool [3, 2]"),
+    "max pooling padded more than half its window": (
+        doc([{"type": "max_pool2d", "pool": 2, "padding": 2}], input=CONV_IN),
+        "layers[0].padding", "more than half"),
+    "global average pooling on features": (
+        doc([{"type": "global_avg_pool"}]), "layers[0]", "4-D"),
+    "count_include_pad not a boolean": (
+        doc([{"type": "avg_pool2d", "pool": 2, "count_include_pad": 1}], input=CONV_IN),
+        "layers[0].count_include_pad", ""),
     "conv kernel larger than its padded input": (
         doc([{"type": "conv2d", "channels": 2, "kernel": 12, "padding": 1}], input=CONV_IN),
         "layers[0]", "window 12"),
@@ -624,6 +639,26 @@ def test_resnet18_has_torchvision_state_dict_names_and_parameter_count():
     assert spec.param("layer2.0.downsample.0.weight").shape == (128, 64, 1, 1)
     assert spec.param("layer2.0.downsample.0.weight").lazy_shape == (128, None, 1, 1)
     assert spec.output_shape == (2, 1000)
+
+
+def test_resnet_block_spec_has_torchvision_basic_block_names():
+    """specs/resnet_block.yaml: torchvision's names for its stem, layer1.0 (identity shortcut)
+    and layer2.0 (with a downsample), every size lazy, and global average pooling to (N, C)
+    before the head."""
+    from harness.spec import load_spec
+
+    spec = spec_of("resnet_block")
+    bn = ("weight", "bias", "running_mean", "running_var")
+    want = ["conv1.weight", *(f"bn1.{r}" for r in bn)]
+    for p in ("layer1.0", "layer2.0"):
+        want += [f"{p}.conv1.weight", *(f"{p}.bn1.{r}" for r in bn),
+                 f"{p}.conv2.weight", *(f"{p}.bn2.{r}" for r in bn)]
+    want += ["layer2.0.downsample.0.weight", *(f"layer2.0.downsample.1.{r}" for r in bn),
+             "fc.weight", "fc.bias"]
+    assert [p.name for p in spec.params] == want
+    assert all(None in p.lazy_shape for p in spec.params if p.role == "weight" and
+               len(p.shape) > 1)
+    assert spec.param("fc.weight").shape == (10, 16) and spec.output_shape == (2, 10)
 
 
 def test_residual_plan_nodes_and_generated_segments():
