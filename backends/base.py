@@ -625,7 +625,8 @@ class BaseAdapter:
             try:
                 init, note = zero_width(init)
                 if init["name"] == "fan_in_uniform":
-                    weight = by_name[f"{ref.node.path}.weight"]
+                    fan_role = layers.layer_type(ref.node.type).fan_role
+                    weight = by_name[f"{ref.node.path}.{fan_role}"]
                     fan_in = torch_fans(self.canonical_shape(weight,
                                                              self.describe(model, weight)))[0]
                     bound = init["scale"] / math.sqrt(fan_in)

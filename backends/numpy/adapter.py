@@ -488,6 +488,27 @@ def _kernel(kernel) -> type[_Layer]:
     return Layer
 
 
+def _recurrent(kernel) -> type[_Layer]:
+    """A recurrent kernel of ``backends/numpy/kernels.py`` as a layer: it reads
+    ``return_sequences`` (its sizes come from the parameters); PyTorch's default draws every
+    role from U(+-1/sqrt(H)), fan_in_uniform of weight_hh_l0 (fan_in H)."""
+
+    class Layer(_Layer):
+        __doc__ = kernel.__doc__
+        defaults = dict.fromkeys(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
+                                 {"name": "fan_in_uniform", "scale": 1.0})
+
+        @staticmethod
+        def forward(node, p, x, ps):
+            return kernel.forward(p, x, return_sequences=node.return_sequences)
+
+        @staticmethod
+        def backward(node, p, saved, dy):
+            return kernel.backward(saved, dy)
+
+    return Layer
+
+
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
 LAYERS = {
     "dense": _Dense,
@@ -501,6 +522,8 @@ LAYERS = {
     "tanh": _Tanh,
     "center": _Center,
     "softmax": _kernel(kernels.Softmax),
+    "lstm": _recurrent(kernels.LSTM),
+    "gru": _recurrent(kernels.GRU),
 }
 
 

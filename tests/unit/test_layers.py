@@ -91,6 +91,10 @@ MEMORY_CASES = [
     ("tanh", {}, (64, 64)),
     ("center", {}, (64, 64)),
     ("softmax", {}, (8, 4, 32)),
+    ("lstm", {"units": 32}, (8, 16, 24)),
+    ("lstm", {"units": 16, "return_sequences": False}, (4, 32, 8)),
+    ("gru", {"units": 32}, (8, 16, 24)),
+    ("gru", {"units": 16, "return_sequences": False, "bias": False}, (4, 32, 8)),
 ]
 
 
