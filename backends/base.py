@@ -631,8 +631,10 @@ class BaseAdapter:
             init = ref.node.init[ref.role]
             try:
                 init, note = zero_width(init)
-                if init["name"] == "fan_in_uniform":
-                    weight = by_name[f"{ref.node.path}.weight"]
+                if init["name"] == "fan_in_uniform":  # the parameter's own fan if >= 2-D
+                    own = self.canonical_shape(ref, self.describe(model, ref))
+                    fan_role = layers.layer_type(ref.node.type).fan_role
+                    weight = ref if len(own) >= 2 else by_name[f"{ref.node.path}.{fan_role}"]
                     fan_in = torch_fans(self.canonical_shape(weight,
                                                              self.describe(model, weight)))[0]
                     bound = init["scale"] / math.sqrt(fan_in)

@@ -243,6 +243,63 @@ def _batch_norm_memory(attrs, shape, out):
     return FLOAT64 * 8 * math.prod(shape)
 
 
+def _recurrent_shapes(gates: int) -> Callable[[dict, int | None], dict]:
+    """PyTorch's layouts: weight_ih_l0 (gates*H, in), weight_hh_l0 (gates*H, H), two biases."""
+    def shapes(a, n):
+        g = gates * a["units"]
+        return {"weight_ih_l0": (g, n), "weight_hh_l0": (g, a["units"]),
+                "bias_ih_l0": (g,), "bias_hh_l0": (g,)}
+    return shapes
+
+
+def _recurrent_output(attrs, shape):
+    if shape[1] < 1:
+        raise LayerError(f"needs at least one time step, got shape {shape}")
+    return (shape[0], shape[1], attrs["units"]) if attrs["return_sequences"] else \
+        (shape[0], attrs["units"])
+
+
+def _recurrent_flops(gates: int, pointwise: int) -> Callable[[dict, tuple, tuple], int]:
+    """Per step and sample: the two matmuls (2 gH (in + H)), their sum (gH), the two bias adds
+    (2 gH), one nonlinearity per gate element (gH) and ``pointwise`` operations per unit (the
+    state update)."""
+    def flops(a, s, o):
+        n, length, hid = s[0], s[1], a["units"]
+        g = gates * hid
+        per_step = 2 * g * (s[2] + hid) + 2 * g + 2 * g * a["bias"] + pointwise * hid
+        return n * length * per_step
+    return flops
+
+
+def _recurrent_memory(gates: int) -> Callable[[dict, tuple, tuple], int]:
+    """The kernels' saved arrays (gates, states, W_hn h) and the backward's pre-activation
+    gradients, all (N, L + 1, gates*H) at most, four of them; the float64 input, its gradient
+    and the step's product; the dense cotangent; the parameters, transposed and their
+    gradients."""
+    def memory(a, s, o):
+        n, length, hid = s[0], s[1], a["units"]
+        steps = n * (length + 1)
+        params = gates * hid * (s[2] + hid + 2)
+        return FLOAT64 * (steps * (4 * gates * hid + 6 * hid + 3 * s[2]) + 4 * params)
+    return memory
+
+
+def _recurrent(name: str, gates: int, pointwise: int, doc: str) -> LayerType:
+    """``lstm`` / ``gru``: one layer of torch.nn.LSTM / GRU(batch_first=True), zero initial
+    state; PyTorch's parameter names and layouts; every role's default U(+-1/sqrt(H)) is
+    fan_in_uniform of weight_hh_l0 (fan_in H)."""
+    return LayerType(
+        name, doc,
+        {"units": Field(INT1, int), "input_size": Field(INT1, int | None, None),
+         "return_sequences": Field(BOOL, bool, True), "bias": Field(BOOL, bool, True)},
+        (Role("weight_ih_l0"), Role("weight_hh_l0"), Role("bias_ih_l0", optional="bias"),
+         Role("bias_hh_l0", optional="bias")),
+        in_size="input_size", in_axis=-1, ranks=(3,),
+        takes="a 3-D (batch, seq, features) input", shapes=_recurrent_shapes(gates),
+        output=_recurrent_output, flops=_recurrent_flops(gates, pointwise),
+        memory=_recurrent_memory(gates), fan_role="weight_hh_l0")
+
+
 _WEIGHT_AND_BIAS = (Role("weight"), Role("bias", optional="bias"))
 #: pooling's fields: the stride defaults to the pool, as torch's (Flax's to 1)
 _POOL_FIELDS = {"pool": Field(PAIR1, list[int], pair=True),
@@ -322,6 +379,10 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
         "AdaptiveAvgPool2d(1) and flatten)",
         ranks=(4,), takes="a 4-D (N, C, H, W) input", output=lambda a, s: s[:2],
         memory=lambda a, s, o: FLOAT64 * 2 * (math.prod(s) + math.prod(o))),
+    # recurrent layers; pointwise: LSTM f c, i g, +, tanh(c), o *; GRU r *, 1 - z, *, z h, +
+    _recurrent("lstm", 4, 5, "one LSTM layer, gates i, f, g, o (torch.nn.LSTM(batch_first=True))"),
+    _recurrent("gru", 3, 5, "one GRU layer, gates r, z, n, reset after the recurrent matmul "
+               "(torch.nn.GRU(batch_first=True))"),
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)

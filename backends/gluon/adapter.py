@@ -33,6 +33,28 @@ CUSTOM = {"uniform": "U(a, b) by mx.nd.random.uniform",
           "bimodal": "mx.nd.random.uniform(-10, 10), |x| < 5 zeroed"}
 
 
+def _recurrent_classes(mx):
+    """``{kind: class}``: Gluon's rnn.LSTM / rnn.GRU returning the output sequence, or its last
+    step (``return_sequences=False``)."""
+    out = {}
+    for kind, parent in (("lstm", mx.gluon.rnn.LSTM), ("gru", mx.gluon.rnn.GRU)):
+
+        class Recurrent(parent):
+            def __init__(self, *args, return_sequences=True, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.return_sequences = return_sequences
+
+            def hybrid_forward(self, F, inputs, states, sequence_length=None, **kwargs):
+                y = super().hybrid_forward(F, inputs, states, sequence_length, **kwargs)
+                if self.return_sequences:
+                    return y
+                return F.squeeze(F.slice_axis(y, axis=1, begin=-1, end=None), axis=1)
+
+        Recurrent.__name__ = Recurrent.__qualname__ = parent.__name__
+        out[kind] = Recurrent
+    return out
+
+
 def _framework_classes(mx):
     """The custom ``HybridBlock``s, the custom ``mx.init.Initializer`` and the fills it runs, by
     name (defined late: they need mxnet). Every fill writes its NDArray in place and draws from
@@ -168,6 +190,19 @@ def _global_avg_pool(a, node):
     block = a.nn.HybridSequential()
     block.add(a.nn.GlobalAvgPool2D(), a.nn.Flatten())
     return block
+def _recurrent(kind):
+    """``rnn.LSTM`` / ``rnn.GRU(layout='NTC')`` (batch-major), Gluon's parameters
+    ``l0_i2h_weight`` ... already in PyTorch's layouts and gate orders (i, f, c, o; r, z, n with
+    the reset gate after the recurrent matmul: mxnet's RNN operator is cuDNN's)."""
+    def make(a, node):
+        if not node.bias:
+            raise base.Unsupported(f"{node.path}: Gluon's rnn.{kind.upper()} always has both "
+                                   "biases (no use_bias argument in mxnet 1.9.1): bias: false "
+                                   "cannot be built")
+        return a.recurrent[kind](node.units, layout="NTC", input_size=node.input_size or 0,
+                                 return_sequences=node.return_sequences)
+    return base.Builder(make, {"weight_ih_l0": "l0_i2h_weight", "weight_hh_l0": "l0_h2h_weight",
+                               "bias_ih_l0": "l0_i2h_bias", "bias_hh_l0": "l0_h2h_bias"})
 
 
 #: layer type -> Gluon block (a size of 0 is Gluon's "infer at the first forward"), with the
@@ -191,6 +226,8 @@ BUILDERS = {
                                                  padding=tuple(node.padding),
                                                  count_include_pad=node.count_include_pad),
     "global_avg_pool": _global_avg_pool,
+    "lstm": _recurrent("lstm"),
+    "gru": _recurrent("gru"),
 }
 
 
@@ -299,6 +336,7 @@ class Adapter(base.BaseAdapter):
         self.mx, self.nn = mx, mx.gluon.nn
         (self.Center, self.MyDense, self.Residual, self.Custom,
          self.fills) = _framework_classes(mx)
+        self.recurrent = _recurrent_classes(mx)
         self.has_cuda = mx.runtime.Features().is_enabled("CUDA")
         try:  # the team size mxnet's operators get (OMP_NUM_THREADS set); mxnet has no getter
             omp = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()

@@ -135,7 +135,10 @@ def _variance_scaling(rng, shape, w, scale, mode, distribution):
 
 
 def _fan_in_uniform(rng, shape, w, scale):
-    """PyTorch's default bias: U(+-scale / sqrt(fan_in of the layer's weight))."""
+    """PyTorch's default bias: U(+-scale / sqrt(fan_in of the layer's weight)); a parameter
+    of 2 or more dimensions by its own fan_in (harness.initializers' rule)."""
+    if len(shape) >= 2:
+        w = shape
     if w is None:
         raise ValueError("fan_in_uniform applies to dense/conv parameters only")
     return _u(rng, shape, scale / math.sqrt(torch_fans(w)[0]))
@@ -456,6 +459,37 @@ def _kernel(kernel) -> type[_Layer]:
     return Layer
 
 
+def recurrent_defaults(gates: int) -> dict:
+    """torch.nn.LSTM / GRU's reset_parameters, U(+-1/sqrt(H)) on every role, in catalogue
+    terms: fan_in_uniform on weight_hh_l0 (fan_in H) and the biases (its fan_in);
+    weight_ih_l0 (gates*H, in) is variance_scaling by fan_out gates*H, uniform, scale gates/3
+    (bound sqrt(3 scale / (gates H)) = 1/sqrt(H))."""
+    fan_in = {"name": "fan_in_uniform", "scale": 1.0}
+    return {"weight_ih_l0": {"name": "variance_scaling", "scale": gates / 3, "mode": "fan_out",
+                             "distribution": "uniform"},
+            "weight_hh_l0": fan_in, "bias_ih_l0": fan_in, "bias_hh_l0": fan_in}
+
+
+def _recurrent(kernel) -> type[_Layer]:
+    """A recurrent kernel of ``backends/numpy/kernels.py`` as a layer: it reads
+    ``return_sequences`` (its sizes come from the parameters); PyTorch's default draws every
+    role from U(+-1/sqrt(H)) (``recurrent_defaults``)."""
+
+    class Layer(_Layer):
+        __doc__ = kernel.__doc__
+        defaults = recurrent_defaults(4 if kernel is kernels.LSTM else 3)
+
+        @staticmethod
+        def forward(node, p, x, ps):
+            return kernel.forward(p, x, return_sequences=node.return_sequences)
+
+        @staticmethod
+        def backward(node, p, saved, dy):
+            return kernel.backward(saved, dy)
+
+    return Layer
+
+
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
 LAYERS = {
     "dense": _Dense,
@@ -471,6 +505,8 @@ LAYERS = {
     "softmax": _kernel(kernels.Softmax),
     "avg_pool2d": _kernel(kernels.AvgPool2d),
     "global_avg_pool": _kernel(kernels.GlobalAvgPool),
+    "lstm": _recurrent(kernels.LSTM),
+    "gru": _recurrent(kernels.GRU),
 }
 
 

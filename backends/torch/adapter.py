@@ -72,6 +72,17 @@ def _my_dense(a, node):
         a.MyDense(node.in_units, node.units)
 
 
+def _recurrent(kind):
+    """``nn.LSTM`` / ``nn.GRU(batch_first=True)`` returning its output sequence (or last
+    step); a lazy one where the plan leaves input_size open."""
+    def make(a, node):
+        if node.input_size is None:
+            return a.lazy_recurrent[kind](node.units, node.bias, node.return_sequences)
+        return a.recurrent[kind](node.input_size, node.units, bias=node.bias, batch_first=True,
+                                 return_sequences=node.return_sequences)
+    return make
+
+
 #: layer type -> module (``backends.base.BaseAdapter.builders``)
 BUILDERS = {
     "dense": _dense,
@@ -92,6 +103,8 @@ BUILDERS = {
     # torchvision's ResNet: avgpool = AdaptiveAvgPool2d((1, 1)), then torch.flatten(x, 1)
     "global_avg_pool": lambda a, node: a.nn.Sequential(a.nn.AdaptiveAvgPool2d(1),
                                                        a.nn.Flatten()),
+    "lstm": _recurrent("lstm"),
+    "gru": _recurrent("gru"),
 }
 
 
@@ -118,6 +131,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
         self.nn = self.torch.nn
         (self.Block, self.Graph, self.Center, self.MyDense,
          self.LazyMyDense) = _layer_classes(self.torch, self.nn)
+        self.recurrent, self.lazy_recurrent = _recurrent_classes(self.torch, self.nn)
         return versions
 
     def seed(self, seed: int) -> None:
@@ -399,6 +413,51 @@ def _layer_classes(torch, nn):
                     self.bias.normal_()
 
     return Block, Graph, Center, MyDense, LazyMyDense
+
+
+def _recurrent_classes(torch, nn):
+    """``{kind: class}`` of nn.LSTM / nn.GRU returning one tensor, and their lazy versions."""
+    eager, lazy = {}, {}
+    for kind, parent in (("lstm", nn.LSTM), ("gru", nn.GRU)):
+
+        class Recurrent(parent):
+            """torch's own module; ``forward`` keeps the output sequence (drops the final
+            states), or its last step."""
+
+            def __init__(self, *args, return_sequences=True, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.return_sequences = return_sequences
+
+            def forward(self, x):
+                y = super().forward(x)[0]
+                return y if self.return_sequences else y[:, -1]
+
+        class LazyRecurrent(nn.modules.lazy.LazyModuleMixin, Recurrent):
+            """input_size from the first input: weight_ih_l0 an ``UninitializedParameter``
+            until then (LazyModuleMixin, as LazyLinear), then drawn as reset_parameters draws
+            every weight, U(+-1/sqrt(H))."""
+            cls_to_become = Recurrent
+
+            def __init__(self, units, bias, return_sequences):
+                super().__init__(1, units, bias=bias, batch_first=True,
+                                 return_sequences=return_sequences)
+                self.weight_ih_l0 = nn.parameter.UninitializedParameter()
+                self._init_flat_weights()
+
+            def initialize_parameters(self, x):
+                if self.has_uninitialized_params():
+                    with torch.no_grad():
+                        self.weight_ih_l0.materialize((self.weight_hh_l0.shape[0], x.shape[-1]))
+                        bound = 1.0 / math.sqrt(self.hidden_size)
+                        self.weight_ih_l0.uniform_(-bound, bound)
+                # the size load_state_dict materialized, or the one just drawn
+                self.input_size = self.weight_ih_l0.shape[1]
+                self._init_flat_weights()
+
+        Recurrent.__name__ = Recurrent.__qualname__ = parent.__name__
+        LazyRecurrent.__name__ = LazyRecurrent.__qualname__ = f"Lazy{parent.__name__}"
+        eager[kind], lazy[kind] = Recurrent, LazyRecurrent
+    return eager, lazy
 
 
 def _touch(tensor) -> str | None:

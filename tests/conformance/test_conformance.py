@@ -343,13 +343,13 @@ def test_wider_input_after_inference_is_refused(analyzed):
     assert mismatch.error, "the framework accepted an input of another width"
 
 
-@pytest.mark.parametrize("name", [n for n in ("conformance_convert", "conformance_residual")
-                                  if n in SPEC_NAMES])
+@pytest.mark.parametrize("name", [n for n in ("conformance_convert", "conformance_residual",
+                                               "conformance_recurrent") if n in SPEC_NAMES])
 def test_convert_round_trips_through_this_backend(backend, analyzed, tmp_path, name):
     """torch -> this backend -> torch on a conv -> flatten -> dense model (where a channels-last
-    framework must flatten in canonical order) and on the residual spec (torchvision's names):
-    both conversions prove themselves by equal outputs, and the weights come back
-    bit-identical."""
+    framework must flatten in canonical order), on the residual spec (torchvision's names) and
+    on the recurrent spec (nn.LSTM / nn.GRU state_dicts): both conversions prove themselves by
+    equal outputs, and the weights come back bit-identical."""
     if _declared_unsupported(None, "save_load"):
         return  # a backend without a native format converts nothing
     spec = _spec(name)

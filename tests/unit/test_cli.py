@@ -36,11 +36,11 @@ def test_bad_spec_exits_2_with_one_line(tmp_path):
     """A spec with an unknown layer type: exit 2, one line naming file and field, no output."""
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: bad\ninput: [2, 3]\nlayers:\n"
-                    "  - {type: dense, units: 2}\n  - {type: lstm}\n")
+                    "  - {type: dense, units: 2}\n  - {type: capsule}\n")
     out = tmp_path / "out"
     proc = run_cli("compare", str(spec), "--backend", "numpy", "--python", NUMPY,
                    "--out", str(out))
-    assert_user_error(proc, str(spec), "layers[1].type", "'lstm'")
+    assert_user_error(proc, str(spec), "layers[1].type", "'capsule'")
     assert not out.exists()
 
 

@@ -112,6 +112,10 @@ MEMORY_CASES = [
     ("avg_pool2d", {"pool": 3, "stride": 1, "padding": 1, "count_include_pad": False},
      (2, 8, 16, 16)),
     ("global_avg_pool", {}, (4, 32, 8, 8)),
+    ("lstm", {"units": 32}, (8, 16, 24)),
+    ("lstm", {"units": 16, "return_sequences": False}, (4, 32, 8)),
+    ("gru", {"units": 32}, (8, 16, 24)),
+    ("gru", {"units": 16, "return_sequences": False, "bias": False}, (4, 32, 8)),
 ]
 
 

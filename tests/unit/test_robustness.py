@@ -957,14 +957,14 @@ def test_check_validates_without_running(tmp_path):
     """`check`: one line per spec, exit 0 when all are valid and 2 when any is not (each
     invalid one in one line on stderr); named in --help."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ninput: [2, 4]\nlayers: [{type: lstm}]\n")
+    bad.write_text("name: bad\ninput: [2, 4]\nlayers: [{type: capsule}]\n")
     rc, out, err = harness_in_process("check", "specs/tied.yaml", "specs/small_cnn.yaml")
     assert rc == 0 and err == "" and len(out.splitlines()) == 2
     assert out.startswith("ok specs/tied.yaml: tied")
     rc, out, err = harness_in_process("check", "specs/tied.yaml", bad)
     assert rc == 2 and len(out.splitlines()) == 1
     (line,) = err.splitlines()
-    assert line.startswith(f"error: {bad}: layers[0].type: 'lstm' is not one of ")
+    assert line.startswith(f"error: {bad}: layers[0].type: 'capsule' is not one of ")
     rc, out, err = harness_in_process("--help")
     assert rc == 0 and "check" in out and "without running anything" in " ".join(out.split())
 
