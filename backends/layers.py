@@ -228,6 +228,39 @@ def _batch_norm_memory(attrs, shape, out):
     return FLOAT64 * 8 * math.prod(shape)
 
 
+def _attention_shapes(attrs, n):
+    """PyTorch's packed layout: q, k, v projections stacked in the rows of in_proj_weight."""
+    return {"in_proj_weight": (None if n is None else 3 * n, n),
+            "in_proj_bias": (None if n is None else 3 * n,),
+            "out_proj.weight": (n, n), "out_proj.bias": (n,)}
+
+
+def _attention_output(attrs, shape):
+    if shape[-1] % attrs["num_heads"]:
+        raise LayerError(f"is {attrs['num_heads']}, which does not divide the embedding size "
+                         f"{shape[-1]}", "num_heads")
+    return shape
+
+
+def _attention_flops(attrs, shape, out):
+    """The q, k, v and output projections, q k^T and the weights times v (one multiply-add
+    each), the softmax (5 per score) and the biases."""
+    n, length, e = shape
+    scores = n * attrs["num_heads"] * length * length
+    return (2 * n * length * e * 4 * e + 2 * 2 * scores * (e // attrs["num_heads"])
+            + 5 * scores + attrs["bias"] * n * length * 4 * e)
+
+
+def _attention_memory(attrs, shape, out):
+    """backends/numpy/kernels.py MultiHeadAttention: q, k, v, the context and the attention
+    weights saved, the scores, about four more score-sized arrays and a few (N, L, 3E) ones in
+    the backward, float64 copies of the parameters and their gradients."""
+    n, length, e = shape
+    scores = n * attrs["num_heads"] * length * length
+    return FLOAT64 * (8 * scores + 12 * n * length * e + 3 * math.prod(shape)
+                      + 4 * 4 * (e * e + e))
+
+
 _WEIGHT_AND_BIAS = (Role("weight"), Role("bias", optional="bias"))
 _DENSE_FIELDS = {"units": Field(INT1, int), "in_units": Field(INT1, int | None, None)}
 
@@ -291,6 +324,17 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
     LayerType("center", "the parameter-free custom layer x - mean(x) (d2l's CenteredLayer)"),
     LayerType("softmax", "exp(x) / sum(exp(x)) over the last axis (torch.nn.Softmax(dim=-1))",
               flops=lambda a, s, o: 5 * math.prod(o), activation=True),  # max, -, exp, sum, /
+    LayerType(
+        "multi_head_attention", "self-attention on (batch, seq, embed), optionally causal "
+        "(torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)(x, x, x))",
+        {"num_heads": Field(INT1, int), "embed_dim": Field(INT1, int | None, None),
+         "causal": Field(BOOL, bool, False), "bias": Field(BOOL, bool, True)},
+        (Role("in_proj_weight"), Role("in_proj_bias", optional="bias"),
+         Role("out_proj.weight"), Role("out_proj.bias", optional="bias")),
+        in_size="embed_dim", in_axis=-1, in_what="embedding features",
+        ranks=(3,), takes="a 3-D (batch, seq, embed) input",
+        shapes=_attention_shapes, output=_attention_output, flops=_attention_flops,
+        memory=_attention_memory, fan_role="in_proj_weight"),
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)

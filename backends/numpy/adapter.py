@@ -488,6 +488,26 @@ def _kernel(kernel) -> type[_Layer]:
     return Layer
 
 
+class _MultiHeadAttention(_Layer):
+    """kernels.MultiHeadAttention (forward beside backward there) with the node's num_heads and
+    causal; PyTorch's defaults (nn.MultiheadAttention._reset_parameters): xavier_uniform
+    in_proj_weight, zero biases, out_proj.weight as its NonDynamicallyQuantizableLinear
+    (a Linear) draws it."""
+    defaults = {"in_proj_weight": {"name": "xavier_uniform", "gain": 1.0},
+                "in_proj_bias": {"name": "zeros"},
+                "out_proj.weight": _TORCH_DEFAULTS["weight"],
+                "out_proj.bias": {"name": "zeros"}}
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return kernels.MultiHeadAttention.forward(p, x, num_heads=node.num_heads,
+                                                  causal=node.causal)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        return kernels.MultiHeadAttention.backward(saved, dy)
+
+
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
 LAYERS = {
     "dense": _Dense,
@@ -501,6 +521,7 @@ LAYERS = {
     "tanh": _Tanh,
     "center": _Center,
     "softmax": _kernel(kernels.Softmax),
+    "multi_head_attention": _MultiHeadAttention,
 }
 
 

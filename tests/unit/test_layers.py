@@ -91,6 +91,8 @@ MEMORY_CASES = [
     ("tanh", {}, (64, 64)),
     ("center", {}, (64, 64)),
     ("softmax", {}, (8, 4, 32)),
+    ("multi_head_attention", {"num_heads": 4}, (4, 16, 32)),
+    ("multi_head_attention", {"num_heads": 2, "causal": True, "bias": False}, (2, 64, 16)),
 ]
 
 
