@@ -125,6 +125,11 @@ class LayerType:
     fan_role: str | None = None
     #: may be a residual's ``activation`` (no fields, no parameters, shape-preserving)
     activation: bool = False
+    #: fans a framework computes on its own layout where they are not torch's on the
+    #: canonical one: name -> fn(attrs, role, canonical shape) -> (fan_in, fan_out); a
+    #: backend.yaml default ``{name: variance_scaling, ..., fans: NAME}`` is scaled by them
+    native_fans: dict[str, Callable[[dict, str, tuple], tuple[int, int]]] = \
+        field(default_factory=dict)
 
     def normalize(self, raw: dict) -> dict:
         """The plan attributes of a spec layer (every field, defaults filled in)."""
@@ -251,6 +256,15 @@ def _attention_flops(attrs, shape, out):
             + 5 * scores + attrs["bias"] * n * length * 4 * e)
 
 
+def _keras_einsum_fans(attrs, role, shape):
+    """keras.layers.MultiHeadAttention's EinsumDense kernels, (E, heads, head_dim) for q, k, v
+    and (heads, head_dim, E) for the output: Keras's compute_fans multiplies every axis but
+    the last two into the receptive field, so its fans are (heads E, head_dim E) and
+    (E, heads E), not torch's (E, 3E) and (E, E)."""
+    e, heads = shape[1], attrs["num_heads"]
+    return (heads * e, e // heads * e) if role == "in_proj_weight" else (e, heads * e)
+
+
 def _attention_memory(attrs, shape, out):
     """backends/numpy/kernels.py MultiHeadAttention: q, k, v, the context and the attention
     weights saved, the scores, about four more score-sized arrays and a few (N, L, 3E) ones in
@@ -334,7 +348,8 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
         in_size="embed_dim", in_axis=-1, in_what="embedding features",
         ranks=(3,), takes="a 3-D (batch, seq, embed) input",
         shapes=_attention_shapes, output=_attention_output, flops=_attention_flops,
-        memory=_attention_memory, fan_role="in_proj_weight"),
+        memory=_attention_memory, fan_role="in_proj_weight",
+        native_fans={"keras_einsum": _keras_einsum_fans}),
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)

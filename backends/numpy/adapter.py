@@ -800,9 +800,10 @@ class Adapter(BaseAdapter):
     @staticmethod
     def _in_size(model: _Model, node: PlanNode, stored: dict) -> int | None:
         """A node's input size: the model's, else the plan's, else the file's (lazy); read
-        where the lazy size sits in its first parameter's canonical shape."""
+        where the lazy size sits in its first parameter's canonical shape (its last open axis)."""
         first = f"{node.path}.{param_roles(node)[0]}"
-        axis = param_shapes(node, None)[param_roles(node)[0]].index(None)
+        lazy = param_shapes(node, None)[param_roles(node)[0]]
+        axis = len(lazy) - 1 - lazy[::-1].index(None)  # (3E, E): E is the last open one
         have = model.params[first]
         if have is not None:
             return have.shape[axis]
