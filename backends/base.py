@@ -381,6 +381,35 @@ class Layout:
     to_native: Callable[[np.ndarray, PlanNode], np.ndarray]
 
 
+def _per_head_in(arr, node):
+    """Stacked q, k, v kernels (3, E, heads, head_dim) -> in_proj_weight (3E, E)."""
+    e = arr.shape[1]
+    return arr.reshape(3, e, e).transpose(0, 2, 1).reshape(3 * e, e)
+
+
+def _per_head_in_native(arr, node):
+    e = arr.shape[1]
+    return arr.reshape(3, e, e).transpose(0, 2, 1).reshape(3, e, node.num_heads,
+                                                           e // node.num_heads)
+
+
+def _per_head_out_native(arr, node):
+    e = arr.shape[0]
+    return arr.T.reshape(node.num_heads, e // node.num_heads, e)
+
+
+#: attention kept per head (Keras's EinsumDense, Flax's DenseGeneral): q, k, v kernels (E, heads,
+#: head_dim) and biases (heads, head_dim), stacked as Packed; the output kernel (heads,
+#: head_dim, E); the output bias (E,) needs none
+PER_HEAD_ATTENTION = {
+    "in_proj_weight": Layout(_per_head_in, _per_head_in_native),
+    "in_proj_bias": Layout(lambda arr, node: arr.reshape(-1),
+                           lambda arr, node: arr.reshape(3, node.num_heads, -1)),
+    "out_proj.weight": Layout(lambda arr, node: arr.reshape(-1, arr.shape[-1]).T,
+                              _per_head_out_native),
+}
+
+
 @dataclass
 class ParamRef:
     """One parameter the model has now: canonical name, plan node and role, the framework's own

@@ -258,11 +258,12 @@ def _attention_flops(attrs, shape, out):
 
 def _keras_einsum_fans(attrs, role, shape):
     """keras.layers.MultiHeadAttention's EinsumDense kernels, (E, heads, head_dim) for q, k, v
-    and (heads, head_dim, E) for the output: Keras's compute_fans multiplies every axis but
-    the last two into the receptive field, so its fans are (heads E, head_dim E) and
-    (E, heads E), not torch's (E, 3E) and (E, E)."""
-    e, heads = shape[1], attrs["num_heads"]
-    return (heads * e, e // heads * e) if role == "in_proj_weight" else (e, heads * e)
+    and (heads, head_dim, E) for the output: Keras 3.15's EinsumDense passes its input and
+    output axes to the initializer (keras/src/layers/core/einsum_dense.py,
+    _update_kernel_initializer), so each kernel has fans (E, E): torch's for out_proj.weight,
+    but in_proj_weight's three blocks are drawn each on its own, not as one (3E, E) matrix."""
+    e = shape[1]
+    return (e, e)
 
 
 def _attention_memory(attrs, shape, out):
