@@ -363,6 +363,58 @@ class Builder:
     make: Callable[[Any, PlanNode], Any]
     native: dict[str, str] = field(default_factory=dict)
     defaults: dict[str, str] = field(default_factory=dict)
+    #: role -> Layout, where the adapter's ``kernel_layout`` does not say how the framework
+    #: keeps that role (attention's packed projections)
+    layouts: dict[str, "Layout"] = field(default_factory=dict)
+
+
+class Packed(tuple):
+    """The framework arrays (variables, parameters) that hold one canonical parameter between
+    them, in canonical order: Keras, Flax and Gluon keep attention's query, key and value
+    projections apart where PyTorch stacks them in ``in_proj_weight``. Its native value is
+    their stack (``numpy.stack``), which the role's ``Layout`` maps to the canonical array."""
+
+
+def parts(handle) -> tuple:
+    """The framework arrays behind a ParamRef's handle: a Packed one's parts, else itself."""
+    return tuple(handle) if isinstance(handle, Packed) else (handle,)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one role's native array (a Packed role's: the stack of its parts) maps to the
+    canonical one and back, given the plan node (for sizes such as ``num_heads``)."""
+    to_canonical: Callable[[np.ndarray, PlanNode], np.ndarray]
+    to_native: Callable[[np.ndarray, PlanNode], np.ndarray]
+
+
+def _per_head_in(arr, node):
+    """Stacked q, k, v kernels (3, E, heads, head_dim) -> in_proj_weight (3E, E)."""
+    e = arr.shape[1]
+    return arr.reshape(3, e, e).transpose(0, 2, 1).reshape(3 * e, e)
+
+
+def _per_head_in_native(arr, node):
+    e = arr.shape[1]
+    return arr.reshape(3, e, e).transpose(0, 2, 1).reshape(3, e, node.num_heads,
+                                                           e // node.num_heads)
+
+
+def _per_head_out_native(arr, node):
+    e = arr.shape[0]
+    return arr.T.reshape(node.num_heads, e // node.num_heads, e)
+
+
+#: attention kept per head (Keras's EinsumDense, Flax's DenseGeneral): q, k, v kernels (E, heads,
+#: head_dim) and biases (heads, head_dim), stacked as Packed; the output kernel (heads,
+#: head_dim, E); the output bias (E,) needs none
+PER_HEAD_ATTENTION = {
+    "in_proj_weight": Layout(_per_head_in, _per_head_in_native),
+    "in_proj_bias": Layout(lambda arr, node: arr.reshape(-1),
+                           lambda arr, node: arr.reshape(3, node.num_heads, -1)),
+    "out_proj.weight": Layout(lambda arr, node: arr.reshape(-1, arr.shape[-1]).T,
+                              _per_head_out_native),
+}
 
 
 @dataclass
@@ -565,6 +617,9 @@ class BaseAdapter:
             return info.shape
         if info.native_shape is None:  # declared without a shape: what the plan knows
             return param_shapes(ref.node, given_in_size(ref.node))[ref.role]
+        layout = self.layout(ref)
+        if layout is not None:
+            return layout.to_canonical(np.empty(info.native_shape, np.uint8), ref.node).shape
         return native_shape_to_canonical(info.native_shape, self.kernel_layout)
 
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:
@@ -572,6 +627,20 @@ class BaseAdapter:
 
     def to_native(self, arr: np.ndarray) -> np.ndarray:
         return kernel_to_native(arr) if self.kernel_layout == "channels_last" else arr
+
+    def layout(self, ref: ParamRef) -> Layout | None:
+        """The role's own Layout, where its builder declares one."""
+        return self.builder(ref.node).layouts.get(ref.role)
+
+    def param_to_canonical(self, ref: ParamRef, arr):
+        """One parameter's native array (or gradient) in canonical layout."""
+        layout = self.layout(ref)
+        return layout.to_canonical(arr, ref.node) if layout else self.to_canonical(arr)
+
+    def param_to_native(self, ref: ParamRef, arr: np.ndarray) -> np.ndarray:
+        """One parameter's canonical array in the framework's layout."""
+        layout = self.layout(ref)
+        return layout.to_native(arr, ref.node) if layout else self.to_native(arr)
 
     def inspect(self, model: Any, plan: Plan) -> list[ParamRecord]:
         """Every parameter that exists now, once, with the names it is shared under."""
@@ -595,8 +664,8 @@ class BaseAdapter:
 
     def values(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter's values in canonical layout, as float32 numpy copies."""
-        return {ref.name: np.array(self.to_canonical(self.read(model, ref)), dtype=np.float32)
-                for ref in self.param_refs(model)}
+        return {ref.name: np.array(self.param_to_canonical(ref, self.read(model, ref)),
+                                   dtype=np.float32) for ref in self.param_refs(model)}
 
     def load(self, model: Any, arrays: dict[str, np.ndarray]) -> None:
         """Set every parameter from canonical arrays (the worker has checked the names); every
@@ -604,7 +673,7 @@ class BaseAdapter:
         new = {}
         for ref in self.param_refs(model):
             arr = np.asarray(arrays[ref.name], dtype=np.float32)
-            native = np.ascontiguousarray(self.to_native(arr))
+            native = np.ascontiguousarray(self.param_to_native(ref, arr))
             have = self.describe(model, ref).native_shape
             if have is None or tuple(native.shape) != tuple(have):
                 have = None if have is None else list(have)
@@ -705,7 +774,9 @@ class BaseAdapter:
         """``grads`` from host to host: (canonical output, {name: canonical float32 gradient})."""
         y, grads = self.grads(model, self.to_device(x), self.to_device(cotangent))
         self.block((y, grads))
-        return self.to_host(y), {name: np.array(self.to_canonical(self.to_numpy(g)),
+        refs = {ref.name: ref for ref in self.param_refs(model)}
+        return self.to_host(y), {name: np.array(self.param_to_canonical(refs[name],
+                                                                        self.to_numpy(g)),
                                                 dtype=np.float32) for name, g in grads.items()}
 
     def save(self, model: Any, stem: str) -> SavedFile:

@@ -128,6 +128,11 @@ class LayerType:
     #: settings a backend may lack (backend.yaml ``unsupported: {layers: {TYPE.SETTING: why}}``):
     #: name -> whether a node's attributes use it
     settings: dict[str, Callable[[dict], bool]] = field(default_factory=dict)
+    #: fans a framework computes on its own layout where they are not torch's on the
+    #: canonical one: name -> fn(attrs, role, canonical shape) -> (fan_in, fan_out); a
+    #: backend.yaml default ``{name: variance_scaling, ..., fans: NAME}`` is scaled by them
+    native_fans: dict[str, Callable[[dict, str, tuple], tuple[int, int]]] = \
+        field(default_factory=dict)
 
     def normalize(self, raw: dict) -> dict:
         """The plan attributes of a spec layer (every field, defaults filled in)."""
@@ -298,6 +303,47 @@ def _recurrent(name: str, gates: int, pointwise: int, doc: str) -> LayerType:
         takes="a 3-D (batch, seq, features) input", shapes=_recurrent_shapes(gates),
         output=_recurrent_output, flops=_recurrent_flops(gates, pointwise),
         memory=_recurrent_memory(gates), fan_role="weight_hh_l0")
+def _attention_shapes(attrs, n):
+    """PyTorch's packed layout: q, k, v projections stacked in the rows of in_proj_weight."""
+    return {"in_proj_weight": (None if n is None else 3 * n, n),
+            "in_proj_bias": (None if n is None else 3 * n,),
+            "out_proj.weight": (n, n), "out_proj.bias": (n,)}
+
+
+def _attention_output(attrs, shape):
+    if shape[-1] % attrs["num_heads"]:
+        raise LayerError(f"is {attrs['num_heads']}, which does not divide the embedding size "
+                         f"{shape[-1]}", "num_heads")
+    return shape
+
+
+def _attention_flops(attrs, shape, out):
+    """The q, k, v and output projections, q k^T and the weights times v (one multiply-add
+    each), the softmax (5 per score) and the biases."""
+    n, length, e = shape
+    scores = n * attrs["num_heads"] * length * length
+    return (2 * n * length * e * 4 * e + 2 * 2 * scores * (e // attrs["num_heads"])
+            + 5 * scores + attrs["bias"] * n * length * 4 * e)
+
+
+def _keras_einsum_fans(attrs, role, shape):
+    """keras.layers.MultiHeadAttention's EinsumDense kernels, (E, heads, head_dim) for q, k, v
+    and (heads, head_dim, E) for the output: Keras 3.15's EinsumDense passes its input and
+    output axes to the initializer (keras/src/layers/core/einsum_dense.py,
+    _update_kernel_initializer), so each kernel has fans (E, E): torch's for out_proj.weight,
+    but in_proj_weight's three blocks are drawn each on its own, not as one (3E, E) matrix."""
+    e = shape[1]
+    return (e, e)
+
+
+def _attention_memory(attrs, shape, out):
+    """backends/numpy/kernels.py MultiHeadAttention: q, k, v, the context and the attention
+    weights saved, the scores, about four more score-sized arrays and a few (N, L, 3E) ones in
+    the backward, float64 copies of the parameters and their gradients."""
+    n, length, e = shape
+    scores = n * attrs["num_heads"] * length * length
+    return FLOAT64 * (8 * scores + 12 * n * length * e + 3 * math.prod(shape)
+                      + 4 * 4 * (e * e + e))
 
 
 _WEIGHT_AND_BIAS = (Role("weight"), Role("bias", optional="bias"))
@@ -383,6 +429,18 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
     _recurrent("lstm", 4, 5, "one LSTM layer, gates i, f, g, o (torch.nn.LSTM(batch_first=True))"),
     _recurrent("gru", 3, 5, "one GRU layer, gates r, z, n, reset after the recurrent matmul "
                "(torch.nn.GRU(batch_first=True))"),
+    LayerType(
+        "multi_head_attention", "self-attention on (batch, seq, embed), optionally causal "
+        "(torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)(x, x, x))",
+        {"num_heads": Field(INT1, int), "embed_dim": Field(INT1, int | None, None),
+         "causal": Field(BOOL, bool, False), "bias": Field(BOOL, bool, True)},
+        (Role("in_proj_weight"), Role("in_proj_bias", optional="bias"),
+         Role("out_proj.weight"), Role("out_proj.bias", optional="bias")),
+        in_size="embed_dim", in_axis=-1, in_what="embedding features",
+        ranks=(3,), takes="a 3-D (batch, seq, embed) input",
+        shapes=_attention_shapes, output=_attention_output, flops=_attention_flops,
+        memory=_attention_memory, fan_role="in_proj_weight",
+        native_fans={"keras_einsum": _keras_einsum_fans}),
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)

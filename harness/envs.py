@@ -195,6 +195,15 @@ def _unsupported(meta: dict, where: Path) -> dict:
     return out
 
 
+def _default_init(raw) -> dict:
+    """A declared default, normalized; ``fans: NAME`` (the registry's ``native_fans``: the
+    framework scales it by fans of its own layout) kept."""
+    init = inits.normalize(raw)
+    if isinstance(raw, dict) and "fans" in raw:
+        init["fans"] = str(raw["fans"])
+    return init
+
+
 def _load_backend(folder: Path) -> Backend:
     meta = _read_meta(folder)
     try:
@@ -202,7 +211,7 @@ def _load_backend(folder: Path) -> Backend:
     except known.DeclarationError as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: {exc}") from None
     try:
-        defaults = {layer: {role: inits.normalize(init) for role, init in roles.items()}
+        defaults = {layer: {role: _default_init(init) for role, init in roles.items()}
                     for layer, roles in meta.get("defaults", {}).items()}
         sizes = {flavor: DeclaredSize.read(entry)
                  for flavor, entry in (meta.get("environment_size") or {}).items()}

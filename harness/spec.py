@@ -128,6 +128,7 @@ class ParamSpec:
     init_field: str                     # where in the spec the init came from
     layer_weight_shape: tuple[int, ...] | None
     shared_with: list[str] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)   # the layer's plan attributes
 
     @property
     def trainable(self) -> bool:
@@ -138,10 +139,21 @@ class ParamSpec:
         return inits.fans(self.shape) if len(self.shape) >= 2 else None
 
     def resolved_init(self, defaults: dict) -> dict:
-        """The concrete canonical init, resolving ``default`` with a backend's declared defaults."""
+        """The concrete canonical init, resolving ``default`` with a backend's declared defaults
+        (one scaled by the framework's own fans: the same std on the canonical fans)."""
         if self.init["name"] != "default":
             return self.init
-        return defaults[self.layer_type][self.role]
+        init = defaults[self.layer_type][self.role]
+        if "fans" not in init:
+            return init
+        native = layers.LAYERS[self.layer_type].native_fans[init["fans"]](
+            self.attrs, self.role, self.shape)
+        canonical = inits.fans(self.shape)
+        mode = {"fan_in": 0, "fan_out": 1}.get(init["mode"])
+        ratio = (canonical[mode] / native[mode] if mode is not None
+                 else sum(canonical) / sum(native))
+        return {**{k: v for k, v in init.items() if k != "fans"},
+                "scale": init["scale"] * ratio}
 
     def expected(self, defaults: dict) -> dict:
         return inits.expected_distribution(self.resolved_init(defaults), self.shape,
@@ -409,7 +421,7 @@ class _Builder:
             field_ = init.pop("_field", where)
             self.check_init(init, shape, w_shape, field_, name)
             self.params[name] = ParamSpec(name, role, node["type"], shape, lazy_shapes[role],
-                                          init, field_, w_shape)
+                                          init, field_, w_shape, attrs=node["attrs"])
 
     def check_init(self, init, shape, w_shape, field_, name):
         if init["name"] == "default":

@@ -180,6 +180,14 @@ def _function(name):
     return lambda a, node: getattr(a.nn, name)
 
 
+def _attention(a, node):
+    """linen's MultiHeadDotProductAttention as self-attention (``SelfAttention``); the roles
+    with a per-head layout are drawn by ``finish_initialize``, out_proj.bias by its own
+    attribute."""
+    init = a.declaring.get(f"{node.path}.out_proj.bias")
+    return a.SelfAttention(node.num_heads, node.causal, node.bias, out_bias_init=init)
+
+
 _KERNEL = {"weight": "kernel"}
 #: layer type -> linen module or function on NHWC activations, with the linen name of each
 #: role's variable (``<name>_init`` is its initializer attribute) and what `default` realizes
@@ -214,6 +222,19 @@ BUILDERS = {
         padding=_pads(node), count_include_pad=node.count_include_pad),
     # as Flax's own ResNet example: jnp.mean(x, axis=(1, 2)) on NHWC
     "global_avg_pool": lambda a, node: functools.partial(a.jnp.mean, axis=(1, 2)),
+    # PyTorch packs q, k, v in in_proj_weight; linen keeps three DenseGeneral kernels
+    "multi_head_attention": base.Builder(
+        _attention,
+        {"in_proj_weight": "attention/query/kernel,attention/key/kernel,attention/value/kernel",
+         "in_proj_bias": "attention/query/bias,attention/key/bias,attention/value/bias",
+         "out_proj.weight": "attention/out/kernel", "out_proj.bias": "attention/out/bias"},
+        {"in_proj_weight": "native: flax default kernel_init = lecun_normal() per "
+                           "DenseGeneral kernel (query, key, value)",
+         "in_proj_bias": "native: flax default bias_init = zeros_init()",
+         "out_proj.weight": "native: flax default out_kernel_init None = kernel_init "
+                            "(lecun_normal())",
+         "out_proj.bias": "native: flax default out_bias_init None = bias_init (zeros)"},
+        layouts=base.PER_HEAD_ATTENTION),
 }
 
 
@@ -234,7 +255,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
         self.serialization, self.traverse_util = serialization, traverse_util
         self.prng = _flat_threefry(jax.extend.random)
         (self.Sequential, self.Residual, self.Center, self.LastCanonicalAxis,
-         self.MyDense) = _module_classes(nn, jnp)
+         self.MyDense, self.SelfAttention) = _module_classes(nn, jnp)
         return {**versions, "flax": flax.__version__}
 
     def seed(self, seed):
@@ -298,22 +319,30 @@ class Adapter(JaxDevices, base.BaseAdapter):
                   for pos in base.positions(model.plan) if pos.is_owner}
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            suffix = (*scopes[node.path], self.native_role(node, role))
-            found = [k for k in keys if k[1:] == suffix]
-            if len(found) != 1:
-                raise ValueError(f"{name}: expected one variable */{'/'.join(suffix)}, "
-                                 f"found {['/'.join(k) for k in found]}")
-            refs.append(base.ParamRef(name, node, role, "/".join(found[0]), found[0]))
+            handles = []
+            for native in self.native_role(node, role).split(","):  # a Packed role: several
+                suffix = (*scopes[node.path], *native.split("/"))
+                found = [k for k in keys if k[1:] == suffix]
+                if len(found) != 1:
+                    raise ValueError(f"{name}: expected one variable */{'/'.join(suffix)}, "
+                                     f"found {['/'.join(k) for k in found]}")
+                handles += found
+            refs.append(base.ParamRef(name, node, role, ", ".join("/".join(k) for k in handles),
+                                      handles[0] if len(handles) == 1
+                                      else base.Packed(handles)))
         return refs
 
     def _value(self, model, ref):
-        return functools.reduce(operator.getitem, ref.handle, model.variables)
+        """The variable's array; a Packed ref's parts stacked."""
+        values = [functools.reduce(operator.getitem, key, model.variables)
+                  for key in base.parts(ref.handle)]
+        return values[0] if len(values) == 1 else self.jnp.stack(values)
 
     def describe(self, model, ref):
         """Trainable: lives in the ``params`` collection (``batch_stats`` is state)."""
         arr = self._value(model, ref)
         return base.ParamInfo(tuple(arr.shape), str(arr.dtype),
-                              ref.handle[0] == TRAINABLE_COLLECTION)
+                              base.parts(ref.handle)[0][0] == TRAINABLE_COLLECTION)
 
     def read(self, model, ref):
         return self.to_numpy(self._value(model, ref))
@@ -321,7 +350,9 @@ class Adapter(JaxDevices, base.BaseAdapter):
     def write(self, model, arrays):
         flat = self.traverse_util.flatten_dict(model.variables)
         for ref, arr in arrays.values():
-            flat[ref.handle] = self.from_numpy(arr)
+            keys = base.parts(ref.handle)
+            for key, part in zip(keys, arr if len(keys) > 1 else [arr]):
+                flat[key] = self.from_numpy(np.ascontiguousarray(part))
         model.variables = self.traverse_util.unflatten_dict(flat)
 
     # -- initialization -----------------------------------------------------------------------
@@ -349,6 +380,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
             raise ValueError(f"re-initialized tree differs: {shapes[0]} != {shapes[1]}")
         model.module, model.variables = module, self.jax.block_until_ready(variables)
         model.jitted = {}
+        for ref in self.param_refs(model):  # roles laid out per head: drawn on torch's matrix
+            init = model.inits.get(ref.name)
+            if init is not None and self.layout(ref) is not None:
+                shape = self.canonical_shape(ref, self.describe(model, ref))
+                drawn = np.asarray(init(self._next_key(), shape[::-1], self.jnp.float32)).T
+                self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn))})
 
     def _initializer(self, init, node, role):
         """(JAX initializer or None for the module's own default, "native: ..."/"custom: ...")."""
@@ -358,7 +395,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
                 raise ValueError(f"flax BatchNorm initializes {role} to {BATCH_STATS_INIT[role]}")
             return None, f"native: flax BatchNorm batch_stats ({BATCH_STATS_INIT[role]})"
         if kind == "default":
-            return None, self.builder(node).defaults.get(role, DEFAULT_IMPL[role])
+            return None, self.builder(node).defaults.get(role) or DEFAULT_IMPL[role]
         if kind not in INITIALIZERS:
             raise ValueError(f"unsupported initializer {kind!r}")
         return INITIALIZERS[kind](self, init, args)
@@ -437,8 +474,10 @@ class Adapter(JaxDevices, base.BaseAdapter):
         (_, (y, updates)), grads = self._jit(model, "loss_grads")(model.variables, x, cotangent)
         model.variables = {**model.variables, **updates}
         flat = self.traverse_util.flatten_dict(grads)
-        return y, {ref.name: flat[ref.handle[1:]] for ref in self.param_refs(model)
-                   if ref.handle[0] == TRAINABLE_COLLECTION}
+        return y, {ref.name: self.jnp.stack([flat[k[1:]] for k in ref.handle])
+                   if isinstance(ref.handle, base.Packed) else flat[ref.handle[1:]]
+                   for ref in self.param_refs(model)
+                   if base.parts(ref.handle)[0][0] == TRAINABLE_COLLECTION}
 
     def save(self, model, stem):
         """``flax.serialization.to_bytes`` of the variables: msgpack of the nested dict."""
@@ -634,7 +673,24 @@ def _module_classes(nn, jnp):
             bias = self.param("bias", self.bias_init, (self.units,))
             return nn.relu(x @ kernel + bias)
 
-    return Sequential, Residual, Center, LastCanonicalAxis, MyDense
+    class SelfAttention(nn.Module):
+        """``nn.MultiHeadDotProductAttention`` (named ``attention``) on one input: query, key
+        and value are x, E from the input (lazy); causal: ``nn.make_causal_mask``, a boolean
+        mask where False masks out. Dropout off (deterministic)."""
+
+        num_heads: int
+        causal: bool
+        use_bias: bool
+        out_bias_init: Any = None
+
+        @nn.compact
+        def __call__(self, x):
+            mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
+            return nn.MultiHeadDotProductAttention(
+                self.num_heads, use_bias=self.use_bias, deterministic=True,
+                out_bias_init=self.out_bias_init, name="attention")(x, mask=mask)
+
+    return Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention
 
 
 def _flat_threefry(jer):

@@ -13,6 +13,7 @@ mxnet is imported in ``import_framework`` only, so importing this module costs n
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import platform
@@ -159,8 +160,54 @@ def _framework_classes(mx):
             y = y + (x if self.shortcut is None else self.shortcut(x))
             return y if self.activation is None else self.activation(y)
 
+    class SelfAttention(mx.gluon.nn.HybridBlock):
+        """Multi-head self-attention as d2l's Gluon MultiHeadAttention builds it (Gluon 1.9.1
+        has no attention block): four ``nn.Dense(E, flatten=False)`` blocks ``W_q``, ``W_k``,
+        ``W_v``, ``W_o``, heads split by reshape and transpose, scaled ``batch_dot`` scores
+        and ``softmax``. Causal: scores where key j > query i get -1e9 added (d2l's
+        masked_softmax adds -1e6 where masked), so their weight is exactly 0 in float32.
+        Dense needs its units: a lazy E makes them with units 0 (Gluon's "unknown"), set at
+        the first call from the input, whose shape inference then fills the weights in."""
+
+        def __init__(self, num_heads, causal, use_bias, embed_dim=None):
+            super().__init__()
+            self.num_heads, self.causal, self.embed = num_heads, causal, embed_dim or 0
+            with self.name_scope():
+                for name in ("W_q", "W_k", "W_v", "W_o"):
+                    setattr(self, name, mx.gluon.nn.Dense(
+                        self.embed, use_bias=use_bias, flatten=False, in_units=self.embed))
+
+        def forward(self, x, *args):
+            if not self.embed:  # the first input gives E (imperative or hybridized alike)
+                self.embed = x.shape[-1]
+                for dense in (self.W_q, self.W_k, self.W_v, self.W_o):
+                    dense._units = self.embed
+                    dense.weight.shape = (self.embed, dense.weight.shape[1])
+                    if dense.bias is not None:
+                        dense.bias.shape = (self.embed,)
+            return super().forward(x, *args)
+
+        def hybrid_forward(self, F, x):
+            heads = self.num_heads
+
+            def split(t):  # (N, L, E) -> (N * heads, L, E / heads)
+                t = F.transpose(F.reshape(t, shape=(0, 0, heads, -1)), axes=(0, 2, 1, 3))
+                return F.reshape(t, shape=(-3, 0, 0))
+
+            q, k, v = split(self.W_q(x)), split(self.W_k(x)), split(self.W_v(x))
+            scores = F.batch_dot(q, k, transpose_b=True) / math.sqrt(self.embed // heads)
+            if self.causal:
+                pos = F.contrib.arange_like(scores, axis=-1)
+                ahead = F.broadcast_greater(F.reshape(pos, shape=(1, -1)),
+                                            F.reshape(pos, shape=(-1, 1)))
+                scores = F.broadcast_add(scores, F.expand_dims(ahead, 0) * -1e9)
+            context = F.batch_dot(F.softmax(scores, axis=-1), v)
+            context = F.transpose(F.reshape(context, shape=(-4, -1, heads, 0, 0)),
+                                  axes=(0, 2, 1, 3))
+            return self.W_o(F.reshape(context, shape=(0, 0, -3)))
+
     fills = (uniform, normal, trunc_normal, eye, dirac, sparse, bimodal)
-    return Center, MyDense, Residual, Custom, {f.__name__: f for f in fills}
+    return Center, MyDense, Residual, SelfAttention, Custom, {f.__name__: f for f in fills}
 
 
 # ------------------------------------------------------------------------------ builders
@@ -228,6 +275,16 @@ BUILDERS = {
     "global_avg_pool": _global_avg_pool,
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
+    # PyTorch packs q, k, v in in_proj_weight; d2l's Gluon attention has three Dense blocks
+    "multi_head_attention": base.Builder(
+        lambda a, node: a.SelfAttention(node.num_heads, node.causal, node.bias, node.embed_dim),
+        {"in_proj_weight": "W_q.weight,W_k.weight,W_v.weight",
+         "in_proj_bias": "W_q.bias,W_k.bias,W_v.bias",
+         "out_proj.weight": "W_o.weight", "out_proj.bias": "W_o.bias"},
+        layouts={"in_proj_weight": base.Layout(lambda arr, node: arr.reshape(-1, arr.shape[-1]),
+                                               lambda arr, node: arr.reshape(3, -1, arr.shape[-1])),
+                 "in_proj_bias": base.Layout(lambda arr, node: arr.reshape(-1),
+                                             lambda arr, node: arr.reshape(3, -1))}),
 }
 
 
@@ -334,7 +391,7 @@ class Adapter(base.BaseAdapter):
         import mxnet as mx
 
         self.mx, self.nn = mx, mx.gluon.nn
-        (self.Center, self.MyDense, self.Residual, self.Custom,
+        (self.Center, self.MyDense, self.Residual, self.SelfAttention, self.Custom,
          self.fills) = _framework_classes(mx)
         self.recurrent = _recurrent_classes(mx)
         self.has_cuda = mx.runtime.Features().is_enabled("CUDA")
@@ -405,33 +462,43 @@ class Adapter(base.BaseAdapter):
         exactly these (a shared one once)."""
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            param = getattr(model.owners[node.path], self.native_role(node, role))
-            refs.append(base.ParamRef(name, node, role, param.name, param))
+            found = [functools.reduce(getattr, native.split("."), model.owners[node.path])
+                     for native in self.native_role(node, role).split(",")]
+            refs.append(base.ParamRef(name, node, role, ", ".join(p.name for p in found),
+                                      found[0] if len(found) == 1 else base.Packed(found)))
         counted = len(model.net.collect_params().keys())
-        if counted != len(refs):
-            raise RuntimeError(f"collect_params() holds {counted} parameters, the plan "
-                               f"{len(refs)}")
+        owned = sum(len(base.parts(ref.handle)) for ref in refs)
+        if counted != owned:
+            raise RuntimeError(f"collect_params() holds {counted} parameters, the plan {owned}")
         return refs
 
     def describe(self, model, ref):
         """Gluon writes a size not known yet as 0 (canonically None); reading a deferred
         parameter raises DeferredInitializationError: that is its touch."""
-        param, touch = ref.handle, None
+        found, touch = base.parts(ref.handle), None
+        param = found[0]
         try:
             param.data(self.device)
         except self.mx.gluon.parameter.DeferredInitializationError as exc:
             touch = f"{type(exc).__name__}: {exc}"
+        native, shape = tuple(param.shape), tuple(d or None for d in param.shape)
+        if len(found) > 1:  # stacked parts: (3, E, E) is canonically (3E, E)
+            native = (len(found), *native)
+            shape = (shape[0] and len(found) * shape[0], *shape[1:])
         return base.ParamInfo(
-            tuple(param.shape), np.dtype(param.dtype).name,
+            native, np.dtype(param.dtype).name,
             trainable=param.grad_req != "null",  # running statistics: grad_req 'null'
-            initialized=touch is None, touch=touch, shape=tuple(d or None for d in param.shape))
+            initialized=touch is None, touch=touch, shape=shape)
 
     def read(self, model, ref):
-        return ref.handle.data(self.device).asnumpy()
+        return np.stack([p.data(self.device).asnumpy() for p in base.parts(ref.handle)]) \
+            if isinstance(ref.handle, base.Packed) else ref.handle.data(self.device).asnumpy()
 
     def write(self, model, arrays):
         for ref, arr in arrays.values():
-            ref.handle.set_data(self.mx.nd.array(arr, ctx=self.device))
+            found = base.parts(ref.handle)
+            for param, part in zip(found, arr if len(found) > 1 else [arr]):
+                param.set_data(self.mx.nd.array(part, ctx=self.device))
 
     def share_key(self, model, position):
         """The ``Parameter`` objects of the block Gluon's tree holds at that position (a block
@@ -439,18 +506,28 @@ class Adapter(base.BaseAdapter):
         block, node = model.net, position.node
         for step in position.index:
             block = block.shortcut if step == "shortcut" else block[step]
-        return tuple(id(getattr(block, self.native_role(node, role)))
+        return tuple(id(functools.reduce(getattr, self.native_role(node, role).split(",")[0]
+                                         .split("."), block))
                      for role in base.param_roles(node))
 
     def init_param(self, model, ref, init) -> str:
         """Re-initialize the Parameter (``force_reinit``) with the INIT's initializer."""
-        param = ref.handle
+        found = base.parts(ref.handle)
+        param = found[0]
         if init["name"] == "default":
             # what net.initialize() does: Parameter.init if set, else the global
             # default_init, mx.init.Uniform() = U(-0.07, 0.07)
-            param.initialize(ctx=self.device, force_reinit=True)
+            for part in found:
+                part.initialize(ctx=self.device, force_reinit=True)
             own = "global mx.init.Uniform(0.07)" if param.init is None else f"init={param.init!r}"
-            return f"native: Gluon default ({param.name}: {own})"
+            return f"native: Gluon default ({ref.native_name}: {own})"
+        if len(found) > 1:  # drawn on torch's packed matrix, then split into the parts
+            shape = self.describe(model, ref).shape
+            initializer, impl = self._initializer(init, shape)
+            drawn = self.mx.nd.zeros(shape, ctx=self.device)
+            initializer(self.mx.init.InitDesc(param.name), drawn)
+            self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.asnumpy()))})
+            return impl + f" on PyTorch's packed {shape}, split into {ref.native_name}"
         initializer, impl = self._initializer(init, param.shape)
         param.initialize(init=initializer, ctx=self.device, force_reinit=True)
         return impl
@@ -508,7 +585,8 @@ class Adapter(base.BaseAdapter):
     # -- training semantics -------------------------------------------------------------------
 
     def _trainable(self, model):
-        return [ref for ref in self.param_refs(model) if ref.handle.grad_req != "null"]
+        return [ref for ref in self.param_refs(model)
+                if base.parts(ref.handle)[0].grad_req != "null"]
 
     def grads(self, model, x, cotangent):
         """``autograd.record(train_mode=True)``, then ``y.backward(cotangent)`` (the head
@@ -520,7 +598,9 @@ class Adapter(base.BaseAdapter):
         with autograd.record(train_mode=True):
             y = model.net(x)
         y.backward(cotangent)
-        return y, {ref.name: ref.handle.grad(self.device) for ref in self._trainable(model)}
+        return y, {ref.name: self.mx.nd.stack(*(p.grad(self.device) for p in ref.handle))
+                   if isinstance(ref.handle, base.Packed) else ref.handle.grad(self.device)
+                   for ref in self._trainable(model)}
 
     def save(self, model, stem):
         """``save_parameters``: MXNet's NDArray file, keyed by the structural names of the block
@@ -627,7 +707,7 @@ class Adapter(base.BaseAdapter):
             def step():
                 return net(x)
         else:
-            params = [ref.handle for ref in self._trainable(model)]
+            params = [p for ref in self._trainable(model) for p in base.parts(ref.handle)]
             trainer = mx.gluon.Trainer(params, "sgd", {"learning_rate": lr})
             weights = [p.data(self.device) for p in params]
 

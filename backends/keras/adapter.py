@@ -11,6 +11,7 @@ override. Frameworks are imported in ``setup`` only.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -172,7 +173,25 @@ def _keras_classes(keras):
         def call(self, x):
             return ops.pad(x, ((0, 0), *self.padding, (0, 0)), constant_values=float("-inf"))
 
-    return (Center, MyDense, Residual, MinusInfPadding,
+    class SelfAttention(keras.layers.Layer):
+        """``keras.layers.MultiHeadAttention(num_heads, key_dim=E // num_heads)`` called as
+        self-attention, ``(x, x, use_causal_mask=causal)`` (Keras's masks: True attends). Made
+        in ``build()``: its ``key_dim`` needs the input's E, which Keras otherwise infers."""
+
+        def __init__(self, num_heads, causal, use_bias, **kwargs):
+            super().__init__(**kwargs)
+            self.num_heads, self.causal, self.use_bias = num_heads, causal, use_bias
+
+        def build(self, input_shape):
+            e = input_shape[-1]
+            self.attention = keras.layers.MultiHeadAttention(
+                self.num_heads, e // self.num_heads, use_bias=self.use_bias)
+            self.attention.build(input_shape, input_shape)
+
+        def call(self, x):
+            return self.attention(x, x, use_causal_mask=self.causal)
+
+    return (Center, MyDense, Residual, MinusInfPadding, SelfAttention,
             {"trunc_normal": TorchTruncatedNormal, "sparse": Sparse, "dirac": Dirac,
              "bimodal": Bimodal})
 
@@ -259,6 +278,17 @@ BUILDERS = {
     # NHWC -> (N, C): the canonical (N, C) as it is
     "global_avg_pool": lambda a, node: a._new(a.keras.layers.GlobalAveragePooling2D,
                                               name=node.name),
+    # PyTorch packs q, k, v in in_proj_weight; Keras keeps three EinsumDense kernels
+    "multi_head_attention": base.Builder(
+        lambda a, node: a._new(a.SelfAttention, node.num_heads, node.causal, node.bias,
+                               name=node.name),
+        {"in_proj_weight": ",".join(f"attention._{p}_dense.kernel"
+                                    for p in ("query", "key", "value")),
+         "in_proj_bias": ",".join(f"attention._{p}_dense.bias"
+                                  for p in ("query", "key", "value")),
+         "out_proj.weight": "attention._output_dense.kernel",
+         "out_proj.bias": "attention._output_dense.bias"},
+        layouts=base.PER_HEAD_ATTENTION),
 }
 
 
@@ -348,8 +378,7 @@ class Adapter(base.BaseAdapter):
         with self.device_scope(), self.tf.GradientTape() as tape:
             y = model.net(x, training=True)
             loss = self.tf.reduce_sum(y * cotangent)
-        grads = tape.gradient(loss, [r.handle for r in refs])
-        return y, {r.name: g for r, g in zip(refs, grads)}
+        return y, self._regroup(refs, tape.gradient(loss, self._variables(refs)))
 
     def modes(self):
         v = self.tf.__version__
@@ -367,7 +396,7 @@ class Adapter(base.BaseAdapter):
                 return net(x, training=False)
             args = (x,)
         else:
-            variables = [r.handle for r in self._trainable(model)]
+            variables = self._variables(self._trainable(model))
 
             def fn(x, cotangent):
                 with tf.GradientTape() as tape:
@@ -405,7 +434,7 @@ class Adapter(base.BaseAdapter):
         import keras
 
         self.keras = keras
-        (self.Center, self.MyDense, self.Residual, self.MinusInfPadding,
+        (self.Center, self.MyDense, self.Residual, self.MinusInfPadding, self.SelfAttention,
          self.custom_inits) = _keras_classes(keras)
         # the backend Keras really runs on, as the environment record shows it
         return {"keras": keras.__version__, "keras backend": keras.backend.backend(), **versions}
@@ -481,21 +510,46 @@ class Adapter(base.BaseAdapter):
         for name, node, role in base.owned_params(model.plan):
             layer = model.owners[node.path]
             if layer.built:
-                var = getattr(layer, self.native_role(node, role))
-                refs.append(base.ParamRef(name, node, role, var.path, var))
+                found = [functools.reduce(getattr, native.split("."), layer)
+                         for native in self.native_role(node, role).split(",")]
+                var = found[0] if len(found) == 1 else base.Packed(found)
+                refs.append(base.ParamRef(name, node, role,
+                                          ", ".join(v.path for v in found), var))
         return refs
 
     def describe(self, model, ref):
-        var = ref.handle  # BN's moving statistics: trainable=False
-        return base.ParamInfo(tuple(var.shape), str(var.dtype), var.trainable)
+        var = base.parts(ref.handle)  # BN's moving statistics: trainable=False
+        shape = tuple(var[0].shape) if len(var) == 1 else (len(var), *var[0].shape)
+        return base.ParamInfo(shape, str(var[0].dtype), var[0].trainable)
 
     def read(self, model, ref):
+        if isinstance(ref.handle, base.Packed):
+            return np.stack([self.to_numpy(v) for v in ref.handle])
         return self.to_numpy(ref.handle)
 
     def write(self, model, arrays):
         with self.device_scope():
             for ref, arr in arrays.values():
-                ref.handle.assign(arr)
+                if isinstance(ref.handle, base.Packed):
+                    for v, part in zip(ref.handle, arr):
+                        v.assign(part)
+                else:
+                    ref.handle.assign(arr)
+
+    @staticmethod
+    def _variables(refs) -> list:
+        """The Keras variables behind refs (a Packed one's parts in turn)."""
+        return [v for ref in refs for v in base.parts(ref.handle)]
+
+    def _regroup(self, refs, grads) -> dict:
+        """{canonical name: gradient} from the gradients of ``_variables(refs)``, a Packed
+        ref's parts stacked."""
+        grads, out = list(grads), {}
+        for ref in refs:
+            n = len(base.parts(ref.handle))
+            got, grads = grads[:n], grads[n:]
+            out[ref.name] = got[0] if n == 1 else self.keras.ops.stack(got)
+        return out
 
     def share_key(self, model, position):
         """The Keras layer instance holding the parameters there: a ref puts its target's
@@ -515,6 +569,12 @@ class Adapter(base.BaseAdapter):
         kind, args = init["name"], base.init_args(init)
         if kind == "default":
             layer, attr = model.owners[ref.node.path], self.native_role(ref.node, ref.role)
+            if isinstance(layer, self.SelfAttention):
+                mha, kind = layer.attention, "kernel" if "weight" in ref.role else "bias"
+                return (f"native: Keras default "
+                        f"{_describe(getattr(mha, f'_{kind}_initializer'))} "
+                        f"(MultiHeadAttention.{kind}_initializer, drawn per EinsumDense {kind} "
+                        "in build())")
             if isinstance(layer, self.MyDense):
                 given = layer.initializers[attr]
                 return (f"native: add_weight(initializer={given!r}) in MyDense.build()"
@@ -530,6 +590,13 @@ class Adapter(base.BaseAdapter):
         else:
             raise ValueError(f"unsupported initializer {kind!r}")
         var = ref.handle
+        if self.layout(ref) is not None:  # drawn on torch's matrix, as Keras would lay it out
+            shape = self.canonical_shape(ref, self.describe(model, ref))
+            with self.device_scope():
+                drawn = self.to_numpy(initializer(shape[::-1], "float32"))
+            self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.T))})
+            return impl + f" on the {shape[::-1]} kernel PyTorch's layout transposes, " \
+                "reshaped to Keras's per-head kernels"
         with self.device_scope():
             var.assign(initializer(tuple(var.shape), var.dtype))
         return impl
@@ -555,7 +622,7 @@ class Adapter(base.BaseAdapter):
         return lambda: self.keras.ops.matmul(a, b)
 
     def _trainable(self, model):
-        return [ref for ref in self.param_refs(model) if ref.handle.trainable]
+        return [ref for ref in self.param_refs(model) if base.parts(ref.handle)[0].trainable]
 
     # -- training semantics -------------------------------------------------------------------
 
@@ -585,7 +652,8 @@ class Adapter(base.BaseAdapter):
             raise ValueError(f"{path}: datasets that are not real numbers: {', '.join(odd[:5])}")
         with tempfile.TemporaryDirectory(prefix="harness-keras-") as tmp:
             want, layer_names, _ = _h5_contents(self.save(model, os.path.join(tmp, "m")).path)
-        canonical = {id(ref.handle): ref.name for ref in self.param_refs(model)}
+        canonical = {id(v): ref.name for ref in self.param_refs(model)
+                     for v in base.parts(ref.handle)}
         layers = {layer.name: layer for layer in model.owners.values()}
 
         def label(key):

@@ -35,7 +35,8 @@ class Adapter(JaxDevices, KerasAdapter):
         for v, value in zip(net.non_trainable_variables, moving):
             v.assign(value)
         by_id = {id(v): g for v, g in zip(net.trainable_variables, grads)}
-        return y, {r.name: by_id[id(r.handle)] for r in self._trainable(model)}
+        refs = self._trainable(model)
+        return y, self._regroup(refs, [by_id[id(v)] for v in self._variables(refs)])
 
     def modes(self):
         v = self.jax.__version__

@@ -35,8 +35,9 @@ class Adapter(TorchDevices, KerasAdapter):
         refs = self._trainable(model)
         with self.device_scope():
             y = model.net(x, training=True)
-        grads = self.torch.autograd.grad((y * cotangent).sum(), [r.handle.value for r in refs])
-        return y.detach(), {r.name: g for r, g in zip(refs, grads)}
+        grads = self.torch.autograd.grad((y * cotangent).sum(),
+                                         [v.value for v in self._variables(refs)])
+        return y.detach(), self._regroup(refs, grads)
 
     def modes(self):
         v = self.torch.__version__
@@ -62,7 +63,7 @@ class Adapter(TorchDevices, KerasAdapter):
                     return net(x, training=False)
             args = (x,)
         else:
-            params = [r.handle.value for r in self._trainable(model)]
+            params = [v.value for v in self._variables(self._trainable(model))]
 
             def fn(x, cotangent):
                 loss = (net(x, training=True) * cotangent).sum()

@@ -488,6 +488,24 @@ def _recurrent(kernel) -> type[_Layer]:
             return kernel.backward(saved, dy)
 
     return Layer
+class _MultiHeadAttention(_Layer):
+    """kernels.MultiHeadAttention (forward beside backward there) with the node's num_heads and
+    causal; PyTorch's defaults (nn.MultiheadAttention._reset_parameters): xavier_uniform
+    in_proj_weight, zero biases, out_proj.weight as its NonDynamicallyQuantizableLinear
+    (a Linear) draws it."""
+    defaults = {"in_proj_weight": {"name": "xavier_uniform", "gain": 1.0},
+                "in_proj_bias": {"name": "zeros"},
+                "out_proj.weight": _TORCH_DEFAULTS["weight"],
+                "out_proj.bias": {"name": "zeros"}}
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return kernels.MultiHeadAttention.forward(p, x, num_heads=node.num_heads,
+                                                  causal=node.causal)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        return kernels.MultiHeadAttention.backward(saved, dy)
 
 
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
@@ -507,6 +525,7 @@ LAYERS = {
     "global_avg_pool": _kernel(kernels.GlobalAvgPool),
     "lstm": _recurrent(kernels.LSTM),
     "gru": _recurrent(kernels.GRU),
+    "multi_head_attention": _MultiHeadAttention,
 }
 
 
@@ -785,9 +804,10 @@ class Adapter(BaseAdapter):
     @staticmethod
     def _in_size(model: _Model, node: PlanNode, stored: dict) -> int | None:
         """A node's input size: the model's, else the plan's, else the file's (lazy); read
-        where the lazy size sits in its first parameter's canonical shape."""
+        where the lazy size sits in its first parameter's canonical shape (its last open axis)."""
         first = f"{node.path}.{param_roles(node)[0]}"
-        axis = param_shapes(node, None)[param_roles(node)[0]].index(None)
+        lazy = param_shapes(node, None)[param_roles(node)[0]]
+        axis = len(lazy) - 1 - lazy[::-1].index(None)  # (3E, E): E is the last open one
         have = model.params[first]
         if have is not None:
             return have.shape[axis]

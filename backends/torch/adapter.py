@@ -81,6 +81,12 @@ def _recurrent(kind):
         return a.recurrent[kind](node.input_size, node.units, bias=node.bias, batch_first=True,
                                  return_sequences=node.return_sequences)
     return make
+def _attention(a, node):
+    """nn.MultiheadAttention(batch_first=True) called on one input (``SelfAttention``); lazy
+    (``LazySelfAttention``) where the plan leaves embed_dim open: torch has no lazy one."""
+    if node.embed_dim is None:
+        return a.LazySelfAttention(node.num_heads, node.causal, node.bias)
+    return a.SelfAttention(node.embed_dim, node.num_heads, node.causal, node.bias)
 
 
 #: layer type -> module (``backends.base.BaseAdapter.builders``)
@@ -105,6 +111,7 @@ BUILDERS = {
                                                        a.nn.Flatten()),
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
+    "multi_head_attention": _attention,
 }
 
 
@@ -132,6 +139,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
         (self.Block, self.Graph, self.Center, self.MyDense,
          self.LazyMyDense) = _layer_classes(self.torch, self.nn)
         self.recurrent, self.lazy_recurrent = _recurrent_classes(self.torch, self.nn)
+        self.SelfAttention, self.LazySelfAttention = _attention_classes(self.torch, self.nn)
         return versions
 
     def seed(self, seed: int) -> None:
@@ -173,7 +181,8 @@ class Adapter(TorchDevices, base.BaseAdapter):
             keys.setdefault(id(tensor), key)
         refs = []
         for name, node, role in base.owned_params(model.plan):
-            tensor = getattr(_submodule(model.net, node.path), role)
+            tensor = _submodule(model.net, f"{node.path}.{role}".rpartition(".")[0])
+            tensor = getattr(tensor, role.rpartition(".")[2])  # out_proj.weight: in out_proj
             refs.append(base.ParamRef(name, node, role, keys[id(tensor)], tensor))
         return refs
 
@@ -203,6 +212,9 @@ class Adapter(TorchDevices, base.BaseAdapter):
             module = _submodule(model.net, ref.node.path)
             if isinstance(module, self.MyDense):
                 return "native: torch.randn in the hand-made MyDense (d2l's MyLinear)"
+            if isinstance(module, self.SelfAttention):  # out_proj is a Linear inside it
+                return ("native: torch default (Linear.reset_parameters, then "
+                        "MultiheadAttention._reset_parameters)")
             return f"native: torch default ({type(module).reset_parameters.__qualname__})"
         with self.torch.no_grad():
             if kind in NATIVE_INITS:
@@ -458,6 +470,67 @@ def _recurrent_classes(torch, nn):
         LazyRecurrent.__name__ = LazyRecurrent.__qualname__ = f"Lazy{parent.__name__}"
         eager[kind], lazy[kind] = Recurrent, LazyRecurrent
     return eager, lazy
+def _attention_classes(torch, nn):
+    """Self-attention modules (defined late: they subclass torch classes)."""
+
+    class SelfAttention(nn.MultiheadAttention):
+        """``nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=True)`` called
+        as self-attention, ``(x, x, x, need_weights=False)``, its parameters torch's own
+        (``in_proj_weight`` (3E, E), ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``).
+        Causal: torch's boolean ``attn_mask``, where True means *not* attended (the opposite of
+        scaled_dot_product_attention's and Keras's convention)."""
+
+        def __init__(self, embed_dim, num_heads, causal, bias):
+            super().__init__(embed_dim, num_heads, bias=bias, batch_first=True)
+            self.causal = causal
+
+        def forward(self, x):
+            mask = None
+            if self.causal:
+                n = x.shape[1]
+                mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+            return super().forward(x, x, x, need_weights=False, attn_mask=mask)[0]
+
+    class LazySelfAttention(nn.modules.lazy.LazyModuleMixin, SelfAttention):
+        """The same with embed_dim from the first input (torch has no lazy attention): its four
+        parameters ``UninitializedParameter``s until then, then drawn as
+        nn.MultiheadAttention.__init__ draws them (out_proj's Linear, then
+        ``_reset_parameters``); a state_dict gives them their shapes too."""
+        cls_to_become = SelfAttention
+
+        def __init__(self, num_heads, causal, bias):
+            super().__init__(num_heads, num_heads, causal, bias)  # a placeholder size
+            uninit = nn.parameter.UninitializedParameter
+            self.in_proj_weight, self.out_proj.weight = uninit(), uninit()
+            if bias:
+                self.in_proj_bias, self.out_proj.bias = uninit(), uninit()
+
+        def _materialize(self, e):
+            """Sizes for embedding e, and every parameter materialized (not drawn)."""
+            self.embed_dim = self.kdim = self.vdim = e
+            self.head_dim = e // self.num_heads
+            self.out_proj.in_features = self.out_proj.out_features = e
+            self.in_proj_weight.materialize((3 * e, e))
+            self.out_proj.weight.materialize((e, e))
+            if self.in_proj_bias is not None:
+                self.in_proj_bias.materialize((3 * e,))
+                self.out_proj.bias.materialize((e,))
+
+        def initialize_parameters(self, x):
+            if self.has_uninitialized_params():
+                with torch.no_grad():
+                    self._materialize(x.shape[-1])
+                    self.out_proj.reset_parameters()
+                    self._reset_parameters()
+
+        def _lazy_load_hook(self, state_dict, prefix, *args):
+            """out_proj's parameters too (LazyModuleMixin's hook sees the module's own)."""
+            key = prefix + "out_proj.weight"
+            if self.has_uninitialized_params() and key in state_dict:
+                with torch.no_grad():
+                    self._materialize(state_dict[key].shape[0])
+
+    return SelfAttention, LazySelfAttention
 
 
 def _touch(tensor) -> str | None:

@@ -1,4 +1,4 @@
-"""Compiled modes prove they compiled: thirteen small specs of different shapes and layer types
+"""Compiled modes prove they compiled: fourteen small specs of different shapes and layer types
 (a residual among them) through ONE worker process, each timed (with a tiny budget) in every
 mode the backend offers. Every compiled mode's witness (the framework's own counts of what its
 compiler did) must say it compiled at the first call and compiled nothing after it, for every
@@ -66,6 +66,9 @@ DOCS = [
                     {"type": "batch_norm", "name": "bn"}],
                  "shortcut": {"type": "conv2d", "name": "skip", "channels": 3, "kernel": 1}},
                 {"type": "flatten"}, {"type": "dense", "units": 2}]},
+    {"name": "w14_causal_attention", "input": [2, 4, 8],
+     "layers": [{"type": "multi_head_attention", "num_heads": 2, "causal": True},
+                {"type": "dense", "units": 3}]},
 ]
 SPECS = [build_spec(doc, f"<{doc['name']}>") for doc in DOCS]
 NAMES = [s.name for s in SPECS]

@@ -344,12 +344,14 @@ def test_wider_input_after_inference_is_refused(analyzed):
 
 
 @pytest.mark.parametrize("name", [n for n in ("conformance_convert", "conformance_residual",
-                                               "conformance_recurrent") if n in SPEC_NAMES])
+                                               "conformance_recurrent", "conformance_attention")
+             if n in SPEC_NAMES])
 def test_convert_round_trips_through_this_backend(backend, analyzed, tmp_path, name):
     """torch -> this backend -> torch on a conv -> flatten -> dense model (where a channels-last
-    framework must flatten in canonical order), on the residual spec (torchvision's names) and
-    on the recurrent spec (nn.LSTM / nn.GRU state_dicts): both conversions prove themselves by
-    equal outputs, and the weights come back bit-identical."""
+    framework must flatten in canonical order), on the residual spec (torchvision's names), on
+    the recurrent spec (nn.LSTM / nn.GRU state_dicts) and on the attention spec (PyTorch's packed
+    in_proj_weight against per-head kernels): both conversions prove themselves by equal
+    outputs, and the weights come back bit-identical."""
     if _declared_unsupported(None, "save_load"):
         return  # a backend without a native format converts nothing
     spec = _spec(name)
@@ -428,3 +430,59 @@ def test_compiled_modes_match_the_reference(timed, backend, reference):
 def test_timing_off_times_nothing(run):
     """Without a timing request (``--timing off``) no record holds a timing or a mode."""
     assert all(r.timings == [] and r.modes == {} for r in run.records)
+
+
+#: torch's own modules for conformance_attention: nn.MultiheadAttention itself, called with the
+#: boolean causal mask torch documents (True: not attended); the state_dict torch.save writes
+REAL_ATTENTION = """
+import sys
+import numpy as np
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mix = nn.Linear(8, 8)
+        self.causal_attn = nn.MultiheadAttention(8, 4, batch_first=True)
+        self.plain = nn.MultiheadAttention(8, 1, bias=False, batch_first=True)
+        self.attn_again = self.attn  # used twice: state_dict names it twice (as the spec's ref)
+
+    def forward(self, x):
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        x = self.attn(x, x, x, need_weights=False)[0]
+        x = torch.tanh(self.mix(x))
+        x = self.causal_attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        x = self.plain(x, x, x, need_weights=False, attn_mask=mask)[0]
+        return self.attn(x, x, x, need_weights=False)[0]
+
+torch.manual_seed(1)
+net = Net().eval()
+torch.save(net.state_dict(), sys.argv[2])
+with torch.no_grad():
+    np.save(sys.argv[3], net(torch.from_numpy(np.load(sys.argv[1]))).numpy())
+"""
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's own modules run in the torch backend's "
+                    "environment: its suite checks them")
+def test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
+    """A state_dict that torch.save wrote of a module built from nn.MultiheadAttention itself
+    (not the harness's) loads into the harness's torch model of conformance_attention, whose
+    output on the spec's input is torch's own module's, causal masks included."""
+    from harness.runner import make_input
+
+    spec = _spec("conformance_attention")
+    np.save(tmp_path / "x.npy", make_input(spec))
+    proc = subprocess.run([str(_interpreter(backend)), "-c", REAL_ATTENTION,
+                           str(tmp_path / "x.npy"), str(tmp_path / "real.pt"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    read = run_worker("torch", _interpreter(backend), [spec], tmp_path / "w", device="cpu",
+                      timeout=TIMEOUT, task="read_checkpoint",
+                      checkpoint=str(tmp_path / "real.pt"))
+    assert read.records[0].status == Status.OK, read.records[0].error
+    np.testing.assert_allclose(read.arrays[0]["output"], np.load(tmp_path / "y.npy"),
+                               rtol=0, atol=1e-6)

@@ -116,6 +116,8 @@ MEMORY_CASES = [
     ("lstm", {"units": 16, "return_sequences": False}, (4, 32, 8)),
     ("gru", {"units": 32}, (8, 16, 24)),
     ("gru", {"units": 16, "return_sequences": False, "bias": False}, (4, 32, 8)),
+    ("multi_head_attention", {"num_heads": 4}, (4, 16, 32)),
+    ("multi_head_attention", {"num_heads": 2, "causal": True, "bias": False}, (2, 64, 16)),
 ]
 
 

@@ -124,7 +124,7 @@ def check_against_finite_differences(a, model, x, cotangent):
     def loss():
         return float(np.sum(a.run(model, x, training=True) * cotangent))
 
-    trainable = sorted(n for n in model.params if n.endswith((".weight", ".bias")))
+    trainable = sorted(n for n in model.params if n.endswith(("weight", "bias")))
     assert sorted(grads) == trainable
     for name in trainable:
         assert_gradient(name, grads[name], numeric_gradient(loss, model.params[name]))
@@ -340,6 +340,34 @@ def test_softmax_is_over_the_last_axis_and_survives_large_inputs():
     np.testing.assert_allclose(a.run(m, x + np.arange(3)[None, :, None] * 7), y, rtol=1e-13)
     big = a.run(m, np.array([[1000.0, 0.0, -1000.0]]))
     assert np.all(np.isfinite(big)) and big[0, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("causal,bias", [(False, True), (True, True), (True, False)])
+def test_multi_head_attention_gradients(causal, bias):
+    """Every parameter's and the input's gradient against finite differences, nested in a
+    block (canonical names out_proj.weight under the block's path), lazy embed_dim."""
+    a, m, x, c = float64_model([{"type": "sequential", "name": "enc", "layers": [
+        {"type": "multi_head_attention", "name": "attn", "num_heads": 2, "causal": causal,
+         "bias": bias}]}], (2, 4, 6))
+    grads = check_against_finite_differences(a, m, x, c)
+    assert {n: g.shape for n, g in grads.items()} == {
+        "enc.attn.in_proj_weight": (18, 6), "enc.attn.out_proj.weight": (6, 6),
+        **({"enc.attn.in_proj_bias": (18,), "enc.attn.out_proj.bias": (6,)} if bias else {})}
+
+
+def test_causal_attention_never_looks_ahead_and_full_attention_does():
+    """Changing the last position changes every earlier output without the mask and none
+    with it (the causal mask hides key j > query i)."""
+    x = np.random.default_rng(3).standard_normal((1, 5, 4))
+    later = x.copy()
+    later[0, -1] += 1.0
+    for causal in (False, True):
+        a = Adapter()
+        a.seed(0)
+        m = a.build(make_plan([{"type": "multi_head_attention", "num_heads": 2,
+                                "causal": causal}], (1, 5, 4)))
+        moved = np.abs(a.run(m, later) - a.run(m, x))[0, :-1].max()
+        assert (moved == 0) if causal else (moved > 1e-3), (causal, moved)
 
 
 def test_relu_gradient_is_zero_at_zero_and_center_subtracts_the_global_mean():
