@@ -419,6 +419,13 @@ class BaseAdapter:
     - ``init_param(model, ref, init) -> "native: ..." | "custom: ..."``: realize one INIT on one
       parameter with the framework's own initializer where the semantics match, else a custom
       one in the framework's initializer protocol; ``default`` keeps the framework's own.
+    - ``init_by_type(model, layer_type, roles) -> (idiom, {name: how})``: the spec's
+      ``init_by_type`` for one layer type, by the framework's own walk over the built model
+      (``net.apply`` with ``isinstance``, a loop over Keras layers, a path-filtered map over a
+      Flax variable tree, a Gluon ``collect_params`` select); ``owner_classes`` gives the
+      classes to test.
+    - ``module_walk(model) -> protocol.ModuleWalk``: the direct children and every module,
+      through the framework's own API, with native names and classes.
     - compute: ``from_numpy(arr)`` / ``to_numpy(value)`` (host <-> device copies, no layout
       change; the base's ``to_device`` / ``to_host`` add the NCHW <-> NHWC conversion for
       channels-last frameworks), ``run(model, x, training=False)`` (forward of a
