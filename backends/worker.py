@@ -127,7 +127,7 @@ class _Spec:
             self.arrays.update({f"param/{n}": v for n, v in a.values(model).items()})
             self.arrays["output"] = output
             rec.init_by_type = a.by_type_records
-            rec.walk = a.module_walk(model)
+            self.phase("module_walk", lambda: setattr(rec, "walk", a.module_walk(model)))
         if self.probe is not None:
             names = {name for name, _, _ in owned_params(plan)}
             if set(self.probe) != names:
