@@ -635,13 +635,14 @@ class BaseAdapter:
         (several frameworks refuse a zero scale), so adapters see only catalogue initializers
         with fixed arguments and a nonzero width (``resolve_init``)."""
         by_type = {(t, role) for t, roles in plan.init_by_type.items() for role in roles}
+        refs = self.param_refs(model)
         impls = {}
-        for ref in self.param_refs(model):
+        for ref in refs:
             if (ref.node.type, ref.role) in by_type:
                 continue  # realized below, by the framework's walk over its layers
             init = ref.node.init[ref.role]
             try:
-                init, note = self.resolve_init(model, ref, init)
+                init, note = self.resolve_init(model, ref, init, refs)
                 impls[ref.name] = self.init_param(model, ref, init) + note
             except Exception as exc:
                 raise ValueError(f"{ref.name}: initializer {init} failed: "
@@ -654,16 +655,19 @@ class BaseAdapter:
             except Exception as exc:
                 raise ValueError(f"init_by_type.{layer_type}: {type(exc).__name__}: "
                                  f"{exc}") from exc
-            impls.update({name: f"{impl} (by type: {idiom})" for name, impl in reached.items()})
+            impls.update({name: f"{impl} (init_by_type.{layer_type}, by the framework's walk)"
+                          for name, impl in reached.items()})
             self.by_type_records.append(InitByTypeRecord(layer_type, idiom, sorted(reached)))
         return impls
 
-    def resolve_init(self, model: Any, ref: ParamRef, init: dict) -> tuple[dict, str]:
+    def resolve_init(self, model: Any, ref: ParamRef, init: dict,
+                     refs: list[ParamRef] | None = None) -> tuple[dict, str]:
         """(the INIT an adapter realizes for ``ref``, a note on what was resolved): a
-        zero-width distribution as its constant, ``fan_in_uniform`` as ``uniform``."""
+        zero-width distribution as its constant, ``fan_in_uniform`` as ``uniform`` (``refs``:
+        the model's ``param_refs``, where the caller has them)."""
         init, note = zero_width(init)
         if init["name"] == "fan_in_uniform":
-            weight = next(r for r in self.param_refs(model)
+            weight = next(r for r in refs or self.param_refs(model)
                           if r.name == f"{ref.node.path}.weight")
             fan_in = torch_fans(self.canonical_shape(weight, self.describe(model, weight)))[0]
             bound = init["scale"] / math.sqrt(fan_in)
