@@ -44,8 +44,8 @@ from typing import Any, Callable, Hashable, Iterator
 import numpy as np
 
 from backends import layers
-from backends.protocol import (CompileCounts, InitByTypeRecord, ModuleWalk, ParamRecord, Plan,
-                               PlanNode)
+from backends.protocol import (CompileCounts, InitByTypeRecord, ModuleEntry, ModuleWalk,
+                               ParamRecord, Plan, PlanNode)
 
 # Std of N(0, 1) cut to [-2, 2]: Keras and JAX variance scaling divide their std by it.
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
@@ -692,6 +692,14 @@ class BaseAdapter:
         ``isinstance``."""
         return tuple({type(owner(n)) for n in iter_nodes(model.plan.layers)
                       if n.type == layer_type})
+
+    @staticmethod
+    def walk_entries(named, numbers: dict) -> list[ModuleEntry]:
+        """``ModuleEntry`` per (native name, object) of a walk, each object numbered in the
+        order first seen (``numbers``: id -> number, one dict for the children and the
+        modules of one model, so that a shared object has one number in both)."""
+        return [ModuleEntry(name, type(obj).__name__, numbers.setdefault(id(obj), len(numbers)))
+                for name, obj in named]
 
     def module_walk(self, model: Any) -> ModuleWalk:
         """The built model's direct children and every module, recursively, each through the

@@ -280,9 +280,12 @@ class TimingRecord:
 
 @dataclass
 class ModuleEntry:
-    """One module as a framework's own walk yields it: its native name (path) and class."""
+    """One module as a framework's own walk yields it: its native name (path), its class, and
+    ``obj``, its object's number in this walk (equal numbers: one object, e.g. a shared module
+    listed under two names)."""
     name: str
     type: str
+    obj: int
 
 
 @dataclass

@@ -299,12 +299,13 @@ def init_by_type_checks(spec: Spec, record: SpecRecord) -> list[Check]:
 
 def module_walk_check(record: SpecRecord) -> Check:
     """The walk is reported, and every direct child is among every module (as each
-    framework's recursive walk includes the first level)."""
+    framework's recursive walk includes the first level): the same object, maybe under
+    another name (PyTorch's named_modules names a shared module by its first path)."""
     w = record.walk
     if w is None:
         return Check(MODULE_WALK, False, "no walk", "children and modules", "")
-    every = {(e.name, e.type) for e in w.modules}
-    missing = [f"{e.name} ({e.type})" for e in w.children if (e.name, e.type) not in every]
+    every = {e.obj for e in w.modules}
+    missing = [f"{e.name} ({e.type})" for e in w.children if e.obj not in every]
     return Check(MODULE_WALK, bool(w.modules) and not missing, missing, [],
                  f"{w.children_api}: {len(w.children)}; {w.modules_api}: {len(w.modules)}; "
                  "every child among the modules")

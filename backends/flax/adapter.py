@@ -25,7 +25,7 @@ import numpy as np
 
 from backends import base, layers
 from backends.jax_support import JaxDevices
-from backends.protocol import ModuleEntry, ModuleWalk, Plan
+from backends.protocol import ModuleWalk, Plan
 
 #: the collection linen trains (what jax.grad / optax see); others (batch_stats) are state
 TRAINABLE_COLLECTION = "params"
@@ -414,8 +414,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
         """No module objects after ``init``: ``Module.module_paths()`` re-runs ``init``
         abstractly and returns the module each path ran; the direct children are its paths
         one level below the top."""
-        paths = self._module_paths(model)
-        every = [ModuleEntry(path, type(m).__name__) for path, m in paths.items()]
+        every = self.walk_entries(self._module_paths(model).items(), {})
         return ModuleWalk("Module.module_paths(), paths one level below the top",
                           [e for e in every if e.name and "/" not in e.name],
                           "Module.module_paths() (the top as '')", every)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends import base
-from backends.protocol import CompileCounts, ModuleEntry, ModuleWalk, Plan
+from backends.protocol import CompileCounts, ModuleWalk, Plan
 
 _FACTOR = {"fan_in": "in", "fan_out": "out", "fan_avg": "avg"}  # mx.init.Xavier's factor_type
 #: INITs realized by the custom fill of the same name where no mx.init initializer matches
@@ -442,13 +442,12 @@ class Adapter(base.BaseAdapter):
         """``Block._children`` (the first level: Gluon 1.9.1 has no public accessor) and
         ``Block.apply(fn)`` (every block, recursively, each child before its parent, the net
         last; a block added twice is visited twice), named by ``Block.name``."""
-        visited = []
+        visited, numbers = [], {}
         model.net.apply(visited.append)
         return ModuleWalk(
             "Block._children (private; no public accessor in Gluon 1.9.1)",
-            [ModuleEntry(child.name, type(child).__name__)
-             for child in model.net._children.values()],
-            "Block.apply(fn)", [ModuleEntry(b.name, type(b).__name__) for b in visited])
+            self.walk_entries([(c.name, c) for c in model.net._children.values()], numbers),
+            "Block.apply(fn)", self.walk_entries([(b.name, b) for b in visited], numbers))
 
     def _initializer(self, init: dict, shape: tuple) -> tuple[object, str]:
         """The ``mx.init.Initializer`` realizing one INIT, and how ("native: ..." / "custom: ...")

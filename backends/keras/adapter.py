@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 
 from backends import base
-from backends.protocol import CompileCounts, ModuleEntry, ModuleWalk
+from backends.protocol import CompileCounts, ModuleWalk
 
 #: INIT name -> (keras.initializers class, the INIT's arguments in its positional order), where
 #: the Keras initializer has exactly torch's semantics
@@ -560,8 +560,10 @@ class Adapter(base.BaseAdapter):
         """``model.layers`` (the first level, public) and ``Layer._flatten_layers()`` (every
         layer, the model first, a shared one once: Keras 3 has no public recursive walk; this
         is the one ``Model.quantize`` and the trainers use, depth first from the last child)."""
+        numbers = {}
+
         def entries(layers):
-            return [ModuleEntry(layer.name, type(layer).__name__) for layer in layers]
+            return self.walk_entries([(layer.name, layer) for layer in layers], numbers)
         return ModuleWalk("Sequential.layers", entries(model.net.layers),
                           "Layer._flatten_layers() (private; no public recursive walk)",
                           entries(model.net._flatten_layers()))

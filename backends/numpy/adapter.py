@@ -598,13 +598,18 @@ class Adapter(BaseAdapter):
         """The reference's own tree is the plan: its top-level nodes, and every node depth
         first (a ``ref`` is a node of its own, naming its target; a residual's layers are in
         it), each by its canonical path and its layer class (structure by its plan type)."""
+        numbers = {}
+
         def entry(node):
+            """A ref is the node it names, under its own path."""
             kind = LAYERS[node.type].__name__.lstrip("_") if node.type in LAYERS else node.type
-            return ModuleEntry(node.path, f"{kind} -> {node.to}" if node.type == "ref" else kind)
+            target = model.nodes[node.to] if node.type == "ref" else node
+            return ModuleEntry(node.path, f"{kind} -> {node.to}" if node.type == "ref" else kind,
+                               numbers.setdefault(id(target), len(numbers)))
         return ModuleWalk("plan.layers (the top-level nodes)",
                           [entry(n) for n in model.plan.layers],
                           "iter_nodes(plan.layers) (the plan as '', then every node, depth "
-                          "first)", [ModuleEntry("", "plan")] +
+                          "first)", [ModuleEntry("", "plan", numbers.setdefault(id(model.plan), len(numbers)))] +
                           [entry(n) for n in iter_nodes(model.plan.layers)])
 
     # -- compute: synchronous, float64 inside ------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends import base
-from backends.protocol import ModuleEntry, ModuleWalk, Plan
+from backends.protocol import ModuleWalk, Plan
 from backends.torch_support import TorchDevices
 
 #: initializers that are one ``torch.nn.init.<name>_`` call with the plan's arguments as keywords
@@ -223,10 +223,10 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def module_walk(self, model):
         """``named_children()`` (the first level) and ``named_modules()`` (every module, the
         net itself first as '', a shared module once)."""
-        def entries(named):
-            return [ModuleEntry(name, type(m).__name__) for name, m in named]
-        return ModuleWalk("nn.Module.named_children()", entries(model.net.named_children()),
-                          "nn.Module.named_modules()", entries(model.net.named_modules()))
+        numbers = {}
+        return ModuleWalk(
+            "nn.Module.named_children()", self.walk_entries(model.net.named_children(), numbers),
+            "nn.Module.named_modules()", self.walk_entries(model.net.named_modules(), numbers))
 
     # -- compute ------------------------------------------------------------------------------
 
