@@ -44,7 +44,8 @@ from typing import Any, Callable, Hashable, Iterator
 import numpy as np
 
 from backends import layers
-from backends.protocol import CompileCounts, ParamRecord, Plan, PlanNode
+from backends.protocol import (CompileCounts, InitByTypeRecord, ModuleEntry, ModuleWalk,
+                               ParamRecord, Plan, PlanNode)
 
 # Std of N(0, 1) cut to [-2, 2]: Keras and JAX variance scaling divide their std by it.
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
@@ -470,6 +471,13 @@ class BaseAdapter:
     - ``init_param(model, ref, init) -> "native: ..." | "custom: ..."``: realize one INIT on one
       parameter with the framework's own initializer where the semantics match, else a custom
       one in the framework's initializer protocol; ``default`` keeps the framework's own.
+    - ``init_by_type(model, layer_type, roles) -> (idiom, {name: how})``: the spec's
+      ``init_by_type`` for one layer type, by the framework's own walk over the built model
+      (``net.apply`` with ``isinstance``, a loop over Keras layers, a path-filtered map over a
+      Flax variable tree, a Gluon ``collect_params`` select); ``owner_classes`` gives the
+      classes to test.
+    - ``module_walk(model) -> protocol.ModuleWalk``: the direct children and every module,
+      through the framework's own API, with native names and classes.
     - compute: ``from_numpy(arr)`` / ``to_numpy(value)`` (host <-> device copies, no layout
       change; the base's ``to_device`` / ``to_host`` add the NCHW <-> NHWC conversion for
       channels-last frameworks), ``run(model, x, training=False)`` (forward of a
@@ -686,35 +694,90 @@ class BaseAdapter:
     # -- initialization ----------------------------------------------------------------------
 
     def initialize(self, model: Any, plan: Plan) -> dict[str, str]:
-        """Apply every plan INIT in document order; return ``{name: how it was realized}``.
+        """Apply every plan INIT in document order, then the spec's ``init_by_type`` by the
+        framework's own walk (``init_by_type``, recorded in ``self.by_type_records``); return
+        ``{name: how it was realized}``.
 
         ``fan_in_uniform`` (PyTorch's default bias rule) is resolved here into the ``uniform``
         it is, with the bound from its layer weight's canonical fan_in, and a distribution of
         zero width (``normal`` with std 0, ``xavier_*`` with gain 0) into the constant it is
         (several frameworks refuse a zero scale), so adapters see only catalogue initializers
-        with fixed arguments and a nonzero width."""
+        with fixed arguments and a nonzero width (``resolve_init``)."""
+        by_type = {(t, role) for t, roles in plan.init_by_type.items() for role in roles}
         refs = self.param_refs(model)
-        by_name = {ref.name: ref for ref in refs}
         impls = {}
         for ref in refs:
+            if (ref.node.type, ref.role) in by_type:
+                continue  # realized below, by the framework's walk over its layers
             init = ref.node.init[ref.role]
             try:
-                init, note = zero_width(init)
-                if init["name"] == "fan_in_uniform":  # the parameter's own fan if >= 2-D
-                    own = self.canonical_shape(ref, self.describe(model, ref))
-                    fan_role = layers.layer_type(ref.node.type).fan_role
-                    weight = ref if len(own) >= 2 else by_name[f"{ref.node.path}.{fan_role}"]
-                    fan_in = torch_fans(self.canonical_shape(weight,
-                                                             self.describe(model, weight)))[0]
-                    bound = init["scale"] / math.sqrt(fan_in)
-                    init = {"name": "uniform", "a": -bound, "b": bound}
-                    note = f" (fan_in_uniform: scale/sqrt(fan_in={fan_in}) = {bound:.4g})"
+                init, note = self.resolve_init(model, ref, init, refs)
                 impls[ref.name] = self.init_param(model, ref, init) + note
             except Exception as exc:
                 raise ValueError(f"{ref.name}: initializer {init} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
         self.finish_initialize(model)
+        self.by_type_records = []
+        for layer_type, roles in plan.init_by_type.items():
+            try:
+                idiom, reached = self.init_by_type(model, layer_type, roles)
+            except Exception as exc:
+                raise ValueError(f"init_by_type.{layer_type}: {type(exc).__name__}: "
+                                 f"{exc}") from exc
+            impls.update({name: f"{impl} (init_by_type.{layer_type}, by the framework's walk)"
+                          for name, impl in reached.items()})
+            self.by_type_records.append(InitByTypeRecord(layer_type, idiom, sorted(reached)))
         return impls
+
+    def resolve_init(self, model: Any, ref: ParamRef, init: dict,
+                     refs: list[ParamRef] | None = None) -> tuple[dict, str]:
+        """(the INIT an adapter realizes for ``ref``, a note on what was resolved): a
+        zero-width distribution as its constant, ``fan_in_uniform`` as ``uniform`` (``refs``:
+        the model's ``param_refs``, where the caller has them)."""
+        init, note = zero_width(init)
+        if init["name"] == "fan_in_uniform":  # the parameter's own fan if >= 2-D, else its
+            own = self.canonical_shape(ref, self.describe(model, ref))  # layer's fan role's
+            fan_role = layers.layer_type(ref.node.type).fan_role
+            weight = ref if len(own) >= 2 else next(
+                r for r in refs or self.param_refs(model)
+                if r.name == f"{ref.node.path}.{fan_role}")
+            fan_in = torch_fans(self.canonical_shape(weight, self.describe(model, weight)))[0]
+            bound = init["scale"] / math.sqrt(fan_in)
+            init = {"name": "uniform", "a": -bound, "b": bound}
+            note = f" (fan_in_uniform: scale/sqrt(fan_in={fan_in}) = {bound:.4g})"
+        return init, note
+
+    def init_by_type(self, model: Any, layer_type: str,
+                     roles: dict[str, dict]) -> tuple[str, dict[str, str]]:
+        """Initialize every layer of ``layer_type`` (a registry type) as a user of the framework
+        does it, after the model is built: walk the model with the framework's own API, pick
+        the layers by their framework type, and realize ``roles`` (role -> INIT, as
+        ``resolve_init`` resolves it) on their parameters with ``init_param``. Returns (the
+        idiom, in words; {canonical name: how it was realized} of every parameter reached),
+        which the parent checks against the spec's layers of that type."""
+        raise NotImplementedError
+
+    def owner_classes(self, model: Any, layer_type: str, owner: Callable[[PlanNode], Any]
+                      ) -> tuple[type, ...]:
+        """The framework classes the builders made for the layers of ``layer_type``
+        (``owner(node)`` the object owning a node's parameters): what a walk tests with
+        ``isinstance``."""
+        return tuple({type(owner(n)) for n in iter_nodes(model.plan.layers)
+                      if n.type == layer_type})
+
+    @staticmethod
+    def walk_entries(named, numbers: dict) -> list[ModuleEntry]:
+        """``ModuleEntry`` per (native name, object) of a walk, each object numbered in the
+        order first seen (``numbers``: id -> number, one dict for the children and the
+        modules of one model, so that a shared object has one number in both)."""
+        return [ModuleEntry(name, type(obj).__name__, numbers.setdefault(id(obj), len(numbers)))
+                for name, obj in named]
+
+    def module_walk(self, model: Any) -> ModuleWalk:
+        """The built model's direct children and every module, recursively, each through the
+        framework's own public API (where it has one), with each entry's native name and
+        class, in the order the framework gives them."""
+        raise NotImplementedError
 
     def init_param(self, model: Any, ref: ParamRef, init: dict) -> str:
         raise NotImplementedError

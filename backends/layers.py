@@ -444,6 +444,9 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
 ]}
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)
+#: layer type -> the roles a spec's ``init_by_type`` may initialize (those without a fixed init)
+INIT_BY_TYPE_ROLES = {name: roles for name, t in LAYERS.items()
+                      if (roles := tuple(r.name for r in t.roles if r.init is None))}
 
 #: the structure's own fields: (properties, required); every node may have a ``name``
 STRUCTURE: dict[str, tuple[dict, list[str]]] = {

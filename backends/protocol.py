@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: bump when any record below changes shape; the parent refuses other versions
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Status(str, enum.Enum):
@@ -86,6 +86,9 @@ class Plan:
     input_shape: list[int]
     layers: list[PlanNode]
     timed: bool = True               # False: the spec opts out of timing (``timing: false``)
+    #: the spec's ``init_by_type``: layer type -> role -> INIT (every argument filled in), for
+    #: the adapter to realize by the framework's own walk over its layers after the build
+    init_by_type: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +279,35 @@ class TimingRecord:
 
 
 @dataclass
+class ModuleEntry:
+    """One module as a framework's own walk yields it: its native name (path), its class, and
+    ``obj``, its object's number in this walk (equal numbers: one object, e.g. a shared module
+    listed under two names)."""
+    name: str
+    type: str
+    obj: int
+
+
+@dataclass
+class ModuleWalk:
+    """The built model's module tree through the framework's own public API: its direct
+    children and every module (recursively), each with the API that listed them."""
+    children_api: str
+    children: list[ModuleEntry]
+    modules_api: str
+    modules: list[ModuleEntry]
+
+
+@dataclass
+class InitByTypeRecord:
+    """How the spec's ``init_by_type`` for one layer type was realized: the framework's idiom
+    (``net.apply(fn)`` with ``isinstance``, ...) and the canonical parameters it reached."""
+    layer_type: str
+    idiom: str
+    reached: list[str]
+
+
+@dataclass
 class SpecRecord:
     """Everything one worker learned about one plan. Arrays travel beside it in ``<i>.npz``:
     ``param/<name>`` (initial values, canonical layout), ``output`` (first forward),
@@ -302,6 +334,8 @@ class SpecRecord:
     timings: list[TimingRecord] = field(default_factory=list)
     #: phases skipped because the backend declares it does not support them, with the reason
     unsupported: dict[str, str] = field(default_factory=dict)
+    walk: ModuleWalk | None = None   # the module tree, after initialization
+    init_by_type: list[InitByTypeRecord] = field(default_factory=list)
 
 
 @dataclass

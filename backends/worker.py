@@ -15,7 +15,9 @@ stdout (stdout and stderr are the backend's log), each a ``protocol`` record:
 Every file is written to a temporary name and renamed, so the parent never reads half a file.
 
 Per plan (task ``compare``), each phase failing on its own (a ``PhaseError``) while the others
-go on: build, inspect, first forward (lazy inference), inspect, initialize, inspect and values;
+go on: build, inspect, first forward (lazy inference), inspect, initialize (the spec's
+``init_by_type`` by the framework's own walk over its layers), inspect, values and the module
+walk (direct children and every module);
 with the probe parameters: the numerics forward; the gradient pass (training mode); native save
 and load into a fresh model; timing (every mode x phase x batch, and each compiled mode's output
 for the numerics check, and each compiled mode's witness: the framework's counts of what its
@@ -124,6 +126,8 @@ class _Spec:
                 p.init_impl = impls.get(p.name)
             self.arrays.update({f"param/{n}": v for n, v in a.values(model).items()})
             self.arrays["output"] = output
+            rec.init_by_type = a.by_type_records
+            self.phase("module_walk", lambda: setattr(rec, "walk", a.module_walk(model)))
         if self.probe is not None:
             names = {name for name, _, _ in owned_params(plan)}
             if set(self.probe) != names:

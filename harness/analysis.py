@@ -39,6 +39,8 @@ RUNNING_STAT = "running statistic after one training step"  # subject: the buffe
 SAVE_LOAD = "save/load round trip"
 PHASE = "phase ran"                         # subject: the phase
 COMPILED = "compiled mode compiled"         # subject: "<mode> <phase> batch <b>"
+INIT_BY_TYPE = "init_by_type reached its layers"  # subject: the layer type
+MODULE_WALK = "module walk"
 EAGER = "eager"                             # the mode every other mode is judged against
 # per-parameter checks (the value checks are named in harness.stats and harness.initializers)
 SHAPE, SHARED_WITH, TRAINABLE, VALUES = "shape", "shared_with", "trainable", "values"
@@ -273,7 +275,40 @@ def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays
                                    "bit-identical output"))
     for err in record.phase_errors:
         result.checks.append(Check(PHASE, False, err.error, "no error", "", err.phase))
+    result.checks += init_by_type_checks(spec, record) + [module_walk_check(record)]
     return result
+
+
+def init_by_type_checks(spec: Spec, record: SpecRecord) -> list[Check]:
+    """Per layer type of the spec's ``init_by_type``: the framework's walk reached exactly the
+    parameters of the spec's layers of that type (the roles given), no more, no fewer."""
+    done = {r.layer_type: r for r in record.init_by_type}
+    checks = []
+    for t, roles in spec.plan.init_by_type.items():
+        want = {p.name for p in spec.params if p.layer_type == t and p.role in roles}
+        got = done.pop(t, None)
+        reached = set(got.reached) if got else set()
+        checks.append(Check(INIT_BY_TYPE, got is not None and reached == want,
+                            sorted(reached ^ want) if got else "no record", [],
+                            got.idiom if got else "the worker reported no init_by_type walk",
+                            t))
+    checks += [Check(INIT_BY_TYPE, False, sorted(r.reached), [], f"{r.idiom}: a layer type the "
+                     "spec's init_by_type does not name", t) for t, r in done.items()]
+    return checks
+
+
+def module_walk_check(record: SpecRecord) -> Check:
+    """The walk is reported, and every direct child is among every module (as each
+    framework's recursive walk includes the first level): the same object, maybe under
+    another name (PyTorch's named_modules names a shared module by its first path)."""
+    w = record.walk
+    if w is None:
+        return Check(MODULE_WALK, False, "no walk", "children and modules", "")
+    every = {e.obj for e in w.modules}
+    missing = [f"{e.name} ({e.type})" for e in w.children if e.obj not in every]
+    return Check(MODULE_WALK, bool(w.modules) and not missing, missing, [],
+                 f"{w.children_api}: {len(w.children)}; {w.modules_api}: {len(w.modules)}; "
+                 "every child among the modules")
 
 
 def _structure_checks(result: Result, spec: Spec, record: SpecRecord) -> None:

@@ -68,6 +68,11 @@ SCHEMA = {
         "timing": {"type": "boolean"},
         "init": {"type": "object", "additionalProperties": False,
                  "properties": {"weight": layers.INIT, "bias": layers.INIT}},
+        "init_by_type": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                         "properties": {t: {"type": "object", "minProperties": 1,
+                                            "additionalProperties": False,
+                                            "properties": dict.fromkeys(roles, layers.INIT)}
+                                        for t, roles in layers.INIT_BY_TYPE_ROLES.items()}},
         "layers": {"type": "array", "minItems": 1, "items": layers.LAYER},
     },
     "$defs": {
@@ -100,6 +105,29 @@ _Validator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool)))
+
+
+def _init_by_type_names(doc, file) -> None:
+    """``init_by_type`` keys are registry layer types with parameters: one line naming the
+    layer type otherwise (before the schema, whose message would only say 'unexpected')."""
+    by_type = doc.get("init_by_type")
+    if not isinstance(by_type, dict):
+        return
+    for t, roles in by_type.items():
+        where = f"init_by_type.{t}"
+        if t not in layers.LAYERS:
+            raise SpecError(file, where, f"unknown layer type {t!r} (known: "
+                                         f"{', '.join(layers.LAYERS)})")
+        if t not in layers.INIT_BY_TYPE_ROLES:
+            raise SpecError(file, where, f"a {t} layer has no parameters to initialize (layer "
+                                         f"types with some: {', '.join(layers.INIT_BY_TYPE_ROLES)})")
+        for role, init in (roles.items() if isinstance(roles, dict) else ()):
+            if role not in layers.INIT_BY_TYPE_ROLES[t]:
+                raise SpecError(file, f"{where}.{role}", f"a {t} layer has no parameter {role!r} "
+                                f"to initialize (it has {', '.join(layers.INIT_BY_TYPE_ROLES[t])})")
+            if init == "default" or (isinstance(init, dict) and init.get("name") == "default"):
+                raise SpecError(file, f"{where}.{role}", "default is what a layer has without "
+                                                         "init_by_type: leave the role out")
 
 
 def _schema_error(doc, file) -> None:
@@ -217,6 +245,10 @@ class _Builder:
     def __init__(self, file, doc):
         self.file, self.doc = file, doc
         self.top_init = {k: inits.normalize(v) for k, v in doc.get("init", {}).items()}
+        #: layer type -> role -> INIT; which (type, role) some layer took (each must be)
+        self.by_type = {t: {r: inits.normalize(v) for r, v in roles.items()}
+                        for t, roles in doc.get("init_by_type", {}).items()}
+        self.by_type_used: set[tuple[str, str]] = set()
         self.nodes: dict[str, dict] = {}        # canonical path -> plan node (completed)
         self.where: dict[str, str] = {}         # canonical path -> spec field path
         self.open: set[str] = set()             # paths of the blocks being built
@@ -330,8 +362,16 @@ class _Builder:
                     self.fail(f"{where}.{r.name}_init", f"is given but the layer has "
                                                         f"{r.optional}: false")
                 continue
+            by_type = self.by_type.get(lt.name, {}).get(r.name)
             if r.init is not None:
                 out[r.name] = {"name": r.init}
+            elif by_type is not None:
+                if f"{r.name}_init" in raw:
+                    self.fail(f"{where}.{r.name}_init", f"init_by_type.{lt.name}.{r.name} "
+                                                        f"initializes every {lt.name} layer's "
+                                                        f"{r.name}: give one or the other")
+                out[r.name] = dict(by_type, _field=f"init_by_type.{lt.name}.{r.name}")
+                self.by_type_used.add((lt.name, r.name))
             elif f"{r.name}_init" in raw:
                 out[r.name] = inits.normalize(raw[f"{r.name}_init"])
                 out[r.name]["_field"] = f"{where}.{r.name}_init"
@@ -607,15 +647,25 @@ def _check_float32_numbers(b: _Builder, doc: dict) -> None:
 def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) -> Spec:
     """Validate a parsed document fully and compute its plan and expectations."""
     _check_values(doc, file)
+    _init_by_type_names(doc, file)
     _schema_error(doc, file)
     b = _Builder(file, doc)
     nodes = b.block(doc["layers"], "", "layers", set())
+    for t, roles in b.by_type.items():  # a type (or role) that matches no layer is a mistake
+        if not any(used == t for used, _ in b.by_type_used):
+            b.fail(f"init_by_type.{t}", f"no layer of type {t} in this spec: init_by_type "
+                                        "must name layer types the spec has")
+        for role in roles:
+            if (t, role) not in b.by_type_used:
+                b.fail(f"init_by_type.{t}.{role}", f"no {t} layer in this spec has a {role} "
+                       f"(every one has {layers.LAYERS[t].role(role).optional}: false)")
     input_shape = tuple(doc["input"])
     output_shape = b.infer(nodes, input_shape)
     seed = doc.get("seed", 0) if seed is None else seed
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
                                   "input_shape": list(input_shape), "layers": nodes,
-                                  "timed": doc.get("timing", True)}, "plan")
+                                  "timed": doc.get("timing", True),
+                                  "init_by_type": b.by_type}, "plan")
     _check_float32_numbers(b, doc)
     params = list(b.params.values())
     for p in params:

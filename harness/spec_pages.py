@@ -9,8 +9,8 @@ from __future__ import annotations
 from . import document as doc
 from . import initializers as inits
 from . import stats
-from .analysis import (COMPILED, GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, GRADIENT, LAZY_AFTER,
-                       LAZY_BEFORE, NAMES, NUMERICS, NUMERICS_ATOL, NUMERICS_RTOL, RUNNING_STAT,
+from .analysis import (COMPILED, GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, GRADIENT, INIT_BY_TYPE,
+                       LAZY_AFTER, LAZY_BEFORE, MODULE_WALK, NAMES, NUMERICS, NUMERICS_ATOL, NUMERICS_RTOL, RUNNING_STAT,
                        SAVE_LOAD, TRAIN_OUTPUT, Result)
 from .document import Cell, Code, CodeBlock, Figure, Link, Paragraph, Section, Strong, Table
 from .envs import display_path
@@ -187,6 +187,45 @@ def sharing(ctx, spec, recs):
     return _status(failed, _differs(cols)), Section("Parameter sharing", [
         table, Paragraph(text)], "sharing", folded=not failed and not _differs(cols),
         summary="as expected in every framework")
+
+
+#: entries of a walk listed on the page; the rest are counted (results.json has them all)
+WALK_SHOWN = 24
+
+
+def _walk_entries(entries) -> str:
+    shown = ", ".join(f"{e.name or repr('')}: {e.type}" for e in entries[:WALK_SHOWN])
+    return shown + (f", … {len(entries) - WALK_SHOWN} more" if len(entries) > WALK_SHOWN else "")
+
+
+def module_tree(ctx, spec, recs):
+    """Each framework's direct children against its full recursive module walk, side by side,
+    and how ``init_by_type`` was realized (the idiom, and its check)."""
+    walked = [r for r in recs if r.ok and r.record.walk is not None]
+    if not walked:
+        return None
+    blocks = [Table(["backend", "direct children (API)", "count", "every module (API)", "count"],
+                    [[r.backend, r.record.walk.children_api, str(len(r.record.walk.children)),
+                      r.record.walk.modules_api, str(len(r.record.walk.modules))]
+                     for r in walked]),
+              Table(["backend", "direct children (native name: type)",
+                     "every module (native name: type), in the framework's order"],
+                    [[r.backend, _walk_entries(r.record.walk.children),
+                      _walk_entries(r.record.walk.modules)] for r in walked])]
+    rows = []
+    for r in walked:
+        reached = {b.layer_type: len(b.reached) for b in r.record.init_by_type}
+        rows += [[r.backend, c.subject, c.detail, str(reached.get(c.subject, 0)),
+                  "pass" if c.passed else f"FAIL (differs: {c.observed})"]
+                 for c in r.checks_named(INIT_BY_TYPE)]
+    if rows:
+        blocks += [Paragraph("Initialized by layer type (init_by_type), in each framework's "
+                             "idiom; the values are checked with every initializer."),
+                   Table(["backend", "layer type", "idiom", "parameters reached", "verdict"],
+                         rows)]
+    failed = _any_failed(recs, (MODULE_WALK, INIT_BY_TYPE))
+    return _status(failed, True), Section("Module tree: direct children vs every module",
+                                          blocks, "module-tree")
 
 
 def _error_rows(recs, names) -> list:
@@ -472,8 +511,8 @@ def timing(ctx, spec, recs):
 
 
 #: a spec page's sections, each a provider; shown failed first, then differing, then passed
-SECTIONS = [shapes, lazy, initial_values, sharing, numerics, gradients, batch_norm, save_load,
-            mismatch, timing]
+SECTIONS = [shapes, lazy, initial_values, module_tree, sharing, numerics, gradients, batch_norm,
+            save_load, mismatch, timing]
 
 
 def failures(ctx, spec, recs) -> Section | None:

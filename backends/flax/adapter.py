@@ -25,7 +25,7 @@ import numpy as np
 
 from backends import base, layers
 from backends.jax_support import JaxDevices
-from backends.protocol import Plan
+from backends.protocol import ModuleWalk, Plan
 
 #: the collection linen trains (what jax.grad / optax see); others (batch_stats) are state
 TRAINABLE_COLLECTION = "params"
@@ -399,6 +399,62 @@ class Adapter(JaxDevices, base.BaseAdapter):
         if kind not in INITIALIZERS:
             raise ValueError(f"unsupported initializer {kind!r}")
         return INITIALIZERS[kind](self, init, args)
+
+    def _module_paths(self, model) -> dict:
+        """``Module.module_paths``: every module linen ran (``init`` under ``jax.eval_shape``),
+        by its path ('' the top), a module called twice once; functions (``nn.relu``) are
+        not modules and do not appear."""
+        return model.module.module_paths(self.jax.random.key(0, impl=self.prng),
+                                         self.jnp.zeros(model.input_shape))
+
+    def init_by_type(self, model, layer_type, roles):
+        """No module objects hold the values after ``init``: a ``tree_map_with_path`` over the
+        variables replaces the leaves under the paths whose module (``module_paths``) is an
+        instance of the type's class."""
+        paths = self._module_paths(model)
+        scopes = {pos.node.path: self.share_key(model, pos)
+                  for pos in base.positions(model.plan) if pos.is_owner}
+        node_at = {scopes[n.path]: n for n in base.iter_nodes(model.plan.layers)
+                   if n.type == layer_type and n.path in scopes}
+        classes = self.owner_classes(model, layer_type,
+                                     lambda node: paths["/".join(scopes[node.path])])
+        refs = {ref.handle: ref for ref in self.param_refs(model)}
+        todo = {}
+        for path, module in paths.items():
+            if isinstance(module, classes):
+                scope = tuple(path.split("/"))
+                node = node_at[scope]
+                for role, init in roles.items():
+                    ref = refs.get((TRAINABLE_COLLECTION, *scope, self.native_role(node, role)))
+                    if ref is not None:  # else a layer without it (use_bias=False)
+                        init, note = self.resolve_init(model, ref, init)
+                        draw, impl = self._initializer(init, node, role)
+                        todo[ref.handle] = (len(todo), draw, ref.name, impl + note)
+        key = self._next_key()
+
+        def new_leaf(path, leaf):
+            found = todo.get(tuple(p.key for p in path))
+            if found is None:
+                return leaf
+            return found[1](self.jax.random.fold_in(key, found[0]), leaf.shape, leaf.dtype)
+
+        model.variables = self.jax.block_until_ready(
+            self.jax.tree_util.tree_map_with_path(new_leaf, model.variables))
+        model.jitted = {}
+        names = " or ".join(f"nn.{c.__name__}" if c.__module__.startswith("flax.") else
+                            c.__name__ for c in classes)
+        return (f"jax.tree_util.tree_map_with_path over the variables, drawing anew the leaves "
+                f"under paths whose module is an instance of {names} (Module.module_paths())"), \
+            {name: impl for _, _, name, impl in todo.values()}
+
+    def module_walk(self, model):
+        """No module objects after ``init``: ``Module.module_paths()`` re-runs ``init``
+        abstractly and returns the module each path ran; the direct children are its paths
+        one level below the top."""
+        every = self.walk_entries(self._module_paths(model).items(), {})
+        return ModuleWalk("Module.module_paths(), paths one level below the top",
+                          [e for e in every if e.name and "/" not in e.name],
+                          "Module.module_paths() (the top as '')", every)
 
     # -- compute ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends import base
-from backends.protocol import CompileCounts, Plan
+from backends.protocol import CompileCounts, ModuleWalk, Plan
 
 _FACTOR = {"fan_in": "in", "fan_out": "out", "fan_avg": "avg"}  # mx.init.Xavier's factor_type
 #: INITs realized by the custom fill of the same name where no mx.init initializer matches
@@ -531,6 +531,38 @@ class Adapter(base.BaseAdapter):
         initializer, impl = self._initializer(init, param.shape)
         param.initialize(init=initializer, ctx=self.device, force_reinit=True)
         return impl
+
+    def init_by_type(self, model, layer_type, roles):
+        """Gluon's idiom: ``net.collect_params(regex)`` selects the parameters by name (a block
+        names them ``<its class's alias><counter>_<param>``: ``dense0_weight``), then
+        ``initialize(init, force_reinit=True)`` on each selected Parameter (what
+        ``ParameterDict.initialize`` does, one by one here since the bound of a
+        fan-dependent initializer differs per layer)."""
+        owners = [(n, model.owners[n.path]) for n in base.iter_nodes(model.plan.layers)
+                  if n.type == layer_type]
+        aliases = sorted({block._alias() for _, block in owners})
+        natives = sorted({self.native_role(owners[0][0], role) for role in roles})
+        select = rf"(^|_)({'|'.join(aliases)})\d+_({'|'.join(natives)})$"
+        role_of = {self.native_role(owners[0][0], role): role for role in roles}
+        refs = {id(ref.handle): ref for ref in self.param_refs(model)}
+        reached = {}
+        for name, param in model.net.collect_params(select).items():
+            ref = refs[id(param)]
+            init, note = self.resolve_init(model, ref, roles[role_of[name.rsplit("_", 1)[1]]])
+            reached[ref.name] = self.init_param(model, ref, init) + note
+        return (f"net.collect_params('{select}') then Parameter.initialize(init, "
+                "force_reinit=True) on each"), reached
+
+    def module_walk(self, model):
+        """``Block._children`` (the first level: Gluon 1.9.1 has no public accessor) and
+        ``Block.apply(fn)`` (every block, recursively, each child before its parent, the net
+        last; a block added twice is visited twice), named by ``Block.name``."""
+        visited, numbers = [], {}
+        model.net.apply(visited.append)
+        return ModuleWalk(
+            "Block._children (private; no public accessor in Gluon 1.9.1)",
+            self.walk_entries([(c.name, c) for c in model.net._children.values()], numbers),
+            "Block.apply(fn)", self.walk_entries([(b.name, b) for b in visited], numbers))
 
     def _initializer(self, init: dict, shape: tuple) -> tuple[object, str]:
         """The ``mx.init.Initializer`` realizing one INIT, and how ("native: ..." / "custom: ...")

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from backends import base
-from backends.protocol import CompileCounts
+from backends.protocol import CompileCounts, ModuleWalk
 
 #: INIT name -> (keras.initializers class, the INIT's arguments in its positional order), where
 #: the Keras initializer has exactly torch's semantics
@@ -600,6 +600,40 @@ class Adapter(base.BaseAdapter):
         with self.device_scope():
             var.assign(initializer(tuple(var.shape), var.dtype))
         return impl
+
+    def init_by_type(self, model, layer_type, roles):
+        """A loop over every layer (``_flatten_layers``, see ``module_walk``) testing
+        ``isinstance``, assigning each matching layer's variables an initializer's draw."""
+        classes = self.owner_classes(model, layer_type, lambda node: model.owners[node.path])
+        node_of = {id(model.owners[n.path]): n for n in base.iter_nodes(model.plan.layers)
+                   if n.type == layer_type}
+        refs = {id(ref.handle): ref for ref in self.param_refs(model)}
+        reached = {}
+        for layer in model.net._flatten_layers():
+            if isinstance(layer, classes):
+                for role, init in roles.items():
+                    var = getattr(layer, self.native_role(node_of[id(layer)], role), None)
+                    if var is None:
+                        continue  # a layer without it (use_bias=False)
+                    ref = refs[id(var)]
+                    init, note = self.resolve_init(model, ref, init)
+                    reached[ref.name] = self.init_param(model, ref, init) + note
+        names = " or ".join(f"keras.layers.{c.__name__}" if c.__module__.startswith("keras.")
+                            else c.__name__ for c in classes)
+        return (f"for layer in model._flatten_layers(): if isinstance(layer, {names}): "
+                "variable.assign(initializer(shape))"), reached
+
+    def module_walk(self, model):
+        """``model.layers`` (the first level, public) and ``Layer._flatten_layers()`` (every
+        layer, the model first, a shared one once: Keras 3 has no public recursive walk; this
+        is the one ``Model.quantize`` and the trainers use, depth first from the last child)."""
+        numbers = {}
+
+        def entries(layers):
+            return self.walk_entries([(layer.name, layer) for layer in layers], numbers)
+        return ModuleWalk("Sequential.layers", entries(model.net.layers),
+                          "Layer._flatten_layers() (private; no public recursive walk)",
+                          entries(model.net._flatten_layers()))
 
     # -- compute ------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, ParamIn
                            SavedFile, calculate_gain, dirac_kernel, fan, given_in_size,
                            iter_nodes, owned_params, param_roles, param_shapes, pool_semantics,
                            torch_fans, trainable)
-from backends.protocol import Plan, PlanNode
+from backends.protocol import ModuleEntry, ModuleWalk, Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
 # What `default` means here: PyTorch's own initialization of each role (torch.nn.Linear's and
@@ -456,6 +456,7 @@ def _kernel(kernel) -> type[_Layer]:
         def backward(node, p, saved, dy):
             return kernel.backward(saved, dy)
 
+    Layer.__name__ = Layer.__qualname__ = f"_{kernel.__name__}"  # as the reference's own layers
     return Layer
 
 
@@ -631,6 +632,40 @@ class Adapter(BaseAdapter):
         model.params[ref.name] = self._sample(_default(ref.node, ref.role) if is_default
                                               else init, shape, wshape)
         return DEFAULT_IMPL if is_default else f"custom: {_INITS[init['name']][1]}"
+
+    def init_by_type(self, model: _Model, layer_type: str, roles: dict) -> tuple[str, dict]:
+        """The reference's own tree is the plan: a walk over its nodes, testing the class of
+        each node's layer (``LAYERS``) with ``issubclass``."""
+        cls = LAYERS[layer_type]
+        reached = {}
+        for node in iter_nodes(model.plan.layers):
+            if node.type in LAYERS and issubclass(LAYERS[node.type], cls):
+                for role, init in roles.items():
+                    if role in param_roles(node):  # else a layer without it (bias: false)
+                        ref = ParamRef(f"{node.path}.{role}", node, role, f"{node.path}.{role}",
+                                       f"{node.path}.{role}")
+                        init, note = self.resolve_init(model, ref, init)
+                        reached[ref.name] = self.init_param(model, ref, init) + note
+        return (f"for node in iter_nodes(plan): if issubclass(LAYERS[node.type], "
+                f"{cls.__name__}): draw its parameters"), reached
+
+    def module_walk(self, model: _Model) -> ModuleWalk:
+        """The reference's own tree is the plan: its top-level nodes, and every node depth
+        first (a ``ref`` is a node of its own, naming its target; a residual's layers are in
+        it), each by its canonical path and its layer class (structure by its plan type)."""
+        numbers = {}
+
+        def entry(node):
+            """A ref is the node it names, under its own path."""
+            kind = LAYERS[node.type].__name__.lstrip("_") if node.type in LAYERS else node.type
+            target = model.nodes[node.to] if node.type == "ref" else node
+            return ModuleEntry(node.path, f"{kind} -> {node.to}" if node.type == "ref" else kind,
+                               numbers.setdefault(id(target), len(numbers)))
+        return ModuleWalk("plan.layers (the top-level nodes)",
+                          [entry(n) for n in model.plan.layers],
+                          "iter_nodes(plan.layers) (the plan as '', then every node, depth "
+                          "first)", [ModuleEntry("", "plan", numbers.setdefault(id(model.plan), len(numbers)))] +
+                          [entry(n) for n in iter_nodes(model.plan.layers)])
 
     # -- compute: synchronous, float64 inside ------------------------------------------------
 

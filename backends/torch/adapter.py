@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends import base
-from backends.protocol import Plan
+from backends.protocol import ModuleWalk, Plan
 from backends.torch_support import TorchDevices
 
 #: initializers that are one ``torch.nn.init.<name>_`` call with the plan's arguments as keywords
@@ -223,6 +223,36 @@ class Adapter(TorchDevices, base.BaseAdapter):
             if kind in CUSTOM_INITS:
                 return CUSTOM_INITS[kind](nn, ref.handle, **args)
         raise ValueError(f"unsupported initializer {kind!r}")
+
+    def init_by_type(self, model, layer_type, roles):
+        """The lessons' idiom: ``net.apply(init_fn)``, where ``init_fn`` tests each module with
+        ``isinstance`` and initializes the parameters of those that match."""
+        classes = self.owner_classes(model, layer_type,
+                                     lambda node: _submodule(model.net, node.path))
+        refs = {id(ref.handle): ref for ref in self.param_refs(model)}
+        reached = {}
+
+        def init_fn(m):
+            if isinstance(m, classes):
+                for role, init in roles.items():
+                    if getattr(m, role, None) is None:
+                        continue  # a layer without it (bias: false)
+                    ref = refs[id(getattr(m, role))]
+                    init, note = self.resolve_init(model, ref, init)
+                    reached[ref.name] = self.init_param(model, ref, init) + note
+
+        model.net.apply(init_fn)
+        names = " or ".join(f"nn.{c.__name__}" if c.__module__.startswith("torch.") else
+                            c.__name__ for c in classes)
+        return f"net.apply(init_fn), init_fn testing isinstance(m, {names})", reached
+
+    def module_walk(self, model):
+        """``named_children()`` (the first level) and ``named_modules()`` (every module, the
+        net itself first as '', a shared module once)."""
+        numbers = {}
+        return ModuleWalk(
+            "nn.Module.named_children()", self.walk_entries(model.net.named_children(), numbers),
+            "nn.Module.named_modules()", self.walk_entries(model.net.named_modules(), numbers))
 
     # -- compute ------------------------------------------------------------------------------
 

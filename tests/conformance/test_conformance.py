@@ -202,6 +202,29 @@ def test_initializer_realization_is_reported(analyzed, name):
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
+def test_module_walk_and_init_by_type(analyzed, name):
+    """The framework's own walk is reported (every direct child among every module), and each
+    ``init_by_type`` reached exactly the parameters of the spec's layers of that type."""
+    failed = [f"{c.subject} {c.name}: {c.observed} ({c.detail})" for c in analyzed[name].checks
+              if c.name in (analysis.MODULE_WALK, analysis.INIT_BY_TYPE) and not c.passed]
+    assert not failed and analyzed[name].check(analysis.MODULE_WALK), failed
+    assert len(analyzed[name].checks_named(analysis.INIT_BY_TYPE)) == \
+        len(_spec(name).plan.init_by_type)
+
+
+def test_lesson_002_children_against_modules(analyzed):
+    """Lesson 002: the net's direct children are its three blocks (no dense layer among
+    them); the recursive walk reaches the three dense layers inside them, which its
+    init_by_type initialized (their values pass their distribution checks above)."""
+    walk = analyzed["lesson_002"].record.walk
+    dense = {"Linear", "Dense"}  # torch's class, the others'
+    assert len(walk.children) == 3 and not any(e.type in dense for e in walk.children)
+    assert sum(e.type in dense for e in walk.modules) == 3, walk.modules
+    (by_type,) = analyzed["lesson_002"].record.init_by_type
+    assert by_type.layer_type == "dense" and len(by_type.reached) == 6
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_sharing_and_parameter_count(analyzed, name):
     """Shared parameters appear once, with their aliases; the count counts them once."""
     result, spec = analyzed[name], _spec(name)

@@ -703,3 +703,82 @@ def test_residual_flops_count_the_add():
     act = build_spec(doc([{"type": "residual", "layers": body, "activation": "relu"}],
                          input=(3, 4)))
     assert act.flops == res.flops + 3 * 4
+
+
+# ------------------------------------------------------------------ init_by_type
+
+def test_lesson_002_is_initialized_by_layer_type():
+    """lesson_002: three blocks of dense + relu; init_by_type gives every dense weight and
+    bias its INIT (the field says where it came from) and travels in the plan."""
+    spec = spec_of("lesson_002")
+    assert [p.name for p in spec.params] == [f"{b}.0.{r}" for b in range(3)
+                                             for r in ("weight", "bias")]
+    for p in spec.params:
+        want = {"name": "normal", "mean": 0.0, "std": 0.01} if p.role == "weight" else \
+            {"name": "zeros"}
+        assert (p.init, p.init_field) == (want, f"init_by_type.dense.{p.role}"), p.name
+    assert plan_of(spec)["init_by_type"] == {"dense": {
+        "weight": {"name": "normal", "mean": 0.0, "std": 0.01}, "bias": {"name": "zeros"}}}
+
+
+def test_init_by_type_wins_over_the_top_level_init_for_its_types_only():
+    spec = build_spec(doc([{"type": "dense", "units": 4}, {"type": "my_dense", "units": 2},
+                           {"type": "batch_norm"}],
+                          init={"weight": "ones"},
+                          init_by_type={"dense": {"weight": "zeros"},
+                                        "batch_norm": {"bias": {"name": "constant", "val": 3}}}))
+    assert spec.param("0.weight").init == {"name": "zeros"}
+    assert spec.param("0.bias").init == {"name": "default"}     # no bias given by type
+    assert spec.param("1.weight").init == {"name": "ones"}      # my_dense: the top-level init
+    assert spec.param("2.bias").init == {"name": "constant", "val": 3.0}
+    assert spec.param("2.weight").init == {"name": "default"}
+
+
+@pytest.mark.parametrize("by_type, where, message", [
+    ({"conv2d": {"weight": "ones"}}, "init_by_type.conv2d", "no layer of type conv2d"),
+    ({"dense2": {"weight": "ones"}}, "init_by_type.dense2", "unknown layer type 'dense2'"),
+    ({"relu": {"weight": "ones"}}, "init_by_type.relu", "has no parameters to initialize"),
+    ({"dense": {"gamma": "ones"}}, "init_by_type.dense.gamma", "no parameter 'gamma'"),
+    ({"batch_norm": {"running_mean": "ones"}}, "init_by_type.batch_norm.running_mean",
+     "no parameter 'running_mean'"),
+    ({"dense": {"weight": "default"}}, "init_by_type.dense.weight", "leave the role out"),
+    ({"dense": {"weight": "nope"}}, "init_by_type.dense.weight", "unknown initializer 'nope'"),
+    ({"dense": {}}, "init_by_type.dense", "should be non-empty"),
+    ({"dense": {"weight": {"name": "normal", "std": -1}}}, "init_by_type.dense.weight.std", ""),
+])
+def test_init_by_type_mistakes_name_the_field(by_type, where, message):
+    with pytest.raises(SpecError) as exc:
+        build_spec(doc([{"type": "dense", "units": 4}, {"type": "relu"}],
+                       init_by_type=by_type), "s.yaml")
+    assert exc.value.file == "s.yaml" and exc.value.where == where and \
+        message in exc.value.message, str(exc.value)
+
+
+def test_init_by_type_role_no_layer_has_is_a_mistake():
+    with pytest.raises(SpecError) as exc:
+        build_spec(doc([{"type": "dense", "units": 4, "bias": False}],
+                       init_by_type={"dense": {"weight": "ones", "bias": "zeros"}}), "s.yaml")
+    assert (exc.value.where, exc.value.message) == (
+        "init_by_type.dense.bias", "no dense layer in this spec has a bias (every one has bias: "
+                                   "false)")
+
+
+def test_init_by_type_and_a_layers_own_init_for_the_same_role_conflict():
+    with pytest.raises(SpecError) as exc:
+        build_spec(doc([{"type": "sequential", "layers": [
+            {"type": "dense", "units": 4, "weight_init": "ones"}]}],
+            init_by_type={"dense": {"weight": "zeros"}}), "s.yaml")
+    assert exc.value.where == "layers[0].layers[0].weight_init"
+    assert "init_by_type.dense.weight initializes every dense layer's weight" in str(exc.value)
+
+
+def test_init_by_type_cli_error_is_one_line_exit_2(tmp_path):
+    from unit_helpers import run_cli
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ninput: [2, 4]\ninit_by_type: {conv2d: {weight: ones}}\n"
+                    "layers: [{type: dense, units: 2}]\n")
+    proc = run_cli("check", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "init_by_type.conv2d" in proc.stderr \
+        and str(path) in proc.stderr, proc.stderr
