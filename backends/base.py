@@ -558,13 +558,19 @@ class BaseAdapter:
             return info.shape
         if info.native_shape is None:  # declared without a shape: what the plan knows
             return param_shapes(ref.node, given_in_size(ref.node))[ref.role]
-        return native_shape_to_canonical(info.native_shape, self.kernel_layout)
+        return native_shape_to_canonical(info.native_shape, self.layout(ref.node))
 
-    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
-        return kernel_to_canonical(arr) if self.kernel_layout == "channels_last" else arr
+    def layout(self, node: PlanNode) -> str:
+        """``kernel_layout`` for a node's parameters: "canonical" where the framework keeps
+        them in PyTorch's layout even when channels-last (an embedding table)."""
+        return self.kernel_layout if layers.LAYERS[node.type].channels_last_kernel \
+            else "canonical"
 
-    def to_native(self, arr: np.ndarray) -> np.ndarray:
-        return kernel_to_native(arr) if self.kernel_layout == "channels_last" else arr
+    def to_canonical(self, arr: np.ndarray, node: PlanNode) -> np.ndarray:
+        return kernel_to_canonical(arr) if self.layout(node) == "channels_last" else arr
+
+    def to_native(self, arr: np.ndarray, node: PlanNode) -> np.ndarray:
+        return kernel_to_native(arr) if self.layout(node) == "channels_last" else arr
 
     def inspect(self, model: Any, plan: Plan) -> list[ParamRecord]:
         """Every parameter that exists now, once, with the names it is shared under."""
@@ -588,7 +594,8 @@ class BaseAdapter:
 
     def values(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter's values in canonical layout, as float32 numpy copies."""
-        return {ref.name: np.array(self.to_canonical(self.read(model, ref)), dtype=np.float32)
+        return {ref.name: np.array(self.to_canonical(self.read(model, ref), ref.node),
+                                   dtype=np.float32)
                 for ref in self.param_refs(model)}
 
     def load(self, model: Any, arrays: dict[str, np.ndarray]) -> None:
@@ -597,7 +604,7 @@ class BaseAdapter:
         new = {}
         for ref in self.param_refs(model):
             arr = np.asarray(arrays[ref.name], dtype=np.float32)
-            native = np.ascontiguousarray(self.to_native(arr))
+            native = np.ascontiguousarray(self.to_native(arr, ref.node))
             have = self.describe(model, ref).native_shape
             if have is None or tuple(native.shape) != tuple(have):
                 have = None if have is None else list(have)
@@ -655,8 +662,10 @@ class BaseAdapter:
         raise NotImplementedError
 
     def to_device(self, x: np.ndarray) -> Any:
-        """A canonical (NCHW) float32 activation on the device, in the framework's layout."""
-        x = np.asarray(x, dtype=np.float32)
+        """A canonical (NCHW) float32 activation on the device, in the framework's layout; an
+        integer input (token ids) stays integer."""
+        x = np.asarray(x)
+        x = x if x.dtype.kind in "iu" else x.astype(np.float32)
         if self.kernel_layout == "channels_last":
             x = nchw_to_nhwc(x)
         return self.from_numpy(np.ascontiguousarray(x))
@@ -696,7 +705,8 @@ class BaseAdapter:
         """``grads`` from host to host: (canonical output, {name: canonical float32 gradient})."""
         y, grads = self.grads(model, self.to_device(x), self.to_device(cotangent))
         self.block((y, grads))
-        return self.to_host(y), {name: np.array(self.to_canonical(self.to_numpy(g)),
+        nodes = {ref.name: ref.node for ref in self.param_refs(model)}
+        return self.to_host(y), {name: np.array(self.to_canonical(self.to_numpy(g), nodes[name]),
                                                 dtype=np.float32) for name, g in grads.items()}
 
     def save(self, model: Any, stem: str) -> SavedFile:

@@ -163,6 +163,8 @@ class Spec:
     loss: str = "cotangent"       # see LOSSES
     input_fill: float | None = None   # a constant input instead of N(0, 1) draws
     probe: str = "random"         # "initial": numerics and gradients with the initial values
+    #: the input is integers in [0, integer_input) (token ids for a first embedding); None: floats
+    integer_input: int | None = None
 
     def memory_estimate(self, batch: int | None = None) -> int:
         """Bytes a worker needs for this spec, from the spec alone, at ``batch`` (default: its
@@ -418,6 +420,34 @@ class _Builder:
             self.params[name] = ParamSpec(name, role, node["type"], shape, lazy_shapes[role],
                                           init, field_, w_shape)
 
+    def integer_input(self, nodes, fill) -> int | None:
+        """The exclusive bound of the integer input a first layer taking token ids
+        (``LayerType.integer_input``) needs, None for float input; such a layer anywhere
+        else, or reached again by a ref, is a spec error (its input would be floats)."""
+        first = nodes[0]
+        while first["type"] == "sequential":
+            first = first["layers"][0]
+        for path, node in self.nodes.items():
+            target = self.nodes[node["to"]] if node["type"] == "ref" else node
+            lt = layers.LAYERS.get(target["type"])
+            if lt is None or lt.integer_input is None:
+                continue
+            if node["type"] == "ref":
+                self.fail(self.where[path], f"a {lt.name} takes the spec's integer input (token "
+                                            "ids), so it cannot be used again by a ref")
+            if node is not first:
+                self.fail(self.where[path], f"a {lt.name} takes integer token ids, so it must "
+                                            "be the spec's first layer (here its input is "
+                                            "another layer's float output)")
+        lt = layers.LAYERS.get(first["type"])
+        if lt is None or lt.integer_input is None:
+            return None
+        bound = lt.integer_input(first["attrs"])
+        if fill is not None and not (float(fill).is_integer() and 0 <= fill < bound):
+            self.fail("input_fill", f"is {fill}, but the first layer ({lt.name}) takes integer "
+                                    f"token ids in [0, {bound})")
+        return bound
+
     def check_init(self, init, shape, w_shape, field_, name):
         if init["name"] == "default":
             return
@@ -568,6 +598,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     nodes = b.block(doc["layers"], "", "layers", set())
     input_shape = tuple(doc["input"])
     output_shape = b.infer(nodes, input_shape)
+    integer_input = b.integer_input(nodes, doc.get("input_fill"))
     seed = doc.get("seed", 0) if seed is None else seed
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
                                   "input_shape": list(input_shape), "layers": nodes,
@@ -585,7 +616,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
                 params, output_shape, b.flops, b.activations, doc.get("loss", "cotangent"),
                 None if doc.get("input_fill") is None else float(doc["input_fill"]),
-                doc.get("probe", "random"))
+                doc.get("probe", "random"), integer_input)
 
 
 def load_spec(path: str | Path, seed: int | None = None) -> Spec:
