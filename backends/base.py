@@ -99,6 +99,16 @@ def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
             yield f"{node.path}.{role}", node, role
 
 
+def takes_integers(plan: Plan) -> bool:
+    """Whether the plan's input is integers: token ids for a first layer that takes them
+    (``layers.LayerType.integer_input``, an embedding)."""
+    node = plan.layers[0]
+    while node.type == "sequential":
+        node = node.layers[0]
+    lt = layers.LAYERS.get(node.type)
+    return lt is not None and lt.integer_input is not None
+
+
 def given_in_size(node: PlanNode) -> int | None:
     """The input size the plan gives a node with parameters (None: inferred lazily)."""
     lt = layers.LAYERS.get(node.type)

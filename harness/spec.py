@@ -423,20 +423,17 @@ class _Builder:
     def integer_input(self, nodes, fill) -> int | None:
         """The exclusive bound of the integer input a first layer taking token ids
         (``LayerType.integer_input``) needs, None for float input; such a layer anywhere
-        else, or reached again by a ref, is a spec error (its input would be floats)."""
+        else is a spec error (its input would be floats). (A ref to it is refused already:
+        its output's rank is not its input's.)"""
         first = nodes[0]
         while first["type"] == "sequential":
             first = first["layers"][0]
         for path, node in self.nodes.items():
-            target = self.nodes[node["to"]] if node["type"] == "ref" else node
-            lt = layers.LAYERS.get(target["type"])
+            lt = layers.LAYERS.get(node["type"])
             if lt is None or lt.integer_input is None:
                 continue
-            if node["type"] == "ref":
-                self.fail(self.where[path], f"a {lt.name} takes the spec's integer input (token "
-                                            "ids), so it cannot be used again by a ref")
             if node is not first:
-                self.fail(self.where[path], f"a {lt.name} takes integer token ids, so it must "
+                self.fail(self.where[path], f"{lt.name} takes integer token ids, so it must "
                                             "be the spec's first layer (here its input is "
                                             "another layer's float output)")
         lt = layers.LAYERS.get(first["type"])

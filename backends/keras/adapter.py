@@ -11,6 +11,8 @@ override. Frameworks are imported in ``setup`` only.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -198,6 +200,21 @@ def _activation(kind):
     return lambda a, node: a._new(a.keras.layers.Activation, kind, name=node.name)
 
 
+def _gelu(a, node):
+    """Keras's GELU layer (``Activation("gelu")``, ``activations.gelu``) is exact by default,
+    its op ``ops.gelu`` the tanh approximation: the approximation is asked for explicitly."""
+    gelu = "gelu" if node.approximate == "none" else functools.partial(
+        a.keras.activations.gelu, approximate=True)
+    return a._new(a.keras.layers.Activation, gelu, name=node.name)
+
+
+def _embedding(a, node):
+    """Built now: its sizes are the spec's own, no input is needed."""
+    layer = a._new(a.keras.layers.Embedding, node.vocab, node.dim, name=node.name)
+    layer.build()
+    return layer
+
+
 _KERNEL = {"weight": "kernel"}
 #: layer type -> Keras layer(s), with the Keras attribute of each canonical role's variable
 #: (``backends.base.BaseAdapter.builders``)
@@ -220,6 +237,12 @@ BUILDERS = {
     "center": lambda a, node: a._new(a.Center, name=node.name),
     "softmax": lambda a, node: _canonical_order(
         a, node, a._new(a.keras.layers.Softmax, axis=-1, name=node.name)),
+    "layer_norm": base.Builder(lambda a, node: _canonical_order(a, node, a._new(
+        a.keras.layers.LayerNormalization, axis=-1, epsilon=node.eps, center=node.affine,
+        scale=node.affine, name=node.name)), {"weight": "gamma", "bias": "beta"}),
+    "gelu": _gelu,
+    "dropout": lambda a, node: a._new(a.keras.layers.Dropout, node.rate, name=node.name),
+    "embedding": base.Builder(_embedding, {"weight": "embeddings"}),
 }
 
 
@@ -489,9 +512,14 @@ class Adapter(base.BaseAdapter):
             impl = f"custom: {type(initializer).__name__} (keras.initializers.Initializer subclass)"
         else:
             raise ValueError(f"unsupported initializer {kind!r}")
-        var = ref.handle
+        var, shape = ref.handle, tuple(ref.handle.shape)
         with self.device_scope():
-            var.assign(initializer(tuple(var.shape), var.dtype))
+            if self.layout(ref.node) == "canonical" and len(shape) == 2:
+                # a table in torch's layout (an embedding's (vocab, dim)): drawn as the (in,
+                # out) kernel Keras's fans expect, then transposed
+                var.assign(self.keras.ops.transpose(initializer(shape[::-1], var.dtype)))
+            else:
+                var.assign(initializer(shape, var.dtype))
         return impl
 
     # -- compute ------------------------------------------------------------------------------
@@ -505,9 +533,31 @@ class Adapter(base.BaseAdapter):
 
     def run(self, model, x, *, training=False):
         """The Keras call: ``training=True`` normalizes with batch statistics and updates the
-        moving ones by Keras's rule; the first call builds the lazy layers."""
-        with self.device_scope():
+        moving ones by Keras's rule; the first call builds the lazy layers; dropout is the
+        identity."""
+        with self.device_scope(), self.without_dropout(model):
             return model.net(x, training=training)
+
+    def gradients(self, model, x, cotangent):
+        """The checks' training pass, with dropout the identity (``without_dropout``)."""
+        with self.without_dropout(model):
+            return super().gradients(model, x, cotangent)
+
+    @contextlib.contextmanager
+    def without_dropout(self, model):
+        """Keras's Dropout drops whenever it is called with training=True and rate > 0; the
+        checks' training-mode passes need it the identity (no framework's masks agree), so
+        its rate is 0 while they run. Only the timed training step (``step``) drops."""
+        dropouts = [layer for layer in model.owners.values()
+                    if isinstance(layer, self.keras.layers.Dropout)]
+        rates = [layer.rate for layer in dropouts]
+        for layer in dropouts:
+            layer.rate = 0.0
+        try:
+            yield
+        finally:
+            for layer, rate in zip(dropouts, rates):
+                layer.rate = rate
 
     def matmul(self, n):
         with self.device_scope():
