@@ -1,8 +1,8 @@
-"""Compiled modes prove they compiled: thirteen small specs of different shapes and layer types
-(a residual among them) through ONE worker process, each timed (with a tiny budget) in every
-mode the backend offers. Every compiled mode's witness (the framework's own counts of what its
-compiler did) must say it compiled at the first call and compiled nothing after it, for every
-spec, however many specs the process compiled before (torch.compile's recompile_limit of 8 per
+"""Compiled modes prove they compiled: fourteen small specs of different shapes and layer types
+(a residual among them; a Transformer-like MLP with an embedding, layer norm, GELU and dropout)
+through ONE worker process, each timed (with a tiny budget) in every mode the backend offers.
+Every compiled mode's witness (the framework's own counts of what its compiler did) must say it
+compiled at the first call and compiled nothing after it, for every spec, however many specs the process compiled before (torch.compile's recompile_limit of 8 per
 code object once made the ninth silently eager). The NumPy reference has no compiled mode: there
 the test checks that it offers only ``eager`` and reports no witness.
 """
@@ -66,6 +66,14 @@ DOCS = [
                     {"type": "batch_norm", "name": "bn"}],
                  "shortcut": {"type": "conv2d", "name": "skip", "channels": 3, "kernel": 1}},
                 {"type": "flatten"}, {"type": "dense", "units": 2}]},
+    {"name": "w14_transformer", "input": [2, 5],
+     "layers": [{"type": "embedding", "vocab": 9, "dim": 4},
+                {"type": "residual", "layers": [
+                    {"type": "layer_norm", "name": "norm"},
+                    {"type": "dense", "name": "linear1", "units": 8},
+                    {"type": "gelu", "approximate": "tanh"}, {"type": "dropout", "rate": 0.2},
+                    {"type": "dense", "name": "linear2", "units": 4}]},
+                {"type": "gelu"}, {"type": "dense", "units": 3}]},
 ]
 SPECS = [build_spec(doc, f"<{doc['name']}>") for doc in DOCS]
 NAMES = [s.name for s in SPECS]
