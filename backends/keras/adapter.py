@@ -357,7 +357,9 @@ class Adapter(base.BaseAdapter):
                 with tf.GradientTape() as tape:
                     loss = tf.reduce_sum(net(x, training=True) * cotangent)
                 for v, g in zip(variables, tape.gradient(loss, variables)):
-                    v.assign_sub(lr * g)
+                    # an embedding's gradient is tf.IndexedSlices in a graph: made dense (as
+                    # torch's default), since assign_sub takes a tensor
+                    v.assign_sub(lr * tf.convert_to_tensor(g))
                 return loss
             args = (x, cotangent)
         if mode == "eager":
