@@ -107,6 +107,16 @@ def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
             yield f"{node.path}.{role}", node, role
 
 
+def takes_integers(plan: Plan) -> bool:
+    """Whether the plan's input is integers: token ids for a first layer that takes them
+    (``layers.LayerType.integer_input``, an embedding)."""
+    node = plan.layers[0]
+    while node.type == "sequential":
+        node = node.layers[0]
+    lt = layers.LAYERS.get(node.type)
+    return lt is not None and lt.integer_input is not None
+
+
 def given_in_size(node: PlanNode) -> int | None:
     """The input size the plan gives a node with parameters (None: inferred lazily)."""
     lt = layers.LAYERS.get(node.type)
@@ -628,13 +638,19 @@ class BaseAdapter:
         layout = self.layout(ref)
         if layout is not None:
             return layout.to_canonical(np.empty(info.native_shape, np.uint8), ref.node).shape
-        return native_shape_to_canonical(info.native_shape, self.kernel_layout)
+        return native_shape_to_canonical(info.native_shape, self.kernel_layout_of(ref.node))
 
-    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
-        return kernel_to_canonical(arr) if self.kernel_layout == "channels_last" else arr
+    def kernel_layout_of(self, node: PlanNode) -> str:
+        """``kernel_layout`` for a node's parameters: "canonical" where the framework keeps
+        them in PyTorch's layout even when channels-last (an embedding table)."""
+        return self.kernel_layout if layers.LAYERS[node.type].channels_last_kernel \
+            else "canonical"
 
-    def to_native(self, arr: np.ndarray) -> np.ndarray:
-        return kernel_to_native(arr) if self.kernel_layout == "channels_last" else arr
+    def to_canonical(self, arr: np.ndarray, node: PlanNode) -> np.ndarray:
+        return kernel_to_canonical(arr) if self.kernel_layout_of(node) == "channels_last" else arr
+
+    def to_native(self, arr: np.ndarray, node: PlanNode) -> np.ndarray:
+        return kernel_to_native(arr) if self.kernel_layout_of(node) == "channels_last" else arr
 
     def layout(self, ref: ParamRef) -> Layout | None:
         """The role's own Layout, where its builder declares one."""
@@ -643,12 +659,12 @@ class BaseAdapter:
     def param_to_canonical(self, ref: ParamRef, arr):
         """One parameter's native array (or gradient) in canonical layout."""
         layout = self.layout(ref)
-        return layout.to_canonical(arr, ref.node) if layout else self.to_canonical(arr)
+        return layout.to_canonical(arr, ref.node) if layout else self.to_canonical(arr, ref.node)
 
     def param_to_native(self, ref: ParamRef, arr: np.ndarray) -> np.ndarray:
         """One parameter's canonical array in the framework's layout."""
         layout = self.layout(ref)
-        return layout.to_native(arr, ref.node) if layout else self.to_native(arr)
+        return layout.to_native(arr, ref.node) if layout else self.to_native(arr, ref.node)
 
     def inspect(self, model: Any, plan: Plan) -> list[ParamRecord]:
         """Every parameter that exists now, once, with the names it is shared under."""
@@ -796,8 +812,10 @@ class BaseAdapter:
         raise NotImplementedError
 
     def to_device(self, x: np.ndarray) -> Any:
-        """A canonical (NCHW) float32 activation on the device, in the framework's layout."""
-        x = np.asarray(x, dtype=np.float32)
+        """A canonical (NCHW) float32 activation on the device, in the framework's layout; an
+        integer input (token ids) stays integer."""
+        x = np.asarray(x)
+        x = x if x.dtype.kind in "iu" else x.astype(np.float32)
         if self.kernel_layout == "channels_last":
             x = nchw_to_nhwc(x)
         return self.from_numpy(np.ascontiguousarray(x))

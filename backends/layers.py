@@ -133,6 +133,12 @@ class LayerType:
     #: backend.yaml default ``{name: variance_scaling, ..., fans: NAME}`` is scaled by them
     native_fans: dict[str, Callable[[dict, str, tuple], tuple[int, int]]] = \
         field(default_factory=dict)
+    #: channels-last frameworks (Keras, Flax) hold its weight as a kernel ``(*spatial, in,
+    #: out)``, the canonical one transposed; False: in the canonical layout (an embedding table)
+    channels_last_kernel: bool = True
+    #: it takes integer inputs in [0, integer_input(attrs)) (token ids): only as the spec's
+    #: first layer, and the spec's input is then drawn as such integers; None: float inputs
+    integer_input: Callable[[dict], int] | None = None
 
     def normalize(self, raw: dict) -> dict:
         """The plan attributes of a spec layer (every field, defaults filled in)."""
@@ -442,6 +448,55 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
         memory=_attention_memory, fan_role="in_proj_weight",
         native_fans={"keras_einsum": _keras_einsum_fans}),
 ]}
+
+# ------------------------------------------------ layer norm, GELU, dropout, embedding (issue 17)
+
+def _layer_norm_memory(attrs, shape, out):
+    """The normalized input (kept for the backward), its products and centred copies."""
+    return FLOAT64 * 8 * math.prod(shape)
+
+
+def _embedding_memory(attrs, shape, out):
+    """The table in float64 and its dense gradient, the output, dy's rows in sorted order and
+    their sums, the indices and their sort."""
+    table = attrs["vocab"] * attrs["dim"]
+    return FLOAT64 * (3 * table + 3 * math.prod(out) + 4 * math.prod(shape))
+
+
+LAYERS.update({t.name: t for t in [
+    LayerType(
+        "layer_norm", "(x - mean) / sqrt(var + eps) * weight + bias over the last axis "
+        "(torch.nn.LayerNorm(num_features))",
+        {"num_features": Field(INT1, int | None, None),
+         "eps": Field({"type": "number", "exclusiveMinimum": 0}, float, 1e-5),
+         "affine": Field(BOOL, bool, True)},
+        (Role("weight", top_init=False, optional="affine", probe="scale"),
+         Role("bias", top_init=False, optional="affine", probe="shift")),
+        in_size="num_features", in_axis=-1,
+        shapes=lambda a, n: {"weight": (n,), "bias": (n,)},
+        flops=lambda a, s, o: 7 * math.prod(o),  # mean, centre, square, sum, scale, affine
+        memory=_layer_norm_memory),
+    LayerType(
+        "gelu", "x * Phi(x), Phi the standard normal CDF, exact or its tanh approximation "
+        "(torch.nn.GELU(approximate))",
+        {"approximate": Field({"enum": ["none", "tanh"]}, str, "none")},
+        flops=lambda a, s, o: 8 * math.prod(o),
+        memory=lambda a, s, o: FLOAT64 * 12 * math.prod(s)),
+    LayerType(
+        "dropout", "zero each element with probability rate, scale the rest by 1 / (1 - rate), "
+        "in the timed training step only (torch.nn.Dropout(p=rate))",
+        {"rate": Field({"type": "number", "minimum": 0, "exclusiveMaximum": 1}, float, 0.5)}),
+    LayerType(
+        "embedding", "y[..., :] = weight[x[...], :] for integer token ids x in [0, vocab) "
+        "(torch.nn.Embedding(vocab, dim))",
+        {"vocab": Field(INT1, int), "dim": Field(INT1, int)},
+        (Role("weight", top_init=False),),
+        ranks=(2,), takes="an (N, T) input of token ids",
+        shapes=lambda a, n: {"weight": (a["vocab"], a["dim"])},
+        output=lambda a, s: (*s, a["dim"]), flops=lambda a, s, o: 0,
+        memory=_embedding_memory, fan_role="weight", channels_last_kernel=False,
+        integer_input=lambda a: a["vocab"]),
+]})
 
 ACTIVATIONS = tuple(name for name, t in LAYERS.items() if t.activation)
 #: layer type -> the roles a spec's ``init_by_type`` may initialize (those without a fixed init)

@@ -709,6 +709,58 @@ def pooling_cases(draw):
     return _as_case("pooling", doc, draw(formats), kind)
 
 
+def transformer_layer_cases(draw):
+    """layer_norm, gelu, dropout and embedding misused, inside blocks or not: an embedding
+    that is not the first layer (after another, nested second, in a residual, on a 4-D or 1-D
+    input), an input_fill that is no token id, a dropout rate outside [0, 1), an unknown GELU
+    approximation, a layer norm eps <= 0 or a num_features its input does not have."""
+    vocab, dim = draw(st.integers(1, 50)), draw(st.integers(1, 16))
+    embedding = {"type": "embedding", "vocab": vocab, "dim": dim}
+    kind = draw(st.sampled_from([
+        "embedding second", "embedding nested second", "embedding in a residual",
+        "embedding on NCHW", "embedding without vocab", "fill not an id", "fill past vocab",
+        "dropout rate", "gelu approximation", "layer norm eps", "layer norm size",
+        "embedding dim 0"]))
+    input_shape, extra = [2, draw(st.integers(1, 8))], {}
+    if kind == "embedding second":
+        layers = [draw(st.sampled_from([{"type": "relu"}, {"type": "layer_norm"},
+                                        {"type": "dropout", "rate": 0.1}])), embedding]
+    elif kind == "embedding nested second":
+        layers = [{"type": "sequential", "layers": [{"type": "gelu"}, embedding]}]
+    elif kind == "embedding in a residual":
+        layers = [embedding, _residual([dict(embedding, name="e2")])]
+    elif kind == "embedding on NCHW":
+        input_shape = draw(st.sampled_from([[2, 3, 4, 4], [2]]))
+        layers = [embedding]
+    elif kind == "embedding without vocab":
+        layers = [{"type": "embedding", "dim": dim}]
+    elif kind in ("fill not an id", "fill past vocab"):
+        layers = [embedding, {"type": "layer_norm"}]
+        extra["input_fill"] = draw(st.floats(0.01, vocab + 0.99).filter(
+            lambda f: not f.is_integer())) if kind == "fill not an id" else \
+            draw(st.sampled_from([vocab, vocab + 7, -1, -vocab]))
+    elif kind == "dropout rate":
+        layers = [{"type": "dropout", "rate": draw(st.one_of(
+            st.floats(1.0, 10.0), st.floats(-10.0, -1e-9), st.sampled_from([1, 2, -1])))}]
+    elif kind == "gelu approximation":
+        layers = [{"type": "gelu", "approximate": draw(st.sampled_from(
+            ["erf", "Tanh", "exact", "", True, None, 1]))}]
+    elif kind == "layer norm eps":
+        layers = [{"type": "layer_norm", "eps": draw(st.sampled_from([0, -1e-5, 0.0, -1]))}]
+    elif kind == "layer norm size":
+        layers = [{"type": "layer_norm", "num_features": input_shape[1] + draw(
+            st.integers(1, 5))}]
+    else:
+        layers = [{"type": "embedding", "vocab": vocab, "dim": 0}]
+    for i in range(draw(st.integers(0, 2))):  # inside blocks, named or not
+        block = {"type": "sequential", "layers": layers}
+        if draw(st.booleans()):
+            block["name"] = f"block{i}"
+        layers = [block]
+    doc = {"name": "transformer_layers", "input": input_shape, "layers": layers, **extra}
+    return _as_case("transformer_layers", doc, draw(formats), kind)
+
+
 BAD_TEXT = [
     ("not UTF-8", b"name: \xff\xfe\n"),
     ("latin-1", "name: caf\xe9\ninput: [2, 4]\nlayers: [{type: relu}]\n".encode("latin-1")),
@@ -790,8 +842,8 @@ KINDS = [nonfinite_cases, wrong_type_cases, out_of_range_cases, huge_size_cases,
          working_memory_cases, deep_cases,
          alias_cases, duplicate_key_cases, control_char_cases, hostile_name_cases,
          unicode_cases, big_integer_cases, random_structure_cases, random_text_cases,
-         semantic_cases, residual_cases, pooling_cases, bad_text_cases, special_file_cases,
-         cli_number_cases]
+         semantic_cases, residual_cases, pooling_cases, transformer_layer_cases, bad_text_cases,
+         special_file_cases, cli_number_cases]
 any_case = st.one_of([k() for k in KINDS])
 
 

@@ -296,7 +296,8 @@ def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun")
     ctx = report.Context(run, specs, results, environments, defaults, figures,
                          defaults_figures(here, mr.cells, defaults), machines,
                          {b.name: b.limitations for b in backends},
-                         {b.name: b.defects for b in backends}, len(text.encode()))
+                         {b.name: b.defects for b in backends}, len(text.encode()),
+                         {b.name: b.option_defaults for b in backends})
     report.write_run(here, document, report.render(ctx))
     return json.loads(text)  # as results.json holds it
 

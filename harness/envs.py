@@ -108,6 +108,9 @@ class Backend:
     checkpoint: dict = field(default_factory=dict)
     #: what its worker needs in memory (harness.memory), measured as backend.yaml says
     memory: Profile | None = None
+    #: layer type -> spec field -> (the framework's own default, None if it has none, and its
+    #: source): fields the frameworks default differently (backend.yaml ``option_defaults:``)
+    option_defaults: dict = field(default_factory=dict)
 
     @property
     def requirements(self) -> Path:
@@ -204,6 +207,21 @@ def _default_init(raw) -> dict:
     return init
 
 
+def _option_defaults(meta: dict, where: Path) -> dict:
+    """backend.yaml's ``option_defaults: {TYPE: {FIELD: {value: V, source: "..."}}}``, each a
+    registry layer type's field, with where the value is from."""
+    out = {}
+    for layer, fields in (meta.get("option_defaults") or {}).items():
+        lt = layers.LAYERS.get(layer)
+        for name, entry in (fields or {}).items() if isinstance(fields, dict) else [(None, 0)]:
+            if lt is None or name not in lt.fields or not isinstance(entry, dict) \
+                    or set(entry) != {"value", "source"} or not str(entry["source"]).strip():
+                raise UserError(f"{display_path(where)}: option_defaults.{layer}.{name}: expected "
+                                "a registry layer type's field with {value: V, source: \"...\"}")
+            out.setdefault(layer, {})[name] = (entry["value"], str(entry["source"]))
+    return out
+
+
 def _load_backend(folder: Path) -> Backend:
     meta = _read_meta(folder)
     try:
@@ -224,7 +242,8 @@ def _load_backend(folder: Path) -> Backend:
                        tuple(meta.get("imports", ())), dict(meta.get("semantics") or {}),
                        _unsupported(meta, folder / "backend.yaml"), sizes=sizes,
                        limitations=limitations, defects=defects,
-                       checkpoint=checkpoint, memory=Profile.from_yaml(meta["memory"]))
+                       checkpoint=checkpoint, memory=Profile.from_yaml(meta["memory"]),
+                       option_defaults=_option_defaults(meta, folder / "backend.yaml"))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"{display_path(folder / 'backend.yaml')}: cannot read backend "
                         f"metadata: {type(exc).__name__}: {exc}") from None

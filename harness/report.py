@@ -32,7 +32,7 @@ from .envs import display_path
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
 from backends.base import SEMANTICS
-from backends.layers import LAYERS
+from backends.layers import LAYERS, REQUIRED
 
 RESULTS_SCHEMA_VERSION = 4
 REFERENCE = "numpy"  # the NumPy reference: compared against, timed only as a baseline
@@ -127,6 +127,8 @@ class Context:
     limitations: dict = field(default_factory=dict)  # backend -> Limitation declarations
     defects: dict = field(default_factory=dict)      # backend -> Defect declarations
     results_bytes: int | None = None
+    #: backend -> layer type -> field -> (the framework's own default, its source)
+    option_defaults: dict = field(default_factory=dict)
 
     @property
     def backends(self) -> list[str]:
@@ -653,7 +655,32 @@ def defaults_page(ctx: Context) -> doc.Page:
     for kind, name in ctx.default_figures.items():
         blocks.append(doc.Figure(name, f"{kind}: every framework's default, observed against "
                                        "the analytic density, on one x axis"))
+    blocks += _option_defaults_blocks(ctx.option_defaults)
     return doc.Page("defaults", "What default means in each framework", blocks)
+
+
+def _option_defaults_blocks(option_defaults: dict) -> list:
+    """The framework's own default of each layer field the frameworks default differently
+    (backend.yaml ``option_defaults:``), beside the spec's: the spec always passes its value,
+    so these are what a port that leaves the argument out gets."""
+    rows = []
+    for backend, by_layer in option_defaults.items():
+        for layer, fields in by_layer.items():
+            for name, (value, source) in fields.items():
+                rows.append([f"{layer}.{name}", _fmt_option(LAYERS[layer].fields[name].default),
+                             backend, _fmt_option(value), source])
+    if not rows:
+        return []
+    return [Paragraph(["Layer options whose default differs between frameworks: the spec's "
+                       "default (PyTorch's), and each framework's own where its layer is made "
+                       "without it (declared in ", Code("backends/<name>/backend.yaml"),
+                       "; the spec always passes its value)."]),
+            Table(["spec field", "spec default", "backend", "framework default", "source"],
+                  rows)]
+
+
+def _fmt_option(value) -> str:
+    return "required (no default)" if value is None or value is REQUIRED else str(value)
 
 
 def _verdict_text_param(q) -> str:

@@ -81,10 +81,14 @@ class BackendRun:
 
 def make_input(spec: Spec, shape: tuple | None = None) -> np.ndarray:
     """The spec's example input: standard normal (or the spec's ``input_fill``), canonical
-    (NCHW) layout, from the spec's seed."""
+    (NCHW) layout, from the spec's seed; integers in [0, bound) (int64) where the spec's
+    first layer takes token ids (``Spec.integer_input``)."""
     shape = tuple(shape or spec.input_shape)
+    bound = spec.integer_input
     if spec.input_fill is not None:
-        return np.full(shape, spec.input_fill, dtype=np.float32)
+        return np.full(shape, spec.input_fill, dtype=np.float32 if bound is None else np.int64)
+    if bound is not None:
+        return np.random.default_rng([spec.seed, 1]).integers(0, bound, shape, dtype=np.int64)
     return np.random.default_rng([spec.seed, 1]).standard_normal(shape).astype(np.float32)
 
 

@@ -204,6 +204,8 @@ class Spec:
     input_fill: float | None = None   # a constant input instead of N(0, 1) draws
     probe: str = "random"         # "initial": numerics and gradients with the initial values
     leaves: list = field(default_factory=list)  # every leaf call: (node, in, out shape, field)
+    #: the input is integers in [0, integer_input) (token ids for a first embedding); None: floats
+    integer_input: int | None = None
 
     @property
     def flops_per_sample(self) -> float:
@@ -463,6 +465,31 @@ class _Builder:
             self.params[name] = ParamSpec(name, role, node["type"], shape, lazy_shapes[role],
                                           init, field_, w_shape, attrs=node["attrs"])
 
+    def integer_input(self, nodes, fill) -> int | None:
+        """The exclusive bound of the integer input a first layer taking token ids
+        (``LayerType.integer_input``) needs, None for float input; such a layer anywhere
+        else is a spec error (its input would be floats). (A ref to it is refused already:
+        its output's rank is not its input's.)"""
+        first = nodes[0]
+        while first["type"] == "sequential":
+            first = first["layers"][0]
+        for path, node in self.nodes.items():
+            lt = layers.LAYERS.get(node["type"])
+            if lt is None or lt.integer_input is None:
+                continue
+            if node is not first:
+                self.fail(self.where[path], f"{lt.name} takes integer token ids, so it must "
+                                            "be the spec's first layer (here its input is "
+                                            "another layer's float output)")
+        lt = layers.LAYERS.get(first["type"])
+        if lt is None or lt.integer_input is None:
+            return None
+        bound = lt.integer_input(first["attrs"])
+        if fill is not None and not (float(fill).is_integer() and 0 <= fill < bound):
+            self.fail("input_fill", f"is {fill}, but the first layer ({lt.name}) takes integer "
+                                    f"token ids in [0, {bound})")
+        return bound
+
     def check_init(self, init, shape, w_shape, field_, name):
         if init["name"] == "default":
             return
@@ -661,6 +688,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
                        f"(every one has {layers.LAYERS[t].role(role).optional}: false)")
     input_shape = tuple(doc["input"])
     output_shape = b.infer(nodes, input_shape)
+    integer_input = b.integer_input(nodes, doc.get("input_fill"))
     seed = doc.get("seed", 0) if seed is None else seed
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
                                   "input_shape": list(input_shape), "layers": nodes,
@@ -680,7 +708,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     return Spec(str(file), doc["name"], doc.get("description", ""), input_shape, seed, plan,
                 params, output_shape, b.flops, b.activations, doc.get("loss", "cotangent"),
                 None if doc.get("input_fill") is None else float(doc["input_fill"]),
-                doc.get("probe", "random"), b.leaves)
+                doc.get("probe", "random"), b.leaves, integer_input)
 
 
 def load_spec(path: str | Path, seed: int | None = None) -> Spec:

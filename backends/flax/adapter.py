@@ -176,6 +176,12 @@ def _pads(node):
     return tuple((p, p) for p in node.padding)
 
 
+def _layer_norm(a, node):
+    norm = a.nn.LayerNorm(epsilon=node.eps, use_bias=node.affine, use_scale=node.affine,
+                          **a.init_kwargs(node))
+    return a.LastCanonicalAxis(norm) if node.in_rank == 4 else norm
+
+
 def _function(name):
     return lambda a, node: getattr(a.nn, name)
 
@@ -235,6 +241,17 @@ BUILDERS = {
                             "(lecun_normal())",
          "out_proj.bias": "native: flax default out_bias_init None = bias_init (zeros)"},
         layouts=base.PER_HEAD_ATTENTION),
+    "layer_norm": base.Builder(_layer_norm, {"weight": "scale"}, {
+        "weight": "native: flax LayerNorm scale_init = ones",
+        "bias": "native: flax LayerNorm bias_init = zeros"}),
+    # flax's nn.gelu is the tanh approximation by default (approximate=True)
+    "gelu": lambda a, node: functools.partial(a.nn.gelu, approximate=node.approximate == "tanh"),
+    "dropout": lambda a, node: a.nn.Dropout(node.rate),
+    "embedding": base.Builder(
+        lambda a, node: a.nn.Embed(node.vocab, node.dim, **a.init_kwargs(node)),
+        {"weight": "embedding"}, {
+            "weight": "native: flax default embedding_init = variance_scaling(1, fan_in, "
+                      "normal, out_axis=0)"}),
 }
 
 
@@ -374,7 +391,8 @@ class Adapter(JaxDevices, base.BaseAdapter):
                                      self.make_residual).root
         finally:
             self.declaring = {}
-        variables = module.init(self._next_key(), self.jnp.zeros(model.input_shape))
+        variables = module.init(self._next_key(), self.jnp.zeros(model.input_shape,
+                                                                 _input_dtype(model.plan)))
         shapes = self.jax.tree_util.tree_map(np.shape, (model.variables, variables))
         if shapes[0] != shapes[1]:
             raise ValueError(f"re-initialized tree differs: {shapes[0]} != {shapes[1]}")
@@ -398,7 +416,11 @@ class Adapter(JaxDevices, base.BaseAdapter):
             return None, self.builder(node).defaults.get(role) or DEFAULT_IMPL[role]
         if kind not in INITIALIZERS:
             raise ValueError(f"unsupported initializer {kind!r}")
-        return INITIALIZERS[kind](self, init, args)
+        fn, impl = INITIALIZERS[kind](self, init, args)
+        if self.kernel_layout_of(node) == "canonical":  # a table in torch's layout (an embedding's):
+            return (lambda key, shape, dtype:  # drawn as the (in, out) kernel JAX's fans expect
+                    fn(key, tuple(shape)[::-1], dtype).T), impl
+        return fn, impl
 
     def _module_paths(self, model) -> dict:
         """``Module.module_paths``: every module linen ran (``init`` under ``jax.eval_shape``),
@@ -500,24 +522,30 @@ class Adapter(JaxDevices, base.BaseAdapter):
     def _infer(self, module, variables, x):
         return module.apply(variables, x)
 
-    def _train_forward(self, module, variables, x):
-        """The training-mode output and the updated ``batch_stats``."""
-        return module.apply(variables, x, training=True, mutable=["batch_stats"])
+    def _train_forward(self, module, variables, x, dropout_key=None):
+        """The training-mode output and the updated ``batch_stats``; dropout drops with
+        ``dropout_key`` only (the training step), else it is the identity (the checks)."""
+        if dropout_key is None:
+            return module.apply(variables, x, training=True, mutable=["batch_stats"])
+        return module.apply(variables, x, training=True, dropout=True,
+                            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
 
-    def _loss_grads(self, module, variables, x, cotangent):
+    def _loss_grads(self, module, variables, x, cotangent, dropout_key=None):
         """``jax.value_and_grad`` of sum(output * C) w.r.t. the ``params`` collection:
         ``((loss, (output, batch_stats updates)), grads)``."""
         params = variables.get(TRAINABLE_COLLECTION, {})
         state = {k: v for k, v in variables.items() if k != TRAINABLE_COLLECTION}
 
         def loss(params):
-            y, updates = self._train_forward(module, {TRAINABLE_COLLECTION: params, **state}, x)
+            y, updates = self._train_forward(module, {TRAINABLE_COLLECTION: params, **state}, x,
+                                             dropout_key)
             return self.jnp.sum(y * cotangent), (y, updates)
         return self.jax.value_and_grad(loss, has_aux=True)(params)
 
-    def _train_step(self, module, variables, x, cotangent, lr):
+    def _train_step(self, module, variables, x, cotangent, lr, dropout_key):
         """One SGD step: the new variables (params - lr * grads, updated batch_stats), loss."""
-        (loss, (_, updates)), grads = self._loss_grads(module, variables, x, cotangent)
+        (loss, (_, updates)), grads = self._loss_grads(module, variables, x, cotangent,
+                                                       dropout_key)
         params = self.jax.tree_util.tree_map(lambda p, g: p - lr * g,
                                              variables.get(TRAINABLE_COLLECTION, {}), grads)
         return {**variables, **updates, TRAINABLE_COLLECTION: params}, loss
@@ -564,7 +592,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
         nhwc = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else tuple(shape)
         expected = self.traverse_util.flatten_dict(self.jax.eval_shape(
             model.module.init, self.jax.random.key(0),
-            self.jax.ShapeDtypeStruct(nhwc, self.jnp.float32)), sep="/")
+            self.jax.ShapeDtypeStruct(nhwc, _input_dtype(model.plan))), sep="/")
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the model: missing {missing}, "
@@ -650,8 +678,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
                 return fn(model.variables, x)
             return self.jitted_step(infer) if compiled else infer
 
+        # one dropout key per step: every call draws its masks from it (the same masks; the
+        # work of drawing them is each call's)
+        dropout_key = self._next_key()
+
         def train():
-            model.variables, loss = fn(model.variables, x, cotangent, lr)
+            model.variables, loss = fn(model.variables, x, cotangent, lr, dropout_key)
             return loss if compiled else model.variables
         return self.jitted_step(train) if compiled else train
 
@@ -664,22 +696,26 @@ class Adapter(JaxDevices, base.BaseAdapter):
 def _module_classes(nn, jnp):
     """The custom linen modules (defined late: they need flax)."""
 
-    def call(layer, x, training):
-        """A layer of a block: blocks and BatchNorm hear of training mode, the rest do not."""
+    def call(layer, x, training, dropout):
+        """A layer of a block: blocks and BatchNorm hear of training mode, blocks and Dropout
+        of whether dropout drops (only in the training step), the rest of neither."""
         if isinstance(layer, (Sequential, Residual)):
-            return layer(x, training=training)
+            return layer(x, training=training, dropout=dropout)
         if isinstance(layer, nn.BatchNorm):
             return layer(x, use_running_average=not training)
+        if isinstance(layer, nn.Dropout):
+            return layer(x, deterministic=not (training and dropout))
         return layer(x)
 
     class Sequential(nn.Sequential):
-        """``nn.Sequential`` (same names) handing ``training`` on to nested blocks and BatchNorm:
-        linen's passes keyword arguments to its first layer only (google/flax#3017)."""
+        """``nn.Sequential`` (same names) handing ``training`` and ``dropout`` on to nested
+        blocks, BatchNorm and Dropout: linen's passes keyword arguments to its first layer only
+        (google/flax#3017)."""
 
         @nn.compact
-        def __call__(self, x, training: bool = False):
+        def __call__(self, x, training: bool = False, dropout: bool = False):
             for layer in self.layers:
-                x = call(layer, x, training)
+                x = call(layer, x, training, dropout)
             return x
 
     class Residual(nn.Module):
@@ -692,11 +728,11 @@ def _module_classes(nn, jnp):
         activation: Any = None
 
         @nn.compact
-        def __call__(self, x, training: bool = False):
+        def __call__(self, x, training: bool = False, dropout: bool = False):
             y = x
             for layer in self.layers:
-                y = call(layer, y, training)
-            y = y + (x if self.shortcut is None else call(self.shortcut, x, training))
+                y = call(layer, y, training, dropout)
+            y = y + (x if self.shortcut is None else call(self.shortcut, x, training, dropout))
             return y if self.activation is None else self.activation(y)
 
     class Center(nn.Module):
@@ -747,6 +783,12 @@ def _module_classes(nn, jnp):
                 out_bias_init=self.out_bias_init, name="attention")(x, mask=mask)
 
     return Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention
+
+
+def _input_dtype(plan):
+    """The dtype of the plan's input as the worker delivers it to JAX: int32 token ids for a
+    first embedding (linen's Embed refuses floats; JAX keeps int64 as int32), else float32."""
+    return "int32" if base.takes_integers(plan) else "float32"
 
 
 def _flat_threefry(jer):

@@ -12,6 +12,7 @@ mxnet is imported in ``import_framework`` only, so importing this module costs n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -252,6 +253,29 @@ def _recurrent(kind):
                                "bias_ih_l0": "l0_i2h_bias", "bias_hh_l0": "l0_h2h_bias"})
 
 
+def _layer_norm(a, node):
+    """Gluon's LayerNorm always holds gamma and beta (with center / scale False they are
+    frozen, but parameters still): without affine parameters it is written out."""
+    if node.affine:
+        return a.nn.LayerNorm(axis=-1, epsilon=node.eps, in_channels=node.num_features or 0)
+
+    def normalize(F, x):
+        centred = F.broadcast_sub(x, F.mean(x, axis=-1, keepdims=True))
+        var = F.mean(F.square(centred), axis=-1, keepdims=True)
+        return F.broadcast_div(centred, F.sqrt(var + node.eps))
+    return a.nn.HybridLambda(normalize)
+
+
+def _gelu(a, node):
+    """Gluon's GELU is exact (LeakyReLU act_type='gelu', erf); mxnet 1.9.1 has no tanh form,
+    so that one is written out, as torch's GELU(approximate='tanh') computes it."""
+    if node.approximate == "none":
+        return a.nn.GELU()
+    k = math.sqrt(2 / math.pi)
+    return a.nn.HybridLambda(
+        lambda F, x: 0.5 * x * (1 + F.tanh(k * (x + 0.044715 * x * x * x))))
+
+
 #: layer type -> Gluon block (a size of 0 is Gluon's "infer at the first forward"), with the
 #: Parameter attribute of each role where it is not the role (``BaseAdapter.builders``)
 BUILDERS = {
@@ -285,6 +309,10 @@ BUILDERS = {
                                                lambda arr, node: arr.reshape(3, -1, arr.shape[-1])),
                  "in_proj_bias": base.Layout(lambda arr, node: arr.reshape(-1),
                                              lambda arr, node: arr.reshape(3, -1))}),
+    "layer_norm": base.Builder(_layer_norm, {"weight": "gamma", "bias": "beta"}),
+    "gelu": _gelu,
+    "dropout": lambda a, node: a.nn.Dropout(node.rate),
+    "embedding": lambda a, node: a.nn.Embedding(node.vocab, node.dim),
 }
 
 
@@ -597,13 +625,14 @@ class Adapter(base.BaseAdapter):
     def run(self, model, x, *, training=False):
         """Imperative forward in Gluon's predict mode; or a training step: train mode (batch
         statistics) under ``autograd.record``, then ``backward()`` where there is batch norm,
-        because mxnet updates the running statistics in BatchNorm's backward on the CPU."""
+        because mxnet updates the running statistics in BatchNorm's backward on the CPU.
+        Dropout is the identity (``without_dropout``)."""
         self._use(model, "eager")
         autograd = self.mx.autograd
         if not training:
             with autograd.predict_mode():
                 return model.net(x)
-        with autograd.record(train_mode=True):
+        with autograd.record(train_mode=True), self.without_dropout(model):
             y = model.net(x)
         if model.has_buffers:
             y.backward()
@@ -627,12 +656,29 @@ class Adapter(base.BaseAdapter):
         statistics once: in this backward on the CPU, in the forward with cuDNN."""
         self._use(model, "eager")
         autograd = self.mx.autograd
-        with autograd.record(train_mode=True):
+        with autograd.record(train_mode=True), self.without_dropout(model):
             y = model.net(x)
         y.backward(cotangent)
         return y, {ref.name: self.mx.nd.stack(*(p.grad(self.device) for p in ref.handle))
                    if isinstance(ref.handle, base.Packed) else ref.handle.grad(self.device)
                    for ref in self._trainable(model)}
+
+    @contextlib.contextmanager
+    def without_dropout(self, model):
+        """Gluon's Dropout drops in train mode (``autograd.record(train_mode=True)``, which
+        batch norm's batch statistics need too); the checks' passes need it the identity (no
+        framework's masks agree), so its rate (``Dropout._rate``: Gluon has no public one) is
+        0 while they run, imperatively. Only the timed training step (``step``) drops."""
+        dropouts = [block for block in model.owners.values()
+                    if isinstance(block, self.nn.Dropout)]
+        rates = [block._rate for block in dropouts]
+        for block in dropouts:
+            block._rate = 0.0
+        try:
+            yield
+        finally:
+            for block, rate in zip(dropouts, rates):
+                block._rate = rate
 
     def save(self, model, stem):
         """``save_parameters``: MXNet's NDArray file, keyed by the structural names of the block

@@ -11,6 +11,7 @@ override. Frameworks are imported in ``setup`` only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -252,6 +253,21 @@ def _activation(kind):
     return lambda a, node: a._new(a.keras.layers.Activation, kind, name=node.name)
 
 
+def _gelu(a, node):
+    """Keras's GELU layer (``Activation("gelu")``, ``activations.gelu``) is exact by default,
+    its op ``ops.gelu`` the tanh approximation: the approximation is asked for explicitly."""
+    gelu = "gelu" if node.approximate == "none" else functools.partial(
+        a.keras.activations.gelu, approximate=True)
+    return a._new(a.keras.layers.Activation, gelu, name=node.name)
+
+
+def _embedding(a, node):
+    """Built now: its sizes are the spec's own, no input is needed."""
+    layer = a._new(a.keras.layers.Embedding, node.vocab, node.dim, name=node.name)
+    layer.build()
+    return layer
+
+
 _KERNEL = {"weight": "kernel"}
 #: layer type -> Keras layer(s), with the Keras attribute of each canonical role's variable
 #: (``backends.base.BaseAdapter.builders``)
@@ -289,6 +305,12 @@ BUILDERS = {
          "out_proj.weight": "attention._output_dense.kernel",
          "out_proj.bias": "attention._output_dense.bias"},
         layouts=base.PER_HEAD_ATTENTION),
+    "layer_norm": base.Builder(lambda a, node: _canonical_order(a, node, a._new(
+        a.keras.layers.LayerNormalization, axis=-1, epsilon=node.eps, center=node.affine,
+        scale=node.affine, name=node.name)), {"weight": "gamma", "bias": "beta"}),
+    "gelu": _gelu,
+    "dropout": lambda a, node: a._new(a.keras.layers.Dropout, node.rate, name=node.name),
+    "embedding": base.Builder(_embedding, {"weight": "embeddings"}),
 }
 
 
@@ -402,7 +424,9 @@ class Adapter(base.BaseAdapter):
                 with tf.GradientTape() as tape:
                     loss = tf.reduce_sum(net(x, training=True) * cotangent)
                 for v, g in zip(variables, tape.gradient(loss, variables)):
-                    v.assign_sub(lr * g)
+                    # an embedding's gradient is tf.IndexedSlices in a graph: made dense (as
+                    # torch's default), since assign_sub takes a tensor
+                    v.assign_sub(lr * tf.convert_to_tensor(g))
                 return loss
             args = (x, cotangent)
         if mode == "eager":
@@ -597,8 +621,14 @@ class Adapter(base.BaseAdapter):
             self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.T))})
             return impl + f" on the {shape[::-1]} kernel PyTorch's layout transposes, " \
                 "reshaped to Keras's per-head kernels"
+        shape = tuple(var.shape)
         with self.device_scope():
-            var.assign(initializer(tuple(var.shape), var.dtype))
+            if self.kernel_layout_of(ref.node) == "canonical" and len(shape) == 2:
+                # a table in torch's layout (an embedding's (vocab, dim)): drawn as the (in,
+                # out) kernel Keras's fans expect, then transposed
+                var.assign(self.keras.ops.transpose(initializer(shape[::-1], var.dtype)))
+            else:
+                var.assign(initializer(shape, var.dtype))
         return impl
 
     def init_by_type(self, model, layer_type, roles):
@@ -646,9 +676,31 @@ class Adapter(base.BaseAdapter):
 
     def run(self, model, x, *, training=False):
         """The Keras call: ``training=True`` normalizes with batch statistics and updates the
-        moving ones by Keras's rule; the first call builds the lazy layers."""
-        with self.device_scope():
+        moving ones by Keras's rule; the first call builds the lazy layers; dropout is the
+        identity."""
+        with self.device_scope(), self.without_dropout(model):
             return model.net(x, training=training)
+
+    def gradients(self, model, x, cotangent):
+        """The checks' training pass, with dropout the identity (``without_dropout``)."""
+        with self.without_dropout(model):
+            return super().gradients(model, x, cotangent)
+
+    @contextlib.contextmanager
+    def without_dropout(self, model):
+        """Keras's Dropout drops whenever it is called with training=True and rate > 0; the
+        checks' training-mode passes need it the identity (no framework's masks agree), so
+        its rate is 0 while they run. Only the timed training step (``step``) drops."""
+        dropouts = [layer for layer in model.owners.values()
+                    if isinstance(layer, self.keras.layers.Dropout)]
+        rates = [layer.rate for layer in dropouts]
+        for layer in dropouts:
+            layer.rate = 0.0
+        try:
+            yield
+        finally:
+            for layer, rate in zip(dropouts, rates):
+                layer.rate = rate
 
     def matmul(self, n):
         with self.device_scope():

@@ -206,6 +206,9 @@ class _Pass:
     training: bool = False
     running_var_estimator: str = "unbiased"
     tape: list | None = field(default=None, repr=False)
+    #: where dropout draws its masks in training mode; None: dropout is the identity (the
+    #: numerics and gradient checks: no framework's masks could agree with these)
+    dropout_rng: np.random.Generator | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.running_var_estimator not in RUNNING_VAR_ESTIMATORS:
@@ -441,21 +444,24 @@ class _Center(_Layer):
         return dy - dy.mean(), {}
 
 
-def _kernel(kernel) -> type[_Layer]:
+def _kernel(kernel, options: tuple[str, ...] | None = None,
+            defaults: dict | None = None) -> type[_Layer]:
     """A layer of ``backends/numpy/kernels.py`` (forward beside backward there), its options
-    the node's attributes."""
+    the node's attributes (those named in ``options``; None: all)."""
 
     class Layer(_Layer):
         __doc__ = kernel.__doc__
 
         @staticmethod
         def forward(node, p, x, ps):
-            return kernel.forward(p, x, **node.attrs)
+            return kernel.forward(p, x, **{k: v for k, v in node.attrs.items()
+                                           if options is None or k in options})
 
         @staticmethod
         def backward(node, p, saved, dy):
             return kernel.backward(saved, dy)
 
+    Layer.defaults = defaults or {}
     Layer.__name__ = Layer.__qualname__ = f"_{kernel.__name__}"  # as the reference's own layers
     return Layer
 
@@ -509,6 +515,20 @@ class _MultiHeadAttention(_Layer):
         return kernels.MultiHeadAttention.backward(saved, dy)
 
 
+class _Dropout(_Layer):
+    """kernels.Dropout: masks drawn from the pass's generator in training mode where the pass
+    has one (the training step), the identity otherwise (inference, and the checks)."""
+
+    @staticmethod
+    def forward(node, p, x, ps):
+        return kernels.Dropout.forward(p, x, rate=node.rate, training=ps.training,
+                                       active=ps.dropout_rng is not None, rng=ps.dropout_rng)
+
+    @staticmethod
+    def backward(node, p, saved, dy):
+        return kernels.Dropout.backward(saved, dy)
+
+
 #: the builder table: layer type -> its layer (structure is walked by Adapter._apply)
 LAYERS = {
     "dense": _Dense,
@@ -527,6 +547,12 @@ LAYERS = {
     "lstm": _recurrent(kernels.LSTM),
     "gru": _recurrent(kernels.GRU),
     "multi_head_attention": _MultiHeadAttention,
+    "layer_norm": _kernel(kernels.LayerNorm, ("eps",),  # torch.nn.LayerNorm.reset_parameters
+                          {"weight": {"name": "ones"}, "bias": {"name": "zeros"}}),
+    "gelu": _kernel(kernels.GELU),
+    "dropout": _Dropout,
+    "embedding": _kernel(kernels.Embedding, (),  # torch.nn.Embedding.reset_parameters: normal_
+                         {"weight": {"name": "normal", "mean": 0.0, "std": 1.0}}),
 }
 
 
@@ -577,7 +603,8 @@ class Adapter(BaseAdapter):
             model.nodes[node.path] = node
             for role in param_roles(node):
                 model.params[f"{node.path}.{role}"] = None
-            if given_in_size(node) is not None:
+            if param_roles(node) and all(None not in shape for shape in param_shapes(
+                    node, given_in_size(node)).values()):  # sizes known: created now
                 self._create(model, node, given_in_size(node))
         return model
 
@@ -753,13 +780,15 @@ class Adapter(BaseAdapter):
 
     # -- training semantics ------------------------------------------------------------------
 
-    def vjp(self, model: _Model, x: np.ndarray, cotangent: np.ndarray):
+    def vjp(self, model: _Model, x: np.ndarray, cotangent: np.ndarray, dropout: bool = False):
         """One training-mode forward and its backward, for the loss ``sum(output * cotangent)``:
-        ``(output, dloss/dx, {canonical name: dloss/dparam})``, all float64. The tape is
-        replayed in reverse; a layer called several times (a ``ref``) adds each call's gradient
-        to its parameters' sum, as autograd does."""
+        ``(output, dloss/dx, {canonical name: dloss/dparam})``, all float64 (dx None after an
+        embedding). The tape is replayed in reverse; a layer called several times (a ``ref``)
+        adds each call's gradient to its parameters' sum, as autograd does. ``dropout``: masks
+        drawn (the training step), else dropout is the identity (the checks)."""
         tape: list = []
-        y = self._forward(model, x, _Pass(model, True, self.running_var_estimator, tape))
+        y = self._forward(model, x, _Pass(model, True, self.running_var_estimator, tape,
+                                          self.rng if dropout else None))
         dy = np.asarray(cotangent, dtype=np.float64)
         if dy.shape != y.shape:
             raise ValueError(f"cotangent of shape {list(dy.shape)} for an output of shape "
@@ -785,11 +814,12 @@ class Adapter(BaseAdapter):
                 grads[name] = grads[name] + g if name in grads else g
         return dy
 
-    def grads(self, model: _Model, x: np.ndarray, cotangent: np.ndarray):
+    def grads(self, model: _Model, x: np.ndarray, cotangent: np.ndarray,
+              dropout: bool = False):
         """(output, {canonical name: gradient}) for every trainable parameter, float64, in
         canonical order; running statistics updated once per batch-norm call, parameters not
-        changed."""
-        y, _, grads = self.vjp(model, x, cotangent)
+        changed; dropout the identity unless ``dropout`` (the training step)."""
+        y, _, grads = self.vjp(model, x, cotangent, dropout)
         return y, {name: grads[name] for name, node, role in owned_params(model.plan)
                    if trainable(node, role)}
 
@@ -842,6 +872,8 @@ class Adapter(BaseAdapter):
         where the lazy size sits in its first parameter's canonical shape (its last open axis)."""
         first = f"{node.path}.{param_roles(node)[0]}"
         lazy = param_shapes(node, None)[param_roles(node)[0]]
+        if None not in lazy:
+            return None  # shapes independent of the input (an embedding table)
         axis = len(lazy) - 1 - lazy[::-1].index(None)  # (3E, E): E is the last open one
         have = model.params[first]
         if have is not None:
@@ -882,7 +914,7 @@ class Adapter(BaseAdapter):
             raise ValueError(f"unknown phase {phase!r} (expected inference or train)")
 
         def train():
-            y, grads = self.grads(model, x, cotangent)
+            y, grads = self.grads(model, x, cotangent, dropout=True)
             for name, g in grads.items():
                 model.params[name] -= lr * g  # in place, in the storage's dtype (float32)
             return float(np.sum(y * cotangent))

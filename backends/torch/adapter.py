@@ -89,6 +89,12 @@ def _attention(a, node):
     return a.SelfAttention(node.embed_dim, node.num_heads, node.causal, node.bias)
 
 
+def _layer_norm(a, node):
+    if node.num_features is None:
+        return a.LazyLayerNorm(eps=node.eps, elementwise_affine=node.affine)
+    return a.nn.LayerNorm(node.num_features, eps=node.eps, elementwise_affine=node.affine)
+
+
 #: layer type -> module (``backends.base.BaseAdapter.builders``)
 BUILDERS = {
     "dense": _dense,
@@ -112,6 +118,10 @@ BUILDERS = {
     "lstm": _recurrent("lstm"),
     "gru": _recurrent("gru"),
     "multi_head_attention": _attention,
+    "layer_norm": _layer_norm,
+    "gelu": lambda a, node: a.nn.GELU(approximate=node.approximate),
+    "dropout": lambda a, node: a.nn.Dropout(node.rate),
+    "embedding": lambda a, node: a.nn.Embedding(node.vocab, node.dim),
 }
 
 
@@ -137,7 +147,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
         versions = self.import_torch()
         self.nn = self.torch.nn
         (self.Block, self.Graph, self.Center, self.MyDense,
-         self.LazyMyDense) = _layer_classes(self.torch, self.nn)
+         self.LazyMyDense, self.LazyLayerNorm) = _layer_classes(self.torch, self.nn)
         self.recurrent, self.lazy_recurrent = _recurrent_classes(self.torch, self.nn)
         self.SelfAttention, self.LazySelfAttention = _attention_classes(self.torch, self.nn)
         return versions
@@ -262,9 +272,18 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def to_numpy(self, value):
         return value.detach().to("cpu", copy=True).numpy()
 
-    def run(self, model, x, *, training=False):
-        """Forward in train() or eval() mode, without autograd (``grads`` has its own)."""
+    def _train_mode(self, model, training):
+        """train() or eval(), with every Dropout in eval() (the identity): the checks' mode;
+        only the timed training step (``step``) drops."""
         model.net.train(training)
+        for module in model.net.modules():
+            if isinstance(module, self.nn.Dropout):
+                module.eval()
+
+    def run(self, model, x, *, training=False):
+        """Forward in train() or eval() mode, without autograd (``grads`` has its own);
+        dropout is the identity."""
+        self._train_mode(model, training)
         with self.torch.no_grad():
             return model.net(x)
 
@@ -274,9 +293,10 @@ class Adapter(TorchDevices, base.BaseAdapter):
         return [ref for ref in self.param_refs(model) if ref.handle.requires_grad]
 
     def grads(self, model, x, cotangent):
-        """``torch.autograd.grad`` of sum(output * C) in train() mode (no ``.grad`` touched)."""
+        """``torch.autograd.grad`` of sum(output * C) in train() mode (no ``.grad`` touched),
+        dropout the identity."""
         refs = self._trainable(model)
-        model.net.train(True)
+        self._train_mode(model, True)
         y = model.net(x)
         grads = self.torch.autograd.grad((y * cotangent).sum(), [r.handle for r in refs])
         return y.detach(), {r.name: g for r, g in zip(refs, grads)}
@@ -454,7 +474,30 @@ def _layer_classes(torch, nn):
                     self.weight.normal_()
                     self.bias.normal_()
 
-    return Block, Graph, Center, MyDense, LazyMyDense
+    class LazyLayerNorm(nn.modules.lazy.LazyModuleMixin, nn.LayerNorm):
+        """torch has no lazy LayerNorm: LazyBatchNorm's pattern, ``UninitializedParameter``s
+        (affine) until the first input gives the last axis's size, then ``nn.LayerNorm``."""
+        cls_to_become = nn.LayerNorm
+
+        def __init__(self, eps, elementwise_affine):
+            super().__init__(0, eps=eps, elementwise_affine=elementwise_affine)
+            if elementwise_affine:
+                self.weight = nn.parameter.UninitializedParameter()
+                self.bias = nn.parameter.UninitializedParameter()
+
+        def reset_parameters(self):
+            if self.normalized_shape != (0,) and not self.has_uninitialized_params():
+                super().reset_parameters()
+
+        def initialize_parameters(self, x):
+            self.normalized_shape = (x.shape[-1],)
+            if self.has_uninitialized_params():
+                with torch.no_grad():
+                    self.weight.materialize(self.normalized_shape)
+                    self.bias.materialize(self.normalized_shape)
+                    self.reset_parameters()
+
+    return Block, Graph, Center, MyDense, LazyMyDense, LazyLayerNorm
 
 
 def _recurrent_classes(torch, nn):

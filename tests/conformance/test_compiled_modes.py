@@ -1,5 +1,6 @@
-"""Compiled modes prove they compiled: fourteen small specs of different shapes and layer types
-(a residual among them) through ONE worker process, each timed (with a tiny budget) in every
+"""Compiled modes prove they compiled: fifteen small specs of different shapes and layer types
+(a residual among them; causal attention; a Transformer-like MLP with an embedding, layer
+norm, GELU and dropout) through ONE worker process, each timed (with a tiny budget) in every
 mode the backend offers. Every compiled mode's witness (the framework's own counts of what its
 compiler did) must say it compiled at the first call and compiled nothing after it, for every
 spec, however many specs the process compiled before (torch.compile's recompile_limit of 8 per
@@ -69,6 +70,14 @@ DOCS = [
     {"name": "w14_causal_attention", "input": [2, 4, 8],
      "layers": [{"type": "multi_head_attention", "num_heads": 2, "causal": True},
                 {"type": "dense", "units": 3}]},
+    {"name": "w15_transformer", "input": [2, 5],
+     "layers": [{"type": "embedding", "vocab": 9, "dim": 4},
+                {"type": "residual", "layers": [
+                    {"type": "layer_norm", "name": "norm"},
+                    {"type": "dense", "name": "linear1", "units": 8},
+                    {"type": "gelu", "approximate": "tanh"}, {"type": "dropout", "rate": 0.2},
+                    {"type": "dense", "name": "linear2", "units": 4}]},
+                {"type": "gelu"}, {"type": "dense", "units": 3}]},
 ]
 SPECS = [build_spec(doc, f"<{doc['name']}>") for doc in DOCS]
 NAMES = [s.name for s in SPECS]
@@ -105,9 +114,9 @@ def _counts(counts) -> str:
 
 
 def test_the_specs_differ_in_shape_and_layer_types():
-    """At least thirteen specs, no two of the same input shape and layer types."""
+    """At least fifteen specs, no two of the same input shape and layer types."""
     kinds = {(tuple(s.input_shape), tuple(_types(d["layers"]))) for s, d in zip(SPECS, DOCS)}
-    assert len(SPECS) >= 13 and len(kinds) == len(SPECS)
+    assert len(SPECS) >= 15 and len(kinds) == len(SPECS)
 
 
 def _types(layers):

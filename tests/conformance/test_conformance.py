@@ -6,6 +6,7 @@ sharing, trainable state, numerics against the NumPy reference, determinism and 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -509,3 +510,57 @@ def test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it(backend, tmp
     assert read.records[0].status == Status.OK, read.records[0].error
     np.testing.assert_allclose(read.arrays[0]["output"], np.load(tmp_path / "y.npy"),
                                rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ dropout
+
+#: run in the backend's own interpreter: the checks' gradient pass twice, then one eager
+#: training step; prints the facts as JSON
+DROPOUT_PROGRAM = r"""
+import importlib, json, sys
+import numpy as np
+from backends import protocol
+req = json.load(sys.stdin)
+a = importlib.import_module(f"backends.{req['backend']}.adapter").Adapter()
+a.setup(req["device"], {})
+a.seed(0)
+model = a.build(protocol.decode(protocol.Plan, req["plan"], "plan"))
+x, c = (np.asarray(req[k], np.float32) for k in ("x", "c"))
+a.forward(model, x)
+a.load(model, {k: np.asarray(v, np.float32) for k, v in req["probe"].items()})
+grads = [a.gradients(model, x, c)[1]["dense.weight"] for _ in range(2)]
+before = a.values(model)["dense.weight"]
+out = a.step(model, "train", "eager", a.to_device(x), a.to_device(c), 0.5)()
+a.block(out)
+if req["backend"] == "keras_jax":  # Keras's JAX guide threads the variables as the step's state
+    for v, value in zip(model.net.trainable_variables, out[1]):
+        v.assign(value)
+after = a.values(model)["dense.weight"]
+print(json.dumps({"same_grads": bool(np.array_equal(grads[0], grads[1])),
+                  "zero_grad_columns": int(np.sum(np.all(grads[0] == 0, axis=0))),
+                  "unchanged_columns": int(np.sum(np.all(after == before, axis=0)))}))
+"""
+
+
+def test_dropout_is_the_identity_in_the_checks_and_drops_in_the_training_step(
+        backend, python, device):
+    """``dropout(0.5)`` on 64 inputs before a dense: the checks' training-mode gradient pass
+    is deterministic and leaves every input (so every column of the dense weight's gradient)
+    in; the timed training step drops about half of them, and the SGD update leaves exactly
+    the dropped columns of the weight unchanged (none dropped has probability 2^-64)."""
+    from backends import protocol
+    from harness.runner import make_cotangent, make_input, make_probe
+    from harness.spec import build_spec
+
+    spec = build_spec({"name": "dropout", "input": [1, 64], "seed": 5, "layers": [
+        {"type": "dropout", "rate": 0.5}, {"type": "dense", "name": "dense", "units": 3}]})
+    request = {"backend": backend.name, "device": device, "plan": protocol.encode(spec.plan),
+               "x": make_input(spec).tolist(), "c": make_cotangent(spec).tolist(),
+               "probe": {k: v.tolist() for k, v in make_probe(spec).items()}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(python), "-c", DROPOUT_PROGRAM], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["same_grads"] and facts["zero_grad_columns"] == 0, facts
+    assert 12 <= facts["unchanged_columns"] <= 52, facts

@@ -184,3 +184,35 @@ def test_declared_sizes_are_read_with_their_source(tmp_path):
         envs.DeclaredSize.read({"disk_gb": 1.0})
     with pytest.raises(ValueError, match="not a positive number"):
         envs.DeclaredSize.read({"disk_gb": "big", "source": "s"})
+
+
+def test_every_backend_declares_its_defaults_for_the_layers_that_differ(tmp_path, monkeypatch):
+    """Each built-in backend declares what `default` draws for every registry role that takes
+    the spec's initializer, and its own layer_norm eps, GELU form and dropout rate, each with
+    a source (Keras 1e-3, Flax 1e-6 and its tanh GELU); a malformed entry is a user error."""
+    from backends import layers
+
+    found = envs.discover()
+    for b in found.values():
+        for name, lt in layers.LAYERS.items():
+            for role in lt.roles:
+                if role.init is None:  # a buffer's init is fixed, not the framework's
+                    assert role.name in b.defaults.get(name, {}), (b.name, name, role.name)
+        for layer, field in [("layer_norm", "eps"), ("gelu", "approximate"),
+                             ("dropout", "rate")]:
+            value, source = b.option_defaults[layer][field]
+            assert source.strip(), (b.name, layer, field)
+    eps = {name: b.option_defaults["layer_norm"]["eps"][0] for name, b in found.items()}
+    assert (eps["torch"], eps["keras"], eps["keras_jax"], eps["flax"], eps["gluon"]) == \
+        (1e-5, 1e-3, 1e-3, 1e-6, 1e-5)
+    assert found["flax"].option_defaults["gelu"]["approximate"][0] == "tanh"
+    assert found["torch"].defaults["embedding"]["weight"] == {"name": "normal", "mean": 0.0,
+                                                              "std": 1.0}
+    monkeypatch.setattr(envs, "BACKENDS_DIR", tmp_path)
+    for bad in ["{layer_norm: {eps: 1.0e-5}}", "{layer_norm: {epsilon: {value: 1, source: s}}}",
+                "{lstm: {eps: {value: 1, source: s}}}", "{gelu: {approximate: {value: none}}}"]:
+        folder = tmp_path / "toy"
+        folder.mkdir(exist_ok=True)
+        (folder / "backend.yaml").write_text(f"framework: Toy\noption_defaults: {bad}\n")
+        with pytest.raises(UserError, match="option_defaults"):
+            envs._load_backend(folder)

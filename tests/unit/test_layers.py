@@ -118,6 +118,13 @@ MEMORY_CASES = [
     ("gru", {"units": 16, "return_sequences": False, "bias": False}, (4, 32, 8)),
     ("multi_head_attention", {"num_heads": 4}, (4, 16, 32)),
     ("multi_head_attention", {"num_heads": 2, "causal": True, "bias": False}, (2, 64, 16)),
+    ("layer_norm", {}, (8, 16, 32)),
+    ("layer_norm", {"affine": False}, (4, 8, 8, 8)),
+    ("gelu", {}, (64, 64)),
+    ("gelu", {"approximate": "tanh"}, (8, 16, 32)),
+    ("dropout", {"rate": 0.3}, (64, 64)),
+    ("embedding", {"vocab": 1000, "dim": 32}, (8, 64)),
+    ("embedding", {"vocab": 50, "dim": 64}, (16, 128)),
 ]
 
 
@@ -132,12 +139,13 @@ def test_memory_bounds_what_the_reference_allocates(kind, fields, shape):
     a = Adapter()
     a.seed(0)
     model = a.build(spec.plan)
-    x = np.random.default_rng(0).standard_normal(shape)
+    x = np.random.default_rng(0).standard_normal(shape) if spec.integer_input is None else \
+        np.random.default_rng(0).integers(0, spec.integer_input, shape)
     a.run(model, x)  # parameters created before tracing
     cotangent = np.random.default_rng(1).standard_normal(spec.output_shape)
     tracemalloc.start()
     try:
-        a.vjp(model, x, cotangent)
+        a.vjp(model, x, cotangent, dropout=True)  # the training step's: dropout drops
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

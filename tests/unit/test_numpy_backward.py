@@ -787,3 +787,87 @@ def test_the_finite_difference_check_catches_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(ref._BatchNorm, "backward", staticmethod(naive))
     with pytest.raises(AssertionError, match="relative error"):
         check_against_finite_differences(a, m, x, c)
+
+
+# ----------------------------------------------------------- layer norm, GELU, dropout, embedding
+
+@pytest.mark.parametrize("fields,input_shape", [({}, (3, 5)), ({"affine": False}, (2, 3, 5)),
+                                                ({"eps": 0.1, "num_features": 4}, (2, 3, 2, 4))])
+def test_layer_norm_gradients(fields, input_shape):
+    """Over the last axis (W on NCHW), with and without its affine parameters, lazy or given;
+    a dense after it, so the normalization's own Jacobian is not multiplied by a constant."""
+    a, m, x, c = float64_model([{"type": "layer_norm", **fields}, {"type": "dense", "units": 3}],
+                               input_shape)
+    grads = check_against_finite_differences(a, m, x, c)
+    assert ("0.weight" in grads) == fields.get("affine", True)
+
+
+def test_layer_norm_normalizes_the_last_axis_with_the_biased_variance():
+    a = Adapter()
+    m = a.build(make_plan([{"type": "layer_norm", "affine": False, "eps": 1e-12}], (2, 3, 4)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)) * 5 + 3
+    y = a.run(m, x)
+    np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=-1), 1, rtol=1e-9)  # var divides by n: biased
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_gradients_and_values(approximate):
+    """Exact (erf) and tanh forms against finite differences; at x = 1 they differ by 1.6e-4
+    (0.841345 against 0.841192), which tells the two apart."""
+    a, m, x, c = float64_model([{"type": "dense", "units": 4},
+                                {"type": "gelu", "approximate": approximate}], (3, 5))
+    check_against_finite_differences(a, m, x, c)
+    one = Adapter()
+    y = one.run(one.build(make_plan([{"type": "gelu", "approximate": approximate}], (1, 1))),
+                np.ones((1, 1)))
+    assert y[0, 0] == pytest.approx(0.8413447460685429 if approximate == "none" else
+                                    0.8411919906082768, abs=1e-12)
+
+
+def test_dropout_is_the_identity_in_the_checks_and_drops_in_the_training_step():
+    """The training-mode pass of the checks (run, vjp, grads) passes x and dy through; the
+    training step (``dropout=True``) zeroes about rate of the elements, scales the rest by
+    1 / (1 - rate), and sends the gradient through the same mask (finite differences with the
+    generator reset to the same state for each evaluation)."""
+    a, m, x, c = float64_model([{"type": "dense", "units": 40}, {"type": "dropout", "rate": 0.25}],
+                               (50, 5))
+    check_against_finite_differences(a, m, x, c)
+    dense_only = a.run(m, x, training=True)
+    assert np.array_equal(a.run(m, x), dense_only)
+    a.seed(3)
+    y, dx, grads = a.vjp(m, x, c, dropout=True)
+    dropped = y == 0
+    assert 0.2 < dropped.mean() < 0.3
+    np.testing.assert_allclose(y[~dropped], dense_only[~dropped] / 0.75, rtol=1e-12)
+
+    def loss():
+        a.seed(3)
+        return float(np.sum(a.vjp(m, x, c, dropout=True)[0] * c))
+    for name in ("0.weight", "0.bias"):
+        assert_gradient(name, grads[name], numeric_gradient(loss, m.params[name]))
+    assert_gradient("input", dx, numeric_gradient(loss, x))
+
+
+def test_embedding_gradients_sum_over_repeated_ids():
+    """The table's gradient against finite differences, ids repeated (their rows' gradients
+    add) and some never used (zero rows); no input gradient (the ids are integers)."""
+    a = Adapter()
+    a.seed(0)
+    m = a.build(make_plan([{"type": "embedding", "vocab": 7, "dim": 4},
+                           {"type": "layer_norm"}, {"type": "dense", "units": 3}], (2, 5)))
+    rng = np.random.default_rng(1)
+    x = np.array([[0, 3, 3, 6, 3], [6, 1, 0, 0, 2]])
+    a.run(m, x)  # creates the lazy parameters
+    for name, arr in m.params.items():
+        m.params[name] = rng.normal(0.0, 0.7, arr.shape)
+    c = rng.standard_normal((2, 5, 3))
+    y, dx, grads = a.vjp(m, x, c)
+    assert dx is None and y.shape == (2, 5, 3)
+
+    def loss():
+        return float(np.sum(a.run(m, x, training=True) * c))
+    for name in ("0.weight", "1.weight", "1.bias", "2.weight", "2.bias"):
+        assert_gradient(name, grads[name], numeric_gradient(loss, m.params[name]))
+    assert not grads["0.weight"][[4, 5]].any() and grads["0.weight"][3].any()
+    np.testing.assert_array_equal(a.run(m, x.astype(float)), a.run(m, x))  # ids as floats

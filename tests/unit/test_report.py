@@ -353,3 +353,23 @@ def test_the_momentum_finding_names_both_sides_only_when_both_exist():
         "the momentum convention is PyTorch's in torch and its complement (1 - m) in keras"
     assert "complement (1 - m) of PyTorch's everywhere" in \
         _momentum_headline(["keras"], [keras_rule])
+
+
+def test_option_defaults_are_shown_beside_the_specs(numpy_run, numpy_session_run,
+                                                    numpy_defaults):
+    """Each backend's declared layer_norm eps, GELU form and dropout rate, with its source,
+    next to the spec's own default, on the defaults page (a required field says so)."""
+    from harness import envs
+
+    found = envs.discover()
+    specs, records = analyzed(numpy_run, numpy_defaults, ["lazy_mlp"])
+    ctx = report.Context(RUN, specs, records, numpy_env(numpy_session_run),
+                         {"numpy": numpy_defaults}, option_defaults={
+                             name: found[name].option_defaults for name in ("flax", "keras")})
+    defaults = report.render(ctx)["defaults.md"]
+    assert "| layer_norm.eps | 1e-05 | flax | 1e-06 | flax/linen/normalization.py" in defaults
+    assert "| gelu.approximate | none | flax | tanh |" in defaults
+    assert "| layer_norm.eps | 1e-05 | keras | 0.001 |" in defaults
+    assert "| dropout.rate | 0.5 | keras | required (no default) |" in defaults
+    assert "layer_norm.eps" not in render(specs, records, numpy_env(numpy_session_run),
+                                          {"numpy": numpy_defaults})["defaults.md"]

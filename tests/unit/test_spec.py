@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from unit_helpers import BUILTIN_SPECS, SPECS_DIR, doc
 
@@ -465,6 +466,39 @@ BAD = {
         "layers[0].activation", "'dense'"),
     "a residual without layers": (
         doc([{"type": "residual", "layers": []}]), "layers[0].layers", None),
+    "an embedding after another layer": (
+        doc([{"type": "relu"}, {"type": "embedding", "vocab": 5, "dim": 2}]), "layers[1]",
+        "must be the spec's first layer"),
+    "an embedding second in a first block": (
+        doc([{"type": "sequential", "layers": [{"type": "relu"}, {"type": "embedding",
+                                                "vocab": 5, "dim": 2}]}], input=(2, 3)),
+        "layers[0].layers[1]", "must be the spec's first layer"),
+    "a first embedding used again by a ref": (
+        doc([{"type": "embedding", "name": "e", "vocab": 5, "dim": 2},
+             {"type": "ref", "to": "e"}], input=(2, 3)), "layers[1]",
+        "first used on a 2-D input, but here the input is 3-D"),
+    "an embedding's non-integer input_fill": (
+        doc([{"type": "embedding", "vocab": 5, "dim": 2}], input=(2, 3), input_fill=0.5),
+        "input_fill", "integer token ids in [0, 5)"),
+    "an embedding's input_fill beyond the vocabulary": (
+        doc([{"type": "embedding", "vocab": 5, "dim": 2}], input=(2, 3), input_fill=5),
+        "input_fill", "integer token ids in [0, 5)"),
+    "an embedding on a 4-D input": (
+        doc([{"type": "embedding", "vocab": 5, "dim": 2}], input=(2, 3, 4, 4)), "layers[0]",
+        "an (N, T) input of token ids"),
+    "an embedding without vocab": (
+        doc([{"type": "embedding", "dim": 2}], input=(2, 3)), "layers[0]", "'vocab'"),
+    "a dropout rate of 1": (
+        doc([{"type": "dropout", "rate": 1}]), "layers[0].rate", None),
+    "a negative dropout rate": (
+        doc([{"type": "dropout", "rate": -0.1}]), "layers[0].rate", None),
+    "a gelu approximation that is none of none and tanh": (
+        doc([{"type": "gelu", "approximate": "sigmoid"}]), "layers[0].approximate", "'tanh'"),
+    "a layer norm eps of 0": (
+        doc([{"type": "layer_norm", "eps": 0}]), "layers[0].eps", None),
+    "a layer norm given another size than its input's last axis": (
+        doc([{"type": "layer_norm", "num_features": 4}]), "layers[0].num_features",
+        "is 4 but the input here has 20"),
     "empty layer list": (doc([]), "layers", None),
     "input with one axis": (doc([{"type": "relu"}], input=(5,)), "input", None),
 }
@@ -782,3 +816,21 @@ def test_init_by_type_cli_error_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "init_by_type.conv2d" in proc.stderr \
         and str(path) in proc.stderr, proc.stderr
+
+
+def test_a_first_embedding_gets_integer_inputs_in_its_vocabulary():
+    """Token ids drawn in [0, vocab) (int64), also for the wider mismatch input; a nested first
+    embedding counts; an input_fill that is an id is used as it is; float inputs elsewhere."""
+    from harness.runner import make_input, mismatch_shape
+
+    spec = build_spec(doc([{"type": "sequential", "layers": [
+        {"type": "embedding", "vocab": 7, "dim": 3}]}, {"type": "layer_norm"}], input=(4, 50)))
+    assert spec.integer_input == 7 and spec.output_shape == (4, 50, 3)
+    x = make_input(spec)
+    assert x.dtype == np.int64 and x.shape == (4, 50) and x.min() == 0 and x.max() == 6
+    assert make_input(spec, mismatch_shape(spec)).dtype == np.int64
+    filled = build_spec(doc([{"type": "embedding", "vocab": 7, "dim": 3}], input=(2, 3),
+                            input_fill=6))
+    assert make_input(filled).tolist() == [[6, 6, 6], [6, 6, 6]]
+    floats = build_spec(doc([{"type": "dense", "units": 2}]))
+    assert floats.integer_input is None and make_input(floats).dtype == np.float32
