@@ -709,6 +709,7 @@ def pooling_cases(draw):
     return _as_case("pooling", doc, draw(formats), kind)
 
 
+@st.composite
 def transformer_layer_cases(draw):
     """layer_norm, gelu, dropout and embedding misused, inside blocks or not: an embedding
     that is not the first layer (after another, nested second, in a residual, on a 4-D or 1-D

@@ -1454,7 +1454,9 @@ def test_worker_reports_its_peak_resident_memory(tmp_path):
                        timeout=30, progress=quiet)
     assert small.done.peak_rss_bytes > 10 << 20
     assert small.peak_rss >= small.done.peak_rss_bytes
-    assert small.peak_rss >= small.sampled_peak_rss > 0
+    # what the parent sampled (every 0.2 s) may be nothing at all on a fast host: the worker
+    # can end before the first sample; its own VmHWM is what must be there
+    assert small.peak_rss >= small.sampled_peak_rss >= 0
     wide = dense_spec("wide", units=50_000, n_in=256)  # a 12.8M-value weight: 49 MiB as float32
     big = run_worker("numpy", PYTHON, [wide], tmp_path / "big", device="cpu", timeout=60,
                      progress=quiet)
