@@ -426,8 +426,9 @@ class Adapter(JaxDevices, base.BaseAdapter):
         """``Module.module_paths``: every module linen ran (``init`` under ``jax.eval_shape``),
         by its path ('' the top), a module called twice once; functions (``nn.relu``) are
         not modules and do not appear."""
+        dtype = self.jnp.int32 if base.takes_integers(model.plan) else self.jnp.float32
         return model.module.module_paths(self.jax.random.key(0, impl=self.prng),
-                                         self.jnp.zeros(model.input_shape))
+                                         self.jnp.zeros(model.input_shape, dtype))  # token ids
 
     def init_by_type(self, model, layer_type, roles):
         """No module objects hold the values after ``init``: a ``tree_map_with_path`` over the
