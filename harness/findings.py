@@ -306,7 +306,7 @@ def shared_gradients(ctx: Context) -> list[Section]:
                             "reference" if r.backend == REFERENCE else
                             "–" if check is None else "matches" if check.passed else "DIFFERS"])
         differ = [n for n, col in zip(names, columns) if col[2] == "DIFFERS"]
-        headline = [f"a parameter used twice gets the sum of its uses' gradients in "
+        headline = ["a parameter used twice gets the sum of its uses' gradients in "
                     + ("every framework" if not differ else
                        f"every framework but {', '.join(differ)}")
                     + f" ({s.name}: {p.name} gradient {columns[0][0]})"]
@@ -381,4 +381,4 @@ def headlines(sections: list[Section]) -> list:
                           Link("details", None, s.anchor), ")"] for s in sections])]
 
 
-__all__ = ["FINDINGS", "findings_blocks", "Cell"]
+__all__ = ["FINDINGS", "findings", "headlines", "Cell"]

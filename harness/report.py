@@ -28,7 +28,6 @@ from .analysis import (COMPILED, GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES, NUMER
                        OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
                        SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, Result)
 from .document import Cell, Code, Link, Paragraph, Section, Strong, Table
-from .envs import display_path
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
 from backends.base import SEMANTICS
@@ -379,7 +378,7 @@ GLOSSARY = [
      "two-sided normal quantile); every statistical test fails a correct initializer with "
      "probability about 1e-6."],
     [Strong("IQR"), ": the interquartile range of the per-call times (75th minus 25th "
-     f"percentile); a time is ", Strong("noisy"), f" when IQR / median exceeds "
+     "percentile); a time is ", Strong("noisy"), f" when IQR / median exceeds "
      f"{SPREAD_WARNING:.0%} (torch.utils.benchmark's threshold)."],
 ]
 
