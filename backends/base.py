@@ -36,6 +36,7 @@ outputs cross the boundary in canonical layout (NCHW); ``to_device`` / ``to_host
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,21 @@ def owned_params(plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
     for node in iter_nodes(plan.layers):
         for role in param_roles(node):
             yield f"{node.path}.{role}", node, role
+
+
+
+@contextlib.contextmanager
+def attribute_zeroed(objects: list, attr: str):
+    """``attr`` of every object 0 while the block runs, restored after: a dropout layer's rate
+    during the checks' training-mode passes, where no two frameworks' random masks agree."""
+    saved = [getattr(obj, attr) for obj in objects]
+    for obj in objects:
+        setattr(obj, attr, 0.0)
+    try:
+        yield
+    finally:
+        for obj, value in zip(objects, saved):
+            setattr(obj, attr, value)
 
 
 def takes_integers(plan: Plan) -> bool:

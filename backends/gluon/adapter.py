@@ -671,14 +671,8 @@ class Adapter(base.BaseAdapter):
         0 while they run, imperatively. Only the timed training step (``step``) drops."""
         dropouts = [block for block in model.owners.values()
                     if isinstance(block, self.nn.Dropout)]
-        rates = [block._rate for block in dropouts]
-        for block in dropouts:
-            block._rate = 0.0
-        try:
+        with base.attribute_zeroed(dropouts, "_rate"):
             yield
-        finally:
-            for block, rate in zip(dropouts, rates):
-                block._rate = rate
 
     def save(self, model, stem):
         """``save_parameters``: MXNet's NDArray file, keyed by the structural names of the block

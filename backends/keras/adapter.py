@@ -693,14 +693,8 @@ class Adapter(base.BaseAdapter):
         its rate is 0 while they run. Only the timed training step (``step``) drops."""
         dropouts = [layer for layer in model.owners.values()
                     if isinstance(layer, self.keras.layers.Dropout)]
-        rates = [layer.rate for layer in dropouts]
-        for layer in dropouts:
-            layer.rate = 0.0
-        try:
+        with base.attribute_zeroed(dropouts, "rate"):
             yield
-        finally:
-            for layer, rate in zip(dropouts, rates):
-                layer.rate = rate
 
     def matmul(self, n):
         with self.device_scope():
