@@ -514,6 +514,93 @@ if BACKEND != "torch":  # torch's own modules run in the torch environment: only
     del test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it
 
 
+#: specs/models/transformer_encoder_layer.yaml (BERT-base sizes): the zoo's spec of
+#: nn.TransformerEncoderLayer, whose checkpoints the tests below take as torch.save wrote them
+ENCODER_LAYER = load_spec(ROOT / "specs" / "models" / "transformer_encoder_layer.yaml")
+
+#: torch's own nn.TransformerEncoderLayer (post-norm, GELU, batch_first) in eval mode, seeded;
+#: writes the state_dict torch.save writes and, given an input file, its output on it
+REAL_ENCODER_LAYER = """
+import sys
+import numpy as np
+import torch
+from torch import nn
+
+torch.manual_seed(2)
+layer = nn.TransformerEncoderLayer(768, 12, dim_feedforward=3072, dropout=0.1,
+                                   activation="gelu", batch_first=True).eval()
+torch.save(layer.state_dict(), sys.argv[1])
+if len(sys.argv) > 2:
+    with torch.no_grad():
+        np.save(sys.argv[3], layer(torch.from_numpy(np.load(sys.argv[2]))).numpy())
+"""
+
+
+def _real_encoder_layer(python, tmp_path, x=None):
+    """Runs REAL_ENCODER_LAYER in ``python``: the checkpoint's path and, with ``x``, the
+    module's output on it."""
+    args = [str(tmp_path / "encoder.pt")]
+    if x is not None:
+        np.save(tmp_path / "x.npy", x)
+        args += [str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
+    proc = subprocess.run([str(python), "-c", REAL_ENCODER_LAYER, *args], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "encoder.pt", (np.load(tmp_path / "y.npy") if x is not None else None)
+
+
+def test_real_torch_transformer_encoder_layer_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
+    """The state_dict torch.save wrote of a real nn.TransformerEncoderLayer(768, 12, 3072,
+    gelu, batch_first=True) loads (strict) into the harness's torch model of the zoo's
+    transformer_encoder_layer.yaml, whose output on the spec's input is the module's own (eval
+    mode: dropout off; torch may take its fused encoder fast path there)."""
+    from harness.runner import make_input
+
+    x = make_input(ENCODER_LAYER)
+    real, want = _real_encoder_layer(_interpreter(backend), tmp_path, x)
+    read = run_worker("torch", _interpreter(backend), [ENCODER_LAYER], tmp_path / "w",
+                      device="cpu", timeout=TIMEOUT, task="read_checkpoint",
+                      checkpoint=str(real))
+    assert read.records[0].status == Status.OK, read.records[0].error
+    np.testing.assert_allclose(read.arrays[0]["output"], want, rtol=0, atol=1e-5)
+
+
+if BACKEND != "torch":  # torch's own module runs in the torch environment: only its suite has it
+    del test_real_torch_transformer_encoder_layer_checkpoint_runs_as_torch_runs_it
+
+
+def test_convert_real_transformer_encoder_layer_checkpoint_through_this_backend(
+        backend, analyzed, tmp_path):
+    """A real nn.TransformerEncoderLayer checkpoint (torch.save of its state_dict) converts
+    torch -> this backend -> torch with the zoo's spec: each conversion proves itself by equal
+    outputs, and the weights come back bit-identical to the module's own."""
+    if _declared_unsupported(None, "save_load"):
+        return  # a backend without a native format converts nothing
+    torch_python = _interpreter(backend) if backend.name == "torch" else \
+        Path(os.environ["HARNESS_TORCH_PYTHON"]) if os.environ.get("HARNESS_TORCH_PYTHON") \
+        else ensure_env(select(["torch"])[0])
+    real, _ = _real_encoder_layer(torch_python, tmp_path)
+    suffix = analyzed["lazy_mlp"].record.save_load.file.removeprefix("model")
+    middle, back = tmp_path / f"middle{suffix}", tmp_path / "back.pt"
+    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
+                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
+               if p]
+    for src, weights, dst, out in (("torch", real, backend.name, middle),
+                                   (backend.name, middle, "torch", back)):
+        proc = subprocess.run([sys.executable, "-m", "harness", "convert", ENCODER_LAYER.file,
+                               "--from", src, "--weights", str(weights), "--to", dst, "--out",
+                               str(out), *pythons], cwd=ROOT, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "agree" in proc.stdout and out.is_file()
+    read = [run_worker("torch", torch_python, [ENCODER_LAYER], tmp_path / f"r{i}", device="cpu",
+                       timeout=TIMEOUT, task="read_checkpoint", checkpoint=str(path))
+            for i, path in enumerate((real, back))]
+    first, last = (r.arrays[0] for r in read)
+    for p in ENCODER_LAYER.params:
+        np.testing.assert_array_equal(last[f"param/{p.name}"], first[f"param/{p.name}"])
+
+
 # ------------------------------------------------------------------ dropout
 
 #: run in the backend's own interpreter: the checks' gradient pass twice, then one eager
