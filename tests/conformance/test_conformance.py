@@ -601,6 +601,39 @@ def test_convert_real_transformer_encoder_layer_checkpoint_through_this_backend(
         np.testing.assert_array_equal(last[f"param/{p.name}"], first[f"param/{p.name}"])
 
 
+#: prints a state_dict file's keys and shapes as JSON, in its order
+STATE_DICT_KEYS = """
+import json, sys
+import torch
+state = torch.load(sys.argv[1], weights_only=True)
+print(json.dumps([[k, list(v.shape)] for k, v in state.items()]))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch model's state_dict: the torch suite")
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_real_torchvision_checkpoint_keys_are_the_torch_models(backend, tmp_path, model):
+    """The harness's torch model of a zoo ResNet saves torchvision's state_dict key for key, in
+    order: the spec's canonical names (tests/unit/test_model_zoo.py holds them to torchvision's)
+    with each BatchNorm2d's num_batches_tracked (a 0-dimensional counter) after its
+    running_var, so a torchvision checkpoint loads into it with strict=True."""
+    spec = load_spec(ROOT / "specs" / "models" / f"{model}.yaml")
+    written = run_worker("torch", _interpreter(backend), [spec], tmp_path / "w", device="cpu",
+                         timeout=TIMEOUT, task="write_checkpoint",
+                         checkpoint=str(tmp_path / "m.pt"))
+    assert written.records[0].status == Status.OK, written.records[0].error
+    proc = subprocess.run([str(_interpreter(backend)), "-c", STATE_DICT_KEYS,
+                           str(tmp_path / "m.pt")], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    expected = []
+    for p in spec.params:
+        expected.append([p.name, list(p.shape)])
+        if p.name.endswith(".running_var"):
+            expected.append([p.name.removesuffix("running_var") + "num_batches_tracked", []])
+    assert json.loads(proc.stdout) == expected
+
+
 # ------------------------------------------------------------------ dropout
 
 #: run in the backend's own interpreter: the checks' gradient pass twice, then one eager
