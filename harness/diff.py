@@ -20,17 +20,14 @@ got worse (a pass became a failure, a check newly fails, a timing got slower), e
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 
 from . import report
 from .console import one_line
-from .envs import UserError
-from .merge import RESULTS_LIMIT, _read, _where
+from .merge import read_results
 from .stats import Z, scipy_stats
 
 ALPHA = 1e-3
@@ -78,20 +75,9 @@ def read_run(given: str) -> tuple[Path, dict]:
     """A run directory's (or a results.json file's) document, checked against SCHEMA."""
     path = Path(given)
     path = path / "results.json" if path.is_dir() else path
-    data = _read(path, RESULTS_LIMIT, "diff")
-    try:
-        document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserError(f"diff: {path}: not JSON ({type(exc).__name__}: {exc})") from None
-    if isinstance(document, dict) and document.get("schema_version") != \
-            report.RESULTS_SCHEMA_VERSION:
-        raise UserError(f"diff: {path}: schema_version {document.get('schema_version')!r}, "
-                        f"but this harness reads version {report.RESULTS_SCHEMA_VERSION}")
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(SCHEMA).iter_errors(document))
-    if error is not None:
-        raise UserError(f"diff: {path}: {_where(error)}: {one_line(error.message, 300)}")
-    return path, document
+    return path, read_results(path, SCHEMA, "diff",
+                              f"reads version {report.RESULTS_SCHEMA_VERSION}",
+                              lambda m: one_line(m, 300))
 
 
 def _key(r: dict) -> tuple:

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jsonschema
 
@@ -96,22 +97,33 @@ def _where(error: jsonschema.ValidationError) -> str:
     return out.lstrip(".") or "(the document)"
 
 
-def read_document(path: Path) -> dict:
-    """A run's results.json, checked against the schema this harness writes."""
-    data = _read(path, RESULTS_LIMIT)
+def read_results(path: Path, schema: dict, command: str, reads: str,
+                 message: Callable[[str], str]) -> dict:
+    """An input run's results.json: a bounded regular file, JSON, of this harness's results
+    schema version (``reads``: what the command does with that version, in its refusal), and
+    valid against ``schema`` (``message`` shortens the validator's words)."""
+    data = _read(path, RESULTS_LIMIT, command)
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserError(f"merge: {path}: not JSON ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{command}: {path}: not JSON ({type(exc).__name__}: {exc})") from None
     if isinstance(document, dict) and document.get("schema_version") != \
             report.RESULTS_SCHEMA_VERSION:
-        raise UserError(f"merge: {path}: schema_version {document.get('schema_version')!r}, "
-                        f"but this harness merges version {report.RESULTS_SCHEMA_VERSION} (rerun "
-                        "compare with this harness on that machine)")
+        raise UserError(f"{command}: {path}: schema_version {document.get('schema_version')!r}, "
+                        f"but this harness {reads}")
     error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(SCHEMA).iter_errors(document))
+        jsonschema.Draft202012Validator(schema).iter_errors(document))
     if error is not None:
-        raise UserError(f"merge: {path}: {_where(error)}: {error.message[:300]}")
+        raise UserError(f"{command}: {path}: {_where(error)}: {message(error.message)}")
+    return document
+
+
+def read_document(path: Path) -> dict:
+    """A run's results.json, checked against the schema this harness writes."""
+    document = read_results(
+        path, SCHEMA, "merge",
+        f"merges version {report.RESULTS_SCHEMA_VERSION} (rerun compare with this harness on "
+        "that machine)", lambda m: m[:300])
     for label, fingerprint in document["machines"].items():
         try:
             machine_mod.from_json(fingerprint, f"machines.{label}")
