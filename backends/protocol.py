@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: bump when any record below changes shape; the parent refuses other versions
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class Status(str, enum.Enum):
@@ -274,6 +274,10 @@ class TimingRecord:
     first_call_s: float | None = None
     warmup_calls: int = 0
     memory_peak: int | None = None   # bytes of device memory at the peak (GPU only)
+    #: bytes: the worker's resident memory when the step began, and its peak while the step ran
+    #: (first call, warm-up, timed blocks; the kernel's VmHWM, reset before the step)
+    host_rss_start: int | None = None
+    host_rss_peak: int | None = None
     error: str | None = None
     witness: CompileWitness | None = None  # compiled modes: what the framework says it did
 

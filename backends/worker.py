@@ -221,6 +221,7 @@ class _Spec:
                         if counts is not None:
                             fn = counts.step.call
                         a.reset_memory_peak()
+                        timing.host_rss_start = HOST_PEAK.reset()
                         m = timer.measure(fn, a.block, t.budget, after_first_call=None if
                                           counts is None else counts.read)
                         if counts is not None:
@@ -228,6 +229,7 @@ class _Spec:
                         timing.number, timing.block_times = m.number, m.block_times
                         timing.first_call_s, timing.warmup_calls = m.first_call_s, m.warmup_calls
                         timing.memory_peak = a.memory_peak()
+                        timing.host_rss_peak = HOST_PEAK.since_reset()
                         if phase == "inference" and b == own and self.probe is not None \
                                 and mode != "eager":  # eager: the numerics forward already
                             value = fn()
@@ -306,19 +308,58 @@ def checkpoint_task(adapter, request: Request, data, probe) -> tuple[SpecRecord,
     return rec, arrays
 
 
-def peak_rss() -> tuple[int | None, int | None]:
-    """(this process's peak resident memory, its largest waited-for child's) in bytes: its own
-    from /proc/self/status ``VmHWM`` (the peak since this program started: getrusage's
-    ``ru_maxrss`` would also count the parent's memory at the fork before the exec), its
-    children's from getrusage (Linux reports kilobytes); None where the platform cannot say."""
-    own = children = None
+def _status_bytes(*keys: bytes) -> list[int | None]:
+    """Fields of /proc/self/status in bytes (the kernel writes kB), None where unreadable."""
+    out = dict.fromkeys(keys)
     try:
         with open("/proc/self/status", "rb") as fh:
             for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    own = int(line.split()[1]) * 1024
+                key = line.split(b":", 1)[0]
+                if key in out:
+                    out[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return list(out.values())
+
+
+class HostPeak:
+    """The worker's peak resident memory per timed step: ``reset`` writes 5 to
+    /proc/self/clear_refs (Linux resets ``VmHWM`` to the current resident size) and returns
+    that size; ``since_reset`` is ``VmHWM`` then. The peaks seen before each reset are kept, so
+    the process's own peak (``peak_rss``) still covers its whole life."""
+
+    def __init__(self):
+        self.before = 0          # the largest VmHWM read before a reset
+        self.ok = True           # False once the kernel refused a reset
+
+    def reset(self) -> int | None:
+        hwm, rss = _status_bytes(b"VmHWM", b"VmRSS")
+        self.before = max(self.before, hwm or 0)
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self.ok = False
+        return rss if self.ok else None
+
+    def since_reset(self) -> int | None:
+        return _status_bytes(b"VmHWM")[0] if self.ok else None
+
+    def life(self) -> int | None:
+        hwm = _status_bytes(b"VmHWM")[0]
+        return None if hwm is None else max(hwm, self.before)
+
+
+HOST_PEAK = HostPeak()
+
+
+def peak_rss() -> tuple[int | None, int | None]:
+    """(this process's peak resident memory, its largest waited-for child's) in bytes: its own
+    from /proc/self/status ``VmHWM`` (the peak since this program started, or the larger one
+    before a timed step reset it: ``HostPeak``; getrusage's ``ru_maxrss`` would also count the
+    parent's memory at the fork before the exec), its children's from getrusage (Linux
+    reports kilobytes); None where the platform cannot say."""
+    own, children = HOST_PEAK.life(), None
     try:
         import resource
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

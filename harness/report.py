@@ -2,7 +2,8 @@
 model (``harness.document``) and written twice, as markdown and as static HTML:
 
 - ``report.md``: the verdict, checks by category, key findings (each linked to its evidence),
-  the timing digest (``harness.timing_digest``), failures with causes, the specs;
+  the timing digest (``harness.timing_digest``), the zoo's timings at real sizes
+  (``harness.model_timings``, when the run timed a zoo model), failures with causes, the specs;
 - ``specs/<name>.md``: one page per spec, failures and differences first, what merely passed
   folded (``harness.spec_pages``);
 - ``run.md``: environments, machines, semantics, how it was timed, one-off costs;
@@ -384,7 +385,7 @@ GLOSSARY = [
 
 
 def top_page(ctx: Context) -> doc.Page:
-    from . import findings, timing_digest
+    from . import findings, model_timings, timing_digest
     run = ctx.run
     blocks = [Paragraph([Code(run["command"]), f" at {run['started']}; {_device_line(run)}; "
                          f"seed {run['seed_note']}."]),
@@ -392,6 +393,9 @@ def top_page(ctx: Context) -> doc.Page:
     found = findings.findings(ctx)
     blocks.append(Section("Key findings", findings.headlines(found), "findings"))
     blocks.append(Section("Timing digest", timing_digest.digest_blocks(ctx), "timing"))
+    zoo = model_timings.blocks(ctx)
+    if zoo:
+        blocks.append(Section("Timings at real sizes", zoo, "real-sizes"))
     causes = failure_causes(ctx.results)
     stale = [c for r in ctx.results for c in r.checks if c.name == STILL_HAPPENS]
     known = any(r.known_failures() for r in ctx.results)

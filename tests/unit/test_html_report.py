@@ -1,7 +1,7 @@
 """The report's pages from one document model, as markdown and as static HTML, and the HTML in a
 real headless Chromium (Debian's ``chromium`` package, driven by Playwright): every page loads
-with no console error, the findings and the timing grid are on the first screen, sorting and
-folding work, and a screenshot of the first screen is kept.
+with no console error, the findings and the timing grid are on the first screen, the zoo's
+grids at real sizes show, sorting and folding work, and a screenshot of the first screen is kept.
 
 The run rendered is real: the NumPy reference and a backend with a fake compiled mode
 (tests/fakes/compiling_adapter.py) run by their workers, analysed, with a declared known
@@ -41,7 +41,9 @@ def rendered(tmp_path_factory, numpy_defaults):
     specs = [load_spec(SPECS_DIR / "lazy_mlp.yaml"), load_spec(SPECS_DIR / "tied.yaml"),
              load_spec(SPECS_DIR / "shared_gradient.yaml"),
              build_spec(doc([{"type": "dense", "units": 3}], input=(2, 4), name="falls_back"),
-                        "falls_back.yaml")]
+                        "falls_back.yaml"),
+             build_spec(doc([{"type": "dense", "units": 3}], input=(2, 5, 4), name="zoo_seq"),
+                        "specs/models/zoo_seq.yaml")]  # a zoo model: timings at real sizes
     ref = run_worker("numpy", PYTHON, specs, tmp_path_factory.mktemp("ref"), device="cpu",
                      timeout=120, progress=quiet)
     fake = run_worker("fake", PYTHON, specs, tmp_path_factory.mktemp("fake"), device="cpu",
@@ -74,7 +76,7 @@ def test_every_page_in_both_formats(rendered):
     """report, run, defaults and one page per spec, each as .md and .html."""
     out, files, _ = rendered
     pages = {"report", "run", "defaults", "specs/lazy_mlp", "specs/tied",
-             "specs/shared_gradient", "specs/falls_back"}
+             "specs/shared_gradient", "specs/falls_back", "specs/zoo_seq"}
     assert set(files) == {p + ext for p in pages for ext in (".md", ".html")}
     for name in files:
         assert (out / name).is_file()
@@ -205,6 +207,11 @@ def test_html_report_in_a_real_browser(rendered, tmp_path):
                           (e.compareDocumentPosition(grid) & Node.DOCUMENT_POSITION_FOLLOWING))
                   .map(e => e.id); }""")
             assert before == ["findings"], before
+            # the zoo's grids: throughput, speed-up, compile cost and the worker's real
+            # per-step memory peak, each with a best cell in bold
+            zoo = page.locator("#real-sizes table")
+            assert zoo.count() == 4 and zoo.first.is_visible()
+            assert page.locator("#real-sizes table strong").count() >= 4
 
             # sorting: click the first timing column twice, numbers ascending then descending
             header = page.locator("#timing table th").nth(5)
