@@ -26,8 +26,9 @@ class TorchDevices:
     framework = "torch"
 
     def import_torch(self) -> dict:
-        """Import torch; apply the thread count and TF32 setting (torch's default allows TF32
-        in cuDNN convolutions: off here unless ``tf32``), and record them."""
+        """Import torch; apply the thread count, the TF32 setting (torch's default allows TF32
+        in cuDNN convolutions: off here unless ``tf32``) and cuDNN autotuning (torch's default,
+        off, unless ``cudnn_benchmark``), and record them."""
         import torch
 
         self.torch = torch
@@ -40,6 +41,8 @@ class TorchDevices:
         tf32 = bool(self.settings.get("tf32"))
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         applied["torch allow_tf32 (matmul, cudnn)"] = tf32
+        if self.settings.get("cudnn_benchmark"):  # cuDNN autotuning per shape (torch: off)
+            torch.backends.cudnn.benchmark = True
         applied["torch.backends.cudnn.benchmark"] = torch.backends.cudnn.benchmark
         cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
         return {"torch": torch.__version__, "cuda": torch.version.cuda,

@@ -7,8 +7,10 @@ framework really uses, its TF32 and cuDNN autotuning settings), then one per mod
 
     python -m benchmarks.fidelity_worker REQUEST.json
 
-REQUEST: {"backend", "device", "threads", "rounds", "models": [{"name", "plan"}]}, each plan as
-``protocol.dump`` writes it (the parent builds them from spec documents). Standard library and
+REQUEST: {"backend", "device", "threads", "rounds", "models": [{"name", "plan"}], "budget",
+"settings"}, each plan as ``protocol.dump`` writes it (the parent builds them from spec
+documents); ``budget`` (a ``protocol.Budget``, or null: ``BUDGET``); ``settings``: ``tf32``,
+``cudnn_benchmark`` for the adapter's setup. Standard library and
 numpy here; the framework comes in through the backend's adapter.
 """
 
@@ -49,26 +51,31 @@ def emit(kind: str, **fields) -> None:
     print(json.dumps({"kind": kind, **fields}, default=str), flush=True)
 
 
-def reference(backend: str, fn, threads: int) -> tuple[str, list[float]]:
+def reference(backend: str, fn, threads: int,
+              budget: Budget = BUDGET) -> tuple[str, list[float]]:
     """(the tool, per-call seconds of its runs) with the framework's own way of timing."""
     if backend in ("torch", "keras_torch"):
         from torch.utils import benchmark
         m = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                            num_threads=threads).blocked_autorange(min_run_time=BUDGET.min_total_s)
+                            num_threads=threads).blocked_autorange(min_run_time=budget.min_total_s)
         return "torch.utils.benchmark.Timer.blocked_autorange", list(m.times)
     if backend in ("flax", "keras_jax"):
         import jax
         call = lambda: jax.block_until_ready(fn())  # noqa: E731
         tool = "timeit with jax.block_until_ready on every call"
     elif backend == "gluon":
-        call = lambda: fn().wait_to_read()  # noqa: E731
-        tool = "timeit with NDArray.wait_to_read on every call"
+        import mxnet as mx
+
+        def call():
+            fn()
+            mx.nd.waitall()
+        tool = "timeit with mx.nd.waitall() after every call"
     else:  # keras on TensorFlow: a finished value is a host copy of it
         call = lambda: fn().numpy()  # noqa: E731
         tool = "timeit with Tensor.numpy() on every call (on a GPU: a copy to the host too)"
     call()
-    number = max(1, int(BUDGET.min_block_s / max(timeit.timeit(call, number=3) / 3, 1e-9)) + 1)
-    runs = timeit.repeat(call, number=number, repeat=BUDGET.min_blocks)
+    number = max(1, int(budget.min_block_s / max(timeit.timeit(call, number=3) / 3, 1e-9)) + 1)
+    runs = timeit.repeat(call, number=number, repeat=budget.min_blocks)
     return tool, [t / number for t in runs]
 
 
@@ -101,7 +108,8 @@ def environment(backend: str, adapter, env: dict) -> dict:
             "python": sys.executable}
 
 
-def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, rounds: int) -> None:
+def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, rounds: int,
+               budget: Budget = BUDGET) -> None:
     adapter.seed(plan.seed)
     model = adapter.build(plan)
     x = np.random.default_rng(0).standard_normal(plan.input_shape).astype(np.float32)
@@ -118,10 +126,10 @@ def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, round
             harness, ref, peaks, tool = [], [], [], ""
             for _ in range(rounds):  # alternate, so that drift hits both alike
                 adapter.reset_memory_peak()
-                m = timer.measure(fn, adapter.block, BUDGET)
+                m = timer.measure(fn, adapter.block, budget)
                 peaks.append(adapter.memory_peak())
                 harness += [t / m.number for t in m.block_times]
-                tool, times = reference(backend, fn, threads)
+                tool, times = reference(backend, fn, threads, budget)
                 ref += times
             row.update(tool=tool, harness=harness, reference=ref,
                        memory_peak=max((p for p in peaks if p is not None), default=None))
@@ -138,11 +146,15 @@ def main(path: str) -> int:
     backend, device = request["backend"], request["device"]
     threads, rounds = int(request["threads"]), int(request["rounds"])
     adapter = importlib.import_module(f"backends.{backend}.adapter").Adapter()
-    env = adapter.setup(device, {"threads": threads, "tf32": bool(request.get("tf32"))})
+    settings = request.get("settings") or {}
+    env = adapter.setup(device, {"threads": threads, "tf32": bool(settings.get("tf32")),
+                                 "cudnn_benchmark": bool(settings.get("cudnn_benchmark"))})
     emit("environment", **environment(backend, adapter, env))
+    budget = BUDGET if request.get("budget") is None else \
+        protocol.load(Budget, request["budget"], "budget")
     for entry in request["models"]:
         time_model(backend, adapter, entry["name"], protocol.load(Plan, entry["plan"], "plan"),
-                   threads, rounds)
+                   threads, rounds, budget)
     return 0
 
 

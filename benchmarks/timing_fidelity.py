@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends import protocol  # noqa: E402
+from backends.protocol import Budget  # noqa: E402
 from harness.options import default_threads  # noqa: E402
 from harness.envs import ensure_env, select  # noqa: E402
 from harness.runner import THREAD_VARIABLES  # noqa: E402
@@ -63,13 +64,21 @@ class FidelityRun:
 
 
 def run(backend: str, threads: int, rounds: int, *, device: str = "cpu",
-        python: Path | None = None, models=("mlp", "cnn"), timeout: float = 1800) -> FidelityRun:
-    """The fidelity worker for ``backend`` in ``python`` (default: its managed environment)."""
+        python: Path | None = None, models=("mlp", "cnn"), timeout: float = 1800,
+        documents: dict | None = None, budget: Budget | None = None,
+        settings: dict | None = None) -> FidelityRun:
+    """The fidelity worker for ``backend`` in ``python`` (default: its managed environment),
+    timing ``models``, names of ``documents`` (spec documents; default ``MODELS``), with the
+    worker's default budget unless ``budget``; ``settings`` go to the adapter's setup
+    (``tf32``, ``cudnn_benchmark``)."""
     python = python or ensure_env(select([backend])[0])
+    documents = MODELS if documents is None else documents
     request = {"backend": backend, "device": device, "threads": threads, "rounds": rounds,
-               "models": [{"name": m, "plan": protocol.dump(build_spec(MODELS[m],
+               "models": [{"name": m, "plan": protocol.dump(build_spec(documents[m],
                                                                        f"{m}.yaml").plan)}
-                          for m in models]}
+                          for m in models],
+               "budget": None if budget is None else protocol.dump(budget),
+               "settings": settings or {}}
     env = dict(os.environ, PYTHONPATH=str(ROOT), **dict.fromkeys(THREAD_VARIABLES, str(threads)))
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         path = Path(tmp) / "request.json"
@@ -100,6 +109,33 @@ def ratio_row(row: dict) -> tuple:
     return h.median, r.median, h.median / r.median, h.spread, r.spread
 
 
+def table(runs: list[FidelityRun], width: int = 5) -> tuple[list[str], list[float]]:
+    """The printed table (one line per backend, model and mode: both medians in ms, their
+    ratio, each one's IQR/median and the reference tool; a failed mode says why) and the
+    ratios; ``width``: the model column's."""
+    header = (f"{'backend':<12} {'model':<{width}} {'mode':<9} {'harness ms':>10} "
+              f"{'reference ms':>12} {'ratio':>6} {'IQR/med h':>9} {'IQR/med r':>9}  "
+              "reference tool")
+    lines, ratios = [header, "-" * len(header)], []
+    for result in runs:
+        if result.error:
+            lines.append(f"{result.backend}: failed ({result.error})")
+        for row in result.rows:
+            lead = f"{result.backend:<12} {row['model']:<{width}} {row['mode']:<9}"
+            if row.get("error"):
+                lines.append(f"{lead} error: {row['error']}")
+                continue
+            h, r, ratio, hs, rs = ratio_row(row)
+            ratios.append(ratio)
+            lines.append(f"{lead} {h * 1e3:>10.3f} {r * 1e3:>12.3f} {ratio:>6.3f} {hs:>9.1%} "
+                         f"{rs:>9.1%}  {row['tool']}")
+    if ratios:
+        dev = np.abs(np.array(ratios) - 1)
+        lines.append(f"\n{np.sum(dev <= 0.05)}/{len(ratios)} ratios within 5 %; largest "
+                     f"deviation {dev.max():.1%}")
+    return lines, ratios
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", action="append", help="default: every framework backend")
@@ -110,28 +146,10 @@ def main() -> int:
     args = p.parse_args()
     models = [m for m in args.models.split(",") if m]
     print(f"{', '.join(models)}; float32 inference; {args.threads} threads; {args.rounds} "
-          f"alternating rounds per mode; device {args.device}")
-    header = (f"{'backend':<12} {'model':<5} {'mode':<9} {'harness ms':>10} {'reference ms':>12} "
-              f"{'ratio':>6} {'IQR/med h':>9} {'IQR/med r':>9}  reference tool")
-    print(header)
-    print("-" * len(header))
-    ratios = []
-    for backend in args.backend or DEFAULT:
-        result = run(backend, args.threads, args.rounds, device=args.device, models=models)
-        if result.error:
-            print(f"{backend}: failed ({result.error})", file=sys.stderr)
-        for row in result.rows:
-            if row.get("error"):
-                print(f"{backend:<12} {row['model']:<5} {row['mode']:<9} error: {row['error']}")
-                continue
-            h, r, ratio, hs, rs = ratio_row(row)
-            ratios.append(ratio)
-            print(f"{backend:<12} {row['model']:<5} {row['mode']:<9} {h * 1e3:>10.3f} "
-                  f"{r * 1e3:>12.3f} {ratio:>6.3f} {hs:>9.1%} {rs:>9.1%}  {row['tool']}")
-    if ratios:
-        dev = np.abs(np.array(ratios) - 1)
-        print(f"\n{np.sum(dev <= 0.05)}/{len(ratios)} ratios within 5 %; largest deviation "
-              f"{dev.max():.1%}")
+          f"alternating rounds per mode; device {args.device}", flush=True)
+    runs = [run(b, args.threads, args.rounds, device=args.device, models=models)
+            for b in args.backend or DEFAULT]
+    print("\n".join(table(runs)[0]))
     return 0
 
 
