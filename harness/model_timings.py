@@ -129,7 +129,7 @@ def blocks(ctx: Context) -> list:
         return select_unit([v for s, t in ranked if (v := value(s, t)) is not None], units)
 
     r_scale, r_prefix = unit(_throughput, RATE_UNITS)
-    out = [Paragraph([Strong(f"Throughput in {r_prefix}items/s"), ": images for an image "
+    out = [Paragraph([Strong(f"Throughput in {r_prefix + ' ' if r_prefix else ''}items/s"), ": images for an image "
                       "input, tokens (batch x sequence) for a sequence; ", Strong("per call"),
                       " says which and how many one call processes, at each model's own input "
                       "size. The highest of each row in bold; ~: noisy (IQR above 10 % of the "

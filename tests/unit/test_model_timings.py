@@ -87,7 +87,7 @@ def test_throughput_grid_one_unit_best_in_bold_missing_cells():
     assert throughput.header == ["model", "phase", "per call", "a eager", "a compiled",
                                  "b eager"]
     # the smallest rate is convnet on b: 4 images / 4 ms = 1,000/s: the unit is k items/s
-    assert "Throughput in kitems/s" in document.plain(blocks[0].content)
+    assert "Throughput in k items/s" in document.plain(blocks[0].content)
     rows = {(_text(r[0]), r[1]): r for r in throughput.rows}
     infer = rows[("convnet", "inference")]
     assert [_text(c) for c in infer[2:]] == ["4 images", "2.00", "4.00", "1.00"]
