@@ -1,8 +1,8 @@
 """Timings at real sizes: the model zoo's (``specs/models/``) timed steps as grids in the style
 of torch.utils.benchmark's ``Compare`` (rows: model and phase; columns: backend and mode; one
-unit per grid, chosen from its data as ``Compare`` does, from the smallest value; the best of
-each row in bold): throughput in the model's own items (images/s, tokens/s), what compiling
-buys against eager (speed-up, one-off compile cost) and peak memory.
+unit per grid, chosen from its data (the one its median reads in, as the timing digest does);
+the best of each row in bold): throughput in the model's own items (images/s, tokens/s), what
+compiling buys against eager (speed-up, one-off compile cost) and peak memory.
 
 Shown only when the run timed a zoo model: their throughput is what people compare with
 published figures (a ResNet's images/s), while the default suite's toy specs are mostly
@@ -13,6 +13,7 @@ own batch, its ``CompiledVerdict``, and the worker's memory peaks (``TimingRecor
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from .analysis import EAGER
@@ -23,7 +24,8 @@ from .timing_digest import columns_of, rows_of
 #: where the zoo lives (a spec file whose directory ends so is a zoo model)
 ZOO_DIR = ("specs", "models")
 #: (scale, prefix) for counts per second, and (scale, unit) for bytes and seconds; each grid
-#: takes the largest one its smallest value reaches (Compare's ``select_unit`` on the minimum)
+#: takes the largest one its median reaches, as the timing digest does (Compare takes the
+#: minimum; the median keeps one slow outlier from printing every other cell in thousands)
 RATE_UNITS = ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
 BYTE_UNITS = ((2.0 ** 30, "GiB"), (2.0 ** 20, "MiB"), (2.0 ** 10, "KiB"), (1.0, "B"))
 SECOND_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"))
@@ -47,10 +49,10 @@ def items_per_call(spec) -> tuple[str, int]:
 
 
 def select_unit(values: list[float], units) -> tuple[float, str]:
-    """(scale, name) of the largest unit the smallest value reaches (the smallest unit when
-    none does): every value of the grid reads as a number of at least 1 where it can."""
-    smallest = min(values) if values else 0.0
-    return next(((s, n) for s, n in units if smallest >= s), units[-1])
+    """(scale, name) of the largest unit the grid's median reaches (the smallest unit when
+    none does): the typical value reads as a number of at least 1 and below 1000."""
+    typical = statistics.median(values) if values else 0.0
+    return next(((s, n) for s, n in units if typical >= s), units[-1])
 
 
 def memory_of(t) -> tuple[str, int] | None:
@@ -77,7 +79,7 @@ def _grid(rows, cols, value, fmt, *, higher_better: bool, mark=None) -> list[lis
     for spec, phase, cells in rows:
         kind, n = items_per_call(spec)
         row = [Link(spec.name, spec_page_id(spec.name), "timing"), phase,
-               Cell(f"{n:,} {kind}", sort=n)]
+               Cell(f"{n:,} {kind[:-1] if n == 1 else kind}", sort=n)]
         values = {k: value(spec, t) for k, t in cells.items() if k in cols and _ranked(t)}
         ranked = {k: v for k, v in values.items() if v is not None}
         best = (max if higher_better else min)(ranked, key=ranked.get) if ranked else None

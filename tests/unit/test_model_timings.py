@@ -61,6 +61,10 @@ def test_items_per_call_from_the_input_size():
                      "specs/models/ids.yaml")
     assert model_timings.items_per_call(ids) == ("tokens", 21)
     assert model_timings.items_per_call(TOY) == ("samples", 2)
+    one = build_spec(doc(CONV, input=(1, 3, 8, 8), name="one"), "specs/models/one.yaml")
+    ctx = _ctx({("a", "one"): [_timing("eager", "inference", 1, 1e-3)]}, specs=(one,))
+    [throughput] = _tables(model_timings.blocks(ctx))
+    assert _text(throughput.rows[0][2]) == "1 image"
 
 
 def test_only_zoo_models_make_the_section():
@@ -86,7 +90,7 @@ def test_throughput_grid_one_unit_best_in_bold_missing_cells():
     throughput, speedup, cost, memory = _tables(blocks)
     assert throughput.header == ["model", "phase", "per call", "a eager", "a compiled",
                                  "b eager"]
-    # the smallest rate is convnet on b: 4 images / 4 ms = 1,000/s: the unit is k items/s
+    # ranked rates 1,000, 2,000, 4,000 and 160,000 per s: the median is in k items/s
     assert "Throughput in k items/s" in document.plain(blocks[0].content)
     rows = {(_text(r[0]), r[1]): r for r in throughput.rows}
     infer = rows[("convnet", "inference")]
@@ -118,6 +122,9 @@ def test_units_follow_the_data():
     assert "compile cost in ms" in document.plain(blocks[4].content)
     assert _text(cost.rows[0][3]) == "20.0"
     assert model_timings.select_unit([], model_timings.BYTE_UNITS) == (1.0, "B")
+    # the median decides, not one fast outlier (torch's Compare would print 108,000 ms)
+    assert model_timings.select_unit([0.04, 0.8, 1.5, 108.0], model_timings.SECOND_UNITS) \
+        == (1.0, "s")
 
 
 def test_section_renders_in_markdown_and_html():
