@@ -1,8 +1,9 @@
 """Timings at real sizes: the model zoo's (``specs/models/``) timed steps as grids in the style
 of torch.utils.benchmark's ``Compare`` (rows: model and phase; columns: backend and mode; one
 unit per grid, chosen from its data (the one its median reads in, as the timing digest does);
-the best of each row in bold): throughput in the model's own items (images/s, tokens/s), what
-compiling buys against eager (speed-up, one-off compile cost) and peak memory.
+the best of each row, and any within 1 % of it, in bold): throughput in the model's own items
+(images/s, tokens/s), what compiling buys against eager (speed-up, one-off compile cost) and
+peak memory.
 
 Shown only when the run timed a zoo model: their throughput is what people compare with
 published figures (a ResNet's images/s), while the default suite's toy specs are mostly
@@ -72,17 +73,17 @@ def _ranked(t) -> bool:
 
 def _grid(rows, cols, value, fmt, *, higher_better: bool, mark=None) -> list[list]:
     """Cells of one grid: ``value(spec, t)`` (None: no figure) formatted by ``fmt`` (and
-    ``mark(t)`` appended), the best ranked value of each row in bold; a step that failed reads
-    ``error``, a compiled mode whose witness failed ``nc`` (muted, never ranked), a value the
-    step lacks ``–``, a cell the run has nothing for stays empty."""
+    ``mark(t)`` appended), the best ranked value of each row (and any within 1 %) in bold; a
+    step that failed reads ``error``, a compiled mode whose witness failed ``nc`` (muted, never
+    ranked), a value the step lacks ``–``, a cell the run has nothing for stays empty."""
     out = []
     for spec, phase, cells in rows:
         kind, n = items_per_call(spec)
         row = [Link(spec.name, spec_page_id(spec.name), "timing"), phase,
                Cell(f"{n:,} {kind[:-1] if n == 1 else kind}", sort=n)]
         values = {k: value(spec, t) for k, t in cells.items() if k in cols and _ranked(t)}
-        ranked = {k: v for k, v in values.items() if v is not None}
-        best = (max if higher_better else min)(ranked, key=ranked.get) if ranked else None
+        ranked = [v for v in values.values() if v is not None]
+        best = (max if higher_better else min)(ranked) if ranked else None
         for key in cols:
             t = cells.get(key)
             if t is None:
@@ -95,9 +96,14 @@ def _grid(rows, cols, value, fmt, *, higher_better: bool, mark=None) -> list[lis
                 row.append("–")
             else:
                 row.append(Cell(fmt(values[key]) + (mark(t) if mark else ""),
-                                sort=values[key], bold=key == best))
+                                sort=values[key], bold=_near(values[key], best, higher_better)))
         out.append(row)
     return out
+
+
+def _near(value: float, best: float, higher_better: bool) -> bool:
+    """The best, or within 1 % of it (torch's Compare marks those alike): ties are all bold."""
+    return value >= best / 1.01 if higher_better else value <= best * 1.01
 
 
 def _header(cols) -> list[str]:
@@ -131,11 +137,13 @@ def blocks(ctx: Context) -> list:
         return select_unit([v for s, t in ranked if (v := value(s, t)) is not None], units)
 
     r_scale, r_prefix = unit(_throughput, RATE_UNITS)
-    out = [Paragraph([Strong(f"Throughput in {r_prefix + ' ' if r_prefix else ''}items/s"), ": images for an image "
-                      "input, tokens (batch x sequence) for a sequence; ", Strong("per call"),
-                      " says which and how many one call processes, at each model's own input "
-                      "size. The highest of each row in bold; ~: noisy (IQR above 10 % of the "
-                      "median); nc: the compiled mode did not compile (not ranked)."]),
+    r_unit = f"{r_prefix} items/s" if r_prefix else "items/s"
+    out = [Paragraph([Strong(f"Throughput in {r_unit}"), ": images for an image input, tokens "
+                      "(batch x sequence) for a sequence; ", Strong("per call"), " says which "
+                      "and how many one call processes, at each model's own input size. The "
+                      "highest of each row (and any within 1 % of it) in bold; ~: noisy (IQR "
+                      "above 10 % of the median); nc: the compiled mode did not compile (not "
+                      "ranked)."]),
            Table(_header(cols), _grid(rows, cols, _throughput, lambda v: sig(v / r_scale),
                                       higher_better=True,
                                       mark=lambda t: "~" if t.stats.noisy else ""))]
@@ -146,13 +154,14 @@ def blocks(ctx: Context) -> list:
         out += [Paragraph([Strong("Speed-up of each compiled mode over eager"), ": the eager "
                            "median per call over the compiled one (same backend, phase and "
                            "batch; above 1, compiling pays per call), the largest of each row "
-                           "in bold."]),
+                           "(and any within 1 % of it) in bold."]),
                 Table(_header(compiled), _grid(rows, compiled, _speedup,
                                                lambda v: f"{v:.2f}x", higher_better=True)),
                 Paragraph([Strong(f"One-off compile cost in {c_unit}"), ": the compiled "
                            "mode's first call minus the eager first call (tracing and "
                            "compiling, paid once per process and input shape; 0: no slower "
-                           "than eager's), the cheapest of each row in bold."]),
+                           "than eager's), the cheapest of each row (and any within 1 %) in "
+                           "bold."]),
                 Table(_header(compiled), _grid(rows, compiled, _compile_cost,
                                                lambda v: sig(v / c_scale),
                                                higher_better=False))]
@@ -173,7 +182,7 @@ def blocks(ctx: Context) -> list:
                 "framework, the model and all the process holds, so the modes of one backend "
                 "differ by what their steps add")
         out += [Paragraph([Strong(f"Peak memory in {m_unit}"), f": {what}; the lowest of each "
-                           "row in bold."]),
+                           "row (and any within 1 % of it) in bold."]),
                 Table(_header(cols), _grid(rows, cols, peak, lambda v: sig(v / m_scale),
                                            higher_better=False))]
     return out

@@ -114,11 +114,13 @@ def test_throughput_grid_one_unit_best_in_bold_missing_cells():
 
 def test_units_follow_the_data():
     ctx = _ctx({("a", "seq"): [_timing("eager", "inference", 2, 1.0, first=1.0),
-                               _timing("compiled", "inference", 2, 0.5, first=1.02)]})
+                               _timing("compiled", "inference", 2, 0.5, first=1.02)],
+                ("b", "seq"): [_timing("eager", "inference", 2, 0.5025, first=1.0)]})
     blocks = model_timings.blocks(ctx)
     throughput, _, cost = _tables(blocks)   # no memory figures: no memory grid
     assert "Throughput in items/s" in document.plain(blocks[0].content)
-    assert [_text(c) for c in throughput.rows[0][3:]] == ["16.0", "32.0"]
+    assert [_text(c) for c in throughput.rows[0][3:]] == ["16.0", "32.0", "31.8"]
+    assert [c.bold for c in throughput.rows[0][3:]] == [False, True, True]  # within 1 %
     assert "compile cost in ms" in document.plain(blocks[4].content)
     assert _text(cost.rows[0][3]) == "20.0"
     assert model_timings.select_unit([], model_timings.BYTE_UNITS) == (1.0, "B")
