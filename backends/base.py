@@ -391,8 +391,11 @@ class Builder:
     native: dict[str, str] = field(default_factory=dict)
     defaults: dict[str, str] = field(default_factory=dict)
     #: role -> Layout, where the adapter's ``kernel_layout`` does not say how the framework
-    #: keeps that role (attention's packed projections)
+    #: keeps that role (attention's packed projections, recurrent gate blocks)
     layouts: dict[str, "Layout"] = field(default_factory=dict)
+    #: role -> Fold: canonical parameters the framework holds only summed into another role
+    #: (Keras's one LSTM bias holds bias_ih_l0 + bias_hh_l0); ``BaseAdapter`` handles them
+    folded: dict[str, "Fold"] = field(default_factory=dict)
 
 
 class Packed(tuple):
@@ -402,8 +405,20 @@ class Packed(tuple):
     their stack (``numpy.stack``), which the role's ``Layout`` maps to the canonical array."""
 
 
+@dataclass(eq=False)
+class Row:
+    """Row ``index`` (first axis) of a framework array whose rows hold several canonical
+    parameters: Keras's GRU bias (2, 3H) is [bias_ih_l0; bias_hh_l0]. Its native value is that
+    row; ``BaseAdapter.load`` writes the whole array once, from all its rows."""
+    whole: Any
+    index: int
+
+
 def parts(handle) -> tuple:
-    """The framework arrays behind a ParamRef's handle: a Packed one's parts, else itself."""
+    """The framework arrays behind a ParamRef's handle: a Packed one's parts, a Row's whole
+    array, else itself."""
+    if isinstance(handle, Row):
+        return (handle.whole,)
     return tuple(handle) if isinstance(handle, Packed) else (handle,)
 
 
@@ -442,6 +457,99 @@ PER_HEAD_ATTENTION = {
     "out_proj.weight": Layout(lambda arr, node: arr.reshape(-1, arr.shape[-1]).T,
                               _per_head_out_native),
 }
+
+
+def reorder_gates(arr, source: str, target: str, axis: int = 0):
+    """``arr`` with its equal gate blocks along ``axis``, in the order ``source`` (one letter
+    per gate, PyTorch's letters: ``"zrn"`` is Keras's GRU z, r, h), put in the order
+    ``target``. Works on numpy arrays and on framework arrays with ``reshape``/indexing."""
+    if sorted(source) != sorted(target):
+        raise ValueError(f"gate orders {source!r} and {target!r} name other gates")
+    if source == target:
+        return arr
+    size = arr.shape[axis] // len(source)
+    if size * len(source) != arr.shape[axis]:
+        raise ValueError(f"axis {axis} of shape {tuple(arr.shape)} is not {len(source)} "
+                         "gate blocks")
+    index = np.concatenate([np.arange(size) + source.index(g) * size for g in target])
+    return np.take(arr, index, axis=axis) if isinstance(arr, np.ndarray) else \
+        arr[(slice(None),) * (axis % arr.ndim) + (index,)]
+
+
+def gate_layout(native: str, canonical: str, transposed: bool = True) -> "Layout":
+    """A recurrent role held with its gate blocks in the order ``native`` (PyTorch's letters)
+    where PyTorch's is ``canonical``: a kernel ``(in, gates*H)`` (``transposed``: gate blocks
+    in its columns, the canonical ``(gates*H, in)`` transposed) or a bias ``(gates*H,)``."""
+    def to_canonical(arr, node):
+        return reorder_gates(arr.T if transposed else arr, native, canonical)
+
+    def to_native(arr, node):
+        out = reorder_gates(arr, canonical, native)
+        return out.T if transposed else out
+    return Layout(to_canonical, to_native)
+
+
+def stacked_gate_layout(transposed: bool = True) -> "Layout":
+    """A recurrent role held as one array per gate, stacked in PyTorch's gate order (a Packed
+    handle): kernels ``(gates, in, H)`` (``transposed``) or biases ``(gates, H)`` <->
+    ``(gates*H, in)`` / ``(gates*H,)`` (Flax's cells: one Dense per gate)."""
+    def to_canonical(arr, node):
+        blocks = arr.transpose(0, 2, 1) if transposed else arr
+        return blocks.reshape(-1, *blocks.shape[2:])
+
+    def to_native(arr, node):
+        blocks = arr.reshape(-1, node.units, *arr.shape[1:])
+        return blocks.transpose(0, 2, 1) if transposed else blocks
+    return Layout(to_canonical, to_native)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A canonical parameter the framework holds only summed into another of the same layer,
+    ``host``, in the same rows: a gate pre-activation adds both biases, so only their sum
+    matters and some frameworks hold one bias (Keras's LSTM; Flax's LSTMCell per gate). ``rows``
+    is the (start, stop) of the canonical rows folded (as a function of the plan node), None
+    for all of them; the other rows are held on their own (Flax's GRUCell keeps b_hn, but
+    b_hr, b_hz only in the r, z input biases).
+
+    How ``BaseAdapter`` treats it, once for every adapter: ``load`` writes host + folded into
+    the host (outputs are PyTorch's exactly); ``values`` reads the host's native sum and 0 in
+    the folded rows (the sum is preserved, its split is not); ``gradients`` gives the folded
+    rows the host's gradient (both add to the same pre-activation: d loss / d b_hh = d loss /
+    d b_ih exactly); ``initialize`` draws only what the framework holds and reports the folded
+    rows' INIT as not held; ``inspect`` records ``folded_into`` and ``folded_rows``."""
+    host: str
+    rows: Callable[[PlanNode], tuple[int, int]] | None = None
+
+    def span(self, node: PlanNode, total: int) -> tuple[int, int]:
+        """The (start, stop) rows folded, for a parameter of ``total`` rows."""
+        return (0, total) if self.rows is None else tuple(self.rows(node))
+
+
+#: native_name of a parameter the framework does not hold at all (every row folded)
+NOT_HELD = "(not held: summed into {host})"
+
+
+def merge_rows(arrays: dict[str, tuple["ParamRef", np.ndarray]]
+               ) -> dict[str, tuple["ParamRef", np.ndarray]]:
+    """``write``'s arguments with the ``Row`` refs of one framework array replaced by one ref
+    to that whole array and its rows stacked (every row must be there), so it is written
+    once."""
+    out, rows = {}, {}
+    for name, (ref, arr) in arrays.items():
+        if isinstance(ref.handle, Row):
+            rows.setdefault(id(ref.handle.whole), []).append((ref, arr))
+        else:
+            out[name] = (ref, arr)
+    for group in rows.values():
+        group.sort(key=lambda item: item[0].handle.index)
+        if [ref.handle.index for ref, _ in group] != list(range(len(group))):
+            raise ValueError(f"{', '.join(r.name for r, _ in group)}: rows "
+                             f"{[r.handle.index for r, _ in group]} of one array, not all")
+        first = group[0][0]
+        out[first.name] = (ParamRef(first.name, first.node, first.role, first.native_name,
+                                    first.handle.whole), np.stack([a for _, a in group]))
+    return out
 
 
 @dataclass
@@ -682,37 +790,112 @@ class BaseAdapter:
         layout = self.layout(ref)
         return layout.to_native(arr, ref.node) if layout else self.to_native(arr, ref.node)
 
+    # -- folded parameters (``Fold``): the one place that knows them ------------------------
+
+    def folds(self, node: PlanNode) -> dict[str, Fold]:
+        """{role: Fold} of a node's builder: what the framework holds only summed."""
+        return self.builder(node).folded
+
+    def held_params(self, plan: Plan) -> Iterator[tuple[str, PlanNode, str]]:
+        """``owned_params`` without those the framework does not hold at all (every row folded
+        into another): what ``param_refs`` finds framework arrays for."""
+        for name, node, role in owned_params(plan):
+            fold = self.folds(node).get(role) if node.type in layers.LAYERS else None
+            if fold is None or fold.rows is not None:
+                yield name, node, role
+
+    def canonical_refs(self, model: Any) -> list[ParamRef]:
+        """``param_refs`` and, after each host, a ref with no handle for each parameter held
+        only summed into it: every canonical parameter that exists now, once."""
+        out = []
+        for ref in self.param_refs(model):
+            out.append(ref)
+            out += [ParamRef(f"{ref.node.path}.{role}", ref.node, role,
+                             NOT_HELD.format(host=ref.native_name))
+                    for role, fold in self.folds(ref.node).items()
+                    if fold.host == ref.role and fold.rows is None]
+        return out
+
+    def _host(self, ref: ParamRef) -> str:
+        return f"{ref.node.path}.{self.folds(ref.node)[ref.role].host}"
+
+    def _fold_span(self, ref: ParamRef, rows: int) -> tuple[int, int] | None:
+        """The rows of ``ref`` held only in its host (None: not folded)."""
+        fold = self.folds(ref.node).get(ref.role)
+        return None if fold is None else fold.span(ref.node, rows)
+
+    def _info(self, model: Any, ref: ParamRef, by_name: dict) -> ParamInfo:
+        """``describe``, and for a parameter not held at all its host's facts, no native
+        shape, and the host's canonical shape (a folded parameter is summed elementwise)."""
+        if ref.handle is not None:
+            return self.describe(model, ref)
+        host = by_name[self._host(ref)]
+        info = self.describe(model, host)
+        return ParamInfo(None, info.dtype, info.trainable, info.initialized,
+                         shape=self.canonical_shape(host, info))
+
+    # -- the parameters seen canonically ----------------------------------------------------
+
     def inspect(self, model: Any, plan: Plan) -> list[ParamRecord]:
-        """Every parameter that exists now, once, with the names it is shared under."""
-        refs = self.param_refs(model)
+        """Every parameter that exists now, once, with the names it is shared under (and,
+        for one held only summed into another, which and where)."""
+        refs = self.canonical_refs(model)
         if not refs:
             return []
+        by_name = {ref.name: ref for ref in refs}
         aliases = shared_aliases(plan, lambda pos: self.share_key(model, pos))
         records = []
         for ref in refs:
-            info = self.describe(model, ref)
+            info = self._info(model, ref, by_name)
             shape = self.canonical_shape(ref, info)
             native = None if info.native_shape is None else list(info.native_shape)
+            span = None if shape is None or shape[0] is None else \
+                self._fold_span(ref, int(shape[0]))
             records.append(ParamRecord(
                 name=ref.name, role=ref.role, native_name=ref.native_name,
                 shape=None if shape is None else [None if d is None else int(d) for d in shape],
                 native_shape=native, dtype=info.dtype,
                 trainable=None if info.trainable is None else bool(info.trainable),
                 shared_with=aliases.get(ref.name, []), initialized=info.initialized,
-                touch=info.touch))
+                touch=info.touch, folded_into=None if span is None else self._host(ref),
+                folded_rows=None if span is None else [int(i) for i in span]))
         return records
 
     def values(self, model: Any) -> dict[str, np.ndarray]:
-        """Every parameter's values in canonical layout, as float32 numpy copies."""
-        return {ref.name: np.array(self.param_to_canonical(ref, self.read(model, ref)),
-                                   dtype=np.float32) for ref in self.param_refs(model)}
+        """Every parameter's values in canonical layout, as float32 numpy copies; a folded
+        row reads 0 (its host holds the sum: ``Fold``)."""
+        refs = self.canonical_refs(model)
+        out = {ref.name: np.array(self.param_to_canonical(ref, self.read(model, ref)),
+                                  dtype=np.float32) for ref in refs if ref.handle is not None}
+        for ref in refs:
+            if ref.role in self.folds(ref.node):
+                host = out[self._host(ref)]
+                arr = out.setdefault(ref.name, np.zeros_like(host))
+                start, stop = self._fold_span(ref, host.shape[0])
+                arr[start:stop] = 0
+        return {ref.name: out[ref.name] for ref in refs}
+
+    def fold_in(self, refs: list[ParamRef], arrays: dict[str, np.ndarray]
+                ) -> dict[str, np.ndarray]:
+        """Canonical float32 arrays with every folded parameter's rows added to its host's
+        (the sum the framework holds), as new arrays; the others as given."""
+        out = {name: np.asarray(arr, dtype=np.float32) for name, arr in arrays.items()}
+        for ref in refs:
+            if ref.role in self.folds(ref.node):
+                host = self._host(ref)
+                start, stop = self._fold_span(ref, out[host].shape[0])
+                out[host] = out[host].copy()
+                out[host][start:stop] += out[ref.name][start:stop]
+        return out
 
     def load(self, model: Any, arrays: dict[str, np.ndarray]) -> None:
-        """Set every parameter from canonical arrays (the worker has checked the names); every
-        shape is checked before anything is written."""
+        """Set every parameter from canonical arrays (the worker has checked the names): a
+        folded one added into its host (``Fold``), the rows of one framework array (``Row``)
+        written as that array once; every shape is checked before anything is written."""
         new = {}
+        arrays = self.fold_in(self.canonical_refs(model), arrays)
         for ref in self.param_refs(model):
-            arr = np.asarray(arrays[ref.name], dtype=np.float32)
+            arr = arrays[ref.name]
             native = np.ascontiguousarray(self.param_to_native(ref, arr))
             have = self.describe(model, ref).native_shape
             if have is None or tuple(native.shape) != tuple(have):
@@ -721,7 +904,7 @@ class BaseAdapter:
                                  f"{list(native.shape)} in this framework's layout, but "
                                  f"{ref.native_name} has shape {have}")
             new[ref.name] = (ref, native)
-        self.write(model, new)
+        self.write(model, merge_rows(new))
 
     # -- initialization ----------------------------------------------------------------------
 
@@ -738,12 +921,20 @@ class BaseAdapter:
         by_type = {(t, role) for t, roles in plan.init_by_type.items() for role in roles}
         refs = self.param_refs(model)
         impls = {}
-        for ref in refs:
+        for ref in self.canonical_refs(model):
+            if ref.handle is None:  # Fold: the framework draws only what it holds
+                impls[ref.name] = f"not held: summed into {self._host(ref)}"
+                continue
             if (ref.node.type, ref.role) in by_type:
                 continue  # realized below, by the framework's walk over its layers
             init = ref.node.init[ref.role]
             try:
                 init, note = self.resolve_init(model, ref, init, refs)
+                span = self._fold_span(ref, int(self.canonical_shape(
+                    ref, self.describe(model, ref))[0]))
+                if span is not None:
+                    note += f" (rows {span[0]}:{span[1]} not held: summed into " \
+                            f"{self._host(ref)})"
                 impls[ref.name] = self.init_param(model, ref, init) + note
             except Exception as exc:
                 raise ValueError(f"{ref.name}: initializer {init} failed: "
@@ -868,13 +1059,21 @@ class BaseAdapter:
         raise NotImplementedError
 
     def gradients(self, model: Any, x: np.ndarray, cotangent: np.ndarray):
-        """``grads`` from host to host: (canonical output, {name: canonical float32 gradient})."""
+        """``grads`` from host to host: (canonical output, {name: canonical float32 gradient});
+        a folded row's gradient is its host's (``Fold``: both add to one pre-activation)."""
         y, grads = self.grads(model, self.to_device(x), self.to_device(cotangent))
         self.block((y, grads))
-        refs = {ref.name: ref for ref in self.param_refs(model)}
-        return self.to_host(y), {name: np.array(self.param_to_canonical(refs[name],
-                                                                        self.to_numpy(g)),
-                                                dtype=np.float32) for name, g in grads.items()}
+        refs = self.canonical_refs(model)
+        by_name = {ref.name: ref for ref in refs}
+        out = {name: np.array(self.param_to_canonical(by_name[name], self.to_numpy(g)),
+                              dtype=np.float32) for name, g in grads.items()}
+        for ref in refs:
+            host = self._host(ref) if ref.role in self.folds(ref.node) else None
+            if host in out:
+                arr = out.setdefault(ref.name, np.zeros_like(out[host]))
+                start, stop = self._fold_span(ref, arr.shape[0])
+                arr[start:stop] = out[host][start:stop]
+        return self.to_host(y), {ref.name: out[ref.name] for ref in refs if ref.name in out}
 
     def save(self, model: Any, stem: str) -> SavedFile:
         """Write every parameter and buffer to ``stem`` plus the framework's own extension, in
@@ -940,6 +1139,10 @@ SEMANTICS = {
     "pool_stride_default": "pooling's stride when none is given (the plan always gives it)",
     "avg_pool_counts_padding": "whether average pooling counts padding in the divisor, by "
                                "default",
+    "lstm_layout": "LSTM: how the framework holds the weights, its gate order and its biases",
+    "gru_layout": "GRU: how the framework holds the weights, its gate order, where the reset "
+                  "gate applies and its biases",
+    "recurrent_kernel_path": "which LSTM / GRU kernel runs (fused cuDNN, or a loop over steps)",
 }
 
 

@@ -165,6 +165,10 @@ class ParamRecord:
     initialized: bool = True
     touch: str | None = None
     init_impl: str | None = None
+    #: a parameter the framework holds only summed into another (``backends.base.Fold``): that
+    #: one's canonical name, and the (start, stop) rows folded (the rest, if any, held apart)
+    folded_into: str | None = None
+    folded_rows: list[int] | None = None
 
     @property
     def kind(self) -> str:

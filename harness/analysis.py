@@ -65,14 +65,20 @@ class ParamResult:
         """Every check holds (a known framework defect's failure is a finding, not a fail)."""
         return all(c.holds for c in self.checks)
 
+    @property
+    def not_held(self) -> str | None:
+        """Where the framework holds none of this parameter's values (``folded``), what the
+        report says instead of a verdict on its initial values; else None."""
+        return not_held(self.record) if self.record else None
+
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
 
     def to_json(self) -> dict:
         reported = encode(self.record) if self.record else {
             "name": self.name, "native_name": None, "native_shape": None, "shape": None}
-        return {**reported, "init": self.init, "expected": self.expected.to_json(),
-                "expected_shape": list(self.spec.shape),
+        return {**reported, "not_held": self.not_held, "init": self.init,
+                "expected": self.expected.to_json(), "expected_shape": list(self.spec.shape),
                 "expected_shared_with": self.spec.shared_with, "stats": self.stats,
                 "checks": [c.to_json() for c in self.checks], "passed": self.passed}
 
@@ -224,6 +230,43 @@ class Result:
         return rec
 
 
+# ----------------------------------------------------------------------------- folded parameters
+# A framework may hold a canonical parameter only summed into another (backends.base.Fold:
+# Keras's one LSTM bias is PyTorch's bias_ih_l0 + bias_hh_l0). The worker records it
+# (``ParamRecord.folded_into``, ``folded_rows``); these are the one place the harness reads it.
+
+def folded_values(rec: ParamRecord) -> int:
+    """How many of a parameter's canonical values the framework does not hold (its folded rows
+    times the values per row); 0 for one held whole."""
+    if rec.folded_rows is None or not rec.shape or None in rec.shape:
+        return 0
+    start, stop = rec.folded_rows
+    return (stop - start) * math.prod(rec.shape[1:])
+
+
+def not_held(rec: ParamRecord, backend: str = "") -> str | None:
+    """``not held[ by BACKEND]: summed into HOST`` for a parameter the framework holds no row
+    of; ``rows a:b not held...`` for one it holds partly; None for one it holds whole."""
+    if rec.folded_into is None or rec.folded_rows is None:
+        return None
+    by = f" by {backend}" if backend else ""
+    start, stop = rec.folded_rows
+    whole = rec.shape is not None and rec.shape[0] == stop - start
+    return (f"not held{by}" if whole else f"rows {start}:{stop} not held{by}") + \
+        f": summed into {rec.folded_into}"
+
+
+def folded_note(records: list[ParamRecord], backend: str) -> str | None:
+    """One sentence on every folded parameter of a record, for the report and ``convert``."""
+    folded = [(r, folded_values(r)) for r in records if r.folded_into is not None]
+    if not folded:
+        return None
+    return (f"{backend} holds {sum(n for _, n in folded):,} fewer values than the spec: "
+            + "; ".join(f"{r.name} {not_held(r)}" for r, _ in folded)
+            + " (a framework fact: loading sums them into their host, reading gives the host "
+              "the sum and these 0, their gradient is the host's)")
+
+
 def _brief(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
@@ -314,9 +357,15 @@ def module_walk_check(record: SpecRecord) -> Check:
 def _structure_checks(result: Result, spec: Spec, record: SpecRecord) -> None:
     reported = {p.name: p for p in record.params}
     expected_names = [p.name for p in spec.params]
-    count = sum(math.prod(p.shape) for p in record.params
-                if p.trainable and p.shape and None not in p.shape)
+    # what the framework holds, by its own shapes (a parameter it holds only summed into
+    # another has none, or fewer values); expected: the spec's less what it declares folded
+    count = sum(math.prod(p.native_shape) if p.native_shape is not None else
+                0 if p.folded_into is not None else math.prod(p.shape)
+                for p in record.params if p.trainable and p.shape and None not in p.shape)
+    folded = sum(folded_values(p) for p in record.params if p.trainable)
     result.param_count = count
+    if folded:
+        result.notes.append(folded_note(record.params, result.backend))
     before = {p.name: p for p in record.lazy.before}
     bad_before = [n for n, p in before.items() if n in expected_names and
                   not _shape_fits(p.shape, spec.param(n).lazy_shape)]
@@ -328,8 +377,10 @@ def _structure_checks(result: Result, spec: Spec, record: SpecRecord) -> None:
               "the spec's canonical names, each once (names differing shown)"),
         Check(OUTPUT_SHAPE, record.output_shape == list(spec.output_shape), record.output_shape,
               list(spec.output_shape), "first forward's output"),
-        Check(PARAM_COUNT, count == spec.param_count, count, spec.param_count,
-              "trainable scalars, shared ones once"),
+        Check(PARAM_COUNT, count == spec.param_count - folded, count,
+              spec.param_count - folded, "trainable scalars, shared ones once" + (
+                  f"; the spec's {spec.param_count:,} less {folded:,} the framework holds only "
+                  "summed into another parameter" if folded else "")),
         Check(LAZY_BEFORE, not bad_before, bad_before, [],
               "known dims match the spec, open dims unknown"),
         Check(LAZY_AFTER, not bad_after, bad_after, [],
@@ -527,7 +578,15 @@ def _param_result(p: ParamSpec, rec: ParamRecord | None, values, defaults) -> Pa
                             p.shared_with, "aliases of this parameter"))
         checks.append(Check(TRAINABLE, rec.trainable == p.trainable, rec.trainable, p.trainable,
                             "running statistics are not trainable"))
-    if values is not None and values.shape == tuple(p.shape):
+    held = None if rec is None or rec.folded_rows is None else \
+        np.ones(p.shape[0], bool)  # rows the framework holds: only those were drawn
+    if held is not None:
+        held[slice(*rec.folded_rows)] = False
+    if values is not None and values.shape == tuple(p.shape) and held is not None:
+        stats = summarize(values[held]) if held.any() else {"n": 0}
+        if held.any():  # only elementwise expectations reach a partly held one (a bias)
+            checks += expected.checks(np.asarray(values[held], dtype=np.float64))
+    elif values is not None and values.shape == tuple(p.shape):
         stats = summarize(values)
         checks += expected.checks(np.asarray(values, dtype=np.float64))
         support = getattr(expected, "support", None)

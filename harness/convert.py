@@ -73,6 +73,11 @@ def convert(args) -> int:
     print(f"wrote  {out} for {target.name}: {sl.format}, {sl.size_bytes:,} bytes, "
           f"{len(sl.names)} names" + (" (replaced the regular file that was there)"
                                       if existed else ""))
+    for backend, cell, what in ((source, read, "read as 0, their sums in the hosts"),
+                                (target, written, "written summed into the hosts")):
+        note = analysis.folded_note(cell.record.params, backend.name)
+        if note:  # the outputs agree all the same: only the sum enters the pre-activation
+            print(f"folded {note.split(' (a framework fact')[0]}: {what}")
     native_suffix = target.checkpoint.get("suffix", "")
     if native_suffix and not out.name.endswith(native_suffix):
         print(f"note   {target.name} names such files *{native_suffix}; its loader reads this "

@@ -200,7 +200,11 @@ def _unsupported(meta: dict, where: Path) -> dict:
 
 def _default_init(raw) -> dict:
     """A declared default, normalized; ``fans: NAME`` (the registry's ``native_fans``: the
-    framework scales it by fans of its own layout) kept."""
+    framework scales it by fans of its own layout) kept; ``{per_gate: [INIT, ...]}``: a
+    recurrent parameter whose gate blocks the framework draws each on its own
+    (``harness.initializers.PerGate``)."""
+    if isinstance(raw, dict) and "per_gate" in raw:
+        return {"name": "per_gate", "gates": [_default_init(g) for g in raw["per_gate"]]}
     init = inits.normalize(raw)
     if isinstance(raw, dict) and "fans" in raw:
         init["fans"] = str(raw["fans"])

@@ -136,6 +136,38 @@ class Orthogonal(Expectation):
 
 
 @dataclass
+class PerGate(Expectation):
+    """A recurrent parameter whose gate blocks (equal slices of its first axis, in PyTorch's
+    gate order) are drawn each on its own: a framework default only (backend.yaml ``{per_gate:
+    [INIT, ...]}``): Keras's LSTM bias (zeros, the f block ones), Flax's cells (one Dense per
+    gate, its kernel drawn on its own (in, H) or (H, H))."""
+    gates: list
+    description: str
+    kind = "per_gate"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "description": self.description,
+                "gates": [g.to_json() for g in self.gates]}
+
+    def checks(self, values):
+        out = []
+        for k, (gate, block) in enumerate(zip(self.gates, np.split(values, len(self.gates)))):
+            for c in gate.checks(block):
+                c.subject = f"gate{k}" + (f"_{c.subject}" if c.subject else "")
+                out.append(c)
+        return out
+
+
+def per_gate(init: dict, shape: tuple[int, ...]) -> PerGate:
+    """The ``per_gate`` default's expectation on a canonical ``shape``: each gate's INIT on its
+    block, ``(shape[0] / gates, *shape[1:])``."""
+    gates = init["gates"]
+    block = (shape[0] // len(gates), *shape[1:])
+    inner = [expected_distribution(g, block) for g in gates]
+    return PerGate(inner, "per gate: " + ", ".join(describe(g) for g in gates))
+
+
+@dataclass
 class Sparse(Expectation):
     zeros_per_column: int
     std: float
@@ -470,6 +502,8 @@ def expected_distribution(init: dict, shape: tuple[int, ...],
                           layer_weight_shape: tuple | None = None) -> Expectation:
     """What a correct realization of ``init`` (never ``default``: resolve it first) produces on
     a parameter of canonical ``shape``."""
+    if init["name"] == "per_gate":
+        return per_gate(init, tuple(shape))
     return CATALOGUE[init["name"]].expect(init, tuple(shape), layer_weight_shape)
 
 
@@ -490,6 +524,8 @@ def exact_values(init: dict, shape: tuple, layer_weight_shape: tuple | None = No
 
 def describe(init: dict) -> str:
     """``kaiming_uniform(a=2.236, mode=fan_in, nonlinearity=leaky_relu)``."""
+    if init["name"] == "per_gate":
+        return "per gate (" + ", ".join(describe(g) for g in init["gates"]) + ")"
     args = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in init.items() if k not in ("name", "resolved"))
     return f"{init['name']}({args})" if args else init["name"]

@@ -27,7 +27,7 @@ from . import document as doc
 from . import initializers as inits
 from .analysis import (COMPILED, GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES, NUMERICS,
                        OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
-                       SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, Result)
+                       SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, Result, not_held)
 from .document import Cell, Code, Link, Paragraph, Section, Strong, Table
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
@@ -245,6 +245,8 @@ def short_init(init: dict) -> str:
         return short_init(init["resolved"])
     if name in ("zeros", "ones"):
         return name
+    if name == "per_gate":
+        return "per gate: " + ", ".join(short_init(g) for g in init["gates"])
     if name == "constant":
         return f"all {init['val']:g}"
     if name == "uniform":
@@ -647,7 +649,8 @@ def defaults_page(ctx: Context) -> doc.Page:
                       f": {q.name} {_fmt(q.spec.shape)}"], q.expected.description,
                      f"{_fmt(q.stats.get('mean'))} / {_fmt(mean)}",
                      f"{_fmt(q.stats.get('std'))} / {_fmt(std)}",
-                     Cell(_verdict_text_param(q), bold=not q.passed)])
+                     Cell(not_held(q.record, backend) if q.not_held else
+                          _verdict_text_param(q), bold=not q.passed)])
     blocks = [Paragraph(["What each framework does when the spec says ", Code("default"),
                          " (declared in ", Code("backends/<name>/backend.yaml"), ", with the "
                          "framework source it comes from), measured on the largest parameter "

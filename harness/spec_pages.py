@@ -6,6 +6,7 @@ each ``(Context, spec, results) -> (status, Section) or None`` with status ``fai
 
 from __future__ import annotations
 
+from . import analysis
 from . import document as doc
 from . import initializers as inits
 from . import stats
@@ -138,6 +139,9 @@ def initial_values(ctx, spec, recs):
             verdict = "pass" if not bad else \
                 ("known defect: " if all(c.known for c in bad) else "FAIL: ") + \
                 "; ".join(f"{c.label} ({c.detail})" for c in bad)
+            if q.record and q.record.folded_into:  # a framework fact: neither pass nor fail
+                status = analysis.not_held(q.record, r.backend)
+                verdict = status if q.not_held else f"{verdict} (held rows); {status}"
             row = [Code(p.name), r.backend, _init_name(q.init), impl or "–",
                    q.expected.description, *_stat_cells(q),
                    Cell(verdict + (f"; not tested: {skipped}" if skipped else ""),
@@ -172,7 +176,8 @@ def sharing(ctx, spec, recs):
     shared = [p for p in spec.params if p.shared_with]
     counts = ", ".join(f"{r.backend} {_fmt(r.param_count)}" for r in recs)
     text = f"Distinct trainable scalars (shared ones once): expected {spec.param_count}; " \
-        f"{counts}."
+        f"{counts}." + "".join(f" {note}." for r in recs if r.record and (
+            note := analysis.folded_note(r.record.params, r.backend)))
     if not shared:
         return PASSED, Section("Parameter sharing", [Paragraph(
             "No parameter is shared in this spec. " + text)], "sharing", folded=True,

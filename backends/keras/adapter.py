@@ -268,6 +268,21 @@ def _embedding(a, node):
     return layer
 
 
+def _recurrent(kind):
+    """``keras.layers.LSTM`` / ``GRU(reset_after=True)`` (the reset gate on the recurrent
+    matmul plus its own bias: PyTorch's GRU exactly), returning the sequence or its last step.
+    Keras's other defaults are PyTorch's: tanh, sigmoid gates, a zero initial state."""
+    def make(a, node):
+        cls = a.keras.layers.LSTM if kind == "lstm" else \
+            functools.partial(a.keras.layers.GRU, reset_after=True)
+        return a._new(cls, node.units, use_bias=node.bias,
+                      return_sequences=node.return_sequences, name=node.name)
+    return make
+
+
+#: the cell's variables; GRU's one bias (2, 3H) holds both canonical biases in its rows
+_RECURRENT = {"weight_ih_l0": "cell.kernel", "weight_hh_l0": "cell.recurrent_kernel",
+              "bias_ih_l0": "cell.bias"}
 _KERNEL = {"weight": "kernel"}
 #: layer type -> Keras layer(s), with the Keras attribute of each canonical role's variable
 #: (``backends.base.BaseAdapter.builders``)
@@ -311,7 +326,27 @@ BUILDERS = {
     "gelu": _gelu,
     "dropout": lambda a, node: a._new(a.keras.layers.Dropout, node.rate, name=node.name),
     "embedding": base.Builder(_embedding, {"weight": "embeddings"}),
+    # LSTM: kernel (in, 4H) and recurrent_kernel (H, 4H) with gate columns i, f, c, o
+    # (PyTorch's i, f, g, o: the transpose is the whole conversion) and ONE bias (4H,): PyTorch's
+    # bias_hh_l0 is held only summed into it (base.Fold)
+    "lstm": base.Builder(_recurrent("lstm"), _RECURRENT,
+                         folded={"bias_hh_l0": base.Fold("bias_ih_l0")}),
+    # GRU(reset_after=True): gate columns z, r, h (PyTorch's rows r, z, n); bias (2, 3H) = [input
+    # bias; recurrent bias], one canonical bias per row (base.Row): exact, nothing folded
+    "gru": base.Builder(
+        _recurrent("gru"), {**_RECURRENT, "bias_ih_l0": "cell.bias[0]",
+                            "bias_hh_l0": "cell.bias[1]"},
+        layouts={"weight_ih_l0": base.gate_layout("zrn", "rzn"),
+                 "weight_hh_l0": base.gate_layout("zrn", "rzn"),
+                 "bias_ih_l0": base.gate_layout("zrn", "rzn", transposed=False),
+                 "bias_hh_l0": base.gate_layout("zrn", "rzn", transposed=False)}),
 }
+
+
+def _attr(obj, native: str):
+    """The attribute a builder's native name reaches (dotted: ``cell.kernel``; a ``[i]`` row
+    suffix ignored)."""
+    return functools.reduce(getattr, native.split("[")[0].split("."), obj)
 
 
 class _Model:
@@ -531,24 +566,31 @@ class Adapter(base.BaseAdapter):
         """The variables of every built layer (Keras creates them in ``build()``: an unbuilt
         layer has none yet), named by ``variable.path``."""
         refs = []
-        for name, node, role in base.owned_params(model.plan):
+        for name, node, role in self.held_params(model.plan):
             layer = model.owners[node.path]
             if layer.built:
-                found = [functools.reduce(getattr, native.split("."), layer)
-                         for native in self.native_role(node, role).split(",")]
+                natives = self.native_role(node, role).split(",")
+                found = [_attr(layer, native) for native in natives]
                 var = found[0] if len(found) == 1 else base.Packed(found)
-                refs.append(base.ParamRef(name, node, role,
-                                          ", ".join(v.path for v in found), var))
+                if natives[0].endswith("]"):  # a row of the variable: "cell.bias[1]"
+                    row = natives[0].rpartition("[")[2][:-1]
+                    var, found = base.Row(var, int(row)), [f"{var.path}[{row}]"]
+                refs.append(base.ParamRef(name, node, role, ", ".join(
+                    v if isinstance(v, str) else v.path for v in found), var))
         return refs
 
     def describe(self, model, ref):
         var = base.parts(ref.handle)  # BN's moving statistics: trainable=False
         shape = tuple(var[0].shape) if len(var) == 1 else (len(var), *var[0].shape)
+        if isinstance(ref.handle, base.Row):
+            shape = shape[1:]
         return base.ParamInfo(shape, str(var[0].dtype), var[0].trainable)
 
     def read(self, model, ref):
         if isinstance(ref.handle, base.Packed):
             return np.stack([self.to_numpy(v) for v in ref.handle])
+        if isinstance(ref.handle, base.Row):
+            return self.to_numpy(ref.handle.whole)[ref.handle.index]
         return self.to_numpy(ref.handle)
 
     def write(self, model, arrays):
@@ -557,22 +599,29 @@ class Adapter(base.BaseAdapter):
                 if isinstance(ref.handle, base.Packed):
                     for v, part in zip(ref.handle, arr):
                         v.assign(part)
+                elif isinstance(ref.handle, base.Row):  # one row (an initializer's draw)
+                    whole = self.to_numpy(ref.handle.whole)
+                    whole[ref.handle.index] = arr
+                    ref.handle.whole.assign(whole)
                 else:
                     ref.handle.assign(arr)
 
     @staticmethod
     def _variables(refs) -> list:
-        """The Keras variables behind refs (a Packed one's parts in turn)."""
-        return [v for ref in refs for v in base.parts(ref.handle)]
+        """The Keras variables behind refs (a Packed one's parts in turn), each once (the
+        rows of one variable are one variable)."""
+        found = {id(v): v for ref in refs for v in base.parts(ref.handle)}
+        return list(found.values())
 
     def _regroup(self, refs, grads) -> dict:
         """{canonical name: gradient} from the gradients of ``_variables(refs)``, a Packed
-        ref's parts stacked."""
-        grads, out = list(grads), {}
+        ref's parts stacked, a Row ref's row of its variable's."""
+        by_id = dict(zip((id(v) for v in self._variables(refs)), grads))
+        out = {}
         for ref in refs:
-            n = len(base.parts(ref.handle))
-            got, grads = grads[:n], grads[n:]
-            out[ref.name] = got[0] if n == 1 else self.keras.ops.stack(got)
+            got = [by_id[id(v)] for v in base.parts(ref.handle)]
+            out[ref.name] = got[0][ref.handle.index] if isinstance(ref.handle, base.Row) \
+                else got[0] if len(got) == 1 else self.keras.ops.stack(got)
         return out
 
     def share_key(self, model, position):
@@ -603,6 +652,14 @@ class Adapter(base.BaseAdapter):
                 given = layer.initializers[attr]
                 return (f"native: add_weight(initializer={given!r}) in MyDense.build()"
                         + (" = glorot_uniform, add_weight's default" if given is None else ""))
+            if isinstance(layer, self.keras.layers.RNN):  # LSTM / GRU: the cell's initializers
+                holder, name = attr.split("[")[0].split(".")
+                held = {"kernel": "kernel", "recurrent_kernel": "recurrent", "bias": "bias"}[name]
+                forget = " with unit_forget_bias=True (ones in the f block)" if getattr(
+                    layer.cell, "unit_forget_bias", False) and name == "bias" else ""
+                return (f"native: Keras default "
+                        f"{_describe(getattr(layer.cell, f'{held}_initializer'))}{forget} "
+                        f"({type(layer.cell).__name__}.{held}_initializer, drawn in build())")
             return (f"native: Keras default {_describe(getattr(layer, f'{attr}_initializer'))} "
                     f"({type(layer).__name__}.{attr}_initializer, drawn in build())")
         initializer = _native(self.keras.initializers, init)
@@ -620,7 +677,7 @@ class Adapter(base.BaseAdapter):
                 drawn = self.to_numpy(initializer(shape[::-1], "float32"))
             self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.T))})
             return impl + f" on the {shape[::-1]} kernel PyTorch's layout transposes, " \
-                "reshaped to Keras's per-head kernels"
+                "laid out as Keras keeps it (per-head kernels, gate blocks reordered)"
         shape = tuple(var.shape)
         with self.device_scope():
             if self.kernel_layout_of(ref.node) == "canonical" and len(shape) == 2:
@@ -637,15 +694,18 @@ class Adapter(base.BaseAdapter):
         classes = self.owner_classes(model, layer_type, lambda node: model.owners[node.path])
         node_of = {id(model.owners[n.path]): n for n in base.iter_nodes(model.plan.layers)
                    if n.type == layer_type}
-        refs = {id(ref.handle): ref for ref in self.param_refs(model)}
+        refs = {ref.name: ref for ref in self.canonical_refs(model)}
         reached = {}
         for layer in model.net._flatten_layers():
             if isinstance(layer, classes):
+                node = node_of[id(layer)]
                 for role, init in roles.items():
-                    var = getattr(layer, self.native_role(node_of[id(layer)], role), None)
-                    if var is None:
+                    ref = refs.get(f"{node.path}.{role}")
+                    if ref is None:
                         continue  # a layer without it (use_bias=False)
-                    ref = refs[id(var)]
+                    if ref.handle is None:  # base.Fold: summed into another, not drawn
+                        reached[ref.name] = f"not held: summed into {self._host(ref)}"
+                        continue
                     init, note = self.resolve_init(model, ref, init)
                     reached[ref.name] = self.init_param(model, ref, init) + note
         names = " or ".join(f"keras.layers.{c.__name__}" if c.__module__.startswith("keras.")
@@ -824,7 +884,7 @@ def _describe(initializer) -> str:
 def _touch(layer, attr: str) -> str:
     """What Keras does when an unbuilt layer's variable or parameter count is read."""
     out = []
-    for what, read in ((f"{attr}", lambda: getattr(layer, attr)),
+    for what, read in ((f"{attr}", lambda: _attr(layer, attr)),
                        ("count_params()", layer.count_params)):
         try:
             read()

@@ -897,6 +897,11 @@ class Adapter(BaseAdapter):
             "batch_norm_running_var": running_var,
             "gradient_accumulation": "sums over uses, as autograd",
             "custom_parameters": "a dict of arrays by canonical name",
+            "lstm_layout": "PyTorch's (kernels.LSTM): weight_ih_l0 (4H, in), weight_hh_l0 "
+                           "(4H, H), gate rows i, f, g, o; bias_ih_l0 and bias_hh_l0 (4H,)",
+            "gru_layout": "PyTorch's (kernels.GRU): gate rows r, z, n, the reset gate on "
+                          "(W_hn h + b_hn); bias_ih_l0 and bias_hh_l0 (3H,)",
+            "recurrent_kernel_path": "kernels.LSTM / GRU: a Python loop over steps, float64",
         }
 
     # -- timing --------------------------------------------------------------------------------
