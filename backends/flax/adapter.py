@@ -194,6 +194,47 @@ def _attention(a, node):
     return a.SelfAttention(node.num_heads, node.causal, node.bias, out_bias_init=init)
 
 
+def _recurrent(kind):
+    """``nn.RNN`` over ``nn.OptimizedLSTMCell`` / ``nn.GRUCell`` (``Recurrent``; batch-major as
+    nn.RNN is by default). OptimizedLSTMCell, not LSTMCell: the very same parameters (names,
+    shapes, initializers: it declares them through DenseParams "for compatibility", flax/linen/
+    recurrent.py) and the same arithmetic, but one matmul for the four input kernels and one
+    for the four hidden ones per step instead of eight. Linen's cells have no use_bias."""
+    def make(a, node):
+        if not node.bias:
+            raise base.Unsupported(f"{node.path}: flax's {'LSTM' if kind == 'lstm' else 'GRU'}"
+                                   "Cell always has its biases (no use_bias field in flax "
+                                   "0.12.8): bias: false cannot be built")
+        return a.Recurrent(kind, node.units, node.return_sequences)
+    return make
+
+
+def _cell_roles(gates: str, held: str) -> dict:
+    """A cell's per-gate Dense variables of each role, in PyTorch's gate order (linen's names:
+    ``ir`` is the input Dense of gate r), as Packed roles; ``held``: the gates whose hidden
+    Dense has a bias."""
+    def packed(prefix, what, which=gates):
+        return ",".join(f"cell/{prefix}{g}/{what}" for g in which)
+    return {"weight_ih_l0": packed("i", "kernel"), "weight_hh_l0": packed("h", "kernel"),
+            "bias_ih_l0": packed("i" if held != gates else "h", "bias"),
+            **({"bias_hh_l0": packed("h", "bias", held)} if held != gates else {})}
+
+
+def _held_rows_layout(gates: int, held: int) -> base.Layout:
+    """A bias of which the framework holds the last ``held`` gate blocks (Flax's GRUCell: b_hn
+    of r, z, n): the rows before read 0 (they are held only summed into the input bias)."""
+    def to_canonical(arr, node):
+        return np.concatenate([np.zeros((gates - held) * node.units, arr.dtype), arr])
+    return base.Layout(to_canonical, lambda arr, node: arr[(gates - held) * node.units:])
+
+
+_FLAX_CELL_DEFAULTS = {
+    "weight_ih_l0": "native: flax default kernel_init = lecun_normal() per gate Dense (in, H)",
+    "weight_hh_l0": "native: flax default recurrent_kernel_init = orthogonal() per gate Dense "
+                    "(H, H)",
+    "bias_ih_l0": "native: flax default bias_init = zeros_init()",
+    "bias_hh_l0": "native: flax default bias_init = zeros_init() (hn, the held rows)",
+}
 _KERNEL = {"weight": "kernel"}
 #: layer type -> linen module or function on NHWC activations, with the linen name of each
 #: role's variable (``<name>_init`` is its initializer attribute) and what `default` realizes
@@ -252,6 +293,24 @@ BUILDERS = {
         {"weight": "embedding"}, {
             "weight": "native: flax default embedding_init = variance_scaling(1, fan_in, "
                       "normal, out_axis=0)"}),
+    # LSTM: input Dense ii, if, ig, io without bias, hidden Dense hi, hf, hg, ho with one: each
+    # gate's one bias holds PyTorch's b_ih + b_hh (base.Fold); every role drawn on PyTorch's
+    # matrix by finish_initialize (the layouts), the defaults by linen per gate
+    "lstm": base.Builder(
+        _recurrent("lstm"), _cell_roles("ifgo", "ifgo"), _FLAX_CELL_DEFAULTS,
+        layouts={"weight_ih_l0": base.stacked_gate_layout(),
+                 "weight_hh_l0": base.stacked_gate_layout(),
+                 "bias_ih_l0": base.stacked_gate_layout(transposed=False)},
+        folded={"bias_hh_l0": base.Fold("bias_ih_l0")}),
+    # GRU: ir, iz, in with bias, hr, hz without, hn with: b_hr, b_hz held only summed into the
+    # ir, iz biases (rows r, z of bias_hh_l0 folded), b_in and b_hn apart, exactly
+    "gru": base.Builder(
+        _recurrent("gru"), _cell_roles("rzn", "n"), _FLAX_CELL_DEFAULTS,
+        layouts={"weight_ih_l0": base.stacked_gate_layout(),
+                 "weight_hh_l0": base.stacked_gate_layout(),
+                 "bias_ih_l0": base.stacked_gate_layout(transposed=False),
+                 "bias_hh_l0": _held_rows_layout(3, 1)},
+        folded={"bias_hh_l0": base.Fold("bias_ih_l0", lambda node: (0, 2 * node.units))}),
 }
 
 
@@ -272,7 +331,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
         self.serialization, self.traverse_util = serialization, traverse_util
         self.prng = _flat_threefry(jax.extend.random)
         (self.Sequential, self.Residual, self.Center, self.LastCanonicalAxis,
-         self.MyDense, self.SelfAttention) = _module_classes(nn, jnp)
+         self.MyDense, self.SelfAttention, self.Recurrent) = _module_classes(nn, jnp)
         return {**versions, "flax": flax.__version__}
 
     def seed(self, seed):
@@ -335,7 +394,7 @@ class Adapter(JaxDevices, base.BaseAdapter):
         scopes = {pos.node.path: self.share_key(model, pos)
                   for pos in base.positions(model.plan) if pos.is_owner}
         refs = []
-        for name, node, role in base.owned_params(model.plan):
+        for name, node, role in self.held_params(model.plan):
             handles = []
             for native in self.native_role(node, role).split(","):  # a Packed role: several
                 suffix = (*scopes[node.path], *native.split("/"))
@@ -783,7 +842,22 @@ def _module_classes(nn, jnp):
                 self.num_heads, use_bias=self.use_bias, deterministic=True,
                 out_bias_init=self.out_bias_init, name="attention")(x, mask=mask)
 
-    return Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention
+    class Recurrent(nn.Module):
+        """``nn.RNN`` over a cell named ``cell`` (``OptimizedLSTMCell`` or ``GRUCell`` of
+        ``units``), batch-major, zero initial carry; the output sequence, or its last step."""
+
+        kind: str
+        units: int
+        return_sequences: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            cell = (nn.OptimizedLSTMCell if self.kind == "lstm" else nn.GRUCell)(
+                self.units, name="cell")
+            y = nn.RNN(cell, name="rnn")(x)
+            return y if self.return_sequences else y[:, -1]
+
+    return Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention, Recurrent
 
 
 def _input_dtype(plan):
