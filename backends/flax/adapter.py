@@ -50,6 +50,9 @@ class _Model:
     input_shape: tuple | None = None
     inits: dict = field(default_factory=dict)
     jitted: dict = field(default_factory=dict)
+    #: (module, {position index: scope path}) for the module the paths were found in: binding
+    #: clones the whole tree, and a module's scope paths do not depend on its variables' values
+    scope_paths: tuple | None = None
 
 
 # ------------------------------------------------------------------------------ initializers
@@ -377,13 +380,19 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
     def share_key(self, model, position):
         """The scope path of the module linen binds at that position: a ref puts the same
-        module object in the list again, and linen binds it to its first scope."""
-        module = model.module.bind(model.variables)
-        for step in position.index:  # a residual's body is its `layers` too
-            module = module.shortcut if step == "shortcut" else module.layers[step]
-        if isinstance(module, self.LastCanonicalAxis):
-            module = module.layer
-        return tuple(module.path)
+        module object in the list again, and linen binds it to its first scope. The module is
+        bound once per module object (``scope_paths``), not once per position."""
+        if model.scope_paths is None or model.scope_paths[0] is not model.module:
+            model.scope_paths = (model.module, model.module.bind(model.variables), {})
+        _, bound, paths = model.scope_paths
+        if position.index not in paths:
+            module = bound
+            for step in position.index:  # a residual's body is its `layers` too
+                module = module.shortcut if step == "shortcut" else module.layers[step]
+            if isinstance(module, self.LastCanonicalAxis):
+                module = module.layer
+            paths[position.index] = tuple(module.path)
+        return paths[position.index]
 
     def param_refs(self, model):
         """Nothing before ``init``; then each owned variable, found under the scope its owner's
