@@ -778,8 +778,11 @@ class Adapter(base.BaseAdapter):
         write (Keras pairs them by position, the names only say which layer class: a wrong
         file could load silently or fail naming a layer only)."""
         note = None
-        if not model.net.built:
-            self.forward(model, np.zeros([1, *model.plan.input_shape[1:]], np.float32))
+        if not model.net.built:  # at the plan's input shape and dtype: the forward the checks
+            # ran, so Keras on JAX runs the primitives it compiled already (a batch of 1 would
+            # compile every operation of the model anew)
+            self.forward(model, np.zeros(model.plan.input_shape, np.int64
+                                         if base.takes_integers(model.plan) else np.float32))
             note = ("one forward first: load_weights needs built layers (a Sequential without "
                     "an input shape builds at its first call)")
         try:
