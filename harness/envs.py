@@ -97,7 +97,10 @@ class Backend:
     #: what it declares it does not support, with the reason: {"layers": {type: why},
     #: "phases": {phase: why}} (backend.yaml ``unsupported:``; empty: everything)
     unsupported: dict = field(default_factory=dict)
-    flavor: str = ""  # "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda
+    #: "cuda": the GPU build, from requirements-cuda.txt, in .envs/<name>-cuda; any other
+    #: FLAVOR likewise from requirements-FLAVOR.txt (torch's "torchvision": the torch suite's
+    #: own environment with torchvision pinned, which the backend's environment never holds)
+    flavor: str = ""
     #: per flavor ("cpu", "cuda"): the environment's declared size, stated before provisioning
     sizes: dict = field(default_factory=dict)
     #: known framework limitations and defects (harness.known), with reasons and sources
@@ -114,7 +117,7 @@ class Backend:
 
     @property
     def requirements(self) -> Path:
-        return self.folder / ("requirements-cuda.txt" if self.flavor == "cuda"
+        return self.folder / (f"requirements-{self.flavor}.txt" if self.flavor
                               else "requirements.txt")
 
     @property

@@ -6,6 +6,7 @@ sharing, trainable state, numerics against the NumPy reference, determinism and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -667,6 +668,124 @@ def test_real_torchvision_checkpoint_keys_are_the_torch_models(backend, tmp_path
 
 if BACKEND != "torch":  # the torch model's state_dict: only the torch suite has it
     del test_real_torchvision_checkpoint_keys_are_the_torch_models
+
+
+
+#: torchvision's own ResNet (torchvision.models.<name>(), its own code, seeded; batch norms given
+#: running statistics, affine values and a num_batches_tracked of 7, so that eval mode uses them)
+#: in eval mode: writes the state_dict as torch.save writes it and, given an input file, its
+#: output on it. Run in the torch suite's torchvision environment (_torchvision_python).
+TORCHVISION_RESNET = """
+import sys, types
+# PyPI's torchvision 0.28.0 (the release for torch 2.13) is the CUDA build: its compiled ops
+# (torchvision/_C.so) link libtorch_cuda and libc10_cuda and do not load against the CPU torch;
+# torchvision/extension.py swallows that, then torchvision/_meta_registrations.py registers meta
+# kernels for ops never defined and fails the import ("operator torchvision::nms does not
+# exist"). Those ops are the detection ones (nms, roi_align, ...); the classification models
+# use none, so an empty module in its place lets torchvision import and build them.
+sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+import numpy as np
+import torch
+import torchvision
+
+torch.manual_seed(3)
+model = getattr(torchvision.models, sys.argv[1])()
+with torch.no_grad():
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+            m.num_batches_tracked.fill_(7)
+model.eval()
+torch.save(model.state_dict(), sys.argv[2])
+if len(sys.argv) > 3:
+    with torch.no_grad():
+        np.save(sys.argv[4], model(torch.from_numpy(np.load(sys.argv[3]))).numpy())
+"""
+
+
+def _torchvision_python() -> Path:
+    """The torch suite's torchvision environment: backends/torch/requirements-torchvision.txt
+    (torch's pins plus torchvision), built as a backend's is, in .envs/torch-torchvision;
+    HARNESS_TORCHVISION_PYTHON names an existing interpreter instead."""
+    override = os.environ.get("HARNESS_TORCHVISION_PYTHON")
+    return Path(override) if override else \
+        ensure_env(dataclasses.replace(select(["torch"])[0], flavor="torchvision"))
+
+
+def _torchvision_resnet(model, tmp_path, x=None):
+    """Runs TORCHVISION_RESNET for ``model``: the checkpoint's path and, with ``x``, the
+    module's output on it."""
+    args = [model, str(tmp_path / f"{model}.pt")]
+    if x is not None:
+        np.save(tmp_path / "x.npy", x)
+        args += [str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
+    proc = subprocess.run([str(_torchvision_python()), "-c", TORCHVISION_RESNET, *args],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / f"{model}.pt", (np.load(tmp_path / "y.npy") if x is not None else None)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_real_torchvision_checkpoint_runs_as_torchvision_runs_it(backend, tmp_path, model):
+    """The state_dict torch.save wrote of torchvision.models.resnet18/50 as torchvision builds
+    it (num_batches_tracked included) loads strict into the harness's torch model of the zoo's
+    spec, whose output on the spec's input (eval mode: the batch norms' running statistics) is
+    torchvision's own."""
+    from harness.runner import make_input
+
+    spec = load_spec(ROOT / "specs" / "models" / f"{model}.yaml")
+    real, want = _torchvision_resnet(model, tmp_path, make_input(spec))
+    read = run_worker("torch", _interpreter(backend), [spec], tmp_path / "w", device="cpu",
+                      timeout=TIMEOUT, task="read_checkpoint", checkpoint=str(real))
+    assert read.records[0].status == Status.OK, read.records[0].error
+    assert read.arrays[0]["output"].shape == want.shape == (1, 1000)
+    np.testing.assert_allclose(read.arrays[0]["output"], want, rtol=0, atol=1e-4)
+
+
+if BACKEND != "torch":  # torchvision runs in the torch suite's own environment
+    del test_real_torchvision_checkpoint_runs_as_torchvision_runs_it
+
+
+RESNET18 = load_spec(ROOT / "specs" / "models" / "resnet18.yaml")
+
+
+def test_convert_real_torchvision_resnet18_checkpoint_through_this_backend(
+        backend, analyzed, tmp_path):
+    """The state_dict torch.save wrote of torchvision's own resnet18 converts torch -> this
+    backend -> torch with the zoo's spec: each conversion proves itself by equal outputs, and
+    the weights and batch-norm statistics come back bit-identical to torchvision's (its
+    num_batches_tracked, which the spec does not model, are not carried)."""
+    if _declared_unsupported(None, "save_load"):
+        return  # a backend without a native format converts nothing
+    torch_python = Path(os.environ["HARNESS_TORCH_PYTHON"]) \
+        if os.environ.get("HARNESS_TORCH_PYTHON") else ensure_env(select(["torch"])[0])
+    real, _ = _torchvision_resnet("resnet18", tmp_path)
+    suffix = analyzed["lazy_mlp"].record.save_load.file.removeprefix("model")
+    middle, back = tmp_path / f"middle{suffix}", tmp_path / "back.pt"
+    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
+                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
+               if p]
+    for src, weights, dst, out in (("torch", real, backend.name, middle),
+                                   (backend.name, middle, "torch", back)):
+        proc = subprocess.run([sys.executable, "-m", "harness", "convert", RESNET18.file,
+                               "--from", src, "--weights", str(weights), "--to", dst, "--out",
+                               str(out), *pythons], cwd=ROOT, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "agree" in proc.stdout and out.is_file()
+    read = [run_worker("torch", torch_python, [RESNET18], tmp_path / f"r{i}", device="cpu",
+                       timeout=TIMEOUT, task="read_checkpoint", checkpoint=str(path))
+            for i, path in enumerate((real, back))]
+    first, last = (r.arrays[0] for r in read)
+    for p in RESNET18.params:
+        np.testing.assert_array_equal(last[f"param/{p.name}"], first[f"param/{p.name}"])
+
+
+if BACKEND == "torch":  # torch -> torch is no conversion; the test above reads it in torch
+    del test_convert_real_torchvision_resnet18_checkpoint_through_this_backend
 
 
 # ------------------------------------------------------------------ dropout
