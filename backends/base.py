@@ -1143,7 +1143,26 @@ SEMANTICS = {
     "gru_layout": "GRU: how the framework holds the weights, its gate order, where the reset "
                   "gate applies and its biases",
     "recurrent_kernel_path": "which LSTM / GRU kernel runs (fused cuDNN, or a loop over steps)",
+    "attention_mask": "what an attention mask's True means (multi_head_attention's causal mask "
+                      "is given in it)",
 }
+
+
+def attention_mask_semantics(call: str, ignores_key_1: bool, mask: str = "[True, False]") -> str:
+    """The ``attention_mask`` fact of ``SEMANTICS`` from what a framework computed: whether
+    query 0 of a 2-token self-attention, given ``mask`` as its row of the mask (query 1's the
+    opposite), ``ignores_key_1`` (its output unchanged when token 1 changes): True attends where
+    it does, True blocks where query 0 sees token 1 only."""
+    meaning = "True attends (False masks out)" if ignores_key_1 else "True blocks (masks out)"
+    return (f"{meaning} (measured: {call} with query 0's mask row {mask}: its output "
+            f"{'ignores' if ignores_key_1 else 'follows'} token 1)")
+
+
+def causal_only_semantics(how: str, ignores_key_1: bool) -> str:
+    """The ``attention_mask`` fact for a build that takes no mask, only ``causal``: ``how`` it
+    masks, and whether its causal query 0 ``ignores_key_1`` (the later token)."""
+    return (f"no mask argument: {how} (measured: the causal layer's query 0 "
+            f"{'ignores' if ignores_key_1 else 'FOLLOWS'} token 1)")
 
 
 def pool_semantics(side: int, stride_call: str, corner: float, pad_call: str) -> dict:

@@ -703,6 +703,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
         plain = jax.eval_shape(Plain().init, key, jnp.zeros(2))
         ones = jnp.ones((1, 4, 4, 1))
+        # query 0's mask row [True, False], query 1's [False, True]; token 1 then changed
+        mask = jnp.array([[[[True, False], [False, True]]]])
+        mha = nn.MultiHeadDotProductAttention(num_heads=1)
+        x, y = jnp.array([[[1.0, 0.5], [-0.5, 1.0]]]), jnp.array([[[1.0, 0.5], [2.0, -1.0]]])
+        params = mha.init(key, x)
+        attended = [mha.apply(params, t, mask=mask)[0, 0] for t in (x, y)]
         return {**base.pool_semantics(
                     nn.avg_pool(ones, (2, 2)).shape[1], "avg_pool(x, (2, 2))",
                     float(nn.avg_pool(ones, (3, 3), (1, 1), ((1, 1), (1, 1)))[0, 0, 0, 0]),
@@ -713,6 +719,9 @@ class Adapter(JaxDevices, base.BaseAdapter):
             "batch_norm_running_var": f"biased batch variance (measured: the batch (0, 4) "
                                       f"with momentum 0 gives running var {var:g}; unbiased "
                                       f"would be 8)",
+            "attention_mask": base.attention_mask_semantics(
+                "MultiHeadDotProductAttention(mask=bool)",
+                bool(jnp.array_equal(*attended))),
             "gradient_accumulation": f"one params entry per submodule, however often it is "
                                      f"called; jax.grad sums the uses (measured: w = 3 used "
                                      f"twice on x = 1: {len(grad)} entry, dy/dw = "

@@ -737,6 +737,10 @@ class Adapter(base.BaseAdapter):
         plain = len(Plain().collect_params().keys())
         ones = mx.nd.ones((1, 1, 4, 4), ctx=self.device)
         pools = nn.AvgPool2D(2)(ones).shape[-1], nn.AvgPool2D(3, 1, 1)(ones)[0, 0, 0, 0].asscalar()
+        causal = self.SelfAttention(1, True, True, 2)  # query 0 of two tokens; token 1 changed
+        causal.initialize(ctx=self.device)
+        attended = [causal(mx.nd.array(t, ctx=self.device))[0, 0].asnumpy() for t in (
+            [[[1.0, 0.5], [-0.5, 1.0]]], [[[1.0, 0.5], [2.0, -1.0]]])]
         where = "forward" if forward != 1.0 else "backward"
         estimator = "biased" if abs(backward - 4) < abs(backward - 8) else "unbiased"
         return {
@@ -744,6 +748,10 @@ class Adapter(base.BaseAdapter):
                                   "AvgPool2D(3, 1, padding=1)"),
             "batch_norm_momentum": "running = momentum * running + (1 - momentum) * batch "
                                    "(Gluon's BatchNorm momentum=0.9 is torch's 0.1)",
+            "attention_mask": base.causal_only_semantics(
+                "Gluon 1.9.1 has no attention block; the d2l-style build adds -1e9 to the "
+                "scores where key > query (d2l's masked_softmax: -1e6 beyond valid_lens)",
+                bool(np.array_equal(*attended))),
             "batch_norm_running_var": f"{estimator}, moved in BatchNorm's {where} (measured on "
                                       f"{self.device_kind}: batch variance 4, unbiased 8, "
                                       f"running {backward:.4g}); mxnet's CPU kernels: biased, in "

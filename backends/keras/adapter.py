@@ -831,6 +831,12 @@ class Adapter(base.BaseAdapter):
             ones, L = ops.ones((1, 4, 4, 1)), keras.layers
             side = L.AveragePooling2D(2)(ones).shape[1]
             corner = float(ops.convert_to_numpy(L.AveragePooling2D(3, 1, "same")(ones))[0, 0, 0, 0])
+            # query 0's mask row [True, False], query 1's [False, True]; token 1 then changed
+            mask = np.array([[[True, False], [False, True]]])
+            mha = L.MultiHeadAttention(1, key_dim=2)
+            outs = [ops.convert_to_numpy(mha(t, t, attention_mask=mask))[0, 0] for t in (
+                np.array([[[1.0, 0.5], [-0.5, 1.0]]], np.float32),
+                np.array([[[1.0, 0.5], [2.0, -1.0]]], np.float32))]
         return {**base.pool_semantics(side, "AveragePooling2D(2)", corner,
                                       "AveragePooling2D(3, 1, padding='same')"),
             "batch_norm_momentum": "moving = momentum * moving + (1 - momentum) * batch "
@@ -838,6 +844,8 @@ class Adapter(base.BaseAdapter):
                                    "plan's PyTorch momentum m is passed as 1 - m",
             "batch_norm_running_var": f"biased batch variance (ops.moments): the batch [0, 2] "
                                       f"with momentum 0 leaves moving_variance = {var:g}",
+            "attention_mask": base.attention_mask_semantics(
+                "MultiHeadAttention(attention_mask=bool)", bool(np.array_equal(*outs))),
             "gradient_accumulation": "one set of variables per layer instance; a layer called "
                                      "twice gets the sum of both uses' gradients",
             "custom_parameters": "add_weight in build() creates and tracks a variable, at the "

@@ -35,9 +35,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from backends import layers
 from backends.numpy import kernels
 from backends.base import (TRUNCATED_NORMAL_STD_CORRECTION, BaseAdapter, ParamInfo, ParamRef,
-                           SavedFile, calculate_gain, dirac_kernel, fan, given_in_size,
-                           iter_nodes, owned_params, param_roles, param_shapes, pool_semantics,
-                           torch_fans, trainable)
+                           SavedFile, calculate_gain, causal_only_semantics, dirac_kernel, fan,
+                           given_in_size, iter_nodes, owned_params, param_roles, param_shapes,
+                           pool_semantics, torch_fans, trainable)
 from backends.protocol import ModuleEntry, ModuleWalk, Plan, PlanNode
 
 DEFAULT_IMPL = "custom: numpy (PyTorch's default rule)"
@@ -889,12 +889,19 @@ class Adapter(BaseAdapter):
                        "biased: the batch variance itself (Keras', Flax's, Gluon's)")
         ones = np.ones((1, 1, 4, 4))
         pool = kernels.AvgPool2d.forward
+        w = {"in_proj_weight": np.eye(6, 2), "out_proj.weight": np.eye(2)}
+        attended = [kernels.MultiHeadAttention.forward(w, np.array(t), num_heads=1,
+                                                       causal=True)[0][0, 0]
+                    for t in ([[[1.0, 0.5], [-0.5, 1.0]]], [[[1.0, 0.5], [2.0, -1.0]]])]
         return {**pool_semantics(pool({}, ones, pool=2)[0].shape[-1], "AvgPool2d(pool=2)",
                                  pool({}, ones, pool=3, stride=1, padding=1)[0][0, 0, 0, 0],
                                  "AvgPool2d(pool=3, stride=1, padding=1)"),
             "batch_norm_momentum": "PyTorch's: running = (1 - momentum) * running + momentum "
                                    "* batch",
             "batch_norm_running_var": running_var,
+            "attention_mask": causal_only_semantics(
+                "the causal mask is -inf added to the scores where key > query (torch's float "
+                "attn_mask)", bool(np.array_equal(*attended))),
             "gradient_accumulation": "sums over uses, as autograd",
             "custom_parameters": "a dict of arrays by canonical name",
             "lstm_layout": "PyTorch's (kernels.LSTM): weight_ih_l0 (4H, in), weight_hh_l0 "

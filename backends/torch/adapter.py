@@ -330,6 +330,15 @@ class Adapter(TorchDevices, base.BaseAdapter):
 
         plain = len(list(Plain().parameters()))
         ones = torch.ones(1, 1, 4, 4)
+        # query 0's mask row [True, False], query 1's [False, True]; token 1 then changed
+        mask = torch.tensor([[True, False], [False, True]])
+        x = torch.tensor([[[1.0, 0.5], [-0.5, 1.0]]])
+        y = torch.tensor([[[1.0, 0.5], [2.0, -1.0]]])
+        mha = nn.MultiheadAttention(2, 1, batch_first=True)
+        with torch.no_grad():
+            blocks = [mha(t, t, t, need_weights=False, attn_mask=mask)[0][0, 0] for t in (x, y)]
+            sdpa = [nn.functional.scaled_dot_product_attention(t, t, t, attn_mask=mask)[0, 0]
+                    for t in (x, y)]
         return {**base.pool_semantics(nn.AvgPool2d(2)(ones).shape[-1], "AvgPool2d(2)",
                                       float(nn.AvgPool2d(3, 1, 1)(ones)[0, 0, 0, 0]),
                                       "AvgPool2d(3, 1, padding=1)"),
@@ -337,6 +346,10 @@ class Adapter(TorchDevices, base.BaseAdapter):
                                    "(torch.nn.BatchNorm*, momentum=0.1)",
             "batch_norm_running_var": "unbiased batch variance (n / (n - 1)); the output is "
                                       "normalized with the biased one",
+            "attention_mask": base.attention_mask_semantics(
+                "nn.MultiheadAttention(attn_mask=bool)", bool(torch.equal(*blocks)))
+            + "; " + base.attention_mask_semantics(
+                "F.scaled_dot_product_attention(attn_mask=bool)", bool(torch.equal(*sdpa))),
             "gradient_accumulation": "autograd sums every use of a parameter into one gradient",
             "custom_parameters": "nn.Parameter attributes of an nn.Module are registered; a "
                                  f"plain tensor attribute is silently not ({plain} parameters "
