@@ -13,7 +13,9 @@ HARNESS_DEVICE (``auto``, the default, ``cpu`` or ``cuda``) is the device the ba
 is asked for (a backend declaring ``devices: [cpu]`` runs on the CPU): ``cuda`` runs the whole
 suite on a GPU and fails where the framework cannot use one. HARNESS_TORCH_PYTHON names the
 interpreter of the torch backend where another backend's suite needs it (the conversion round
-trip) and no environment can be built (a machine without a package registry).
+trip) and no environment can be built (a machine without a package registry);
+HARNESS_TORCHVISION_PYTHON likewise names one with torch and torchvision for the torchvision
+checkpoint tests (else .envs/torch-torchvision, from backends/torch/requirements-torchvision.txt).
 """
 
 import os

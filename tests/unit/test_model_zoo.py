@@ -118,7 +118,7 @@ def test_zoo_spec_has_the_modules_state_dict_names_and_count(file):
         {k for k in expected if k.endswith((".running_mean", ".running_var"))}
 
 
-@pytest.mark.parametrize("file, out", [("resnet18.yaml", (1, 1000)), ("resnet50.yaml", (1, 1000)),
+@pytest.mark.parametrize("file, out", [("resnet18.yaml", (2, 1000)), ("resnet50.yaml", (1, 1000)),
                                        ("transformer_encoder_layer.yaml", (2, 8, 768)),
                                        ("gpt_block.yaml", (2, 8, 768))])
 def test_zoo_spec_output_shape(file, out):
