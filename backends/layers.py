@@ -139,6 +139,9 @@ class LayerType:
     #: it takes integer inputs in [0, integer_input(attrs)) (token ids): only as the spec's
     #: first layer, and the spec's input is then drawn as such integers; None: float inputs
     integer_input: Callable[[dict], int] | None = None
+    #: facts of each backend's semantics (backends/base.py ``SEMANTICS``) that a spec page
+    #: shows beside this layer's native names and layouts
+    semantics: tuple[str, ...] = ()
 
     def normalize(self, raw: dict) -> dict:
         """The plan attributes of a spec layer (every field, defaults filled in)."""
@@ -446,7 +449,7 @@ LAYERS: dict[str, LayerType] = {t.name: t for t in [
         ranks=(3,), takes="a 3-D (batch, seq, embed) input",
         shapes=_attention_shapes, output=_attention_output, flops=_attention_flops,
         memory=_attention_memory, fan_role="in_proj_weight",
-        native_fans={"keras_einsum": _keras_einsum_fans}),
+        native_fans={"keras_einsum": _keras_einsum_fans}, semantics=("attention_mask",)),
 ]}
 
 # ------------------------------------------------ layer norm, GELU, dropout, embedding (issue 17)

@@ -6,6 +6,9 @@ each ``(Context, spec, results) -> (status, Section) or None`` with status ``fai
 
 from __future__ import annotations
 
+from backends.base import SEMANTICS
+from backends.layers import LAYERS
+
 from . import analysis
 from . import document as doc
 from . import initializers as inits
@@ -60,25 +63,26 @@ def shapes(ctx, spec, recs):
     return _status(failed, _differs(cols)), Section("Names and shapes: canonical vs native", [
         Paragraph("Each framework's own name and shape for every canonical parameter "
                   "(PyTorch's names and layouts); frameworks that agree share a column."),
-        table, *_attention_masks(ctx, spec, recs)], "shapes")
+        table, *_layer_semantics(ctx, spec, recs)], "shapes")
 
 
-def _attention_masks(ctx, spec, recs) -> list:
-    """Beside the attention weights' native layouts: each framework's attention mask
-    convention, as its worker measured it, with what its backend.yaml declares."""
-    if not any(p.layer_type == "multi_head_attention" for p in spec.params):
-        return []
-    rows = []
-    for r in recs:
-        env = ctx.environments.get(r.backend)
-        said = (env.worker.semantics.get("attention_mask") if env and env.worker else None)
-        declared = env.declared.get("attention_mask") if env else None
-        rows.append([Code(r.backend), said or "–", declared or "–"])
-    return [Paragraph("The attention mask each framework takes (the spec's causal mask is "
-                      "given to each in its own convention, and the numerics check holds "
-                      "every one to the reference):"),
-            Table(["backend", "measured by its worker", "declared in its backend.yaml"],
-                  rows)]
+def _layer_semantics(ctx, spec, recs) -> list:
+    """Beside the native layouts: the semantic facts the spec's layer types name (the
+    registry's ``semantics``: an attention layer's mask convention), per framework, as its
+    worker measured them and as its backend.yaml declares them."""
+    keys = dict.fromkeys(k for p in spec.params for k in LAYERS[p.layer_type].semantics)
+    blocks = []
+    for key in keys:
+        rows = []
+        for r in recs:
+            env = ctx.environments.get(r.backend)
+            said = env.worker.semantics.get(key) if env and env.worker else None
+            declared = env.declared.get(key) if env else None
+            rows.append([Code(r.backend), said or "–", declared or "–"])
+        blocks += [Paragraph(f"Per framework, {SEMANTICS.get(key, key)}:"),
+                   Table(["backend", "measured by its worker", "declared in its backend.yaml"],
+                         rows)]
+    return blocks
 
 
 def lazy(ctx, spec, recs):

@@ -11,11 +11,12 @@ import os
 
 import numpy as np
 import pytest
-from unit_helpers import PYTHON, dense_spec, quiet
+from unit_helpers import PYTHON, ROOT, SPECS_DIR, dense_spec, quiet
 
 from backends.protocol import failed_record
 from harness import analysis, cli, report, rundir
 from harness.runner import BackendRun, run_worker
+from harness.spec import load_spec
 
 RUN = {"id": "test-run", "started": "2026-01-01 00:00:00 UTC", "device": "cpu",
        "command": "python -m harness compare (unit test)", "seed_note": "from each spec"}
@@ -373,3 +374,30 @@ def test_option_defaults_are_shown_beside_the_specs(numpy_run, numpy_session_run
     assert "| dropout.rate | 0.5 | keras | required (no default) |" in defaults
     assert "layer_norm.eps" not in render(specs, records, numpy_env(numpy_session_run),
                                           {"numpy": numpy_defaults})["defaults.md"]
+
+
+def test_the_attention_mask_convention_is_shown_beside_the_native_layouts(tmp_path,
+                                                                         numpy_defaults):
+    """A spec page with attention shows each framework's mask convention as its worker
+    measured it and its backend.yaml declares it (the registry's ``semantics`` of the layer
+    type); a spec without attention does not."""
+    from harness import envs
+
+    specs = [load_spec(ROOT / "tests" / "conformance" / "specs" / "conformance_attention.yaml"),
+             load_spec(SPECS_DIR / "lazy_mlp.yaml")]
+    result = run_worker("numpy", PYTHON, specs, tmp_path, device="cpu", timeout=60,
+                        progress=quiet)
+    records = [analysis.analyze(s, numpy_defaults, "numpy", rec, arr, None)
+               for s, rec, arr in zip(specs, result.records, result.arrays)]
+    declared = envs.discover()["numpy"].semantics
+    environments = {"numpy": BackendRun(interpreter=str(PYTHON), worker=result.environment,
+                                        wall_s=result.wall_s, log="logs/numpy.log",
+                                        declared=declared)}
+    pages = render(specs, records, environments, {"numpy": numpy_defaults})
+    page = pages["specs/conformance_attention.md"]  # one backend: the section is folded
+    shapes = page.split('<details id="shapes">', 1)[1].split("</details>", 1)[0]
+    assert "Per framework, what an attention mask's True means" in shapes
+    row = next(line for line in shapes.splitlines() if line.startswith("| `numpy` |"))
+    assert "(measured: the causal layer's query 0 ignores token 1)" in row
+    assert declared["attention_mask"].replace(">", "&gt;") in row
+    assert "attention mask" not in pages["specs/lazy_mlp.md"]
