@@ -221,3 +221,23 @@ def test_every_backend_declares_its_defaults_for_the_layers_that_differ(tmp_path
             "bytes_per_working: 8, per_layer_mib: 1, retained_per_spec_mib: 1}\n")
         with pytest.raises(UserError, match="option_defaults"):
             envs._load_backend(folder)
+
+
+def test_the_torch_suites_torchvision_environment_is_a_flavor_with_the_backends_pins():
+    """The torchvision checkpoint tests' environment is the torch backend's "torchvision"
+    flavor: its own requirements file and folder (the backend's environment never holds
+    torchvision), pinning the torch and numpy the backend pins, so the checkpoints it writes
+    are the backend's torch's, plus torchvision and every other package pinned."""
+    torch = envs.select(["torch"])[0]
+    flavor = dataclasses.replace(torch, flavor="torchvision")
+    assert flavor.requirements.name == "requirements-torchvision.txt"
+    assert flavor.env_name == "torch-torchvision" and flavor.env_dir != torch.env_dir
+
+    def pins(path):
+        lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+        return dict(ln.split("==") for ln in lines if ln)
+
+    backend, tv = pins(torch.requirements), pins(flavor.requirements)
+    assert {k: tv.get(k) for k in backend} == backend
+    assert set(tv) - set(backend) == {"torchvision", "pillow"} and "torchvision" not in backend
+    assert flavor.size is not None and flavor.size.disk_gb
