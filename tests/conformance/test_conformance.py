@@ -547,6 +547,62 @@ if BACKEND != "torch":  # torch's own modules run in the torch environment: only
     del test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it
 
 
+#: torch's own nn.LSTM / nn.GRU (batch_first, torch's own initialization, seeded) chained as
+#: conformance_recurrent chains them, under its layer names; writes the state_dict torch.save
+#: writes and the modules' output on the spec's input
+REAL_RECURRENT = """
+import sys
+import numpy as np
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.LSTM(3, 4, batch_first=True)
+        self.mix = nn.GRU(4, 3, batch_first=True)
+        self.plain = nn.GRU(3, 3, batch_first=True)
+        self.last = nn.LSTM(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = self.plain(self.mix(self.enc(x)[0])[0])[0]
+        return self.head(self.last(x)[0][:, -1])
+
+torch.manual_seed(3)
+net = Net().eval()
+torch.save(net.state_dict(), sys.argv[2])
+with torch.no_grad():
+    np.save(sys.argv[3], net(torch.from_numpy(np.load(sys.argv[1]))).numpy())
+"""
+
+
+def test_torch_lstm_gru_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
+    """A state_dict that torch.save wrote of nn.LSTM and nn.GRU modules themselves (not the
+    harness's) loads into the harness's torch model of conformance_recurrent, whose output on
+    the spec's input is theirs (gate order i, f, g, o and r, z, n, both biases, the reset gate
+    after the recurrent matmul, the last step of a return_sequences: false LSTM)."""
+    from harness.runner import make_input
+
+    spec = _spec("conformance_recurrent")
+    np.save(tmp_path / "x.npy", make_input(spec))
+    proc = subprocess.run([str(_interpreter(backend)), "-c", REAL_RECURRENT,
+                           str(tmp_path / "x.npy"), str(tmp_path / "real.pt"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    read = run_worker("torch", _interpreter(backend), [spec], tmp_path / "w", device="cpu",
+                      timeout=TIMEOUT, task="read_checkpoint",
+                      checkpoint=str(tmp_path / "real.pt"))
+    assert read.records[0].status == Status.OK, read.records[0].error
+    np.testing.assert_allclose(read.arrays[0]["output"], np.load(tmp_path / "y.npy"),
+                               rtol=0, atol=1e-6)
+
+
+if BACKEND != "torch":  # torch's own modules run in the torch environment: only its suite has it
+    del test_torch_lstm_gru_checkpoint_runs_as_torch_runs_it
+
+
 #: specs/models/transformer_encoder_layer.yaml (BERT-base sizes): the zoo's spec of
 #: nn.TransformerEncoderLayer, whose checkpoints the tests below take as torch.save wrote them
 ENCODER_LAYER = load_spec(ROOT / "specs" / "models" / "transformer_encoder_layer.yaml")
