@@ -24,6 +24,9 @@ from typing import Any
 #: bump when any record below changes shape; the parent refuses other versions
 SCHEMA_VERSION = 6
 
+#: the environment variable that gives a worker its harness's pid (backends.worker.die_with_parent)
+PARENT_VARIABLE = "HARNESS_PARENT_PID"
+
 
 class Status(str, enum.Enum):
     """What became of one (spec, backend) pair."""

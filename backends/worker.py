@@ -445,5 +445,30 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """End this worker (SIGKILL) when the harness that started it dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG, which execve keeps: a wrapper interpreter that execs the worker is
+    covered), and at once if the harness died before the prctl took effect (the worker was
+    adopted by another process and the harness's pid is gone). Done here, first thing, rather
+    than in the harness's preexec_fn: see PARENT_VARIABLE in harness/runner.py."""
+    parent = os.environ.get(protocol.PARENT_VARIABLE, "")
+    if not parent.isdigit():
+        return  # not started by the harness (run by hand)
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(parent):
+        try:
+            os.kill(int(parent), 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:
+            pass
+
+
 if __name__ == "__main__":
+    die_with_parent()
     sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,6 @@ what it finished before that is kept.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import layers, protocol
+from backends.protocol import PARENT_VARIABLE
 from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, ProtocolError,
                                Request, SpecRecord, Status, TimingRequest, failed_record)
 
@@ -225,19 +225,6 @@ def _group_rss(pgid: int) -> int:
     return total
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the worker, before exec: end it (SIGKILL) when the harness dies, even by SIGKILL,
-    so that no worker is left running without its parent (Linux prctl PR_SET_PDEATHSIG). A
-    harness that died before the prctl took effect is caught by the parent pid check."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _exit_cause(rc: int | None, killed: str | None) -> str:
     if killed:
         return killed
@@ -324,7 +311,13 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
     log_path = work_dir / "worker.log"
     set_here = {"PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        "PYTHONUNBUFFERED": "1"}
+        "PYTHONUNBUFFERED": "1",
+        # the worker ends itself with this process (backends.worker.die_with_parent): no
+        # preexec_fn here, which would make CPython fork() rather than vfork(), and fork() runs
+        # this process's atfork handlers, OpenBLAS's among them, which joins numpy's BLAS
+        # threads and can deadlock while another thread here is in a BLAS call (seen: compare
+        # hung, its launching thread in blas_thread_shutdown_)
+        PARENT_VARIABLE: str(os.getpid())}
     if settings.get("threads"):
         set_here.update(dict.fromkeys(THREAD_VARIABLES, str(settings["threads"])))
     set_here.update(env or {})
@@ -337,9 +330,7 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
                                      str(work_dir / "request.json")],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=ROOT, env=dict(os.environ, **set_here),
-                                    start_new_session=True,
-                                    preexec_fn=functools.partial(_die_with_parent,
-                                                                 os.getpid()))
+                                    start_new_session=True)
         except OSError as exc:
             ended.start_error = f"cannot start {python}: {exc}"
             return ended

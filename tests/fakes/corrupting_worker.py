@@ -112,6 +112,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    _die_with_parent()  # as the real worker does first thing: this wrapper is the harness's child
     if os.environ.get("CORRUPT_STARTED"):  # proof that a worker was started at all
         Path(os.environ["CORRUPT_STARTED"]).write_text(str(os.getpid()))
     request_path = Path(argv[-1])

@@ -1518,3 +1518,50 @@ def test_fuzzed_convert_inputs_are_refused_cleanly(tmp_path, case):
         outcome, evidence = fuzz_specs.classify_convert(case, args, before, {
             "rc": rc, "out": stdout, "err": err, "timed_out": False, "seconds": 0})
     assert outcome == "clean", (outcome, case.kind, case.note, evidence)
+
+
+# ------------------------------------------------------------------ worker start
+
+def test_workers_start_without_a_preexec_fn_and_know_their_harness(tmp_path, monkeypatch):
+    """run_worker starts the worker without a preexec_fn (which makes CPython fork() and run
+    the harness's atfork handlers: OpenBLAS's joins numpy's BLAS threads and deadlocked a
+    compare while another thread was in a BLAS call) and tells it the harness's pid, by which
+    the worker ends itself with the harness (backends.worker.die_with_parent)."""
+    import harness.runner as runner
+    from backends.protocol import PARENT_VARIABLE
+
+    seen = {}
+
+    def refuse(*args, **kwargs):
+        seen.update(kwargs)
+        raise OSError("not started")
+
+    monkeypatch.setattr(runner.subprocess, "Popen", refuse)
+    from harness.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, "quick"))
+    result = runner.run_worker("numpy", Path(sys.executable), [spec], tmp_path / "w",
+                               device="cpu", timeout=10, progress=lambda *a: None)
+    assert "not started" in str(result.records[0].error)
+    assert "preexec_fn" not in seen and seen["start_new_session"] is True
+    assert seen["env"][PARENT_VARIABLE] == str(os.getpid())
+
+
+@pytest.mark.parametrize("parent, rc", [("alive", 0), ("gone", 1), ("unset", 0)])
+def test_a_worker_whose_harness_is_gone_ends_at_once(parent, rc):
+    """die_with_parent: a worker adopted before its PR_SET_PDEATHSIG took effect (its harness
+    already gone) exits 1 at once; under a live harness, or run by hand, it goes on."""
+    from backends.protocol import PARENT_VARIABLE
+
+    env = {k: v for k, v in os.environ.items() if k != PARENT_VARIABLE}
+    if parent == "alive":
+        env[PARENT_VARIABLE] = str(os.getpid())
+    elif parent == "gone":
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        env[PARENT_VARIABLE] = str(dead.pid)
+    proc = subprocess.run([sys.executable, "-c", "from backends.worker import die_with_parent; "
+                           "die_with_parent(); print('went on')"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert ("went on" in proc.stdout) == (rc == 0)
