@@ -12,7 +12,7 @@ import re
 from backends.layers import LAYERS
 
 from . import document as doc
-from .analysis import GRADIENT, NUMERICS
+from .analysis import GRADIENT, NUMERICS, not_held
 from .document import Cell, Code, Link, Paragraph, Section, Strong
 from .known import exercised
 from .report import (REFERENCE, Context, _fmt, backend_table, default_kinds, short_init,
@@ -93,9 +93,21 @@ def defaults_grid(ctx: Context) -> list[Section]:
     backends = [b for b in ctx.backends if b in ctx.defaults_by_backend]
     if not kinds or not backends:
         return []
-    columns = [[short_init(ctx.defaults_by_backend[b][layer][role])
-                if role in ctx.defaults_by_backend[b].get(layer, {}) else "–"
-                for layer, role in kinds] for b in backends]
+    folded = {(r.backend, q.spec.layer_type, q.spec.role): q.record for r in ctx.results
+              for q in r.params if q.record is not None and q.record.folded_into is not None}
+
+    def cell(b, layer, role):
+        """The declared default; where this run saw the framework hold the role only summed
+        into another (``Fold``), what it holds instead."""
+        if role not in ctx.defaults_by_backend[b].get(layer, {}):
+            return "–"
+        drawn = short_init(ctx.defaults_by_backend[b][layer][role])
+        rec = folded.get((b, layer, role))
+        if rec is None:
+            return drawn
+        return f"{drawn}; " + not_held(rec).replace(rec.folded_into,
+                                                    rec.folded_into.rsplit(".", 1)[-1])
+    columns = [[cell(b, layer, role) for layer, role in kinds] for b in backends]
     table = backend_table([[f"{layer} {role}"] for layer, role in kinds], ["parameter kind"],
                           backends, columns)
     differ = [f"{layer} {role} ({len(set(col[i] for col in columns))})"
