@@ -522,15 +522,15 @@ with torch.no_grad():
 """
 
 
-def test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
-    """A state_dict that torch.save wrote of a module built from nn.MultiheadAttention itself
-    (not the harness's) loads into the harness's torch model of conformance_attention, whose
-    output on the spec's input is torch's own module's, causal masks included."""
+def _torch_module_runs_as_torch_runs_it(backend, tmp_path, spec_name, program):
+    """Runs ``program`` (torch's own modules: argv input .npy, checkpoint, output .npy) in the
+    torch environment on the spec's input, loads the checkpoint it saved into the harness's
+    torch model of the spec and requires the module's output."""
     from harness.runner import make_input
 
-    spec = _spec("conformance_attention")
+    spec = _spec(spec_name)
     np.save(tmp_path / "x.npy", make_input(spec))
-    proc = subprocess.run([str(_interpreter(backend)), "-c", REAL_ATTENTION,
+    proc = subprocess.run([str(_interpreter(backend)), "-c", program,
                            str(tmp_path / "x.npy"), str(tmp_path / "real.pt"),
                            str(tmp_path / "y.npy")], capture_output=True, text=True,
                           timeout=TIMEOUT)
@@ -541,6 +541,14 @@ def test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it(backend, tmp
     assert read.records[0].status == Status.OK, read.records[0].error
     np.testing.assert_allclose(read.arrays[0]["output"], np.load(tmp_path / "y.npy"),
                                rtol=0, atol=1e-6)
+
+
+def test_torch_multihead_attention_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
+    """A state_dict that torch.save wrote of a module built from nn.MultiheadAttention itself
+    (not the harness's) loads into the harness's torch model of conformance_attention, whose
+    output on the spec's input is torch's own module's, causal masks included."""
+    _torch_module_runs_as_torch_runs_it(backend, tmp_path, "conformance_attention",
+                                        REAL_ATTENTION)
 
 
 if BACKEND != "torch":  # torch's own modules run in the torch environment: only its suite has it
@@ -582,21 +590,8 @@ def test_torch_lstm_gru_checkpoint_runs_as_torch_runs_it(backend, tmp_path):
     harness's) loads into the harness's torch model of conformance_recurrent, whose output on
     the spec's input is theirs (gate order i, f, g, o and r, z, n, both biases, the reset gate
     after the recurrent matmul, the last step of a return_sequences: false LSTM)."""
-    from harness.runner import make_input
-
-    spec = _spec("conformance_recurrent")
-    np.save(tmp_path / "x.npy", make_input(spec))
-    proc = subprocess.run([str(_interpreter(backend)), "-c", REAL_RECURRENT,
-                           str(tmp_path / "x.npy"), str(tmp_path / "real.pt"),
-                           str(tmp_path / "y.npy")], capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr
-    read = run_worker("torch", _interpreter(backend), [spec], tmp_path / "w", device="cpu",
-                      timeout=TIMEOUT, task="read_checkpoint",
-                      checkpoint=str(tmp_path / "real.pt"))
-    assert read.records[0].status == Status.OK, read.records[0].error
-    np.testing.assert_allclose(read.arrays[0]["output"], np.load(tmp_path / "y.npy"),
-                               rtol=0, atol=1e-6)
+    _torch_module_runs_as_torch_runs_it(backend, tmp_path, "conformance_recurrent",
+                                        REAL_RECURRENT)
 
 
 if BACKEND != "torch":  # torch's own modules run in the torch environment: only its suite has it
@@ -658,6 +653,25 @@ if BACKEND != "torch":  # torch's own module runs in the torch environment: only
     del test_real_torch_transformer_encoder_layer_checkpoint_runs_as_torch_runs_it
 
 
+def _convert_there_and_back(backend, spec, real, suffix, torch_python, tmp_path) -> Path:
+    """``python -m harness convert`` of the torch checkpoint ``real`` to this backend (a file
+    of ``suffix``) and back to torch: each call must exit 0 and say its outputs agree; returns
+    the torch file that came back."""
+    middle, back = tmp_path / f"middle{suffix}", tmp_path / "back.pt"
+    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
+                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
+               if p]
+    for src, weights, dst, out in (("torch", real, backend.name, middle),
+                                   (backend.name, middle, "torch", back)):
+        proc = subprocess.run([sys.executable, "-m", "harness", "convert", spec.file,
+                               "--from", src, "--weights", str(weights), "--to", dst, "--out",
+                               str(out), *pythons], cwd=ROOT, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "agree" in proc.stdout and out.is_file()
+    return back
+
+
 def test_convert_real_transformer_encoder_layer_checkpoint_through_this_backend(
         backend, analyzed, tmp_path):
     """A real nn.TransformerEncoderLayer checkpoint (torch.save of its state_dict) converts
@@ -670,18 +684,7 @@ def test_convert_real_transformer_encoder_layer_checkpoint_through_this_backend(
         else ensure_env(select(["torch"])[0])
     real, _ = _real_encoder_layer(torch_python, tmp_path)
     suffix = analyzed["lazy_mlp"].record.save_load.file.removeprefix("model")
-    middle, back = tmp_path / f"middle{suffix}", tmp_path / "back.pt"
-    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
-                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
-               if p]
-    for src, weights, dst, out in (("torch", real, backend.name, middle),
-                                   (backend.name, middle, "torch", back)):
-        proc = subprocess.run([sys.executable, "-m", "harness", "convert", ENCODER_LAYER.file,
-                               "--from", src, "--weights", str(weights), "--to", dst, "--out",
-                               str(out), *pythons], cwd=ROOT, capture_output=True, text=True,
-                              timeout=TIMEOUT)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "agree" in proc.stdout and out.is_file()
+    back = _convert_there_and_back(backend, ENCODER_LAYER, real, suffix, torch_python, tmp_path)
     read = [run_worker("torch", torch_python, [ENCODER_LAYER], tmp_path / f"r{i}", device="cpu",
                        timeout=TIMEOUT, task="read_checkpoint", checkpoint=str(path))
             for i, path in enumerate((real, back))]
@@ -828,19 +831,8 @@ def test_convert_real_torchvision_resnet18_checkpoint_through_this_backend(backe
     torch_python = Path(os.environ["HARNESS_TORCH_PYTHON"]) \
         if os.environ.get("HARNESS_TORCH_PYTHON") else ensure_env(select(["torch"])[0])
     real, _ = _torchvision_resnet("resnet18", tmp_path)
-    middle = tmp_path / f"middle{backend.checkpoint.get('suffix', '')}"
-    back = tmp_path / "back.pt"
-    pythons = [f"--python={b}={p}" for b, p in (("torch", torch_python),
-                                                 (backend.name, os.environ.get("HARNESS_PYTHON")))
-               if p]
-    for src, weights, dst, out in (("torch", real, backend.name, middle),
-                                   (backend.name, middle, "torch", back)):
-        proc = subprocess.run([sys.executable, "-m", "harness", "convert", RESNET18.file,
-                               "--from", src, "--weights", str(weights), "--to", dst, "--out",
-                               str(out), *pythons], cwd=ROOT, capture_output=True, text=True,
-                              timeout=TIMEOUT)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "agree" in proc.stdout and out.is_file()
+    back = _convert_there_and_back(backend, RESNET18, real, backend.checkpoint.get("suffix", ""),
+                                   torch_python, tmp_path)
     proc = subprocess.run([str(torch_python), "-c", STATE_DICTS_DIFFER, str(real), str(back)],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
