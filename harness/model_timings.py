@@ -20,7 +20,7 @@ from pathlib import Path
 from .analysis import EAGER
 from .document import Cell, Link, Paragraph, Strong, Table
 from .report import Context, sig, spec_page_id
-from .timing_digest import columns_of, rows_of
+from .timing_digest import columns_of, is_ranked, missing_cell, rows_of
 
 #: where the zoo lives (a spec file whose directory ends so is a zoo model)
 ZOO_DIR = ("specs", "models")
@@ -67,10 +67,6 @@ def memory_of(t) -> tuple[str, int] | None:
     return None
 
 
-def _ranked(t) -> bool:
-    return t.stats is not None and not t.not_compiled
-
-
 def _grid(rows, cols, value, fmt, *, higher_better: bool, mark=None) -> list[list]:
     """Cells of one grid: ``value(spec, t)`` (None: no figure) formatted by ``fmt`` (and
     ``mark(t)`` appended), the best ranked value of each row (and any within 1 %) in bold; a
@@ -81,15 +77,13 @@ def _grid(rows, cols, value, fmt, *, higher_better: bool, mark=None) -> list[lis
         kind, n = items_per_call(spec)
         row = [Link(spec.name, spec_page_id(spec.name), "timing"), phase,
                Cell(f"{n:,} {kind[:-1] if n == 1 else kind}", sort=n)]
-        values = {k: value(spec, t) for k, t in cells.items() if k in cols and _ranked(t)}
+        values = {k: value(spec, t) for k, t in cells.items() if k in cols and is_ranked(t)}
         ranked = [v for v in values.values() if v is not None]
         best = (max if higher_better else min)(ranked) if ranked else None
         for key in cols:
             t = cells.get(key)
-            if t is None:
-                row.append("")
-            elif t.stats is None:
-                row.append(Cell("error", muted=True))
+            if (blank := missing_cell(t)) is not None:
+                row.append(blank)
             elif t.not_compiled:
                 row.append(Cell("nc", muted=True))
             elif values.get(key) is None:
@@ -131,7 +125,7 @@ def blocks(ctx: Context) -> list:
     if not rows:
         return []
     cols = columns_of(ctx, rows)
-    ranked = [(spec, t) for spec, _, cells in rows for t in cells.values() if _ranked(t)]
+    ranked = [(spec, t) for spec, _, cells in rows for t in cells.values() if is_ranked(t)]
 
     def unit(value, units):
         return select_unit([v for s, t in ranked if (v := value(s, t)) is not None], units)

@@ -80,8 +80,17 @@ def overhead_floors(ctx: Context) -> tuple[dict, str | None]:
     return floors, cheapest.name
 
 
-def _ranked(t) -> bool:
+def is_ranked(t) -> bool:
+    """A step that was timed and, if compiled, proved it compiled: what a grid ranks."""
     return t.stats is not None and not t.not_compiled
+
+
+def missing_cell(t):
+    """A grid's cell for a step with no figure: empty where the run has no such step,
+    ``error`` (muted) where it failed; None for a step that has one."""
+    if t is None:
+        return ""
+    return Cell("error", muted=True) if t.stats is None else None
 
 
 def grid(ctx: Context, specs=None, link_specs: bool = True) -> tuple[Table, str, bool] | None:
@@ -95,17 +104,15 @@ def grid(ctx: Context, specs=None, link_specs: bool = True) -> tuple[Table, str,
     floors, _ = overhead_floors(ctx)
     out, any_bound = [], False
     for spec, phase, cells in rows:
-        ranked = {k: t for k, t in cells.items() if _ranked(t)}
+        ranked = {k: t for k, t in cells.items() if is_ranked(t)}
         best = min(ranked, key=lambda k: ranked[k].stats.median) if ranked else None
         label = Link(spec.name, spec_page_id(spec.name), "timing") if link_specs else spec.name
         flops = spec.flops_per_sample * spec.input_shape[0] * (3 if phase == "train" else 1)
         row = [label, phase, str(spec.input_shape[0]), Cell(si(flops, "FLOP"), sort=flops)]
         for key in cols:
             t = cells.get(key)
-            if t is None:
-                row.append("")
-            elif t.stats is None:
-                row.append(Cell("error", muted=True))
+            if (blank := missing_cell(t)) is not None:
+                row.append(blank)
             else:
                 text = sig(t.stats.median * scale) + ("~" if t.stats.noisy else "")
                 if t.not_compiled:
