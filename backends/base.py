@@ -1047,9 +1047,12 @@ class BaseAdapter:
 
     # -- training semantics ------------------------------------------------------------------
 
-    def grads(self, model: Any, x: Any, cotangent: Any) -> tuple[Any, dict[str, Any]]:
-        """One training-mode forward of device-resident ``x``, the loss ``sum(output *
-        cotangent)`` (``cotangent`` device-resident, in the output's layout), and its backward.
+    def grads(self, model: Any, x: Any, cotangent: Any,
+              training: bool = True) -> tuple[Any, dict[str, Any]]:
+        """One training-mode forward of device-resident ``x`` (``training`` False: inference
+        mode, batch norm from its running statistics, which stay as they are), the loss
+        ``sum(output * cotangent)`` (``cotangent`` device-resident, in the output's layout), and
+        its backward; dropout is the identity either way.
 
         Returns ``(output, {canonical name: gradient})``: every trainable parameter once (a
         shared one under its canonical name, its uses accumulated as the framework does),
@@ -1058,10 +1061,14 @@ class BaseAdapter:
         on the CPU updates them in the backward); parameters are not changed."""
         raise NotImplementedError
 
-    def gradients(self, model: Any, x: np.ndarray, cotangent: np.ndarray):
+    def gradients(self, model: Any, x: np.ndarray, cotangent: np.ndarray,
+                  training: bool = True):
         """``grads`` from host to host: (canonical output, {name: canonical float32 gradient});
         a folded row's gradient is its host's (``Fold``: both add to one pre-activation)."""
-        y, grads = self.grads(model, self.to_device(x), self.to_device(cotangent))
+        x, cotangent = self.to_device(x), self.to_device(cotangent)
+        # an adapter written before ``training`` existed is asked only what it can do
+        y, grads = self.grads(model, x, cotangent) if training else \
+            self.grads(model, x, cotangent, training=False)
         self.block((y, grads))
         refs = self.canonical_refs(model)
         by_name = {ref.name: ref for ref in refs}

@@ -92,6 +92,9 @@ class Plan:
     #: the spec's ``init_by_type``: layer type -> role -> INIT (every argument filled in), for
     #: the adapter to realize by the framework's own walk over its layers after the build
     init_by_type: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: the spec's ``inference_gradients``: the gradient pass also in inference mode (batch norm
+    #: from its running statistics), beside the training-mode one
+    inference_gradients: bool = False
 
 
 @dataclass
@@ -324,7 +327,10 @@ class SpecRecord:
     ``param/<name>`` (initial values, canonical layout), ``output`` (first forward),
     ``probe_output`` (forward with the probe parameters), ``mode_output/<mode>`` (the same in a
     compiled mode), ``grad/<name>``, ``train_output``, ``trained/<name>`` (the gradient pass),
-    ``reference_biased/<name>`` (the NumPy reference only)."""
+    ``inference_grad/<name>`` (the spec's ``inference_gradients``), ``reference_biased/<name>``
+    and ``float32/<probe_output, train_output, grad/<name>, inference_grad/<name>,
+    trained/<name>>`` (the NumPy reference only: its other running-variance rule, its float32
+    twin)."""
     spec: str
     status: Status
     error: str | None = None

@@ -147,8 +147,10 @@ class _Spec:
         return rec, self.arrays
 
     def gradients(self, model) -> None:
-        """Probe parameters, one training-mode forward, loss sum(output * C), backward."""
+        """Probe parameters, one training-mode forward, loss sum(output * C), backward (first
+        in inference mode too where the spec asks: ``inference_grad/<name>``)."""
         a = self.adapter
+        self.inference_gradients(model)
         self.load_probe(model)
         y, grads = a.gradients(model, self.x, self.cotangent)
         self.arrays["train_output"] = y
@@ -164,6 +166,30 @@ class _Spec:
             finally:
                 a.running_var_estimator = "unbiased"
             self.arrays.update({f"reference_biased/{n}": v for n, v in a.values(model).items()})
+            self.float32_twin(model)
+
+    def inference_gradients(self, model, prefix: str = "") -> None:
+        """The spec's ``inference_gradients``: the gradient pass with batch norm from its
+        (probe) running statistics."""
+        if self.plan.inference_gradients:
+            self.load_probe(model)
+            _, grads = self.adapter.gradients(model, self.x, self.cotangent, training=False)
+            self.arrays.update({f"{prefix}inference_grad/{n}": g for n, g in grads.items()})
+
+    def float32_twin(self, model) -> None:
+        """The reference's float32 twin: the probe forward and the gradient pass again, the
+        reference computing in float32. How far that moves each result from the float64 one is
+        how much float32 rounding alone can move it on this spec (the parent's tolerances)."""
+        a = self.adapter
+        with a.computing_in(np.float32):
+            self.inference_gradients(model, "float32/")
+            self.load_probe(model)
+            self.arrays["float32/probe_output"] = a.forward(model, self.x)
+            self.load_probe(model)
+            y, grads = a.gradients(model, self.x, self.cotangent)
+            self.arrays["float32/train_output"] = y
+            self.arrays.update({f"float32/grad/{n}": g for n, g in grads.items()})
+            self.arrays.update({f"float32/trained/{n}": v for n, v in a.values(model).items()})
 
     def save_load(self, model) -> None:
         """Native save, a fresh model of the same plan, native load, the same output?"""

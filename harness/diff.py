@@ -37,7 +37,8 @@ _STR = {"type": "string", "maxLength": 100_000}
 _NUM = {"type": ["number", "null"]}
 _CHECK = {"type": "object", "required": ["check", "passed"],
           "properties": {"check": _STR, "passed": {"type": "boolean"},
-                         "known": {"type": ["string", "null"]}}}
+                         "known": {"type": ["string", "null"]},
+                         "unjudged": {"type": ["string", "null"]}}}
 SCHEMA = {
     "type": "object",
     "required": ["schema_version", "run", "environments", "results"],
@@ -94,12 +95,14 @@ def _verdict(r: dict) -> str:
     return "pass" if r["passed"] else "FAIL"
 
 
-PASS, KNOWN, FAIL = "pass", "known", "FAIL"
+PASS, KNOWN, UNJUDGED, FAIL = "pass", "known", "not judged", "FAIL"
 
 
 def _state(c: dict) -> str:
-    """pass; known (failed as a declared known framework issue, which holds); FAIL."""
-    return PASS if c["passed"] else KNOWN if c.get("known") else FAIL
+    """pass; known (failed as a declared known framework issue, which holds); not judged
+    (failed where the comparison was measured to be meaningless); FAIL."""
+    return PASS if c["passed"] else KNOWN if c.get("known") else \
+        UNJUDGED if c.get("unjudged") else FAIL
 
 
 def _checks(r: dict) -> dict[str, str]:
@@ -189,9 +192,11 @@ def diff(path_a: str, path_b: str) -> tuple[list[str], bool]:
         newly = [c for c in cb if cb[c] == FAIL and ca.get(c, PASS) != FAIL]
         fixed = [c for c in cb if cb[c] == PASS and ca.get(c, PASS) != PASS]
         known = [c for c in cb if cb[c] == KNOWN and ca.get(c, PASS) != KNOWN]
+        unjudged = [c for c in cb if cb[c] == UNJUDGED and ca.get(c, PASS) != UNJUDGED]
         worse |= bool(newly)
         for what, names in (("now fails", newly), ("now passes", fixed),
-                            ("now fails as a declared known framework issue", known)):
+                            ("now fails as a declared known framework issue", known),
+                            ("now not judged (measured ill-conditioned)", unjudged)):
             if names:
                 shown = "; ".join(one_line(n, 200) for n in names[:8])
                 more = f"; and {len(names) - 8} more" if len(names) > 8 else ""

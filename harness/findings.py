@@ -12,7 +12,7 @@ import re
 from backends.layers import LAYERS
 
 from . import document as doc
-from .analysis import GRADIENT, NUMERICS, not_held
+from .analysis import COMPILED, GRADIENT, ILL_CONDITIONED, NUMERICS, not_held
 from .document import Cell, Code, Link, Paragraph, Section, Strong
 from .known import exercised
 from .report import (REFERENCE, Context, _fmt, backend_table, default_kinds, short_init,
@@ -29,13 +29,14 @@ def known_limitations(ctx: Context) -> list[Section]:
             if not hits:
                 continue
             spec = hits[0][0].spec
+            where = "timing" if hits[0][1].name == COMPILED else "failures"
             subjects = ", ".join(dict.fromkeys(c.subject or c.name for _, c in hits))
             out.append(Section(f"Known limitation: {backend}: {lim.what}", summary=[
                 f"{backend}: {lim.what} ({len(hits)} check{'s' * (len(hits) != 1)} on ",
-                Link(spec, spec_page_id(spec), "timing"), "; declared in backend.yaml with its "
+                Link(spec, spec_page_id(spec), where), "; declared in backend.yaml with its "
                 "source, so a finding, not a failure)"], blocks=[Paragraph([
                 f"{len(hits)} check{'s' * (len(hits) != 1)} on ",
-                Link(spec, spec_page_id(spec), "timing"), f" ({subjects}) failed as declared: "
+                Link(spec, spec_page_id(spec), where), f" ({subjects}) failed as declared: "
                 f"{lim.reason}. Source: {lim.source}. Declared in ", Code(lim.declared_in),
                 " (strict: should it stop happening, the run fails until the declaration is "
                 "removed); not counted as a failure of the run."])],
@@ -343,7 +344,7 @@ def numerics(ctx: Context) -> list[Section]:
     for name in (NUMERICS, GRADIENT):
         checks = [(c.observed / c.expected if c.expected else 0.0, r, c) for r in ctx.results
                   for c in r.checks_named(name) if isinstance(c.observed, float)
-                  and isinstance(c.expected, float)]
+                  and isinstance(c.expected, float) and not c.unjudged]
         if checks:
             worst[name] = max(checks, key=lambda t: t[0])
     if not worst:
@@ -365,6 +366,19 @@ def numerics(ctx: Context) -> list[Section]:
         f"{'output' if n == NUMERICS else 'gradient'} {_fmt(c.observed, 2)} "
         f"({f * 100:.2g}% of its tolerance, {r.backend} {r.spec})"
         for n, (f, r, c) in worst.items())
+    unjudged = {}
+    for r in ctx.results:
+        for c in r.checks_named(GRADIENT):
+            if c.unjudged:
+                unjudged.setdefault(r.spec, (c.unjudged, set(), []))[1].add(r.backend)
+                unjudged[r.spec][2].append(c)
+    for spec, (why, backends, checks) in unjudged.items():
+        headline[0] += (f"; {spec}: {len(checks)} training-mode gradient comparisons not "
+                        f"judged ({ILL_CONDITIONED})")
+        items.append([Strong(f"{spec}: training-mode gradients not judged"), f": {why}. "
+                      f"{len(checks)} comparisons on {', '.join(sorted(backends))} "
+                      f"(largest error {_fmt(max(c.observed for c in checks), 3)}); ",
+                      Link(f"{spec} gradients", spec_page_id(spec), "gradients")])
     return [Section("Numerics against the NumPy reference", summary=headline, blocks=[
         Paragraph(("Every framework's output and gradients match the float64 NumPy reference "
                    "within tolerance, with the same probe parameters." if not failed else

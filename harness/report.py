@@ -25,8 +25,8 @@ from pathlib import Path
 
 from . import document as doc
 from . import initializers as inits
-from .analysis import (COMPILED, GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES, NUMERICS,
-                       OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
+from .analysis import (COMPILED, GRADIENT, INFERENCE_GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES,
+                       NUMERICS, OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
                        SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, Result, not_held)
 from .document import Cell, Code, Link, Paragraph, Section, Strong, Table
 from .known import STILL_HAPPENS
@@ -173,6 +173,7 @@ CATEGORIES = {NAMES: "structure", OUTPUT_SHAPE: "structure", PARAM_COUNT: "struc
               LAZY_BEFORE: "structure", LAZY_AFTER: "structure", SHAPE: "structure",
               SHARED_WITH: "structure", TRAINABLE: "structure", NUMERICS: "numerics",
               GRADIENT: "gradients", TRAIN_OUTPUT: "gradients", RUNNING_STAT: "batch norm",
+              INFERENCE_GRADIENT: "gradients",
               SAVE_LOAD: "save/load", COMPILED: "compiled", PHASE: "phases ran",
               STILL_HAPPENS: "known issues"}
 CATEGORY_ORDER = ["structure", "initial values", "numerics", "gradients", "batch norm",

@@ -522,8 +522,9 @@ def _read_json(path: Path, cls, label: str):
 
 
 #: what a worker's arrays may be called: anything else is not its output
-ARRAY_KEY = re.compile(r"(output|probe_output|train_output|(param|grad|trained|reference_biased)"
-                       r"/[A-Za-z0-9_.]+|mode_output/[A-Za-z0-9_]+)\Z")
+ARRAY_KEY = re.compile(r"(output|(float32/)?(probe_output|train_output|"
+                       r"(grad|inference_grad|trained)/[A-Za-z0-9_.]+)"
+                       r"|(param|reference_biased)/[A-Za-z0-9_.]+|mode_output/[A-Za-z0-9_]+)\Z")
 
 
 def _read_npz(path: Path, label: str, max_bytes: int | None) -> dict[str, np.ndarray]:

@@ -65,6 +65,7 @@ SCHEMA = {
         "input_fill": {"type": "number"},
         "loss": {"enum": list(LOSSES)},
         "probe": {"enum": ["random", "initial"]},
+        "inference_gradients": {"type": "boolean"},
         "timing": {"type": "boolean"},
         "init": {"type": "object", "additionalProperties": False,
                  "properties": {"weight": layers.INIT, "bias": layers.INIT}},
@@ -693,11 +694,18 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     plan = protocol.decode(Plan, {"name": doc["name"], "seed": seed,
                                   "input_shape": list(input_shape), "layers": nodes,
                                   "timed": doc.get("timing", True),
-                                  "init_by_type": b.by_type}, "plan")
+                                  "init_by_type": b.by_type,
+                                  "inference_gradients": doc.get("inference_gradients", False)},
+                           "plan")
     _check_float32_numbers(b, doc)
     params = list(b.params.values())
     for p in params:
         p.shared_with.sort()
+    if plan.inference_gradients and not any(p.role.startswith("running_") for p in params):
+        b.fail("inference_gradients", "inference_gradients: true, but no layer of the spec "
+                                      "computes differently in inference mode (no running "
+                                      "statistics, as batch norm's): its gradients would be the "
+                                      "training-mode ones again")
     if doc.get("probe") == "initial":
         for p in params:  # deterministic by its expectation: nothing materialized here
             if p.init["name"] == "default" or not isinstance(

@@ -13,9 +13,10 @@ from . import analysis
 from . import document as doc
 from . import initializers as inits
 from . import stats
-from .analysis import (COMPILED, GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, GRADIENT, INIT_BY_TYPE,
-                       LAZY_AFTER, LAZY_BEFORE, MODULE_WALK, NAMES, NUMERICS, NUMERICS_ATOL, NUMERICS_RTOL, RUNNING_STAT,
-                       SAVE_LOAD, TRAIN_OUTPUT, Result)
+from .analysis import (COMPILED, FLOAT32_FACTOR, GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, GRADIENT,
+                       ILL_CONDITIONED, INFERENCE_GRADIENT, INIT_BY_TYPE, LAZY_AFTER,
+                       LAZY_BEFORE, MODULE_WALK, NAMES, NUMERICS, NUMERICS_ATOL, NUMERICS_RTOL,
+                       RUNNING_STAT, SAVE_LOAD, TRAIN_OUTPUT, Result)
 from .document import Cell, Code, CodeBlock, Figure, Link, Paragraph, Section, Strong, Table
 from .envs import display_path
 from .report import (REFERENCE, Context, _fmt, _verdict_text, backend_table,
@@ -283,15 +284,21 @@ def numerics(ctx, spec, recs):
 def gradients(ctx, spec, recs):
     rows = []
     for r in recs:
-        for c in r.checks_named(GRADIENT) + r.checks_named(TRAIN_OUTPUT):
-            small = r.small_values.get(f"grad/{c.subject}" if c.subject else "train_output")
-            rows.append([c.subject or "output (training mode)", r.backend,
-                         _fmt(c.observed, 3), _fmt(c.expected, 3),
-                         Cell("pass" if c.passed else "FAIL", bold=not c.holds),
-                         _values(small)])
+        for c in r.checks_named(GRADIENT) + r.checks_named(TRAIN_OUTPUT) + \
+                r.checks_named(INFERENCE_GRADIENT):
+            small = None if c.name == INFERENCE_GRADIENT else \
+                r.small_values.get(f"grad/{c.subject}" if c.subject else "train_output")
+            what = f"{c.subject} (inference mode)" if c.name == INFERENCE_GRADIENT else \
+                c.subject or "output (training mode)"
+            rows.append([what, r.backend, _fmt(c.observed, 3), _fmt(c.expected, 3),
+                         Cell(c.verdict, bold=not c.holds), _values(small)])
     if not rows:
         return None
-    failed = _any_failed(recs, (GRADIENT, TRAIN_OUTPUT))
+    failed = _any_failed(recs, (GRADIENT, TRAIN_OUTPUT, INFERENCE_GRADIENT))
+    unjudged = [c for r in recs for c in r.checks_named(GRADIENT) if c.unjudged]
+    widened = sum(ILL_CONDITIONED in c.detail for r in recs
+                  for n in (GRADIENT, TRAIN_OUTPUT, INFERENCE_GRADIENT)
+                  for c in r.checks_named(n))
     loss = "sum(output)" if spec.loss == "sum" else \
         "sum(output * C), C drawn once from N(0, 1) (so a transposed or wrongly summed " \
         "gradient shows)"
@@ -302,14 +309,25 @@ def gradients(ctx, spec, recs):
     blocks = [Paragraph(f"With the probe parameters, one forward in training mode and the "
                         f"gradient of {loss}, in canonical layout. Tolerance per gradient: "
                         f"{GRAD_ATOL:g} + {GRAD_RTOL:g} * max(max |reference gradient|, "
-                        f"{GRAD_FLOOR:g} * the spec's largest reference gradient)."
+                        f"{GRAD_FLOOR:g} * the spec's largest reference gradient)"
+                        + (f", or {FLOAT32_FACTOR:g} times the distance of the reference's "
+                           f"float32 twin where that is more ({widened} comparisons here: "
+                           f"{ILL_CONDITIONED})" if widened else "") + "."
+                        + (" Where the spec asks (inference_gradients), the same in inference "
+                           "mode, batch norm from its running statistics."
+                           if any(r.checks_named(INFERENCE_GRADIENT) for r in recs) else "")
+                        + (f" Not judged: {len(unjudged)} failed training-mode comparisons: "
+                           f"{unjudged[0].unjudged}." if unjudged else "")
                         + (f" The NumPy reference's values: {lesson}." if lesson else "")),
               Table(["gradient of", "backend", "max abs error", "tolerance", "verdict",
                      "values (16 or fewer)"], rows)]
     return _status(failed, False), Section("Gradients against the NumPy reference", blocks,
                                            "gradients", folded=not failed,
                                            summary="every gradient within tolerance"
-                                           + (f" ({lesson} everywhere)" if lesson else ""))
+                                           + (f" ({lesson} everywhere)" if lesson else "")
+                                           + (f"; {len(unjudged)} training-mode comparisons "
+                                              f"not judged ({ILL_CONDITIONED})"
+                                              if unjudged else ""))
 
 
 def _values(values) -> str:

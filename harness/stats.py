@@ -40,6 +40,9 @@ class Check:
     #: a failed check that a backend.yaml declaration explains (a known framework limitation
     #: or defect): what it says, in one line; such a failure is a finding, not a failure
     known: str | None = None
+    #: a failed comparison that says nothing about the framework, measured so, and judged
+    #: another way (an ill-conditioned gradient, judged in inference mode): why, in one line
+    unjudged: str | None = None
 
     @property
     def label(self) -> str:
@@ -47,14 +50,21 @@ class Check:
 
     @property
     def holds(self) -> bool:
-        """Passed, or failed as a declared known limitation or defect says it must."""
-        return self.passed or self.known is not None
+        """Passed, or failed as a declared known limitation or defect says it must, or failed
+        where the comparison was measured to be meaningless (``unjudged``)."""
+        return self.passed or self.known is not None or self.unjudged is not None
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "not judged" if self.unjudged else "FAIL"
 
     def to_json(self) -> dict:
         out = {"check": self.label, "passed": bool(self.passed), "observed": self.observed,
                "expected": self.expected, "detail": self.detail}
         if self.known is not None:
             out["known"] = self.known
+        if self.unjudged is not None:
+            out["unjudged"] = self.unjudged
         return out
 
 

@@ -611,6 +611,16 @@ class Adapter(JaxDevices, base.BaseAdapter):
             return self.jnp.sum(y * cotangent), (y, updates)
         return self.jax.value_and_grad(loss, has_aux=True)(params)
 
+    def _inference_loss_grads(self, module, variables, x, cotangent):
+        """``_loss_grads`` with the inference-mode forward: no ``batch_stats`` updates."""
+        params = variables.get(TRAINABLE_COLLECTION, {})
+        state = {k: v for k, v in variables.items() if k != TRAINABLE_COLLECTION}
+
+        def loss(params):
+            y = module.apply({TRAINABLE_COLLECTION: params, **state}, x)
+            return self.jnp.sum(y * cotangent), (y, {})
+        return self.jax.value_and_grad(loss, has_aux=True)(params)
+
     def _train_step(self, module, variables, x, cotangent, lr, dropout_key):
         """One SGD step: the new variables (params - lr * grads, updated batch_stats), loss."""
         (loss, (_, updates)), grads = self._loss_grads(module, variables, x, cotangent,
@@ -621,10 +631,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
 
     # -- training semantics -------------------------------------------------------------------
 
-    def grads(self, model, x, cotangent):
+    def grads(self, model, x, cotangent, training=True):
         """``jax.value_and_grad`` (jitted) of sum(output * C) w.r.t. the ``params`` collection, in
-        training mode; the updated ``batch_stats`` are written back, the params are not."""
-        (_, (y, updates)), grads = self._jit(model, "loss_grads")(model.variables, x, cotangent)
+        training mode (the updated ``batch_stats`` written back; the params are not) or in
+        inference mode."""
+        name = "loss_grads" if training else "inference_loss_grads"
+        (_, (y, updates)), grads = self._jit(model, name)(model.variables, x, cotangent)
         model.variables = {**model.variables, **updates}
         flat = self.traverse_util.flatten_dict(grads)
         return y, {ref.name: self.jnp.stack([flat[k[1:]] for k in ref.handle])

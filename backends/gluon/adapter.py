@@ -649,16 +649,20 @@ class Adapter(base.BaseAdapter):
         return [ref for ref in self.param_refs(model)
                 if base.parts(ref.handle)[0].grad_req != "null"]
 
-    def grads(self, model, x, cotangent):
-        """``autograd.record(train_mode=True)``, then ``y.backward(cotangent)`` (the head
-        gradient of sum(y * C) is C) and each ``Parameter.grad()``. grad_req 'write' still sums
+    def grads(self, model, x, cotangent, training=True):
+        """``autograd.record(train_mode=training)``, then ``y.backward(cotangent,
+        train_mode=training)`` (the head gradient of sum(y * C) is C) and each
+        ``Parameter.grad()``. grad_req 'write' still sums
         the uses of a shared parameter within one backward. BatchNorm moves its running
         statistics once: in this backward on the CPU, in the forward with cuDNN."""
         self._use(model, "eager")
         autograd = self.mx.autograd
-        with autograd.record(train_mode=True), self.without_dropout(model):
+        with autograd.record(train_mode=training), self.without_dropout(model):
             y = model.net(x)
-        y.backward(cotangent)
+        # backward's own train_mode (default True) is what BatchNorm's backward reads: in
+        # inference mode, without it, the input gradient goes through batch statistics the
+        # forward never used (apache/mxnet#9580)
+        y.backward(cotangent, train_mode=training)
         return y, {ref.name: self.mx.nd.stack(*(p.grad(self.device) for p in ref.handle))
                    if isinstance(ref.handle, base.Packed) else ref.handle.grad(self.device)
                    for ref in self._trainable(model)}

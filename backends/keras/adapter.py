@@ -428,12 +428,13 @@ class Adapter(base.BaseAdapter):
             return None
         return int(self.tf.config.experimental.get_memory_info("GPU:0")["peak"])
 
-    def grads(self, model, x, cotangent):
+    def grads(self, model, x, cotangent, training=True):
         """``tf.GradientTape`` over the training-mode call (which updates the moving
-        statistics once); ``tape.gradient`` sums a shared variable's uses."""
+        statistics once; or the inference-mode one); ``tape.gradient`` sums a shared
+        variable's uses."""
         refs = self._trainable(model)
         with self.device_scope(), self.tf.GradientTape() as tape:
-            y = model.net(x, training=True)
+            y = model.net(x, training=training)
             loss = self.tf.reduce_sum(y * cotangent)
         return y, self._regroup(refs, tape.gradient(loss, self._variables(refs)))
 
@@ -741,10 +742,10 @@ class Adapter(base.BaseAdapter):
         with self.device_scope(), self.without_dropout(model):
             return model.net(x, training=training)
 
-    def gradients(self, model, x, cotangent):
-        """The checks' training pass, with dropout the identity (``without_dropout``)."""
+    def gradients(self, model, x, cotangent, training=True):
+        """The checks' gradient pass, with dropout the identity (``without_dropout``)."""
         with self.without_dropout(model):
-            return super().gradients(model, x, cotangent)
+            return super().gradients(model, x, cotangent, training)
 
     @contextlib.contextmanager
     def without_dropout(self, model):

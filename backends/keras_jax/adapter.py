@@ -15,10 +15,11 @@ class Adapter(JaxDevices, KerasAdapter):
     def import_backend(self):
         return self.import_jax()
 
-    def _value_and_grad(self, net):
+    def _value_and_grad(self, net, training=True):
         """``(trainable, non_trainable, x, c) -> ((loss, (y, new non_trainable)), grads)``."""
         def loss(trainable, non_trainable, x, cotangent):
-            y, non_trainable = net.stateless_call(trainable, non_trainable, x, training=True)
+            y, non_trainable = net.stateless_call(trainable, non_trainable, x,
+                                                  training=training)
             return self.jax.numpy.sum(y * cotangent), (y, non_trainable)
         return self.jax.value_and_grad(loss, has_aux=True)
 
@@ -27,11 +28,13 @@ class Adapter(JaxDevices, KerasAdapter):
         return [[v.value for v in net.trainable_variables],
                 [v.value for v in net.non_trainable_variables]]
 
-    def grads(self, model, x, cotangent):
+    def grads(self, model, x, cotangent, training=True):
         """The moving statistics ``stateless_call`` returns are assigned back, as one training
-        step does; ``jax.grad`` sums a shared variable's uses."""
+        step does (in inference mode they come back unchanged); ``jax.grad`` sums a shared
+        variable's uses."""
         net = model.net
-        (_, (y, moving)), grads = self._value_and_grad(net)(*self._state(net), x, cotangent)
+        (_, (y, moving)), grads = self._value_and_grad(net, training)(*self._state(net), x,
+                                                                      cotangent)
         for v, value in zip(net.non_trainable_variables, moving):
             v.assign(value)
         by_id = {id(v): g for v, g in zip(net.trainable_variables, grads)}

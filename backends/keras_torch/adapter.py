@@ -29,12 +29,12 @@ class Adapter(TorchDevices, KerasAdapter):
         with self.torch.no_grad():
             return super().run(model, x, training=training)
 
-    def grads(self, model, x, cotangent):
+    def grads(self, model, x, cotangent, training=True):
         """``torch.autograd.grad`` with respect to each variable's ``.value`` (its
         ``nn.Parameter``); no ``.grad`` is touched."""
         refs = self._trainable(model)
         with self.device_scope():
-            y = model.net(x, training=True)
+            y = model.net(x, training=training)
         grads = self.torch.autograd.grad((y * cotangent).sum(),
                                          [v.value for v in self._variables(refs)])
         return y.detach(), self._regroup(refs, grads)

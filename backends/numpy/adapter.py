@@ -327,7 +327,7 @@ class _Conv2d(_Layer):
         (sh, sw), (ph, pw), (kh, kw) = node.stride, node.padding, node.kernel
         oh, ow = dy.shape[2:]
         taps = np.tensordot(dy, p["weight"], axes=([1], [0]))  # (n, oh, ow, c, kh, kw)
-        dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+        dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=kernels.COMPUTE)
         for i in range(kh):  # kernel tap (i, j) read xpad[:, :, h*sh + i, w*sw + j]
             for j in range(kw):
                 dxpad[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += \
@@ -349,9 +349,10 @@ class _BatchNorm(_Layer):
     @staticmethod
     def forward(node, p, x, ps):
         g = {role: _per_channel(v, x.ndim) for role, v in p.items()}
-        if not ps.training:
-            return ((x - g["running_mean"]) / np.sqrt(g["running_var"] + node.eps) * g["weight"]
-                    + g["bias"]), None
+        if not ps.training:  # an affine map per channel; saved: its xhat and std
+            std = np.sqrt(g["running_var"] + node.eps)
+            xhat = (x - g["running_mean"]) / std
+            return xhat * g["weight"] + g["bias"], (xhat, None, std)
         axes, n = (0, *range(2, x.ndim)), x.size // x.shape[1]
         if n < 2:  # torch: "Expected more than 1 value per channel when training"
             raise ValueError(f"batch_norm {node.path!r}: training mode needs more than 1 value "
@@ -363,17 +364,18 @@ class _BatchNorm(_Layer):
         ps.update(node, "running_var", (1 - m) * p["running_var"] + m * batch_var)
         inv_std = 1 / np.sqrt(var + node.eps)
         xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
-        return xhat * g["weight"] + g["bias"], (xhat, inv_std)
+        return xhat * g["weight"] + g["bias"], (xhat, inv_std, None)
 
     @staticmethod
     def backward(node, p, saved, dy):
-        if saved is None:
-            raise ValueError(f"batch_norm {node.path!r}: the backward needs a training-mode "
-                             "forward")
-        xhat, inv_std = saved
+        """Training: through the batch statistics too. Inference (``saved``'s per-channel
+        running std given): the affine map's transpose, dx = dy * weight / std."""
+        xhat, inv_std, running_std = saved
         axes, nd = (0, *range(2, dy.ndim)), dy.ndim
         grads = {"weight": (dy * xhat).sum(axis=axes), "bias": dy.sum(axis=axes)}
         dxhat = dy * _per_channel(p["weight"], nd)
+        if running_std is not None:
+            return dxhat / running_std, grads
         dx = _per_channel(inv_std, nd) * (dxhat - _per_channel(dxhat.mean(axis=axes), nd)
                                           - xhat * _per_channel((dxhat * xhat).mean(axis=axes),
                                                                 nd))
@@ -697,8 +699,12 @@ class Adapter(BaseAdapter):
     # -- compute: synchronous, float64 inside ------------------------------------------------
 
     def from_numpy(self, arr: np.ndarray) -> np.ndarray:
-        """The reference computes in float64: a float64 copy."""
-        return np.array(arr, dtype=np.float64)
+        """The reference computes in float64 (its float32 twin in float32): a copy."""
+        return np.array(arr, dtype=kernels.COMPUTE)
+
+    def computing_in(self, dtype):
+        """The reference's arithmetic in ``dtype`` while the context lasts: its float32 twin."""
+        return kernels.computing_in(dtype)
 
     def to_numpy(self, value) -> np.ndarray:
         """Outputs and gradients leave the reference as float32, as every framework's do."""
@@ -713,7 +719,7 @@ class Adapter(BaseAdapter):
         """Nothing is queued: NumPy computes when called."""
 
     def _forward(self, model: _Model, x: np.ndarray, ps: _Pass) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x, dtype=kernels.COMPUTE)
         for node in model.plan.layers:
             x = self._apply(model, node, x, ps)
         return x
@@ -747,7 +753,7 @@ class Adapter(BaseAdapter):
                         f"{kind} {node.path!r}: input of shape {list(x.shape)} needs "
                         f"{node.path}.{role} of shape {list(want)}, but it has "
                         f"{list(have.shape)} (inferred or given earlier)")
-                p[role] = have.astype(np.float64)
+                p[role] = have.astype(kernels.COMPUTE)
         layer = LAYERS[kind]
         y, saved = layer.forward(node, p, x, ps)
         if ps.tape is not None:
@@ -780,16 +786,17 @@ class Adapter(BaseAdapter):
 
     # -- training semantics ------------------------------------------------------------------
 
-    def vjp(self, model: _Model, x: np.ndarray, cotangent: np.ndarray, dropout: bool = False):
+    def vjp(self, model: _Model, x: np.ndarray, cotangent: np.ndarray, dropout: bool = False,
+            training: bool = True):
         """One training-mode forward and its backward, for the loss ``sum(output * cotangent)``:
         ``(output, dloss/dx, {canonical name: dloss/dparam})``, all float64 (dx None after an
         embedding). The tape is replayed in reverse; a layer called several times (a ``ref``)
         adds each call's gradient to its parameters' sum, as autograd does. ``dropout``: masks
         drawn (the training step), else dropout is the identity (the checks)."""
         tape: list = []
-        y = self._forward(model, x, _Pass(model, True, self.running_var_estimator, tape,
+        y = self._forward(model, x, _Pass(model, training, self.running_var_estimator, tape,
                                           self.rng if dropout else None))
-        dy = np.asarray(cotangent, dtype=np.float64)
+        dy = np.asarray(cotangent, dtype=kernels.COMPUTE)
         if dy.shape != y.shape:
             raise ValueError(f"cotangent of shape {list(dy.shape)} for an output of shape "
                              f"{list(y.shape)}")
@@ -815,11 +822,11 @@ class Adapter(BaseAdapter):
         return dy
 
     def grads(self, model: _Model, x: np.ndarray, cotangent: np.ndarray,
-              dropout: bool = False):
+              training: bool = True, dropout: bool = False):
         """(output, {canonical name: gradient}) for every trainable parameter, float64, in
         canonical order; running statistics updated once per batch-norm call, parameters not
         changed; dropout the identity unless ``dropout`` (the training step)."""
-        y, _, grads = self.vjp(model, x, cotangent, dropout)
+        y, _, grads = self.vjp(model, x, cotangent, dropout, training)
         return y, {name: grads[name] for name, node, role in owned_params(model.plan)
                    if trainable(node, role)}
 

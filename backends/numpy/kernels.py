@@ -21,14 +21,32 @@ memory beyond the input, the output, the parameters and their gradients
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
 # ---------------------------------------------------------------- helpers
 
+#: The floating-point type the reference computes in: float64, the reference itself; float32
+#: only inside ``computing_in(np.float32)``, the reference's float32 twin, which measures how far
+#: float32 rounding alone moves each result of a spec (``harness.analysis`` widens a check's
+#: tolerance to a multiple of that where the spec is ill-conditioned).
+COMPUTE = np.float64
 
-def _f64(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
+
+@contextmanager
+def computing_in(dtype):
+    """The reference's arithmetic in ``dtype`` for the duration (parameters stay float32)."""
+    global COMPUTE
+    before, COMPUTE = COMPUTE, np.dtype(dtype).type
+    try:
+        yield
+    finally:
+        COMPUTE = before
+
+
+def _real(a) -> np.ndarray:
+    return np.asarray(a, dtype=COMPUTE)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -37,9 +55,9 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def _params(layer: str, p: dict, shapes: dict, optional: tuple = ()) -> dict:
-    """``p`` as float64 arrays, checked: every role in ``shapes`` but those in ``optional``
-    present, ``optional`` all present or all absent (PyTorch's ``bias=False`` drops them
-    together), no other role, each of its shape."""
+    """``p`` as arrays of the compute type, checked: every role in ``shapes`` but those in
+    ``optional`` present, ``optional`` all present or all absent (PyTorch's ``bias=False``
+    drops them together), no other role, each of its shape."""
     roles = set(p)
     allowed = (set(shapes), set(shapes) - set(optional))
     if roles not in allowed:
@@ -47,7 +65,7 @@ def _params(layer: str, p: dict, shapes: dict, optional: tuple = ()) -> dict:
         raise ValueError(f"{layer}: parameters {sorted(roles)}, expected {want}")
     out = {}
     for role in p:
-        arr = _f64(p[role])
+        arr = _real(p[role])
         if arr.shape != tuple(shapes[role]):
             raise ValueError(f"{layer}: {role} has shape {list(arr.shape)}, expected "
                              f"{list(shapes[role])}")
@@ -75,7 +93,7 @@ _ERFC_ZERO_FROM = 27.5
 def _exp_minus_square(a: np.ndarray) -> np.ndarray:
     """exp(-a^2) to about 1 ulp even where a^2 is large: a = hi + lo with hi of 24 significant
     bits, so hi^2 is exact and the rounding of a^2 never reaches the exponent."""
-    hi = a.astype(np.float32).astype(np.float64)
+    hi = a.astype(np.float32).astype(COMPUTE)
     return np.exp(-hi * hi) * np.exp(-(a - hi) * (a + hi))
 
 
@@ -124,7 +142,7 @@ def _erfc_from_one(a: np.ndarray) -> np.ndarray:
 def erf(x) -> np.ndarray:
     """The error function, elementwise, float64, within 7e-16 relative of libm's: the series on
     |x| < 1, 1 - erfc beyond; odd, erf(+-inf) = +-1, NaN stays NaN."""
-    x = _f64(x)
+    x = _real(x)
     a = np.abs(x)
     out = np.empty_like(a)
     small = a < 1
@@ -137,7 +155,7 @@ def erfc(x) -> np.ndarray:
     """1 - erf(x), elementwise, float64, with relative accuracy in the right tail: within 1e-15
     relative of libm's for x >= 1 (continued fraction) and x < 0.5, 3.5e-15 on [0.5, 1) (1 - erf
     there, at least 0.157); erfc(-x) = 2 - erfc(x)."""
-    x = _f64(x)
+    x = _real(x)
     a = np.abs(x)
     out = np.empty_like(a)
     small = a < 1
@@ -156,7 +174,7 @@ class LayerNorm:
 
     @staticmethod
     def forward(p, x, *, eps=1e-5):
-        x = _f64(x)
+        x = _real(x)
         d = x.shape[-1]
         p = _params("layer_norm", p, {"weight": (d,), "bias": (d,)}, ("weight", "bias"))
         mean = x.mean(axis=-1, keepdims=True)
@@ -190,7 +208,7 @@ class GELU:
     @staticmethod
     def forward(p, x, *, approximate="none"):
         _params("gelu", p, {})
-        x = _f64(x)
+        x = _real(x)
         if approximate == "none":
             cdf = 0.5 * erfc(-x / math.sqrt(2))
             return x * cdf, (x, approximate, cdf)
@@ -219,7 +237,7 @@ class Dropout:
     @staticmethod
     def forward(p, x, *, rate, training=False, active=True, rng=None):
         _params("dropout", p, {})
-        x = _f64(x)
+        x = _real(x)
         if not 0 <= rate <= 1:
             raise ValueError(f"dropout: rate must be in [0, 1], got {rate}")
         if not (training and active):
@@ -246,7 +264,7 @@ class Softmax:
     @staticmethod
     def forward(p, x):
         _params("softmax", p, {})
-        y = _softmax(_f64(x))
+        y = _softmax(_real(x))
         return y, y
 
     @staticmethod
@@ -314,12 +332,12 @@ class AvgPool2d:
     @staticmethod
     def forward(p, x, *, pool, stride=None, padding=0, count_include_pad=True):
         _params("avg_pool2d", p, {})
-        x = _f64(x)
+        x = _real(x)
         k, s, pad, out = _pool_geometry("avg_pool2d", x, pool, stride, padding)
         xpad = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
         total = sum(_tap(xpad, i, j, s, out) for i in range(k[0]) for j in range(k[1]))
         if count_include_pad:
-            divisor = np.float64(k[0] * k[1])
+            divisor = COMPUTE(k[0] * k[1])
         else:
             divisor = np.outer(_in_bounds_counts(x.shape[2], k[0], s[0], pad[0], out[0]),
                                _in_bounds_counts(x.shape[3], k[1], s[1], pad[1], out[1]))
@@ -329,7 +347,7 @@ class AvgPool2d:
     def backward(saved, dy):
         (n, c, h, w), k, s, pad, out, divisor = saved
         share = dy / divisor
-        dxpad = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]))
+        dxpad = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype=COMPUTE)
         for i in range(k[0]):  # each tap of every window hands its share back
             for j in range(k[1]):
                 _tap(dxpad, i, j, s, out)[...] += share
@@ -348,13 +366,13 @@ class MaxPool2d:
     @staticmethod
     def forward(p, x, *, pool, stride=None, padding=0):
         _params("max_pool2d", p, {})
-        x = _f64(x)
+        x = _real(x)
         k, s, pad, out = _pool_geometry("max_pool2d", x, pool, stride, padding)
         xpad = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])),
                       constant_values=-np.inf)
         first_row = np.maximum(pad[0] - np.arange(out[0]) * s[0], 0)  # first in-bounds tap
         first_col = np.maximum(pad[1] - np.arange(out[1]) * s[1], 0)
-        best = np.full(x.shape[:2] + out, -np.inf)
+        best = np.full(x.shape[:2] + out, -np.inf, dtype=COMPUTE)
         arg = np.broadcast_to(first_row[:, None] * k[1] + first_col, best.shape).copy()
         take, nan = np.empty(best.shape, dtype=bool), np.isnan(x).any()
         for i in range(k[0]):
@@ -385,7 +403,7 @@ class GlobalAvgPool:
     @staticmethod
     def forward(p, x):
         _params("global_avg_pool", p, {})
-        x = _f64(x)
+        x = _real(x)
         if x.ndim != 4:
             raise ValueError(f"global_avg_pool: expects an NCHW input, got shape "
                              f"{list(x.shape)}")
@@ -431,7 +449,7 @@ class Embedding:
     @staticmethod
     def backward(saved, dy):
         idx, shape = saved
-        dweight = np.zeros(shape)
+        dweight = np.zeros(shape, dtype=COMPUTE)
         flat = idx.ravel()
         if flat.size:
             order = np.argsort(flat, kind="stable")
@@ -461,7 +479,7 @@ class MultiHeadAttention:
 
     @staticmethod
     def forward(p, x, *, num_heads, causal=False):
-        x = _f64(x)
+        x = _real(x)
         if x.ndim != 3:
             raise ValueError(f"multi_head_attention: expects (batch, seq, embed), got shape "
                              f"{list(x.shape)}")
@@ -517,7 +535,7 @@ class MultiHeadAttention:
 def _recurrent_params(layer, p, x, gates):
     """A recurrent layer's input (N, L, in) and parameters checked: ``weight_ih_l0`` (gates*H,
     in), ``weight_hh_l0`` (gates*H, H), both biases (gates*H,) or neither; returns (x, p, H)."""
-    x = _f64(x)
+    x = _real(x)
     if x.ndim != 3 or x.shape[1] < 1:
         raise ValueError(f"{layer}: expects (batch, seq >= 1, features), got shape "
                          f"{list(x.shape)}")
@@ -546,7 +564,7 @@ def _sequence_cotangent(dy, shape, return_sequences):
     """dL/dh_t for every step: dy itself, or dy at the last step only."""
     if return_sequences:
         return dy
-    full = np.zeros(shape)
+    full = np.zeros(shape, dtype=COMPUTE)
     full[:, -1] = dy
     return full
 
@@ -571,9 +589,9 @@ class LSTM:
         if "bias_ih_l0" in p:
             pre += p["bias_ih_l0"] + p["bias_hh_l0"]
         gates = np.empty_like(pre)
-        h = np.zeros((n, length + 1, hid))
-        c = np.zeros((n, length + 1, hid))
-        tanh_c = np.empty((n, length, hid))
+        h = np.zeros((n, length + 1, hid), dtype=COMPUTE)
+        c = np.zeros((n, length + 1, hid), dtype=COMPUTE)
+        tanh_c = np.empty((n, length, hid), dtype=COMPUTE)
         whh_t = np.ascontiguousarray(p["weight_hh_l0"].T)  # BLAS is 2x faster on it here
         for t in range(length):
             a = pre[:, t] + h[:, t] @ whh_t
@@ -631,8 +649,8 @@ class GRU:
         if "bias_ih_l0" in p:
             pre_x += p["bias_ih_l0"]
         gates = np.empty_like(pre_x)
-        hidden_n = np.empty((n, length, hid))
-        h = np.zeros((n, length + 1, hid))
+        hidden_n = np.empty((n, length, hid), dtype=COMPUTE)
+        h = np.zeros((n, length + 1, hid), dtype=COMPUTE)
         whh_t = np.ascontiguousarray(p["weight_hh_l0"].T)  # BLAS is 2x faster on it here
         for t in range(length):
             pre_h = h[:, t] @ whh_t

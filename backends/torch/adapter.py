@@ -292,11 +292,11 @@ class Adapter(TorchDevices, base.BaseAdapter):
     def _trainable(self, model):
         return [ref for ref in self.param_refs(model) if ref.handle.requires_grad]
 
-    def grads(self, model, x, cotangent):
-        """``torch.autograd.grad`` of sum(output * C) in train() mode (no ``.grad`` touched),
-        dropout the identity."""
+    def grads(self, model, x, cotangent, training=True):
+        """``torch.autograd.grad`` of sum(output * C) in train() (or eval()) mode (no ``.grad``
+        touched), dropout the identity."""
         refs = self._trainable(model)
-        self._train_mode(model, True)
+        self._train_mode(model, training)
         y = model.net(x)
         grads = self.torch.autograd.grad((y * cotangent).sum(), [r.handle for r in refs])
         return y.detach(), {r.name: g for r, g in zip(refs, grads)}

@@ -343,6 +343,13 @@ def test_gradients_match_the_reference(analyzed, backend, name):
     failed = [f"{c.subject}: error {c.observed} > {c.expected}" for c in checks if not c.passed]
     assert failed == []
     assert result.check(analysis.TRAIN_OUTPUT).passed, result.check(analysis.TRAIN_OUTPUT)
+    inference = result.checks_named(analysis.INFERENCE_GRADIENT)
+    if _spec(name).plan.inference_gradients:  # batch norm from its running statistics
+        assert {c.subject for c in inference} == _trainable(name)
+        assert [f"{c.subject}: {c.observed} > {c.expected}" for c in inference
+                if not c.passed] == []
+    else:
+        assert inference == []
 
 
 def test_shared_gradient_lesson_gives_9_and_6(run):

@@ -444,3 +444,107 @@ def test_default_init_is_recorded_with_its_resolution(numpy_run, numpy_defaults)
     w = param(out, "0.weight")
     assert w["init"] == {"name": "default", "resolved": numpy_defaults["dense"]["weight"]}
     assert w["expected"]["params"]["high"] == pytest.approx(1 / math.sqrt(20))
+
+
+# ------------------------------------------------- tolerances from the reference's float32 twin
+
+def _check(out, name, subject=""):
+    label = f"{subject}_{name}" if subject else name
+    return next(c for c in out["checks"] if c["check"] == label)
+
+
+def test_the_float32_twin_widens_a_tolerance_only_where_float32_moves_the_result(
+        numpy_run, numpy_defaults):
+    """Where the reference's float32 twin is within the fixed tolerance / FLOAT32_FACTOR, the
+    tolerance is the fixed one, to the bit; where it moves the output more, the tolerance is
+    FLOAT32_FACTOR times that, said in the detail, and an error beyond it still fails."""
+    spec, rec, arrays = numpy_run["small_cnn"]
+    ref = arrays["probe_output"].astype(np.float64)
+    fixed = analysis.tolerance(ref, analysis.NUMERICS_RTOL, analysis.NUMERICS_ATOL)
+    twin = ref.copy()
+    twin.flat[0] += fixed / (2 * analysis.FLOAT32_FACTOR)
+    out = analyze(spec, numpy_defaults, rec, arrays,
+                  {"probe_output": ref, "float32/probe_output": twin})
+    check = _check(out, analysis.NUMERICS)
+    assert check["expected"] == fixed and analysis.ILL_CONDITIONED not in check["detail"]
+
+    moved = 10 * fixed
+    twin.flat[0] = ref.flat[0] + moved
+    for error, passes in ((0.5 * analysis.FLOAT32_FACTOR * moved, True),
+                          (2 * analysis.FLOAT32_FACTOR * moved, False)):
+        got = dict(arrays, probe_output=(ref + error).astype(np.float32))
+        out = analyze(spec, numpy_defaults, rec, got,
+                      {"probe_output": ref, "float32/probe_output": twin})
+        check = _check(out, analysis.NUMERICS)
+        assert check["expected"] == pytest.approx(analysis.FLOAT32_FACTOR * moved, rel=1e-6)
+        assert analysis.ILL_CONDITIONED in check["detail"] and check["passed"] is passes
+
+
+def _gradient_arrays(spec, arrays, chaos: float, inference_error: float = 0.0,
+                     training_error: float = 1.0):
+    """(backend arrays, reference) for one spec: training-mode gradients off by
+    ``training_error`` of their scale, a float32 twin off by ``chaos`` of it, and inference-mode
+    gradients (``inference_error`` off) when ``inference_error`` is not None."""
+    got = dict(arrays)
+    ref = {k: v for k, v in arrays.items() if k == "train_output" or k.startswith("trained/")}
+    for p in (p for p in spec.params if p.trainable):
+        g = arrays[f"grad/{p.name}"].astype(np.float64)
+        scale = max(np.abs(g).max(), 1e-3)
+        ref[f"grad/{p.name}"] = g
+        ref[f"float32/grad/{p.name}"] = g + chaos * scale
+        got[f"grad/{p.name}"] = (g + training_error * scale).astype(np.float32)
+        if inference_error is not None:
+            ref[f"inference_grad/{p.name}"] = g
+            got[f"inference_grad/{p.name}"] = (g + inference_error * scale).astype(np.float32)
+    return got, ref
+
+
+def test_chaotic_training_gradients_are_not_judged_only_where_inference_mode_judges_them(
+        numpy_run, numpy_defaults):
+    """A spec whose float32 twin moves its training-mode gradients by more than CHAOTIC: their
+    failed comparisons are 'not judged' (and the record holds) only when the inference-mode
+    gradients were compared (a wrong one fails there); without them, or on a mildly
+    ill-conditioned spec, or with a NaN, the training-mode failures stay failures."""
+    spec, rec, arrays = numpy_run["small_cnn"]
+
+    def run(**kw):
+        got, ref = _gradient_arrays(spec, arrays, **kw)
+        out = analyze(spec, numpy_defaults, rec, got, ref)
+        grads = [c for c in out["checks"] if c["check"].endswith(analysis.GRADIENT)
+                 and not c["check"].endswith(analysis.INFERENCE_GRADIENT)]
+        return out, grads
+
+    out, grads = run(chaos=0.2, inference_error=0.0, training_error=4.0)
+    assert grads and all(not c["passed"] and "unjudged" in c for c in grads)
+    assert out["passed"] is True
+    inference = [c for c in out["checks"] if c["check"].endswith(analysis.INFERENCE_GRADIENT)]
+    assert len(inference) == len(grads) and all(c["passed"] for c in inference)
+
+    out, grads = run(chaos=0.2, inference_error=0.5, training_error=4.0)
+    assert out["passed"] is False and all("unjudged" in c for c in grads)
+    assert all(not c["passed"] for c in out["checks"]
+               if c["check"].endswith(analysis.INFERENCE_GRADIENT))
+
+    for kw in (dict(chaos=0.2, inference_error=None, training_error=4.0),
+               dict(chaos=0.5 * analysis.CHAOTIC, inference_error=0.0, training_error=1.0)):
+        out, grads = run(**kw)
+        assert out["passed"] is False, kw
+        assert not any("unjudged" in c for c in grads), kw
+
+    got, ref = _gradient_arrays(spec, arrays, chaos=0.2, inference_error=0.0)
+    name = next(p.name for p in spec.params if p.trainable)
+    got[f"grad/{name}"] = np.full_like(got[f"grad/{name}"], np.nan)
+    out = analyze(spec, numpy_defaults, rec, got, ref)
+    assert out["passed"] is False
+    assert "unjudged" not in _check(out, analysis.GRADIENT, name)
+
+
+def test_a_missing_inference_mode_gradient_fails(numpy_run, numpy_defaults):
+    """The reference has inference-mode gradients (the spec asked): a backend without them
+    fails, parameter by parameter."""
+    spec, rec, arrays = numpy_run["small_cnn"]
+    got, ref = _gradient_arrays(spec, arrays, chaos=0.0, inference_error=0.0, training_error=0)
+    got = {k: v for k, v in got.items() if not k.startswith("inference_grad/")}
+    out = analyze(spec, numpy_defaults, rec, got, ref)
+    missing = [c for c in out["checks"] if c["check"].endswith(analysis.INFERENCE_GRADIENT)]
+    assert missing and all(c["observed"] == "missing" and not c["passed"] for c in missing)

@@ -114,15 +114,16 @@ def assert_gradient(what, analytic, numeric):
     assert err < TOL, f"{what}: relative error {err:.2e}"
 
 
-def check_against_finite_differences(a, model, x, cotangent):
+def check_against_finite_differences(a, model, x, cotangent, training=True):
     """The reference's gradients of every trainable parameter and of the input, against
-    central differences of the training-mode loss; returns the analytic gradients."""
+    central differences of the training-mode (or inference-mode) loss; returns the analytic
+    gradients."""
     assert_away_from_kinks(a, model, x)
-    y, dx, grads = a.vjp(model, x, cotangent)
+    y, dx, grads = a.vjp(model, x, cotangent, training=training)
     assert y.dtype == np.float64
 
     def loss():
-        return float(np.sum(a.run(model, x, training=True) * cotangent))
+        return float(np.sum(a.run(model, x, training=training) * cotangent))
 
     trainable = sorted(n for n in model.params if n.endswith(("weight", "bias")))
     assert sorted(grads) == trainable
@@ -776,7 +777,7 @@ def test_the_finite_difference_check_catches_a_wrong_gradient(monkeypatch):
     from backends.numpy import adapter as ref
 
     def naive(node, p, saved, dy):
-        xhat, inv_std = saved
+        xhat, inv_std, _ = saved
         axes = (0, *range(2, dy.ndim))
         return dy * p["weight"] * inv_std, {"weight": (dy * xhat).sum(axis=axes),
                                             "bias": dy.sum(axis=axes)}
@@ -787,6 +788,38 @@ def test_the_finite_difference_check_catches_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(ref._BatchNorm, "backward", staticmethod(naive))
     with pytest.raises(AssertionError, match="relative error"):
         check_against_finite_differences(a, m, x, c)
+
+
+def test_inference_mode_gradients_through_batch_norm_match_finite_differences():
+    """The spec's ``inference_gradients``: batch norm from its running statistics (an affine
+    map per channel) differs from the training-mode backward, and both are right."""
+    layers = [{"type": "conv2d", "channels": 3, "kernel": 2, "bias": False},
+              {"type": "batch_norm"}, {"type": "relu"}, {"type": "flatten"},
+              {"type": "dense", "units": 2}]
+    a, m, x, c = float64_model(layers, (2, 2, 4, 4))
+    before = {n: v.copy() for n, v in m.params.items() if "running" in n}
+    a.vjp(m, x, c, training=False)
+    assert all(np.array_equal(m.params[n], v) for n, v in before.items()), \
+        "an inference-mode pass moved the running statistics"
+    inference = check_against_finite_differences(a, m, x, c, training=False)
+    training = check_against_finite_differences(a, m, x, c)
+    assert np.abs(inference["0.weight"] - training["0.weight"]).max() > 1e-3
+
+
+def test_the_float32_twin_computes_in_float32_and_only_inside_its_context():
+    """``computing_in(float32)``: every layer's arithmetic in float32 (what the analysis's
+    tolerances measure); float64 again after it."""
+    from backends.numpy import kernels
+    layers = [{"type": "conv2d", "channels": 3, "kernel": 2}, {"type": "batch_norm"},
+              {"type": "gelu"}, {"type": "avg_pool2d", "pool": 2}, {"type": "flatten"},
+              {"type": "layer_norm"}, {"type": "dense", "units": 2}]
+    a, m, x, c = float64_model(layers, (2, 2, 5, 5))
+    y64, _, g64 = a.vjp(m, x, c)
+    with a.computing_in(np.float32):
+        y32, _, g32 = a.vjp(m, x, c)
+    assert y32.dtype == np.float32 and all(g.dtype == np.float32 for g in g32.values())
+    assert 0 < np.abs(y32 - y64).max() < 1e-4 * np.abs(y64).max()
+    assert kernels.COMPUTE is np.float64 and a.vjp(m, x, c)[0].dtype == np.float64
 
 
 # ----------------------------------------------------------- layer norm, GELU, dropout, embedding

@@ -500,6 +500,12 @@ BAD = {
         doc([{"type": "layer_norm", "num_features": 4}]), "layers[0].num_features",
         "is 4 but the input here has 20"),
     "empty layer list": (doc([]), "layers", None),
+    "inference gradients without batch norm": (
+        {**doc([{"type": "dense", "units": 3}]), "inference_gradients": True},
+        "inference_gradients", "no layer of the spec computes differently in inference mode"),
+    "inference gradients not a boolean": (
+        {**doc([{"type": "batch_norm"}]), "inference_gradients": "yes"},
+        "inference_gradients", None),
     "input with one axis": (doc([{"type": "relu"}], input=(5,)), "input", None),
 }
 
@@ -834,3 +840,10 @@ def test_a_first_embedding_gets_integer_inputs_in_its_vocabulary():
     assert make_input(filled).tolist() == [[6, 6, 6], [6, 6, 6]]
     floats = build_spec(doc([{"type": "dense", "units": 2}]))
     assert floats.integer_input is None and make_input(floats).dtype == np.float32
+
+
+def test_inference_gradients_reach_the_plan():
+    """``inference_gradients: true`` travels to the workers in the plan; off by default."""
+    layers = [{"type": "dense", "units": 3}, {"type": "batch_norm"}]
+    assert build_spec(doc(layers)).plan.inference_gradients is False
+    assert build_spec({**doc(layers), "inference_gradients": True}).plan.inference_gradients
