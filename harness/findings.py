@@ -339,7 +339,8 @@ def _values(values) -> str:
 
 
 def numerics(ctx: Context) -> list[Section]:
-    """The largest output and gradient error against the reference, in one line each."""
+    """The largest output and gradient error against the reference, in one line each; the
+    spec whose training-mode gradients were measured too ill-conditioned to judge."""
     worst = {}
     for name in (NUMERICS, GRADIENT):
         checks = [(c.observed / c.expected if c.expected else 0.0, r, c) for r in ctx.results
@@ -347,7 +348,14 @@ def numerics(ctx: Context) -> list[Section]:
                   and isinstance(c.expected, float) and not c.unjudged]
         if checks:
             worst[name] = max(checks, key=lambda t: t[0])
-    if not worst:
+    unjudged = {}
+    for r in ctx.results:
+        for c in r.checks_named(GRADIENT):
+            if c.unjudged:
+                why, backends, checks = unjudged.setdefault(r.spec, (c.unjudged, set(), []))
+                backends.add(r.backend)
+                checks.append(c)
+    if not worst and not unjudged:
         return []
     items = []
     for name, (frac, r, c) in worst.items():
@@ -362,16 +370,11 @@ def numerics(ctx: Context) -> list[Section]:
                  for c in r.checks_named(n))
     headline = ["every output and gradient within tolerance of the float64 reference"
                 if not failed else f"{failed} output or gradient checks outside tolerance"]
-    headline[0] += "; the worst: " + "; ".join(
-        f"{'output' if n == NUMERICS else 'gradient'} {_fmt(c.observed, 2)} "
-        f"({f * 100:.2g}% of its tolerance, {r.backend} {r.spec})"
-        for n, (f, r, c) in worst.items())
-    unjudged = {}
-    for r in ctx.results:
-        for c in r.checks_named(GRADIENT):
-            if c.unjudged:
-                unjudged.setdefault(r.spec, (c.unjudged, set(), []))[1].add(r.backend)
-                unjudged[r.spec][2].append(c)
+    if worst:
+        headline[0] += "; the worst: " + "; ".join(
+            f"{'output' if n == NUMERICS else 'gradient'} {_fmt(c.observed, 2)} "
+            f"({f * 100:.2g}% of its tolerance, {r.backend} {r.spec})"
+            for n, (f, r, c) in worst.items())
     for spec, (why, backends, checks) in unjudged.items():
         headline[0] += (f"; {spec}: {len(checks)} training-mode gradient comparisons not "
                         f"judged ({ILL_CONDITIONED})")

@@ -111,6 +111,24 @@ def test_a_failure_that_becomes_a_declared_known_issue_is_said_so_and_not_worse(
     assert worse and f"now fails: {name}" in "\n".join(lines)
 
 
+def test_a_failure_that_becomes_not_judged_is_said_so_and_the_reverse_is_worse(tmp_path,
+                                                                              run_a):
+    """A: a check fails; B: it fails but is 'not judged' (measured ill-conditioned, judged
+    another way; the record passes): said so, not as "now passes"; the reverse is worse."""
+    a, b = copy.deepcopy(run_a), copy.deepcopy(run_a)
+    for doc, why in ((a, None), (b, "ill-conditioned in float32: ...")):
+        rec = _find(doc, "fake", "tied")
+        rec["checks"][0]["passed"], rec["checks"][0]["unjudged"] = False, why
+        rec["passed"] = why is not None
+    name = _find(a, "fake", "tied")["checks"][0]["check"]
+    lines, worse = diff.diff(write(tmp_path, "a", a), write(tmp_path, "b", b))
+    text = "\n".join(lines)
+    assert not worse and f"now not judged (measured ill-conditioned): {name}" in text
+    assert "now passes" not in text
+    lines, worse = diff.diff(write(tmp_path, "b2", b), write(tmp_path, "a2", a))
+    assert worse and f"now fails: {name}" in "\n".join(lines)
+
+
 def test_timing_within_the_noise_is_not_flagged(run_a):
     """The same blocks, resampled and 5 % slower: below the 1.10 factor, not flagged; 30 %
     slower but overlapping noise of three blocks: the test has too little to say."""

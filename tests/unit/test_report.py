@@ -401,3 +401,26 @@ def test_the_attention_mask_convention_is_shown_beside_the_native_layouts(tmp_pa
     assert "(measured: the causal layer's query 0 ignores token 1)" in row
     assert declared["attention_mask"].replace(">", "&gt;") in row
     assert "attention mask" not in pages["specs/lazy_mlp.md"]
+
+
+def test_not_judged_gradients_are_said_so_with_their_reason(numpy_run, numpy_session_run,
+                                                            numpy_defaults):
+    """A spec whose float32 twin shows a chaotic training-mode backward, judged in inference
+    mode: its failed training-mode gradient comparisons read 'not judged' on the spec page and
+    in the numerics finding, with the measured reason, and the verdict stays pass."""
+    spec, rec, arrays = numpy_run["small_cnn"]
+    got = dict(arrays)
+    ref = {k: v for k, v in arrays.items() if k == "train_output" or k.startswith("trained/")}
+    for p in (p for p in spec.params if p.trainable):
+        g = arrays[f"grad/{p.name}"].astype(np.float64)
+        scale = max(np.abs(g).max(), 1e-3)
+        ref[f"grad/{p.name}"], ref[f"float32/grad/{p.name}"] = g, g + 0.2 * scale
+        got[f"grad/{p.name}"] = (g + 4 * scale).astype(np.float32)
+        ref[f"inference_grad/{p.name}"] = got[f"inference_grad/{p.name}"] = g
+    result = analysis.analyze(spec, numpy_defaults, "numpy", rec, got, ref)
+    pages = render([spec], [result], numpy_env(numpy_session_run), {"numpy": numpy_defaults})
+    md, page = pages["report.md"], pages["specs/small_cnn.md"]
+    assert "**Verdict: pass.**" in md
+    assert "small_cnn: training-mode gradients not judged" in md and "20% of their scale" in md
+    assert "| not judged |" in page and "(inference mode) | numpy |" in page
+    assert "training-mode comparisons not judged (ill-conditioned in float32)" in page
