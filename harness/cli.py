@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="run specs on backends and write a markdown report")
     c.add_argument("spec", nargs="*",
-                   help="spec files (YAML or JSON); default: every file in specs/")
+                   help="spec files (YAML or JSON) or directories of them (their files, in name "
+                        "order); default: every file in specs/")
     c.add_argument("--backend", action="append", help="backend to run (repeatable; default: all)")
     c.add_argument("--out", help="write the run's files straight into this directory")
     _worker_options(c, device="auto")
@@ -108,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="validate specs and their memory estimate without running "
                        "anything (exit 0: all valid, 2: any invalid, one line each)")
     k.add_argument("spec", nargs="*",
-                   help="spec files (YAML or JSON); default: every file in specs/")
+                   help="spec files (YAML or JSON) or directories of them (their files, in name "
+                        "order); default: every file in specs/")
     k.add_argument("--seed", type=seed_value, help="override every spec's seed")
     k.add_argument("--max-memory", type=gib, default=total_memory() // 2, metavar="GIB",
                    help="refuse a spec estimated to need more (default: half of this "

@@ -34,13 +34,32 @@ SPECS_DIR = ROOT / "specs"
 REFERENCE = "numpy"  # the NumPy reference: every other backend is compared with it
 
 
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def default_spec_files() -> list[Path]:
-    return sorted(p for p in SPECS_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    return sorted(p for p in SPECS_DIR.iterdir() if p.suffix in SPEC_SUFFIXES)
+
+
+def spec_files(paths: list[str]) -> list[Path]:
+    """The files the command line names: a file as it is; a directory, its spec files (not
+    its subdirectories), in name order (``compare specs/models/``); none: the default suite."""
+    if not paths:
+        return default_spec_files()
+    files = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.is_dir())
+        if not found:
+            raise SpecError(p, "", "a directory without spec files (*.yaml, *.yml, *.json)")
+        files += found
+    return files
 
 
 def load_specs(paths: list[str], seed: int | None) -> list[Spec]:
-    files = [Path(p) for p in paths] if paths else default_spec_files()
-    specs = [load_spec(f, seed) for f in files]
+    specs = [load_spec(f, seed) for f in spec_files(paths)]
     seen = {}
     for s in specs:
         if s.name in seen:
@@ -415,7 +434,11 @@ def _print_outcome(results: list[tuple[str, Result]], run_dir: Path, several: bo
 def check_specs(args) -> int:
     """Validate specs and their memory estimate without running anything: one line per spec,
     ``ok`` or ``error``; exit 0 when every spec is valid, 2 when any is not."""
-    files = [Path(p) for p in args.spec] if args.spec else default_spec_files()
+    try:
+        files = spec_files(args.spec)
+    except SpecError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     status, seen = 0, {}
     for f in files:
         try:

@@ -15,13 +15,14 @@ import numpy as np
 from backends.protocol import Status
 
 from . import analysis, checkpoints
-from .compare import Cell, check_memory, load_specs, use_device
+from .compare import Cell, check_memory, use_device
 from .console import progress
 from .envs import (Backend, EnvError, UserError, discover, ensure_env, parse_python_overrides,
                    select)
 from .files import input_file_problem, kind_of, open_regular, pseudo_filesystem
 from .initializers import FLOAT32_MAX
 from .rundir import TMP_PREFIX, _sweep
+from .spec import load_spec
 from .runner import run_worker
 from .spec import Spec
 
@@ -29,7 +30,7 @@ from .spec import Spec
 def convert(args) -> int:
     """Read a native checkpoint of the spec's model in one framework, write it in another's
     native format, and prove it: both frameworks run the spec's input and must agree."""
-    spec = load_specs([args.spec], args.seed)[0]
+    spec = load_spec(args.spec, args.seed)  # one spec file: a directory is refused
     source, target = select([args.source])[0], select([args.target])[0]
     check_memory([spec], args, [source, target])
     use_device(args)

@@ -754,7 +754,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
 SPECIAL_FILES = {
     "fifo": "a FIFO (named pipe), not a regular file",
     "dev_zero": "a character device, not a regular file",
-    "directory": "a directory, not a regular file",
+    "directory": "a directory without spec files",  # one with spec files: its files
     # "regular" files of size 0 whose reads yield data (the kernel log: as root, a read takes
     # the messages away), wait, or neither: refused by their filesystem, before any read
     "proc_kmsg": "on procfs, a pseudo-filesystem",
@@ -777,6 +777,21 @@ def _special_file(kind, tmp_path) -> Path:
         pytest.skip("procfs, sysfs and /dev/zero are Linux's")
     assert path.exists(), f"{path} is missing on this Linux machine"
     return path
+
+
+def test_a_directory_of_specs_is_its_spec_files_in_name_order(tmp_path):
+    """``compare specs/models/``: a directory stands for its *.yaml / *.yml / *.json files
+    (not its subdirectories, not its other files), in name order; ``check`` lists each."""
+    for name in ("b_mlp.yaml", "a_mlp.json"):
+        (tmp_path / name).write_text(
+            '{"name": "%s", "input": [2, 3], "layers": [{"type": "dense", "units": 2}]}'
+            % name.split(".")[0])
+    (tmp_path / "notes.txt").write_text("not a spec")
+    (tmp_path / "sub.yaml").mkdir()
+    rc, out, err = harness_in_process("check", "--", tmp_path)
+    assert rc == 0 and err == "", err
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        f"ok {tmp_path / 'a_mlp.json'}", f"ok {tmp_path / 'b_mlp.yaml'}"]
 
 
 @pytest.mark.parametrize("kind", list(SPECIAL_FILES))
