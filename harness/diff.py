@@ -101,8 +101,8 @@ PASS, KNOWN, UNJUDGED, FAIL = "pass", "known", "not judged", "FAIL"
 def _state(c: dict) -> str:
     """pass; known (failed as a declared known framework issue, which holds); not judged
     (failed where the comparison was measured to be meaningless); FAIL."""
-    return PASS if c["passed"] else KNOWN if c.get("known") else \
-        UNJUDGED if c.get("unjudged") else FAIL
+    return UNJUDGED if c.get("unjudged") else PASS if c["passed"] else \
+        KNOWN if c.get("known") else FAIL
 
 
 def _checks(r: dict) -> dict[str, str]:

@@ -27,7 +27,8 @@ from . import document as doc
 from . import initializers as inits
 from .analysis import (COMPILED, GRADIENT, INFERENCE_GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES,
                        NUMERICS, OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
-                       SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, Result, not_held)
+                       SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, ILL_CONDITIONED, Result,
+                       not_held)
 from .document import Cell, Code, Link, Paragraph, Section, Strong, Table
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
@@ -186,14 +187,15 @@ def category(check) -> str:
 
 
 def check_counts(results: list[Result]) -> dict[str, list[int]]:
-    """category -> [checks, failed, failed as a known limitation or defect]."""
+    """category -> [checks, failed, failed as a known limitation or defect, not judged]."""
     out: dict[str, list[int]] = {}
     for r in results:
         for _, c in r.all_checks():
-            n = out.setdefault(category(c), [0, 0, 0])
+            n = out.setdefault(category(c), [0, 0, 0, 0])
             n[0] += 1
             n[1] += not c.holds
-            n[2] += (not c.passed) and c.holds
+            n[2] += (not c.passed) and c.known is not None and not c.unjudged
+            n[3] += c.unjudged is not None
     return out
 
 
@@ -285,11 +287,12 @@ def _summary_table(ctx: Context) -> Table:
         row = [b, f"{sum(r.ok for r in recs)}/{len(recs) - lacking}"
                + (f" ({lacking} not supported)" if lacking else "")]
         for cat in cats:
-            n, failed, known = counts.get(cat, [0, 0, 0])
-            text = f"{n - failed - known}/{n}" if n else "–"
-            if known:
-                text += f" ({known} known)"
-            row.append(Cell(text, sort=n - failed - known, bold=bool(failed)))
+            n, failed, known, unjudged = counts.get(cat, [0, 0, 0, 0])
+            text = f"{n - failed - known - unjudged}/{n}" if n else "–"
+            if known or unjudged:
+                text += " (" + ", ".join(([f"{known} known"] if known else []) + (
+                    [f"{unjudged} not judged"] if unjudged else [])) + ")"
+            row.append(Cell(text, sort=n - failed - known - unjudged, bold=bool(failed)))
         row.append(Cell(_verdict_text(recs), bold=not all(r.passed for r in recs)))
         rows.append(row)
     return Table(["backend", "specs ran"] + cats + ["verdict"], rows)
@@ -305,9 +308,10 @@ def _verdict_text(recs: list[Result]) -> str:
 
 def _verdict_paragraph(ctx: Context) -> Paragraph:
     counts = check_counts(ctx.results)
-    total = sum(n for n, _, _ in counts.values())
-    failed = sum(f for _, f, _ in counts.values())
-    known = sum(k for _, _, k in counts.values())
+    total = sum(n for n, _, _, _ in counts.values())
+    failed = sum(f for _, f, _, _ in counts.values())
+    known = sum(k for _, _, k, _ in counts.values())
+    unjudged = sum(u for _, _, _, u in counts.values())
     ran = sum(r.ok for r in ctx.results)
     lacking = sum(not r.supported for r in ctx.results)
     word = verdict_word(ctx.results)
@@ -316,7 +320,10 @@ def _verdict_paragraph(ctx: Context) -> Paragraph:
     if lacking:
         text += [" (", Link(f"{lacking} not supported", None, "not-supported"),
                  ": declared by the backend, not run, not failed)"]
-    text.append(f"; {total - failed - known:,} of {total:,} checks passed")
+    text.append(f"; {total - failed - known - unjudged:,} of {total:,} checks passed")
+    if unjudged:
+        text.append(f"; {unjudged} not judged (comparisons measured to be unable to tell: "
+                    f"{ILL_CONDITIONED}, judged another way; under Key findings)")
     if known:
         text.append(f"; {known} failed as a framework's declared known limitation or defect "
                     "(a finding below, not a failure of the run)")

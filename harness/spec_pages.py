@@ -316,8 +316,8 @@ def gradients(ctx, spec, recs):
                         + (" Where the spec asks (inference_gradients), the same in inference "
                            "mode, batch norm from its running statistics."
                            if any(r.checks_named(INFERENCE_GRADIENT) for r in recs) else "")
-                        + (f" Not judged: {len(unjudged)} failed training-mode comparisons: "
-                           f"{unjudged[0].unjudged}." if unjudged else "")
+                        + (f" Not judged: the {len(unjudged)} training-mode gradient "
+                           f"comparisons: {unjudged[0].unjudged}." if unjudged else "")
                         + (f" The NumPy reference's values: {lesson}." if lesson else "")),
               Table(["gradient of", "backend", "max abs error", "tolerance", "verdict",
                      "values (16 or fewer)"], rows)]

@@ -40,8 +40,9 @@ class Check:
     #: a failed check that a backend.yaml declaration explains (a known framework limitation
     #: or defect): what it says, in one line; such a failure is a finding, not a failure
     known: str | None = None
-    #: a failed comparison that says nothing about the framework, measured so, and judged
-    #: another way (an ill-conditioned gradient, judged in inference mode): why, in one line
+    #: a comparison that says nothing about the framework, measured so, and judged another
+    #: way (an ill-conditioned gradient, judged in inference mode): why, in one line; its
+    #: ``passed`` is what the comparison gave, not a verdict
     unjudged: str | None = None
 
     @property
@@ -56,7 +57,7 @@ class Check:
 
     @property
     def verdict(self) -> str:
-        return "pass" if self.passed else "not judged" if self.unjudged else "FAIL"
+        return "not judged" if self.unjudged else "pass" if self.passed else "FAIL"
 
     def to_json(self) -> dict:
         out = {"check": self.label, "passed": bool(self.passed), "observed": self.observed,
