@@ -12,7 +12,8 @@ import re
 from backends.layers import LAYERS
 
 from . import document as doc
-from .analysis import COMPILED, GRADIENT, ILL_CONDITIONED, NUMERICS, not_held
+from .analysis import (COMPILED, GRADIENT, ILL_CONDITIONED, INFERENCE_GRADIENT, NUMERICS,
+                       not_held)
 from .document import Cell, Code, Link, Paragraph, Section, Strong
 from .known import exercised
 from .report import (REFERENCE, Context, _fmt, backend_table, default_kinds, short_init,
@@ -342,9 +343,9 @@ def numerics(ctx: Context) -> list[Section]:
     """The largest output and gradient error against the reference, in one line each; the
     spec whose training-mode gradients were measured too ill-conditioned to judge."""
     worst = {}
-    for name in (NUMERICS, GRADIENT):
+    for name, names in ((NUMERICS, (NUMERICS,)), (GRADIENT, (GRADIENT, INFERENCE_GRADIENT))):
         checks = [(c.observed / c.expected if c.expected else 0.0, r, c) for r in ctx.results
-                  for c in r.checks_named(name) if isinstance(c.observed, float)
+                  for n in names for c in r.checks_named(n) if isinstance(c.observed, float)
                   and isinstance(c.expected, float) and not c.unjudged]
         if checks:
             worst[name] = max(checks, key=lambda t: t[0])
@@ -359,15 +360,16 @@ def numerics(ctx: Context) -> list[Section]:
         return []
     items = []
     for name, (frac, r, c) in worst.items():
-        what = "output" if name == NUMERICS else f"gradient of {c.subject}"
+        what = "output" if name == NUMERICS else f"gradient of {c.subject}" + (
+            " (inference mode)" if c.name == INFERENCE_GRADIENT else "")
         mode = f" {c.subject}" if name == NUMERICS and c.subject else ""
         items.append([Strong(f"{'outputs' if name == NUMERICS else 'gradients'}"),
                       f": largest error {_fmt(c.observed, 3)} ({frac * 100:.2g}% of its tolerance "
                       f"{_fmt(c.expected, 3)}): {r.backend}{mode}, ",
                       Link(f"{r.spec} {what}", spec_page_id(r.spec),
                            "numerics" if name == NUMERICS else "gradients")])
-    failed = sum(not c.holds for r in ctx.results for n in (NUMERICS, GRADIENT)
-                 for c in r.checks_named(n))
+    failed = sum(not c.holds for r in ctx.results
+                 for n in (NUMERICS, GRADIENT, INFERENCE_GRADIENT) for c in r.checks_named(n))
     headline = ["every output and gradient within tolerance of the float64 reference"
                 if not failed else f"{failed} output or gradient checks outside tolerance"]
     if worst:
