@@ -323,7 +323,9 @@ def gradients(ctx, spec, recs):
                      "values (16 or fewer)"], rows)]
     return _status(failed, False), Section("Gradients against the NumPy reference", blocks,
                                            "gradients", folded=not failed,
-                                           summary="every gradient within tolerance"
+                                           summary=("every judged gradient within "
+                                                    "tolerance" if unjudged else
+                                                    "every gradient within tolerance")
                                            + (f" ({lesson} everywhere)" if lesson else "")
                                            + (f"; {len(unjudged)} training-mode comparisons "
                                               f"not judged ({ILL_CONDITIONED})"
