@@ -1580,3 +1580,17 @@ def test_a_worker_whose_harness_is_gone_ends_at_once(parent, rc):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == rc, proc.stderr
     assert ("went on" in proc.stdout) == (rc == 0)
+
+
+def test_a_worker_exits_at_once_without_the_interpreters_teardown():
+    """The worker's ``__main__`` ends by exit_at_once: its status kept, what it printed flushed
+    (stdout a pipe, block-buffered), and no atexit handler run (the frameworks' teardown cost
+    seconds there: JAX's clean_up clears every compilation cache)."""
+    code = ("import atexit, runpy, sys; atexit.register(print, 'atexit ran'); "
+            "print('buffered', end=''); sys.argv = ['worker']; "
+            "runpy.run_module('backends.worker', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr  # main's usage status, through exit_at_once
+    assert "usage: python -m backends.worker" in proc.stderr
+    assert proc.stdout == "buffered", proc.stdout  # flushed, and no handler ran after it
