@@ -195,12 +195,30 @@ def device_for(args, executor, place) -> devices.DeviceChoice:
     return devices.DeviceChoice("auto", "cpu", f"not every Ray node of {kind} has a GPU")
 
 
+#: seconds each backend's worker took on the default suite with --timing off (warm, 2 cores,
+#: --jobs 2, 2026-12-06): untimed workers, which run side by side, start longest first after
+#: the NumPy reference (which every other backend's analysis waits for), so that no long worker
+#: starts last and runs alone at the end; a backend not listed starts first (its cost unknown)
+UNTIMED_SECONDS = {"keras_jax": 14.2, "flax": 12.4, "keras": 10.1, "keras_torch": 7.3,
+                   "torch": 3.0, "gluon": 2.7}
+
+
+def launch_order(backends, timed: bool) -> list:
+    """The order units start in: the NumPy reference first; then, timed, the user's order
+    (one at a time), untimed, the longest first (UNTIMED_SECONDS)."""
+    if timed:
+        return sorted(backends, key=lambda b: b.name != REFERENCE)
+    return sorted(backends, key=lambda b: (b.name != REFERENCE,
+                                           -UNTIMED_SECONDS.get(b.name, float("inf"))))
+
+
 def make_units(args, specs, backends, overrides, place: str | None, device: str,
                first_key: int = 0) -> list[Unit]:
-    """One unit per backend (the NumPy reference first) for a machine kind (``place``; None:
-    wherever the executor runs), on ``device`` (``cpu`` or ``cuda``, as decided for it)."""
+    """One unit per backend, in launch order (the NumPy reference first), for a machine kind
+    (``place``; None: wherever the executor runs), on ``device`` (``cpu`` or ``cuda``, as
+    decided for it)."""
     units = []
-    for b in sorted(backends, key=lambda b: b.name != REFERENCE):
+    for b in launch_order(backends, timed=args.timing != "off"):
         dev, note = device, None
         if device not in b.devices:
             dev, note = "cpu", f"runs on the CPU only; --device {args.device} applies to the others"

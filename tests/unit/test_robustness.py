@@ -1594,3 +1594,26 @@ def test_a_worker_exits_at_once_without_the_interpreters_teardown():
     assert proc.returncode == 2, proc.stderr  # main's usage status, through exit_at_once
     assert "usage: python -m backends.worker" in proc.stderr
     assert proc.stdout == "buffered", proc.stdout  # flushed, and no handler ran after it
+
+
+def test_untimed_workers_start_longest_first_after_the_reference():
+    """--timing off runs workers side by side: the NumPy reference first, then the longest
+    (compare.UNTIMED_SECONDS), an unlisted backend first of those; timed runs keep the user's
+    order behind the reference."""
+    from types import SimpleNamespace
+
+    named = {n: SimpleNamespace(name=n) for n in
+             ("torch", "keras", "numpy", "gluon", "keras_jax", "new", "flax", "keras_torch")}
+    given = list(named.values())
+    untimed = [b.name for b in compare.launch_order(given, timed=False)]
+    assert untimed == ["numpy", "new", "keras_jax", "flax", "keras", "keras_torch", "torch",
+                       "gluon"]
+    assert [b.name for b in compare.launch_order(given, timed=True)] == \
+        ["numpy", "torch", "keras", "gluon", "keras_jax", "new", "flax", "keras_torch"]
+    from argparse import Namespace
+
+    from harness.envs import select
+    args = Namespace(timing="off", device="cpu", timeout=60.0, max_memory=1 << 30, threads=1,
+                     tf32=False, batch=None, roofline=False)
+    units = compare.make_units(args, [], select(["torch", "numpy", "flax"]), {}, None, "cpu")
+    assert [u.backend.name for u in units] == ["numpy", "flax", "torch"]
