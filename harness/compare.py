@@ -21,7 +21,7 @@ from .analysis import Result
 from .console import one_line, progress
 from .envs import ROOT, Backend, UserError, discover, parse_python_overrides, select
 from .executors import LocalExecutor, Unit
-from .figures import defaults_figures, timing_figures
+from .figures import Drawing, defaults_figure_jobs, timing_figures
 from .machine_report import machine_dir
 from .options import default_threads
 from .rundir import TMP_PREFIX, RunDir, new_run_dir, point_latest, sweep_leftovers
@@ -326,16 +326,22 @@ def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun")
     defaults = {b.name: b.defaults for b in backends}
     results = [c.result for c in mr.cells]
     figures = timing_figures(here, specs, results)
-    machines = {label: m.to_json() for label, m in mr.machines.items()}
-    document = report.results_document(run, specs, results, environments, machines)
-    document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
-    text = report.results_json(document)
-    ctx = report.Context(run, specs, results, environments, defaults, figures,
-                         defaults_figures(here, mr.cells, defaults), machines,
-                         {b.name: b.limitations for b in backends},
-                         {b.name: b.defects for b in backends}, len(text.encode()),
-                         {b.name: b.option_defaults for b in backends})
-    report.write_run(here, document, report.render(ctx))
+    with Drawing(defaults_figure_jobs(here, mr.cells, defaults)) as drawing:
+        named = drawing.start()  # half of them drawn by a child process meanwhile
+        machines = {label: m.to_json() for label, m in mr.machines.items()}
+        document = report.results_document(run, specs, results, environments, machines)
+        document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
+        text = report.results_json(document)
+        ctx = report.Context(run, specs, results, environments, defaults, figures, named,
+                             machines, {b.name: b.limitations for b in backends},
+                             {b.name: b.defects for b in backends}, len(text.encode()),
+                             {b.name: b.option_defaults for b in backends})
+        rendered = report.render(ctx)
+        drawn = drawing.finish()
+    if drawn != named:  # a figure the child was to draw was not drawn after all
+        ctx.default_figures = drawn
+        rendered = report.render(ctx)
+    report.write_run(here, document, rendered)
     return json.loads(text)  # as results.json holds it
 
 
