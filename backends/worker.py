@@ -495,6 +495,22 @@ def die_with_parent() -> None:
             pass
 
 
+def exit_at_once(status: int) -> None:
+    """End the worker with ``status`` once its files are written: the standard streams and
+    logging flushed, then ``os._exit``, without the interpreter's teardown. Nothing the harness
+    reads is written there, and it cost seconds: the frameworks' atexit handlers and module
+    teardown (JAX's ``clean_up`` clears every compilation cache, 1.3 s in keras_jax; 0.4 to
+    0.8 s in flax, keras, keras_torch and torch), and the harness waits for the process to end."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken log: nothing more to keep
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
     die_with_parent()
-    sys.exit(main(sys.argv[1:]))
+    exit_at_once(main(sys.argv[1:]))

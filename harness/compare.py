@@ -21,7 +21,7 @@ from .analysis import Result
 from .console import one_line, progress
 from .envs import ROOT, Backend, UserError, discover, parse_python_overrides, select
 from .executors import LocalExecutor, Unit
-from .figures import defaults_figures, timing_figures
+from .figures import Drawing, defaults_figure_jobs, timing_figures
 from .machine_report import machine_dir
 from .options import default_threads
 from .rundir import TMP_PREFIX, RunDir, new_run_dir, point_latest, sweep_leftovers
@@ -195,12 +195,30 @@ def device_for(args, executor, place) -> devices.DeviceChoice:
     return devices.DeviceChoice("auto", "cpu", f"not every Ray node of {kind} has a GPU")
 
 
+#: seconds each backend's worker took on the default suite with --timing off (warm, 2 cores,
+#: --jobs 2, 2026-12-06): untimed workers, which run side by side, start longest first after
+#: the NumPy reference (which every other backend's analysis waits for), so that no long worker
+#: starts last and runs alone at the end; a backend not listed starts first (its cost unknown)
+UNTIMED_SECONDS = {"keras_jax": 14.2, "flax": 12.4, "keras": 10.1, "keras_torch": 7.3,
+                   "torch": 3.0, "gluon": 2.7}
+
+
+def launch_order(backends, timed: bool) -> list:
+    """The order units start in: the NumPy reference first; then, timed, the user's order
+    (one at a time), untimed, the longest first (UNTIMED_SECONDS)."""
+    if timed:
+        return sorted(backends, key=lambda b: b.name != REFERENCE)
+    return sorted(backends, key=lambda b: (b.name != REFERENCE,
+                                           -UNTIMED_SECONDS.get(b.name, float("inf"))))
+
+
 def make_units(args, specs, backends, overrides, place: str | None, device: str,
                first_key: int = 0) -> list[Unit]:
-    """One unit per backend (the NumPy reference first) for a machine kind (``place``; None:
-    wherever the executor runs), on ``device`` (``cpu`` or ``cuda``, as decided for it)."""
+    """One unit per backend, in launch order (the NumPy reference first), for a machine kind
+    (``place``; None: wherever the executor runs), on ``device`` (``cpu`` or ``cuda``, as
+    decided for it)."""
     units = []
-    for b in sorted(backends, key=lambda b: b.name != REFERENCE):
+    for b in launch_order(backends, timed=args.timing != "off"):
         dev, note = device, None
         if device not in b.devices:
             dev, note = "cpu", f"runs on the CPU only; --device {args.device} applies to the others"
@@ -308,16 +326,22 @@ def _write_machine_run(here: Path, run: dict, specs, backends, mr: "MachineRun")
     defaults = {b.name: b.defaults for b in backends}
     results = [c.result for c in mr.cells]
     figures = timing_figures(here, specs, results)
-    machines = {label: m.to_json() for label, m in mr.machines.items()}
-    document = report.results_document(run, specs, results, environments, machines)
-    document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
-    text = report.results_json(document)
-    ctx = report.Context(run, specs, results, environments, defaults, figures,
-                         defaults_figures(here, mr.cells, defaults), machines,
-                         {b.name: b.limitations for b in backends},
-                         {b.name: b.defects for b in backends}, len(text.encode()),
-                         {b.name: b.option_defaults for b in backends})
-    report.write_run(here, document, report.render(ctx))
+    with Drawing(defaults_figure_jobs(here, mr.cells, defaults)) as drawing:
+        named = drawing.start()  # half of them drawn by a child process meanwhile
+        machines = {label: m.to_json() for label, m in mr.machines.items()}
+        document = report.results_document(run, specs, results, environments, machines)
+        document["units"] = sorted(mr.units, key=lambda u: (u["started_at"] or 0, u["backend"]))
+        text = report.results_json(document)
+        ctx = report.Context(run, specs, results, environments, defaults, figures, named,
+                             machines, {b.name: b.limitations for b in backends},
+                             {b.name: b.defects for b in backends}, len(text.encode()),
+                             {b.name: b.option_defaults for b in backends})
+        rendered = report.render(ctx)
+        drawn = drawing.finish()
+    if drawn != named:  # a figure the child was to draw was not drawn after all
+        ctx.default_figures = drawn
+        rendered = report.render(ctx)
+    report.write_run(here, document, rendered)
     return json.loads(text)  # as results.json holds it
 
 

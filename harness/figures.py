@@ -4,6 +4,11 @@ one x axis against its analytic density."""
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from . import initializers as inits
@@ -48,11 +53,19 @@ def defaults_figures(run_dir: Path, cells: list, defaults_by_backend: dict) -> d
     """Per parameter kind (layer type and role) where some framework's default is random: one
     figure, one row per framework, on one x axis (``default_<layer>_<role>.png``); the
     example is the largest parameter of that kind that used ``default`` in the run."""
+    with Drawing(defaults_figure_jobs(run_dir, cells, defaults_by_backend)) as drawing:
+        drawing.start()
+        return drawing.finish()
+
+
+def defaults_figure_jobs(run_dir: Path, cells: list, defaults_by_backend: dict) -> list:
+    """The defaults figures to draw, as (key, file name, draw) jobs: ``draw()`` writes the
+    file and says whether it did (``defaults_figures`` draws them all)."""
     cells = [c for c in cells if c.result is not None]
     arrays = {(c.backend.name, c.spec.name): c.arrays for c in cells}
     examples = report.default_examples([c.spec for c in cells], [c.result for c in cells],
                                        defaults_by_backend)
-    out = {}
+    jobs = []
     for layer, role in report.default_kinds(defaults_by_backend):
         panels = []
         for backend in defaults_by_backend:
@@ -67,8 +80,82 @@ def defaults_figures(run_dir: Path, cells: list, defaults_by_backend: dict) -> d
         if not any(isinstance(p["expected"], inits.Continuous) for p in panels):
             continue  # constants everywhere (batch-norm scale and shift): nothing to see
         name = f"default_{layer}_{role}.png"
-        if plots.kind_histograms(run_dir / name,
-                                 f"{layer} {role}: each framework's default, one x axis",
-                                 panels):
-            out[f"{layer} {role}"] = name
-    return out
+        jobs.append((f"{layer} {role}", name, functools.partial(
+            plots.kind_histograms, run_dir / name,
+            f"{layer} {role}: each framework's default, one x axis", panels)))
+    return jobs
+
+
+class Drawing:
+    """Figure jobs (key, file name, draw) drawn two at a time: the larger half in a forked
+    child process, the rest here, so that the run's last serial stretch (its figures, then
+    its report) uses two cores. ``start()`` forks, draws this process's half and returns the
+    figures that will exist, for the report to name while the child still draws;
+    ``finish()`` waits for the child and returns those drawn. The child says each figure it
+    has drawn; those it did not (it failed) are drawn here, as the serial path would (raising
+    what that raises); leaving the ``with`` by an error kills a child still running. Forked
+    only on Linux and while this process runs no other thread (a lock held by another thread
+    at the fork, OpenBLAS's for one, would deadlock the child), with pyplot imported first
+    (once, not in each); otherwise every figure is drawn here. Each file is written to a
+    temporary name and renamed, by whichever process draws it."""
+
+    def __init__(self, jobs: list):
+        self.jobs, self.theirs, self.drawn = list(jobs), [], {}
+        self.child: int | None = None
+        self.reader: int | None = None
+
+    def start(self) -> dict:
+        """Fork the child, draw this process's share; {key: file name} of the figures drawn
+        here and of those the child draws."""
+        if len(self.jobs) > 1 and sys.platform.startswith("linux") and \
+                threading.active_count() == 1 and plots.pyplot() is not None:
+            self.theirs = self.jobs[:(len(self.jobs) + 1) // 2]
+            self._fork()
+        for key, name, draw in self.jobs[len(self.theirs):]:
+            if draw():
+                self.drawn[key] = name
+        return {key: name for key, name, _ in self.jobs
+                if key in self.drawn or any(key == k for k, _, _ in self.theirs)}
+
+    def _fork(self) -> None:
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: draw, say which were drawn, leave without any cleanup
+            status = 1
+            try:
+                os.close(reader)
+                for _, _, draw in self.theirs:  # one byte per figure as it is done
+                    os.write(writer, b"1" if draw() else b"0")
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(writer)
+        self.child, self.reader = pid, reader
+
+    def finish(self) -> dict:
+        """Wait for the child, draw here what it did not; {key: file name} of every figure
+        drawn, in the jobs' order."""
+        if self.child is not None:
+            with os.fdopen(self.reader, "rb") as fh:
+                self.reader = None
+                said = fh.read()
+            os.waitpid(self.child, 0)
+            self.child = None
+            said = said[:len(self.theirs)] + b"".join(  # those the child did not finish
+                b"1" if draw() else b"0" for _, _, draw in self.theirs[len(said):])
+            self.drawn.update({key: name for (key, name, _), ok in zip(self.theirs, said)
+                               if ok == ord("1")})
+        return {key: self.drawn[key] for key, _, _ in self.jobs if key in self.drawn}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if self.child is not None:  # left by an error before finish(): the child goes too
+            os.kill(self.child, signal.SIGKILL)
+            os.waitpid(self.child, 0)
+            self.child = None
+        if self.reader is not None:
+            os.close(self.reader)
+            self.reader = None
+        return False

@@ -14,7 +14,7 @@ def init_histograms(path: Path, panels: list[dict], title: str) -> bool:
     row per distinct ``row`` key (e.g. one row per backend), written atomically as PNG.
 
     Returns False (and writes nothing) when there is nothing to draw or no matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not panels:
         return False
     rows: dict = {}
@@ -56,7 +56,7 @@ def _histogram(ax, panel: dict) -> None:
     ax.set_xlabel(expected.description, fontsize=7)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the Agg backend, or None without matplotlib."""
     try:
         import matplotlib
@@ -88,7 +88,7 @@ def timing_bars(path: Path, title: str, rows: list[dict]) -> bool:
     labelled with its median; the IQR as the error bar; a linear axis where the range allows
     (else log, said on the axis). ``rows``: backend, mode, phase, median, q1, q3, compiled
     (False: a compiled mode whose witness failed, hatched and grey)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not rows:
         return False
     phases = [p for p in ("inference", "train") if any(r["phase"] == p for r in rows)] + \
@@ -136,7 +136,7 @@ def kind_histograms(path: Path, title: str, panels: list[dict]) -> bool:
     """One parameter kind across frameworks: one row per framework (``label``, ``values``,
     ``expected``), every row on the same x axis, the analytic density on top; a constant
     as a single line at its value."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not panels:
         return False
     lo = min(float(np.min(p["values"])) for p in panels)
@@ -171,7 +171,7 @@ def kind_histograms(path: Path, title: str, panels: list[dict]) -> bool:
 def throughput_lines(path: Path, title: str, series: dict) -> bool:
     """Samples per second against batch size, log-log, one line per (backend, mode, phase).
     ``series``: label -> [(batch, samples/s), ...]."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not any(len(points) > 1 for points in series.values()):
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -424,3 +424,70 @@ def test_not_judged_gradients_are_said_so_with_their_reason(numpy_run, numpy_ses
     assert "small_cnn: training-mode gradients not judged" in md and "20% of their scale" in md
     assert "| not judged |" in page and "(inference mode) | numpy |" in page
     assert "training-mode comparisons not judged (ill-conditioned in float32)" in page
+
+
+def _pid_jobs(tmp_path, n, fail=(), slow=()):
+    """Figure-like jobs that write the pid of the process that ran them (a job in ``fail``
+    raises in a child process only; one in ``slow`` sleeps first)."""
+    import time
+    parent = os.getpid()
+
+    def draw(i):
+        if i in slow:
+            time.sleep(60)
+        if i in fail and os.getpid() != parent:
+            raise RuntimeError("lost in the child")
+        (tmp_path / f"f{i}.png").write_text(str(os.getpid()))
+        return True
+    return [(f"kind {i}", f"f{i}.png", lambda i=i: draw(i)) for i in range(n)]
+
+
+def test_figures_are_drawn_half_by_a_forked_child_half_here(tmp_path):
+    """The larger half (0 to 2) in a child process, the rest here; every name returned at
+    start (for the report) and at finish, in the jobs' order; the child failed at job 1: it
+    and job 2 are drawn here, job 0 is not drawn again."""
+    from harness.figures import Drawing
+
+    with Drawing(_pid_jobs(tmp_path, 5, fail={1})) as drawing:
+        named = drawing.start()
+        drawn = drawing.finish()
+    assert list(named) == list(drawn) == [f"kind {i}" for i in range(5)]
+    pids = [int((tmp_path / f"f{i}.png").read_text()) for i in range(5)]
+    assert pids[0] != os.getpid() and pids[1:] == [os.getpid()] * 4, pids
+
+
+def test_figures_are_drawn_here_while_another_thread_runs(tmp_path):
+    """No fork beside another thread (a lock it holds would be the child's deadlock)."""
+    import threading
+
+    from harness.figures import Drawing
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with Drawing(_pid_jobs(tmp_path, 3)) as drawing:
+            drawing.start()
+            drawing.finish()
+    finally:
+        stop.set()
+        other.join()
+    assert {int((tmp_path / f"f{i}.png").read_text()) for i in range(3)} == {os.getpid()}
+
+
+def test_leaving_the_drawing_by_an_error_ends_its_child(tmp_path):
+    """An error (an interruption, say) before finish(): the child is killed and reaped at
+    once, not waited for."""
+    import time
+
+    from harness.figures import Drawing
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with Drawing(_pid_jobs(tmp_path, 2, slow={0})) as drawing:
+            drawing.start()
+            child = drawing.child
+            raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 30 and drawing.child is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child, os.WNOHANG)  # reaped: no zombie left

@@ -1580,3 +1580,40 @@ def test_a_worker_whose_harness_is_gone_ends_at_once(parent, rc):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == rc, proc.stderr
     assert ("went on" in proc.stdout) == (rc == 0)
+
+
+def test_a_worker_exits_at_once_without_the_interpreters_teardown():
+    """The worker's ``__main__`` ends by exit_at_once: its status kept, what it printed flushed
+    (stdout a pipe, block-buffered), and no atexit handler run (the frameworks' teardown cost
+    seconds there: JAX's clean_up clears every compilation cache)."""
+    code = ("import atexit, runpy, sys; atexit.register(print, 'atexit ran'); "
+            "print('buffered', end=''); sys.argv = ['worker']; "
+            "runpy.run_module('backends.worker', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr  # main's usage status, through exit_at_once
+    assert "usage: python -m backends.worker" in proc.stderr
+    assert proc.stdout == "buffered", proc.stdout  # flushed, and no handler ran after it
+
+
+def test_untimed_workers_start_longest_first_after_the_reference():
+    """--timing off runs workers side by side: the NumPy reference first, then the longest
+    (compare.UNTIMED_SECONDS), an unlisted backend first of those; timed runs keep the user's
+    order behind the reference."""
+    from types import SimpleNamespace
+
+    named = {n: SimpleNamespace(name=n) for n in
+             ("torch", "keras", "numpy", "gluon", "keras_jax", "new", "flax", "keras_torch")}
+    given = list(named.values())
+    untimed = [b.name for b in compare.launch_order(given, timed=False)]
+    assert untimed == ["numpy", "new", "keras_jax", "flax", "keras", "keras_torch", "torch",
+                       "gluon"]
+    assert [b.name for b in compare.launch_order(given, timed=True)] == \
+        ["numpy", "torch", "keras", "gluon", "keras_jax", "new", "flax", "keras_torch"]
+    from argparse import Namespace
+
+    from harness.envs import select
+    args = Namespace(timing="off", device="cpu", timeout=60.0, max_memory=1 << 30, threads=1,
+                     tf32=False, batch=None, roofline=False)
+    units = compare.make_units(args, [], select(["torch", "numpy", "flax"]), {}, None, "cpu")
+    assert [u.backend.name for u in units] == ["numpy", "flax", "torch"]
