@@ -106,7 +106,8 @@ def test_keras_torch_declares_its_limitation_and_defect():
     the Keras adapter describes its truncated normals."""
     kt = envs.discover()["keras_torch"]
     assert [(lim.spec, lim.check, lim.subjects) for lim in kt.limitations] == [
-        ("small_cnn", analysis.COMPILED, None), ("resnet_block", analysis.COMPILED, None)]
+        ("small_cnn", analysis.COMPILED, None), ("resnet_block", analysis.COMPILED, None),
+        ("resnet50", analysis.COMPILED, None)]
     assert all("recompile_limit" in lim.reason and "keras/src" in lim.source
                for lim in kt.limitations)
     (defect,) = kt.defects
