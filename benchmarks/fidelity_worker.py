@@ -1,17 +1,21 @@
-"""Runs inside one backend's environment for benchmarks/timing_fidelity.py and
-benchmarks/gpu_check.py: times each model's inference step, in every mode the adapter offers,
-with the harness's timer AND with the framework's own reference tool, in the same process,
-alternating, on the requested device; prints one JSON line about the environment (the device the
-framework really uses, its TF32 and cuDNN autotuning settings), then one per model and mode
-(both tools' per-call times, where the input and output values live, peak device memory).
+"""Runs inside one backend's environment for benchmarks/timing_fidelity.py, benchmarks/models.py
+and benchmarks/gpu_check.py: times each model's step, per phase asked for, in every mode the
+adapter offers, with the harness's timer AND with the framework's own reference tool, in the
+same process, alternating, on the requested device; prints one JSON line about the environment
+(the device the framework really uses, its TF32 and cuDNN autotuning settings), then one per
+model, phase and mode (both tools' per-call times, where the input and output values live, peak
+device memory). Inference: both tools time the harness's own step. Training: the harness's timer
+times the harness's step, the reference tool the framework's own training step written as its
+guide writes it (benchmarks/reference_train.py), on the same model, inputs and cotangent.
 
     python -m benchmarks.fidelity_worker REQUEST.json
 
 REQUEST: {"backend", "device", "threads", "rounds", "models": [{"name", "plan"}], "budget",
-"settings"}, each plan as ``protocol.dump`` writes it (the parent builds them from spec
-documents); ``budget`` (a ``protocol.Budget``, or null: ``BUDGET``); ``settings``: ``tf32``,
-``cudnn_benchmark`` for the adapter's setup. Standard library and
-numpy here; the framework comes in through the backend's adapter.
+"settings", "phases"}, each plan as ``protocol.dump`` writes it (the parent builds them from
+spec documents); ``budget`` (a ``protocol.Budget``, or null: ``BUDGET``); ``settings``:
+``tf32``, ``cudnn_benchmark`` for the adapter's setup; ``phases``: of inference and train
+(default: inference). Standard library and numpy here; the framework comes in through the
+backend's adapter.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from backends import protocol, timer
 from backends.base import CompiledStep
+from benchmarks.reference_train import train_step
 from backends.protocol import Budget, Plan
 
 BUDGET = Budget(warmup_calls=10, warmup_s=1.0, min_block_s=10e-3, min_blocks=50,
@@ -108,36 +113,48 @@ def environment(backend: str, adapter, env: dict) -> dict:
             "python": sys.executable}
 
 
+#: the harness's learning rate for a timed training step (``protocol.TimingRequest.lr``)
+LR = 1e-3
+
+
 def time_model(backend: str, adapter, name: str, plan: Plan, threads: int, rounds: int,
-               budget: Budget = BUDGET) -> None:
+               budget: Budget = BUDGET, phases=("inference",)) -> None:
     adapter.seed(plan.seed)
     model = adapter.build(plan)
-    x = np.random.default_rng(0).standard_normal(plan.input_shape).astype(np.float32)
-    adapter.forward(model, x)  # sizes and first call
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(plan.input_shape).astype(np.float32)
+    y = adapter.forward(model, x)  # sizes and first call
     x_dev = adapter.to_device(x)
-    for mode, api in adapter.modes().items():
-        row = {"model": name, "mode": mode, "api": api, "input_on": placement(x_dev)}
-        try:
-            fn = adapter.step(model, "inference", mode, x_dev, None, 1e-3)
-            fn = fn.call if isinstance(fn, CompiledStep) else fn  # the step, without its witness
-            value = fn()
-            adapter.block(value)
-            row["output_on"] = placement(value)
-            harness, ref, peaks, tool = [], [], [], ""
-            for _ in range(rounds):  # alternate, so that drift hits both alike
-                adapter.reset_memory_peak()
-                m = timer.measure(fn, adapter.block, budget)
-                peaks.append(adapter.memory_peak())
-                harness += [t / m.number for t in m.block_times]
-                tool, times = reference(backend, fn, threads, budget)
-                ref += times
-            row.update(tool=tool, harness=harness, reference=ref,
-                       memory_peak=max((p for p in peaks if p is not None), default=None))
-        except Exception as exc:  # one mode failing is that mode's row, not the run's end
-            traceback.print_exc()
-            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
-        row["on_gpu"] = on_gpu(row["input_on"]) and on_gpu(row.get("output_on", ""))
-        emit("timing", **row)
+    cotangent = adapter.to_device(rng.standard_normal(y.shape).astype(np.float32))
+    for phase in phases:
+        for mode, api in adapter.modes().items():
+            row = {"model": name, "phase": phase, "mode": mode, "api": api,
+                   "input_on": placement(x_dev)}
+            try:
+                fn = adapter.step(model, phase, mode, x_dev, cotangent, LR)
+                fn = fn.call if isinstance(fn, CompiledStep) else fn  # the step, not its witness
+                ref_fn = fn if phase == "inference" else \
+                    train_step(backend, adapter, model, mode, x_dev, cotangent, LR)
+                value = fn()
+                adapter.block(value)
+                row["output_on"] = placement(value)
+                if ref_fn is not fn:  # its first call (tracing, compiling) before any timing
+                    adapter.block(ref_fn())
+                harness, ref, peaks, tool = [], [], [], ""
+                for _ in range(rounds):  # alternate, so that drift hits both alike
+                    adapter.reset_memory_peak()
+                    m = timer.measure(fn, adapter.block, budget)
+                    peaks.append(adapter.memory_peak())
+                    harness += [t / m.number for t in m.block_times]
+                    tool, times = reference(backend, ref_fn, threads, budget)
+                    ref += times
+                row.update(tool=tool, harness=harness, reference=ref,
+                           memory_peak=max((p for p in peaks if p is not None), default=None))
+            except Exception as exc:  # one mode failing is that mode's row, not the run's end
+                traceback.print_exc()
+                row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            row["on_gpu"] = on_gpu(row["input_on"]) and on_gpu(row.get("output_on", ""))
+            emit("timing", **row)
 
 
 def main(path: str) -> int:
@@ -152,9 +169,10 @@ def main(path: str) -> int:
     emit("environment", **environment(backend, adapter, env))
     budget = BUDGET if request.get("budget") is None else \
         protocol.load(Budget, request["budget"], "budget")
+    phases = request.get("phases") or ["inference"]
     for entry in request["models"]:
         time_model(backend, adapter, entry["name"], protocol.load(Plan, entry["plan"], "plan"),
-                   threads, rounds, budget)
+                   threads, rounds, budget, phases)
     return 0
 
 

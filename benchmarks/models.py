@@ -1,18 +1,56 @@
 """The harness's timer against each framework's own tool on real networks: ResNet-50 and the
-BERT-base encoder layer of the model zoo (specs/models/), float32 inference, every mode of every
-backend.
+BERT-base encoder layer of the model zoo (specs/models/), float32, the inference step and the
+training step, every mode of every backend.
 
-    python benchmarks/models.py [--backend NAME ...] [--models resnet50,encoder] [--gpu]
-                                [--threads N] [--rounds R] [--full]
+    python benchmarks/models.py [--backend NAME ...] [--models resnet50,encoder]
+                                [--phases inference,train] [--gpu] [--threads N] [--rounds R]
+                                [--full]
 
 Per backend, one process (benchmarks/fidelity_worker.py, as benchmarks/timing_fidelity.py does
-for its MLP and CNN) builds each model and, per mode, alternates the harness's timer
-(backends/timer.py) with the framework's recommended tool on the same step:
-torch.utils.benchmark.Timer.blocked_autorange (PyTorch, Keras on PyTorch); timeit with
-``.numpy()`` on the tf.function's result (Keras on TensorFlow); timeit with
-``jax.block_until_ready`` on the jax.jit's result (Flax, Keras on JAX); timeit with
-``mx.nd.waitall()`` after the hybridized block (Gluon). Prints both medians, their ratio and
-each one's IQR/median per row. A benchmark, not a test: nothing here asserts a duration.
+for its MLP and CNN) builds each model and, per phase and mode, alternates the harness's timer
+(backends/timer.py) on the harness's step (``step(model, phase, mode, ...)``) with the
+framework's recommended tool: torch.utils.benchmark.Timer.blocked_autorange (PyTorch, Keras on
+PyTorch); timeit with ``.numpy()`` on the result (Keras on TensorFlow); timeit with
+``jax.block_until_ready`` on the result (Flax, Keras on JAX); timeit with ``mx.nd.waitall()``
+after the call (Gluon). Prints both medians, their ratio and each one's IQR/median per row
+(model, phase, backend, mode). A benchmark, not a test: nothing here asserts a duration.
+
+Inference: the reference tool times the harness's own step. Training: it times the
+framework's own training step, written as the framework's guide writes it
+(benchmarks/reference_train.py), doing the harness's work on the same model, input and
+cotangent: a training-mode forward (batch statistics, dropout dropping), the loss
+sum(output * cotangent), the backward, and SGD p -= lr * grad (lr 1e-3, momentum and weight
+decay 0) of every trainable parameter, waited on as the tool waits:
+
+- PyTorch: ``optimizer.zero_grad()``, ``loss.backward()``, ``torch.optim.SGD(...).step()``, the
+  loop of PyTorch's "Optimizing Model Parameters" tutorial; compiled: ``torch.compile(model)``
+  as its torch.compile tutorial compiles a model (the harness compiles the module the same
+  way; its update is ``torch._foreach_add_``, the optimizer's own kernel for it).
+- Keras on TensorFlow: ``tf.GradientTape``, ``tape.gradient``, ``keras.optimizers.SGD.apply``
+  ("Writing a training loop from scratch in TensorFlow"); compiled / xla: under
+  ``tf.function`` / ``tf.function(jit_compile=True)`` as that guide speeds it up. ``.numpy()``
+  of the loss: a tf.function returns only after its stateful ops (the updates) ran, and eager
+  ops on the CPU are synchronous.
+- Keras on JAX: ``stateless_call`` under ``jax.value_and_grad`` and
+  ``SGD.stateless_apply``, the variables threaded as the step's state ("... in JAX");
+  compiled: ``jax.jit``. ``block_until_ready`` on the loss and the new state.
+- Keras on PyTorch: ``model.zero_grad()``, ``loss.backward()``, ``SGD.apply`` of each
+  variable's ``.value.grad`` under ``torch.no_grad()`` ("... in PyTorch"); compiled:
+  ``torch.compile`` of that step (Keras's own ``jit_compile=True`` compiles its train step so),
+  with the harness's ``dynamic=False`` (see backends/keras_torch).
+- Flax: ``flax.training.train_state.TrainState`` with ``optax.sgd``, ``apply_gradients`` and the
+  batch statistics from ``mutable=["batch_stats"]`` replaced into the state (Flax's batch-norm
+  guide); compiled: ``jax.jit`` donating the state, as the harness's step donates its
+  variables. ``block_until_ready`` on the new state and the loss.
+- Gluon: ``autograd.record()``, ``loss.backward()``, ``gluon.Trainer(net.collect_params(),
+  "sgd").step(1)`` (Gluon's "Train the neural network" tutorial), ``mx.nd.waitall()``;
+  compiled: the network hybridized with ``static_alloc=True, static_shape=True``.
+
+The differences that remain are each framework's optimizer object (a Keras optimizer also
+counts its iterations; Gluon sums the loss before ``backward`` where the harness passes the
+cotangent as the head gradient; Flax's reference thread its own copy of the variables, which
+the harness's donated step would delete): a ratio away from 1 on a quiet machine is the
+harness's step and timer against the framework's own, not the timer alone.
 
 Sizes: the zoo's CPU sizes by default (ResNet-50 1 x 3 x 64 x 64, the encoder layer batch 2 x
 sequence 8 x 768); ``--gpu`` runs the anchors' sizes on the GPU (ResNet-50 batch 64 at
@@ -41,6 +79,8 @@ MODELS = {
     "resnet50": ("specs/models/resnet50.yaml", [1, 3, 64, 64], [64, 3, 224, 224]),
     "encoder": ("specs/models/transformer_encoder_layer.yaml", [2, 8, 768], [32, 128, 768]),
 }
+#: the phases timed: the harness's names (``step(..., phase, ...)``)
+PHASES = ("inference", "train")
 #: short budgets for the CPU (a ResNet-50 call takes tens of ms on 2 cores): at least 10
 #: blocks of at least 10 ms and 1 s per tool and round, after 3 warm-up calls
 QUICK = Budget(warmup_calls=3, warmup_s=0.2, min_block_s=10e-3, min_blocks=10, min_total_s=1.0)
@@ -62,6 +102,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: every framework backend")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated, of {', '.join(MODELS)} (default: both)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated, of {', '.join(PHASES)} (default: both)")
     p.add_argument("--gpu", action="store_true",
                    help="the anchors' sizes on the GPU, TF32 allowed, cuDNN autotuning on")
     p.add_argument("--threads", type=int, default=default_threads())
@@ -74,6 +116,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.models:
         p.error(f"--models: {', '.join(unknown) or 'none given'}; choose from "
                 f"{', '.join(MODELS)}")
+    args.phases = [m for m in args.phases.split(",") if m]
+    unknown = [m for m in args.phases if m not in PHASES]
+    if unknown or not args.phases:
+        p.error(f"--phases: {', '.join(unknown) or 'none given'}; choose from "
+                f"{', '.join(PHASES)}")
     return args
 
 
@@ -83,14 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.gpu else "cpu"
     settings = {"tf32": True, "cudnn_benchmark": True} if args.gpu else {}
     sizes = "; ".join(f"{m} {' x '.join(map(str, docs[m]['input']))}" for m in args.models)
-    print(f"{sizes}; float32 inference{', TF32 allowed, cuDNN autotuning on' if args.gpu else ''}"
+    print(f"{sizes}; float32 {' and '.join(args.phases)}"
+          f"{', TF32 allowed, cuDNN autotuning on' if args.gpu else ''}"
           f"; {args.threads} threads; {args.rounds} alternating rounds per mode; device "
           f"{device}; budget {'full' if args.full else 'quick'}", flush=True)
     runs = []
     for backend in args.backend or DEFAULT:
         start = time.perf_counter()
         result = run(backend, args.threads, args.rounds, device=device, models=args.models,
-                     documents=docs, budget=None if args.full else QUICK, settings=settings)
+                     documents=docs, budget=None if args.full else QUICK, settings=settings,
+                     phases=args.phases)
         runs.append(result)
         env = result.environment or {}
         print(f"{backend}: {time.perf_counter() - start:.0f} s; device "

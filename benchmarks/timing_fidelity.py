@@ -66,11 +66,11 @@ class FidelityRun:
 def run(backend: str, threads: int, rounds: int, *, device: str = "cpu",
         python: Path | None = None, models=("mlp", "cnn"), timeout: float = 1800,
         documents: dict | None = None, budget: Budget | None = None,
-        settings: dict | None = None) -> FidelityRun:
+        settings: dict | None = None, phases=("inference",)) -> FidelityRun:
     """The fidelity worker for ``backend`` in ``python`` (default: its managed environment),
-    timing ``models``, names of ``documents`` (spec documents; default ``MODELS``), with the
-    worker's default budget unless ``budget``; ``settings`` go to the adapter's setup
-    (``tf32``, ``cudnn_benchmark``)."""
+    timing ``phases`` of ``models``, names of ``documents`` (spec documents; default
+    ``MODELS``), with the worker's default budget unless ``budget``; ``settings`` go to the
+    adapter's setup (``tf32``, ``cudnn_benchmark``)."""
     python = python or ensure_env(select([backend])[0])
     documents = MODELS if documents is None else documents
     request = {"backend": backend, "device": device, "threads": threads, "rounds": rounds,
@@ -78,7 +78,7 @@ def run(backend: str, threads: int, rounds: int, *, device: str = "cpu",
                                                                        f"{m}.yaml").plan)}
                           for m in models],
                "budget": None if budget is None else protocol.dump(budget),
-               "settings": settings or {}}
+               "settings": settings or {}, "phases": list(phases)}
     env = dict(os.environ, PYTHONPATH=str(ROOT), **dict.fromkeys(THREAD_VARIABLES, str(threads)))
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         path = Path(tmp) / "request.json"
@@ -110,10 +110,10 @@ def ratio_row(row: dict) -> tuple:
 
 
 def table(runs: list[FidelityRun], width: int = 5) -> tuple[list[str], list[float]]:
-    """The printed table (one line per backend, model and mode: both medians in ms, their
-    ratio, each one's IQR/median and the reference tool; a failed mode says why) and the
+    """The printed table (one line per backend, model, phase and mode: both medians in ms,
+    their ratio, each one's IQR/median and the reference tool; a failed mode says why) and the
     ratios; ``width``: the model column's."""
-    header = (f"{'backend':<12} {'model':<{width}} {'mode':<9} {'harness ms':>10} "
+    header = (f"{'backend':<12} {'model':<{width}} {'phase':<9} {'mode':<9} {'harness ms':>10} "
               f"{'reference ms':>12} {'ratio':>6} {'IQR/med h':>9} {'IQR/med r':>9}  "
               "reference tool")
     lines, ratios = [header, "-" * len(header)], []
@@ -121,7 +121,8 @@ def table(runs: list[FidelityRun], width: int = 5) -> tuple[list[str], list[floa
         if result.error:
             lines.append(f"{result.backend}: failed ({result.error})")
         for row in result.rows:
-            lead = f"{result.backend:<12} {row['model']:<{width}} {row['mode']:<9}"
+            lead = (f"{result.backend:<12} {row['model']:<{width}} "
+                    f"{row.get('phase', 'inference'):<9} {row['mode']:<9}")
             if row.get("error"):
                 lines.append(f"{lead} error: {row['error']}")
                 continue

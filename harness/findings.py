@@ -26,7 +26,8 @@ def known_limitations(ctx: Context) -> list[Section]:
     for backend, lims in ctx.limitations.items():
         for lim in lims:
             hits = [(r, c) for r in ctx.results if r.backend == backend
-                    for _, c in r.known_failures() if lim.note() == c.known]
+                    for _, c in r.known_failures()
+                    if lim.note() == c.known and lim.matches(r.spec, c)]  # notes may repeat
             if not hits:
                 continue
             spec = hits[0][0].spec

@@ -373,7 +373,8 @@ def _finished(out_dir: Path, n: int) -> int:
 
 class _LogFollower:
     """Forwards the worker's own progress lines (``[worker] ...`` in its log: which spec, which
-    timing) to the user as they appear; reads only what is new, a bounded amount at a time."""
+    timing) to the user as they appear; reads only what is new, a bounded amount at a time.
+    Returns whether a timed step began since the last call (progress within one spec)."""
 
     CHUNK = 64 * 1024
 
@@ -381,20 +382,23 @@ class _LogFollower:
         self.path, self.backend, self.progress, self.offset = path, backend, progress, 0
         self.partial = b""
 
-    def __call__(self) -> None:
+    def __call__(self) -> bool:
         try:
             with open_regular(self.path) as fh:
                 fh.seek(self.offset)
                 data = fh.read(self.CHUNK) or b""
         except OSError:
-            return
+            return False
         self.offset += len(data)
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()[-1024:]
+        stepped = False
         for line in lines:
             if line.startswith(b"[worker] timing "):
                 text = line[len(b"[worker] "):].decode("utf-8", "replace")
                 self.progress(f"[{self.backend}] {_printable(text)[:200]}")
+                stepped = True
+        return stepped
 
 
 def _printable(text: str) -> str:
@@ -409,10 +413,12 @@ class Stopped(Exception):
     """The harness is stopping: this worker was killed (see STOP)."""
 
 
-def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: None,
+def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: False,
                max_memory: int | None = None):
-    """Wait for the worker, reporting progress; kill it after ``timeout`` s without any, or
-    once its process group's resident memory exceeds ``max_memory`` bytes.
+    """Wait for the worker, reporting progress (set up, a spec finished, or a timed step begun:
+    ``follow`` says; one zoo spec's checks and timed steps can take longer than ``timeout`` in
+    all, each step far less); kill it after ``timeout`` s without any, or once its process
+    group's resident memory exceeds ``max_memory`` bytes.
     Returns (exit status, why it was killed or None, specs finished, the largest resident
     memory of the group seen, sampled every 0.2 s)."""
     killed, rc, done, seen, peak = None, None, 0, 0, 0
@@ -426,7 +432,8 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
         if STOP.is_set():
             _kill(proc)
             raise Stopped(f"{backend}: stopped")
-        follow()
+        if follow():
+            last_progress = time.monotonic()
         rss = _group_rss(proc.pid)
         peak = max(peak, rss)
         if max_memory and rss > max_memory:

@@ -904,3 +904,32 @@ def test_dropout_is_the_identity_in_the_checks_and_drops_in_the_training_step(
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert facts["same_grads"] and facts["zero_grad_columns"] == 0, facts
     assert 12 <= facts["unchanged_columns"] <= 52, facts
+
+
+def test_benchmark_models_training_rows(backend, python, device):
+    """benchmarks/models.py's training rows through the real fidelity worker, on a tiny conv +
+    batch norm + dropout model: one row per mode, the harness's timer and the framework's own
+    tool each timed their step (Gluon's gluon.Trainer loop). Only the gluon suite has it: the
+    plumbing is the same for every backend, Gluon's compile is the cheapest (about 4 s)."""
+    from benchmarks.timing_fidelity import run
+
+    doc = {"name": "tiny", "input": [4, 3, 8, 8], "layers": [
+        {"type": "conv2d", "channels": 4, "kernel": 3, "padding": 1}, {"type": "batch_norm"},
+        {"type": "relu"}, {"type": "flatten"}, {"type": "dropout", "rate": 0.1},
+        {"type": "dense", "units": 5}]}
+    budget = Budget(warmup_calls=1, warmup_s=0.0, min_block_s=1e-3, min_blocks=3,
+                    min_total_s=0.05)
+    result = run(backend.name, 1, 1, device=device, python=python, models=["tiny"],
+                 documents={"tiny": doc}, budget=budget, phases=["train"], timeout=TIMEOUT)
+    assert result.error is None and result.environment is not None, result.error
+    assert [(r["phase"], r["mode"]) for r in result.rows] == [("train", "eager"),
+                                                              ("train", "compiled")]
+    for row in result.rows:
+        assert "error" not in row, row["error"]
+        assert len(row["harness"]) >= 3 and len(row["reference"]) >= 3
+        assert min(row["harness"] + row["reference"]) > 0
+        assert "mx.nd.waitall()" in row["tool"]
+
+
+if BACKEND != "gluon":  # one backend's environment shows the plumbing; see the docstring
+    del test_benchmark_models_training_rows

@@ -26,7 +26,10 @@ def test_arguments(capsys):
     args = models.parse(["--models", "encoder", "--backend", "flax", "--gpu"])
     assert args.models == ["encoder"] and args.backend == ["flax"] and args.gpu
     assert models.parse([]).models == ["resnet50", "encoder"]
-    for bad in (["--models", "vgg"], ["--models", ","], ["--backend", "tensorflow"]):
+    assert models.parse([]).phases == ["inference", "train"]
+    assert models.parse(["--phases", "train"]).phases == ["train"]
+    for bad in (["--models", "vgg"], ["--models", ","], ["--backend", "tensorflow"],
+                ["--phases", "backward"], ["--phases", ","]):
         with pytest.raises(SystemExit) as exit_:
             models.parse(bad)
         assert exit_.value.code == 2
@@ -36,12 +39,18 @@ def test_arguments(capsys):
 def test_ratio_table_from_fidelity_records():
     rows = [{"model": "encoder", "mode": "eager", "tool": "torch.utils.benchmark",
              "harness": [2e-3] * 8 + [3e-3] * 2, "reference": [1e-3] * 10},
-            {"model": "encoder", "mode": "compiled", "error": "RuntimeError: no"}]
+            {"model": "encoder", "phase": "inference", "mode": "compiled",
+             "error": "RuntimeError: no"},
+            {"model": "encoder", "phase": "train", "mode": "eager", "tool": "torch.utils.benchmark",
+             "harness": [4e-3] * 10, "reference": [4.1e-3] * 10}]
     lines, ratios = table([FidelityRun("torch", {}, rows),
                            FidelityRun("gluon", error="exit status 1: ImportError")], width=7)
-    assert ratios == [2.0]
-    assert lines[2].split()[:6] == ["torch", "encoder", "eager", "2.000", "1.000", "2.000"]
-    assert lines[2].split()[6:8] == ["0.0%", "0.0%"]
-    assert lines[3].split()[3:] == ["error:", "RuntimeError:", "no"]
-    assert lines[4] == "gluon: failed (exit status 1: ImportError)"
-    assert lines[-1].strip() == "0/1 ratios within 5 %; largest deviation 100.0%"
+    assert ratios == pytest.approx([2.0, 4 / 4.1])
+    assert lines[2].split()[:7] == ["torch", "encoder", "inference", "eager", "2.000", "1.000",
+                                    "2.000"]
+    assert lines[2].split()[7:9] == ["0.0%", "0.0%"]
+    assert lines[3].split()[4:] == ["error:", "RuntimeError:", "no"]
+    assert lines[4].split()[:7] == ["torch", "encoder", "train", "eager", "4.000", "4.100",
+                                    "0.976"]
+    assert lines[5] == "gluon: failed (exit status 1: ImportError)"
+    assert lines[-1].strip() == "1/2 ratios within 5 %; largest deviation 100.0%"

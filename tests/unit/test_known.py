@@ -106,7 +106,8 @@ def test_keras_torch_declares_its_limitation_and_defect():
     the Keras adapter describes its truncated normals."""
     kt = envs.discover()["keras_torch"]
     assert [(lim.spec, lim.check, lim.subjects) for lim in kt.limitations] == [
-        ("small_cnn", analysis.COMPILED, None), ("resnet_block", analysis.COMPILED, None)]
+        ("small_cnn", analysis.COMPILED, None), ("resnet_block", analysis.COMPILED, None),
+        ("resnet50", analysis.COMPILED, None)]
     assert all("recompile_limit" in lim.reason and "keras/src" in lim.source
                for lim in kt.limitations)
     (defect,) = kt.defects
@@ -151,3 +152,21 @@ def test_bounds_check_counts_values_outside():
                                                    (-0.1, 0.1)) if c.name == BOUNDS]
     assert not check.passed and check.detail == "2 of 4 values outside the support"
     assert stats.outside_support(v, -0.1, 0.1) == 2
+
+
+def test_limitations_sharing_their_words_each_show_their_own_spec():
+    """keras_torch declares one 'what' for small_cnn, resnet_block and resnet50: the finding of
+    each names only the checks of its own spec (not every check with the same note)."""
+    from types import SimpleNamespace
+
+    from harness.findings import known_limitations
+
+    other = known.Limitation("kt", "resnet50", analysis.COMPILED, None, LIMIT.what,
+                             LIMIT.reason, LIMIT.source)
+    results = [result(), result(spec="resnet50", compiled=(False, True))]
+    known.apply(results, {"kt": (LIMIT, other)}, {})
+    sections = known_limitations(SimpleNamespace(limitations={"kt": (LIMIT, other)},
+                                                 results=results))
+    assert [s.summary[0] for s in sections] == ["kt: cannot compile it (2 checks on ",
+                                                "kt: cannot compile it (1 check on "]
+    assert [s.summary[1].text for s in sections] == ["small_cnn", "resnet50"]

@@ -228,3 +228,32 @@ def test_record_with_a_misread_field_is_a_clear_failed_record(tmp_path):
     a, b = _collect("numpy", specs, out, first.log, 0, None, 1.0).records
     assert a.status == Status.FAILED and "output_shape" in a.error and "expected a list" in a.error
     assert b.status == Status.FAILED and "unexpected field 'surprise'" in b.error
+
+
+def test_timed_steps_are_progress_within_one_spec(tmp_path):
+    """A worker still on its first spec, but starting a timed step ('[worker] timing ...' in
+    its log) more often than the timeout, is not killed (a zoo spec's steps can take longer
+    than the timeout in all); one whose log stops is, after the timeout."""
+    import subprocess
+    import sys
+
+    from harness.runner import _LogFollower, _supervise
+
+    def supervise(lines: int, timeout: float):
+        log_path, out = tmp_path / f"{lines}.log", tmp_path / f"out{lines}"
+        out.mkdir()
+        script = ("import sys, time\nfor i in range(%d):\n    print(f'[worker] timing s eager "
+                  "train batch {i}', flush=True)\n    time.sleep(0.4)\ntime.sleep(%d)\n"
+                  % (lines, 0 if lines else 30))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", script], stdout=log,
+                                    start_new_session=True)
+            shown = []
+            return _supervise(proc, "fake", [dense_spec("s")], out, timeout, shown.append,
+                              _LogFollower(log_path, "fake", shown.append))[:2], shown
+
+    (rc, killed), shown = supervise(8, 1.5)   # 3.2 s of steps, each 0.4 s: never 1.5 s idle
+    assert (rc, killed) == (0, None)
+    assert shown[-1] == "[fake] timing s eager train batch 7"
+    (rc, killed), _ = supervise(0, 1.5)
+    assert killed == "timed out: no progress for 1.5 s (the worker was killed)"
