@@ -91,39 +91,26 @@ def test_what_changed_is_said_and_worse_exits_1(tmp_path, run_a):
     assert not worse and "  faster:" in lines
 
 
-def test_a_failure_that_becomes_a_declared_known_issue_is_said_so_and_not_worse(tmp_path,
-                                                                               run_a):
-    """A: a check fails; B: the same check fails as a declared known issue (the record
-    passes): said as such, not as "now passes", and nothing got worse; the reverse is worse."""
+@pytest.mark.parametrize("field,why,said", [
+    ("known", "known limitation of fake: why (backend.yaml)",
+     "now fails as a declared known framework issue"),
+    ("unjudged", "ill-conditioned in float32: ...", "now not judged (measured ill-conditioned)")])
+def test_a_failure_that_becomes_explained_is_said_so_and_the_reverse_is_worse(
+        tmp_path, run_a, field, why, said):
+    """A: a check fails; B: the same check fails as a declared known issue, or 'not judged'
+    (measured ill-conditioned, judged another way): the record passes; said as such, not as
+    "now passes", and nothing got worse; the reverse is worse."""
     a, b = copy.deepcopy(run_a), copy.deepcopy(run_a)
-    for doc, known in ((a, None), (b, "known limitation of fake: why (backend.yaml)")):
+    for doc, note in ((a, None), (b, why)):
         rec = _find(doc, "fake", "tied")
-        rec["checks"][0]["passed"], rec["checks"][0]["known"] = False, known
-        rec["passed"] = known is not None
+        rec["checks"][0]["passed"], rec["checks"][0][field] = False, note
+        rec["passed"] = note is not None
     name = _find(a, "fake", "tied")["checks"][0]["check"]
     lines, worse = diff.diff(write(tmp_path, "a", a), write(tmp_path, "b", b))
     text = "\n".join(lines)
     assert not worse
     assert "tied fake: FAIL -> pass" in text
-    assert f"now fails as a declared known framework issue: {name}" in text
-    assert "now passes" not in text
-    lines, worse = diff.diff(write(tmp_path, "b2", b), write(tmp_path, "a2", a))
-    assert worse and f"now fails: {name}" in "\n".join(lines)
-
-
-def test_a_failure_that_becomes_not_judged_is_said_so_and_the_reverse_is_worse(tmp_path,
-                                                                              run_a):
-    """A: a check fails; B: it fails but is 'not judged' (measured ill-conditioned, judged
-    another way; the record passes): said so, not as "now passes"; the reverse is worse."""
-    a, b = copy.deepcopy(run_a), copy.deepcopy(run_a)
-    for doc, why in ((a, None), (b, "ill-conditioned in float32: ...")):
-        rec = _find(doc, "fake", "tied")
-        rec["checks"][0]["passed"], rec["checks"][0]["unjudged"] = False, why
-        rec["passed"] = why is not None
-    name = _find(a, "fake", "tied")["checks"][0]["check"]
-    lines, worse = diff.diff(write(tmp_path, "a", a), write(tmp_path, "b", b))
-    text = "\n".join(lines)
-    assert not worse and f"now not judged (measured ill-conditioned): {name}" in text
+    assert f"{said}: {name}" in text
     assert "now passes" not in text
     lines, worse = diff.diff(write(tmp_path, "b2", b), write(tmp_path, "a2", a))
     assert worse and f"now fails: {name}" in "\n".join(lines)
