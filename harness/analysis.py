@@ -30,7 +30,7 @@ GRAD_FLOOR = 1e-2   # a gradient's scale is at least this fraction of the spec's
 #: that far off too, give or take this factor (measured: see ``tests/unit/test_analysis.py``).
 FLOAT32_FACTOR = 8.0
 #: A spec whose training-mode backward is chaotic in float32: the reference's float32 twin moves
-#: some gradient by more than this fraction of its scale (ResNet-50 at initialization: 14% to
+#: some gradient by more than this fraction of its scale (ResNet-50 at initialization: 10% to
 #: 38%, any batch and size). No tolerance then tells a right gradient from a wrong one; where
 #: the spec's gradients are judged in inference mode too, its training-mode gradient
 #: comparisons are reported, not judged (a wrong gradient fails its inference-mode check).
