@@ -911,6 +911,8 @@ def test_benchmark_models_training_rows(backend, python, device):
     batch norm + dropout model: one row per mode, the harness's timer and the framework's own
     tool each timed their step (Gluon's gluon.Trainer loop). Only the gluon suite has it: the
     plumbing is the same for every backend, Gluon's compile is the cheapest (about 4 s)."""
+    if str(ROOT) not in sys.path:  # benchmarks/ is scripts, not the installed package
+        sys.path.insert(0, str(ROOT))
     from benchmarks.timing_fidelity import run
 
     doc = {"name": "tiny", "input": [4, 3, 8, 8], "layers": [
