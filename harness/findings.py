@@ -347,7 +347,7 @@ def numerics(ctx: Context) -> list[Section]:
     for name, names in ((NUMERICS, (NUMERICS,)), (GRADIENT, (GRADIENT, INFERENCE_GRADIENT))):
         checks = [(c.observed / c.expected if c.expected else 0.0, r, c) for r in ctx.results
                   for n in names for c in r.checks_named(n) if isinstance(c.observed, float)
-                  and isinstance(c.expected, float) and not c.unjudged]
+                  and isinstance(c.expected, float) and not c.unjudged and not c.known]
         if checks:
             worst[name] = max(checks, key=lambda t: t[0])
     unjudged = {}
