@@ -183,9 +183,8 @@ class _Spec:
         a = self.adapter
         with a.computing_in(np.float32):
             self.inference_gradients(model, "float32/")
-            self.load_probe(model)
+            self.load_probe(model)  # an inference-mode forward changes nothing: loaded once
             self.arrays["float32/probe_output"] = a.forward(model, self.x)
-            self.load_probe(model)
             y, grads = a.gradients(model, self.x, self.cotangent)
             self.arrays["float32/train_output"] = y
             self.arrays.update({f"float32/grad/{n}": g for n, g in grads.items()})

@@ -37,8 +37,13 @@ REFERENCE = "numpy"  # the NumPy reference: every other backend is compared with
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def spec_files_in(directory: Path) -> list[Path]:
+    """A directory's spec files (not its subdirectories), in name order."""
+    return sorted(f for f in directory.iterdir() if f.suffix in SPEC_SUFFIXES and not f.is_dir())
+
+
 def default_spec_files() -> list[Path]:
-    return sorted(p for p in SPECS_DIR.iterdir() if p.suffix in SPEC_SUFFIXES)
+    return spec_files_in(SPECS_DIR)
 
 
 def spec_files(paths: list[str]) -> list[Path]:
@@ -51,7 +56,7 @@ def spec_files(paths: list[str]) -> list[Path]:
         if not p.is_dir():
             files.append(p)
             continue
-        found = sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.is_dir())
+        found = spec_files_in(p)
         if not found:
             raise SpecError(p, "", "a directory without spec files (*.yaml, *.yml, *.json)")
         files += found

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from . import document as doc
 from . import initializers as inits
-from .analysis import (COMPILED, GRADIENT, INFERENCE_GRADIENT, LAZY_AFTER, LAZY_BEFORE, NAMES,
-                       NUMERICS, OUTPUT_SHAPE, PARAM_COUNT, PHASE, RUNNING_STAT, SAVE_LOAD, SHAPE,
-                       SHARED_WITH, TRAIN_OUTPUT, TRAINABLE, ILL_CONDITIONED, Result,
-                       not_held)
+from .analysis import (COMPILED, GRADIENT, ILL_CONDITIONED, INFERENCE_GRADIENT, LAZY_AFTER,
+                       LAZY_BEFORE, NAMES, NUMERICS, OUTPUT_SHAPE, PARAM_COUNT, PHASE,
+                       RUNNING_STAT, SAVE_LOAD, SHAPE, SHARED_WITH, TRAIN_OUTPUT, TRAINABLE,
+                       Result, not_held)
 from .document import Cell, Code, Link, Paragraph, Section, Strong, Table
 from .known import STILL_HAPPENS
 from .stats import SPREAD_WARNING, Z, timing_stats
