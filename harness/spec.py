@@ -702,7 +702,7 @@ def build_spec(doc: dict, file: str | Path = "<spec>", seed: int | None = None) 
     for p in params:
         p.shared_with.sort()
     if plan.inference_gradients and not any(p.role.startswith("running_") for p in params):
-        b.fail("inference_gradients", "inference_gradients: true, but no layer of the spec "
+        b.fail("inference_gradients", "true, but no layer of the spec "
                                       "computes differently in inference mode (no running "
                                       "statistics, as batch norm's): its gradients would be the "
                                       "training-mode ones again")
