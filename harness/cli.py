@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how deeply to time every mode and phase (default: quick)")
     c.add_argument("--threads", type=thread_count,
                    help="intra-op threads for every framework (default: this machine's cores, "
-                        f"{default_threads()}; on Ray, the CPUs the unit holds on its node)")
+                        f"{default_threads()}, divided among the workers running at once "
+                        "(--jobs, untimed); on Ray, the CPUs the unit holds on its node)")
     c.add_argument("--tf32", action="store_true",
                    help="allow TF32 matmuls/convolutions on GPUs that have it (default: off)")
     c.add_argument("--repeats", type=repeat_count, default=1,

@@ -110,6 +110,16 @@ def use_device(args) -> devices.DeviceChoice:
     return choice
 
 
+def local_threads(args, workers: int) -> int:
+    """The intra-op threads each local worker gets without --threads: this machine's cores,
+    divided among the workers that run side by side (untimed: ``--jobs`` of the ``workers``).
+    Two 2-thread workers on 2 cores cost a third more CPU than two 1-thread ones (spinning
+    thread pools; the default suite, --timing off: 40 s against 30 s, 25 s against 20 s
+    wall, 2026-12-06). Timed workers run one at a time, with every core."""
+    at_once = 1 if args.timing != "off" else max(1, min(args.jobs, workers))
+    return max(1, default_threads() // at_once)
+
+
 def worker_settings(args) -> dict:
     """What every worker is told; ``threads`` None (Ray, no --threads): the CPUs the unit
     holds on its node."""
@@ -157,7 +167,7 @@ def compare(args) -> int:
                             "--executor ray")
     check_memory(specs, args, backends)
     if args.threads is None and args.executor == "local":
-        args.threads = default_threads()  # on Ray: the CPUs each unit holds on its node
+        args.threads = local_threads(args, len(backends))  # on Ray: the CPUs each unit holds
     executor = make_executor(args)
     try:
         choices = {place: device_for(args, executor, place) for place in executor.places()}

@@ -1617,3 +1617,18 @@ def test_untimed_workers_start_longest_first_after_the_reference():
                      tf32=False, batch=None, roofline=False)
     units = compare.make_units(args, [], select(["torch", "numpy", "flax"]), {}, None, "cpu")
     assert [u.backend.name for u in units] == ["numpy", "flax", "torch"]
+
+
+def test_untimed_workers_share_the_cores_and_timed_ones_get_them_all(monkeypatch):
+    """Without --threads, each local worker's intra-op threads are the cores divided among
+    the workers that run side by side: --jobs of them untimed (never more than there are
+    workers), one timed; at least one thread."""
+    from argparse import Namespace
+
+    for cores, timing, jobs, workers, expected in [
+            (2, "off", 2, 7, 1), (2, "off", 2, 1, 2), (8, "off", 2, 7, 4), (8, "off", 3, 7, 2),
+            (2, "off", 4, 7, 1), (8, "off", 1, 7, 8), (8, "quick", 2, 7, 8),
+            (1, "off", 2, 7, 1), (2, "full", 2, 7, 2)]:
+        monkeypatch.setattr(compare, "default_threads", lambda cores=cores: cores)
+        args = Namespace(timing=timing, jobs=jobs)
+        assert compare.local_threads(args, workers) == expected, (cores, timing, jobs, workers)
