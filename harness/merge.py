@@ -109,7 +109,8 @@ def read_results(path: Path, schema: dict, command: str, reads: str,
         raise UserError(f"{command}: {path}: not JSON ({type(exc).__name__}: {exc})") from None
     if isinstance(document, dict) and document.get("schema_version") != \
             report.RESULTS_SCHEMA_VERSION:
-        raise UserError(f"{command}: {path}: schema_version {document.get('schema_version')!r}, "
+        raise UserError(f"{command}: {path}: schema_version "
+                        f"{repr(document.get('schema_version'))[:40]}, "
                         f"but this harness {reads}")
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(document))

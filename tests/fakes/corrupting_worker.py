@@ -37,6 +37,18 @@ def _drop(*keys):
     return lambda d: {k: v for k, v in d.items() if k not in keys}
 
 
+def _npz(path: Path, edit) -> None:
+    with np.load(path) as data:
+        arrays = dict(data)
+    edit(arrays)
+    path.unlink()
+    np.savez(path, **arrays)
+
+
+def _complex(arrays: dict) -> None:
+    arrays["output"] = arrays["output"].astype(np.complex128)
+
+
 def _replace(path: Path, make) -> None:
     path.unlink(missing_ok=True)
     make(path)
@@ -63,6 +75,16 @@ SPEC_ACTIONS = {
         "0.npz" if p.name != "0.npz" else "1.npz")),
     "fifo_json": lambda j, z: _replace(j, lambda p: os.mkfifo(p)),
     "dir_json": lambda j, z: _replace(j, lambda p: p.mkdir()),
+    # well-formed, but not what the worker was asked for, or numbers no framework gives
+    "huge_integer": lambda j, z: _json(j, lambda d: {**d, "wall_s": 10**400}),
+    "complex_npz": lambda j, z: _npz(z, _complex),
+    "no_probe_output": lambda j, z: _npz(z, lambda a: a.pop("probe_output")),
+    "output_shape_lie": lambda j, z: _npz(z, lambda a: a.update(output=np.float32(1))),
+    "no_gradients": lambda j, z: _json(j, lambda d: {**d, "gradients": None}),
+    "claims_unsupported": lambda j, z: _json(j, lambda d: {**d, "status": "unsupported"}),
+    "claims_phase_unsupported": lambda j, z: _json(j, lambda d: {
+        **d, "save_load": None, "unsupported": {"save_load": "not here"}}),
+    "status_skipped": lambda j, z: _json(j, lambda d: {**d, "status": "skipped"}),
 }
 
 

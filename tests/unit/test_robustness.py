@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -143,7 +144,7 @@ SPEC_DAMAGE = {
     "missing_npz": "No such file",
     "object_npz": "Object arrays cannot be loaded",
     "unknown_array": "unexpected array",
-    "string_array": "not numbers",
+    "string_array": "not real numbers",
     "record_empty": "not a worker record",
     "record_list": "expected a JSON object, got list",
     "record_null": "expected a JSON object, got null",
@@ -155,6 +156,14 @@ SPEC_DAMAGE = {
     "symlink_npz": "cannot be opened",
     "fifo_json": "not a regular file",
     "dir_json": "not a regular file",
+    "huge_integer": ".json.wall_s: an integer too large for a float",
+    "complex_npz": "has dtype complex128, not real numbers",
+    "no_probe_output": "ok, but its arrays lack 'probe_output'",
+    "output_shape_lie": "output_shape [2, 3], but its 'output' array is of shape []",
+    "no_gradients": "ok, but no gradients phase (neither its result, its error nor",
+    "claims_unsupported": "says the spec is unsupported, but the backend declares nothing",
+    "claims_phase_unsupported": "says phase 'save_load' is unsupported, but the backend",
+    "status_skipped": "status 'skipped', which no worker writes",
 }
 DAMAGES = list(SPEC_DAMAGE)
 
@@ -1632,3 +1641,41 @@ def test_untimed_workers_share_the_cores_and_timed_ones_get_them_all(monkeypatch
         monkeypatch.setattr(compare, "default_threads", lambda cores=cores: cores)
         args = Namespace(timing=timing, jobs=jobs)
         assert compare.local_threads(args, workers) == expected, (cores, timing, jobs, workers)
+
+
+# ------------------------------------------------ worker records held to what was asked
+
+def _timing(**changes):
+    from backends.protocol import TimingRecord
+
+    return TimingRecord(**{"mode": "eager", "phase": "inference", "batch": 2, "number": 4,
+                           "block_times": [1e-3] * 20, "first_call_s": 0.01, **changes})
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"block_times": [float("nan")] * 20}, "holds nan seconds"),
+    ({"block_times": [1e-3, -1.0]}, "holds -1.0 seconds"),
+    ({"block_times": [1e308] * 3}, "holds 1e+308 seconds"),
+    ({"first_call_s": float("inf")}, "holds inf seconds"),
+    ({"number": 0}, "of 0 calls a block"),
+    ({"batch": -3}, "at batch -3"),
+    ({"block_times": []}, "over 0 blocks: no measurement"),
+    ({"block_times": [1e-3] * 100_001}, "100,001 blocks, more than the 100,000"),
+    ({"phase": "bogus"}, "timing phase 'bogus' is none of"),
+])
+def test_timings_no_timer_measures_are_malformed_output(changes, says):
+    """Block times that are NaN, negative or astronomical (1e308 s broke the report's
+    figure), no calls, no blocks, two million blocks (the harness ran out of memory without a
+    report): the record is malformed, that cell fails; a timing's own error is left alone."""
+    from harness.runner import Asked, owed_problem
+
+    spec = dense_spec("t")
+    record = SimpleNamespace(status=Status.OK, unsupported={}, timings=[_timing(**changes)],
+                             phase_errors=[], gradients=None)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+    record.timings = [_timing(**changes, error="it raised")]
+    owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+    record.timings = []  # asked for a timing, none given: no measurement, no error, no reason
+    with pytest.raises(ValueError, match="ok, but no timing phase"):
+        owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
