@@ -160,6 +160,8 @@ def test_statistics_that_overflow_or_are_not_finite_are_said_not_raised():
                                         "results": [{"spec": 1}]})), "results[0]"),
     (lambda p: (p.unlink(), p.symlink_to("/etc/passwd")), "a symbolic link"),
     (lambda p: p.unlink(), "no such file"),
+    (lambda p: p.write_text('{"schema_version": 1%s}' % ("0" * 5000)),
+     "an integer of 5,001 digits"),
 ])
 def test_untrusted_input_is_one_line_exit_2(tmp_path, run_a, damage, message):
     good = write(tmp_path, "good", run_a)
