@@ -353,7 +353,7 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
         try:
             ended.rc, ended.killed, _, ended.sampled_peak_rss = _supervise(
                 proc, backend, specs, out_dir, timeout, progress,
-                _LogFollower(log_path, backend, progress), max_memory)
+                _LogFollower(log_path, backend, progress), max_memory, log_path)
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
             _kill(proc)
             raise
@@ -428,14 +428,27 @@ class Stopped(Exception):
     """The harness is stopping: this worker was killed (see STOP)."""
 
 
+#: the most bytes a worker may write to its log (a real one writes kilobytes; only the head and
+#: tail are kept): a worker flooding its output would otherwise fill the disk
+MAX_LOG_BYTES = 1 << 30
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: False,
-               max_memory: int | None = None):
+               max_memory: int | None = None, log: Path | None = None):
     """Wait for the worker, reporting progress (set up, a spec finished, or a timed step begun:
     ``follow`` says; one zoo spec's checks and timed steps can take longer than ``timeout`` in
     all, each step far less); kill it after ``timeout`` s without any, or once its process
     group's resident memory exceeds ``max_memory`` bytes.
     Returns (exit status, why it was killed or None, specs finished, the largest resident
-    memory of the group seen, sampled every 0.2 s)."""
+    memory of the group seen, sampled every 0.2 s). A worker whose ``log`` grows past
+    MAX_LOG_BYTES is killed too."""
     killed, rc, done, seen, peak = None, None, 0, 0, 0
     last_progress = time.monotonic()
     while True:
@@ -454,6 +467,12 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
         if max_memory and rss > max_memory:
             killed = (f"exceeded the memory limit: {rss / 2**30:.2f} GiB resident, limit "
                       f"{max_memory / 2**30:.2f} GiB (--max-memory); the worker was killed")
+            _kill(proc)
+            rc = proc.returncode
+            break
+        if log is not None and _size(log) > MAX_LOG_BYTES:
+            killed = (f"wrote more than {MAX_LOG_BYTES / 2**20:,.0f} MiB to its log (a flood of "
+                      "output); the worker was killed")
             _kill(proc)
             rc = proc.returncode
             break

@@ -105,7 +105,7 @@ WORKER_ACTIONS = {
 }
 
 #: before the worker starts (they need no post-processing)
-PRE_ACTIONS = ("child", "huge_log", "fence")
+PRE_ACTIONS = ("child", "huge_log", "fence", "flood")
 
 
 def _leave_child(pid_file: str | None) -> None:
@@ -119,6 +119,15 @@ def _leave_child(pid_file: str | None) -> None:
             Path(pid_file).write_text(str(grandchild.pid))
         os._exit(0)
     os.waitpid(pid, 0)
+
+
+def _flood() -> None:
+    """A child in the worker's process group that writes to its stdout as fast as it can,
+    until it is killed."""
+    if os.fork() == 0:
+        block = b"flood " * (1 << 16) + b"\n"
+        while True:
+            os.write(1, block)
 
 
 def _huge_log() -> None:
@@ -148,6 +157,8 @@ def main(argv: list[str]) -> int:
         _leave_child(os.environ.get("CORRUPT_CHILD_PID"))
     if "huge_log" in actions:
         _huge_log()
+    if "flood" in actions:
+        _flood()
     command = [sys.executable, *argv]
     post = [a for a in actions if a not in PRE_ACTIONS]
     if not post and "fence" not in actions:

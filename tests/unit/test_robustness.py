@@ -277,6 +277,27 @@ def test_huge_log_is_read_from_its_tail_only(tmp_path, monkeypatch):
     assert "the start of a huge log" not in record.log_tail
 
 
+def test_a_worker_flooding_its_log_is_ended_and_recorded(tmp_path, monkeypatch):
+    """A worker (here a child in its process group) writing output as fast as it can, while
+    its spec sleeps 60 s: killed once its log passes the bound, long before the 60 s or the
+    timeout (the disk would fill first), the cause in the record."""
+    from harness import runner
+
+    monkeypatch.setattr(runner, "MAX_LOG_BYTES", 16 << 20)
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", "flood")
+    monkeypatch.setenv("CORRUPT_ADAPTER", FAKE_ADAPTER)
+    monkeypatch.setenv("FAKE_SLOW_S", "60")
+    started = time.monotonic()
+    with time_bound(50):
+        result = run_worker("numpy", WRAPPER, [dense_spec("slow")], tmp_path, device="cpu",
+                            timeout=120, progress=quiet)
+    assert time.monotonic() - started < 50
+    record = result.records[0]
+    assert record.status == Status.FAILED, record.error
+    assert "wrote more than 16 MiB to its log (a flood of output)" in record.error, record.error
+
+
 def test_memory_hog_is_ended_and_recorded(tmp_path, monkeypatch):
     """A worker whose memory grows past max_memory (0.3 GiB here; the fake stops at 1.5 GiB
     whatever happens, so the host is never at risk) is killed and its record says so."""
