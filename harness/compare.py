@@ -461,9 +461,9 @@ def _print_outcome(results: list[tuple[str, Result]], run_dir: Path, several: bo
     for kind, r in results:
         status = "ok" if r.passed else ("FAILED" if r.ok else r.record.status.value)
         detail = "" if r.passed else \
-            f": {r.record.error or str(len(r.failures())) + ' checks failed'}"
-        if not r.supported:
-            status, detail = "not supported", f": {r.record.error}"
+            f": {one_line(r.record.error or str(len(r.failures())) + ' checks failed', 300)}"
+        if not r.supported:  # a worker's words: one bounded line, control characters escaped
+            status, detail = "not supported", f": {one_line(r.record.error or '', 300)}"
         where = f"  on {kind}" if several else ""
         print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{where}{detail}")
     print(f"report: {run_dir / 'report.md'}")

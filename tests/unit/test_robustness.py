@@ -1700,3 +1700,18 @@ def test_timings_no_timer_measures_are_malformed_output(changes, says):
     record.timings = []  # asked for a timing, none given: no measurement, no error, no reason
     with pytest.raises(ValueError, match="ok, but no timing phase"):
         owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+
+
+def test_a_workers_huge_error_is_one_bounded_line_on_the_console(tmp_path, capsys):
+    """A worker's 30 MB error with newlines and terminal escapes was printed whole on the
+    console line of its cell: one line, cut, control characters escaped."""
+    from backends.protocol import failed_record, unsupported_record
+    from harness.analysis import Result
+
+    error = "\x1b[2J\x1b]0;owned\x07 first\nsecond " + "E" * 30_000_000
+    results = [("k", Result("torch", failed_record("s", error))),
+               ("k", Result("gluon", unsupported_record("s", error)))]
+    assert compare._print_outcome(results, tmp_path, several=False) == 1
+    out = capsys.readouterr().out
+    assert len(out) < 1000 and out.count("\n") == 3, out[:2000]
+    assert "\x1b" not in out and "\x07" not in out and "first second EEE" in out
