@@ -27,6 +27,7 @@ from .options import default_threads
 from .rundir import TMP_PREFIX, RunDir, new_run_dir, point_latest, sweep_leftovers
 from .runner import BackendRun, keep_log
 from .signals import hold_signals
+from .stats import Check
 from .spec import Spec, SpecError, load_spec
 
 
@@ -442,6 +443,17 @@ def _analyze(cells: list[Cell], reference: dict) -> None:
             c.result = analysis.Result(c.backend.name, failed_record(
                 c.spec.name, f"analysis failed on this backend's output: "
                              f"{type(exc).__name__}: {exc}"))
+            continue
+        if ref is not None and not ref and c.result.ok:  # the reference ran, and failed here
+            c.result.checks.append(REFERENCE_FAILED())
+
+
+def REFERENCE_FAILED() -> Check:  # noqa: N802 (one check, made fresh for each cell)
+    """Where the NumPy reference ran but failed on a spec, every other backend's outputs and
+    gradients go uncompared: a failed check saying so, never a pass without its witness."""
+    return Check(analysis.NUMERICS, False, "not compared (the NumPy reference failed on this "
+                 "spec)", "the NumPy reference's outputs and gradients",
+                 "nothing to compare outputs and gradients with: see the numpy row")
 
 
 def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:

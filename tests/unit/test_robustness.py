@@ -1715,3 +1715,26 @@ def test_a_workers_huge_error_is_one_bounded_line_on_the_console(tmp_path, capsy
     out = capsys.readouterr().out
     assert len(out) < 1000 and out.count("\n") == 3, out[:2000]
     assert "\x1b" not in out and "\x07" not in out and "first second EEE" in out
+
+
+def test_a_reference_that_failed_on_a_spec_fails_the_comparison_not_silently(damaged_run):
+    """The NumPy reference ran but failed on a spec (crashed, or its output was malformed):
+    another backend's cell had no numerics or gradient check at all and passed; now a failed
+    check says the comparison could not be made. Without the reference in the run, nothing
+    is claimed either way."""
+    from harness.envs import select
+
+    names, result = damaged_run
+    spec, torch = dense_spec(names[0]), select(["torch"])[0]
+
+    def analyzed(reference):
+        cell = compare.Cell(spec, torch, result.records[0], result.arrays[0])
+        compare._analyze([cell], reference)
+        return cell.result
+
+    failed_reference = analyzed({spec.name: {}})
+    assert not failed_reference.passed
+    assert any("not compared (the NumPy reference failed on this spec)" in line
+               for line in failed_reference.failures()), failed_reference.failures()
+    for reference in ({spec.name: result.arrays[0]}, {}):  # healthy, or not run at all
+        assert not any("not compared" in line for line in analyzed(reference).failures())
