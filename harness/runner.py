@@ -607,7 +607,11 @@ def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
         if (out_dir / "fatal.json").exists():
             errors.append(_read_json(out_dir / "fatal.json", FatalRecord, "fatal.json").error)
         if (out_dir / "worker.json").exists():
-            environment = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
+            read = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
+            if read.backend != backend:  # its versions and device would be another's
+                raise ProtocolError(f"worker.json: of backend {read.backend[:40]!r}, but the "
+                                    f"worker was started for {backend!r}")
+            environment = read
     except ProtocolError as exc:
         errors.append(f"malformed worker output: {exc}")
     cause = errors[0] if errors else _exit_cause(rc, killed)

@@ -100,6 +100,7 @@ WORKER_ACTIONS = {
     "worker_json_list": lambda out: (out / "worker.json").write_text("[]"),
     "fatal_empty": _fatal_empty,
     "bad_done_json": lambda out: (out / "done.json").write_text("{}"),
+    "other_backend": lambda out: _json(out / "worker.json", lambda d: {**d, "backend": "torch"}),
     "symlink_out": lambda out: (out.rename(out.with_name("elsewhere")),
                                 out.symlink_to(out.with_name("elsewhere"))),
 }

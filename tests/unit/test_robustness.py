@@ -214,6 +214,7 @@ def test_damaged_specs_leave_the_healthy_ones_intact(damaged_run):
     ("worker_json_list", "worker.json: expected a JSON object, got list"),
     ("fatal_empty", "fatal.json: not a worker record"),
     ("symlink_out", "output directory was replaced by a symbolic link"),
+    ("other_backend", "worker.json: of backend 'torch', but the worker was started for 'numpy'"),
 ])
 def test_damaged_worker_files_fail_that_backend_with_the_cause(tmp_path, monkeypatch, damage,
                                                                expected):
