@@ -1739,3 +1739,25 @@ def test_a_reference_that_failed_on_a_spec_fails_the_comparison_not_silently(dam
                for line in failed_reference.failures()), failed_reference.failures()
     for reference in ({spec.name: result.arrays[0]}, {}):  # healthy, or not run at all
         assert not any("not compared" in line for line in analyzed(reference).failures())
+
+
+def test_reports_latest_that_is_not_a_link_is_left_alone_without_a_traceback(
+        tmp_path, monkeypatch, capsys):
+    """A reports/latest that is a directory of the user's: the published run's last step
+    raised IsADirectoryError (a traceback after the run was written, a stray .latest link
+    left behind); now it is left alone, whole, with a one-line warning. A link is repointed."""
+    from harness import rundir
+
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path)
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "mine.txt").write_text("keep")
+    rundir.point_latest(tmp_path / "20260101-000000")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and err.count("\n") == 1 and "left alone" in err
+    assert (tmp_path / "latest" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    (tmp_path / "latest" / "mine.txt").unlink()
+    (tmp_path / "latest").rmdir()
+    (tmp_path / "latest").symlink_to("old")
+    rundir.point_latest(tmp_path / "20260101-000000")
+    assert os.readlink(tmp_path / "latest") == "20260101-000000"
