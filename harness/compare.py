@@ -445,10 +445,10 @@ def _analyze(cells: list[Cell], reference: dict) -> None:
                              f"{type(exc).__name__}: {exc}"))
             continue
         if ref is not None and not ref and c.result.ok:  # the reference ran, and failed here
-            c.result.checks.append(REFERENCE_FAILED())
+            c.result.checks.append(reference_failed_check())
 
 
-def REFERENCE_FAILED() -> Check:  # noqa: N802 (one check, made fresh for each cell)
+def reference_failed_check() -> Check:
     """Where the NumPy reference ran but failed on a spec, every other backend's outputs and
     gradients go uncompared: a failed check saying so, never a pass without its witness."""
     return Check(analysis.NUMERICS, False, "not compared (the NumPy reference failed on this "
