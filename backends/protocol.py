@@ -473,7 +473,10 @@ def decode(tp: Any, value: Any, where: str) -> Any:
                                 f"{[m.value for m in tp]}") from None
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ProtocolError(f"{where}: an integer too large for a float") from None
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

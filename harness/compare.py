@@ -27,6 +27,7 @@ from .options import default_threads
 from .rundir import TMP_PREFIX, RunDir, new_run_dir, point_latest, sweep_leftovers
 from .runner import BackendRun, keep_log
 from .signals import hold_signals
+from .stats import Check
 from .spec import Spec, SpecError, load_spec
 
 
@@ -442,6 +443,17 @@ def _analyze(cells: list[Cell], reference: dict) -> None:
             c.result = analysis.Result(c.backend.name, failed_record(
                 c.spec.name, f"analysis failed on this backend's output: "
                              f"{type(exc).__name__}: {exc}"))
+            continue
+        if ref is not None and not ref and c.result.ok:  # the reference ran, and failed here
+            c.result.checks.append(reference_failed_check())
+
+
+def reference_failed_check() -> Check:
+    """Where the NumPy reference ran but failed on a spec, every other backend's outputs and
+    gradients go uncompared: a failed check saying so, never a pass without its witness."""
+    return Check(analysis.NUMERICS, False, "not compared (the NumPy reference failed on this "
+                 "spec)", "the NumPy reference's outputs and gradients",
+                 "nothing to compare outputs and gradients with: see the numpy row")
 
 
 def _keep_logs(environments: dict[str, BackendRun], logs: Path) -> None:
@@ -461,9 +473,9 @@ def _print_outcome(results: list[tuple[str, Result]], run_dir: Path, several: bo
     for kind, r in results:
         status = "ok" if r.passed else ("FAILED" if r.ok else r.record.status.value)
         detail = "" if r.passed else \
-            f": {r.record.error or str(len(r.failures())) + ' checks failed'}"
-        if not r.supported:
-            status, detail = "not supported", f": {r.record.error}"
+            f": {one_line(r.record.error or str(len(r.failures())) + ' checks failed', 300)}"
+        if not r.supported:  # a worker's words: one bounded line, control characters escaped
+            status, detail = "not supported", f": {one_line(r.record.error or '', 300)}"
         where = f"  on {kind}" if several else ""
         print(f"{r.backend:>{wb}}  {r.spec:<{ws}}  {status}{where}{detail}")
     print(f"report: {run_dir / 'report.md'}")

@@ -127,22 +127,40 @@ def versions(doc_a: dict, doc_b: dict) -> list[str]:
     return out
 
 
+def _float(v, default: float) -> float:
+    """A statistic as a float (None: ``default``); an integer of hundreds of digits is inf."""
+    if v is None:
+        return default
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def moved(a: dict, b: dict) -> list[str]:
-    """The statistics of one parameter that moved beyond z standard errors."""
+    """The statistics of one parameter that moved beyond z standard errors; a statistic that
+    became, or stopped being, non-finite (NaN, inf) moved too."""
     sa, sb = a["stats"], b["stats"]
     na, nb = sa.get("n") or 0, sb.get("n") or 0
     if na != nb:
-        return [f"values {na:,} -> {nb:,}"]
+        return [f"values {na:,} -> {nb:,}"[:300]]
     if na < 2 or sa.get("mean") is None or sb.get("mean") is None:
         return []
+    ma, mb = _float(sa["mean"], 0.0), _float(sb["mean"], 0.0)
+    stds = _float(sa.get("std"), 0.0), _float(sb.get("std"), 0.0)
     out = []
-    va, vb = (sa.get("std") or 0.0) ** 2, (sb.get("std") or 0.0) ** 2
+    for what, x, y in (("mean", ma, mb), ("std", *stds)):
+        if not (math.isfinite(x) and math.isfinite(y)) and repr(x) != repr(y):
+            out.append(f"{what} {x:.4g} -> {y:.4g} (not finite)")
+    if out or not all(map(math.isfinite, (ma, mb, *stds))):
+        return out
+    va, vb = stds[0] * stds[0], stds[1] * stds[1]  # '*', not '**': overflow gives inf
     se = math.sqrt(va / na + vb / nb)
-    if (se == 0 and sa["mean"] != sb["mean"]) or (se and abs(sa["mean"] - sb["mean"]) > Z * se):
-        z = f"z = {abs(sa['mean'] - sb['mean']) / se:.3g}" if se else "exact"
-        out.append(f"mean {sa['mean']:.4g} -> {sb['mean']:.4g} ({z})")
-    ka, kb = sa.get("kurtosis") or 3.0, sb.get("kurtosis") or 3.0
-    se_var = math.sqrt(max(ka - 1, 0) * va ** 2 / na + max(kb - 1, 0) * vb ** 2 / nb)
+    if (se == 0 and ma != mb) or (se and abs(ma - mb) > Z * se):
+        z = f"z = {abs(ma - mb) / se:.3g}" if se else "exact"
+        out.append(f"mean {ma:.4g} -> {mb:.4g} ({z})")
+    ka, kb = _float(sa.get("kurtosis"), 3.0) or 3.0, _float(sb.get("kurtosis"), 3.0) or 3.0
+    se_var = math.sqrt(max(ka - 1, 0) * va * va / na + max(kb - 1, 0) * vb * vb / nb)
     if (se_var == 0 and va != vb) or (se_var and abs(va - vb) > Z * se_var):
         z = f"z = {abs(va - vb) / se_var:.3g}" if se_var else "exact"
         out.append(f"std {math.sqrt(va):.4g} -> {math.sqrt(vb):.4g} ({z})")

@@ -116,6 +116,8 @@ def from_json(data, where: str) -> Machine:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"{where}.{name}: {type(value).__name__} is not what a machine "
                              "holds there")
+        if kind is int and value < 0:
+            raise ValueError(f"{where}.{name}: {value} is negative")
     for i, gpu in enumerate(data["gpus"]):
         if not isinstance(gpu, dict) or not all(isinstance(gpu.get(k), str)
                                                 for k in ("name", "driver", "memory")):

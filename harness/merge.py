@@ -8,6 +8,7 @@ field by field; anything else is one line naming the file and the field (exit st
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -97,6 +98,22 @@ def _where(error: jsonschema.ValidationError) -> str:
     return out.lstrip(".") or "(the document)"
 
 
+class _HugeInteger(Exception):
+    pass
+
+
+#: the most digits of an integer in a results.json (bytes of memory, counts: never near 20);
+#: more would only overflow where it meets a float
+MAX_INT_DIGITS = 20
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _HugeInteger(f"an integer of {len(text.lstrip('-')):,} digits ({text[:12]}...), "
+                           f"more than the {MAX_INT_DIGITS} a results.json holds")
+    return int(text)
+
+
 def read_results(path: Path, schema: dict, command: str, reads: str,
                  message: Callable[[str], str]) -> dict:
     """An input run's results.json: a bounded regular file, JSON, of this harness's results
@@ -104,12 +121,15 @@ def read_results(path: Path, schema: dict, command: str, reads: str,
     valid against ``schema`` (``message`` shortens the validator's words)."""
     data = _read(path, RESULTS_LIMIT, command)
     try:
-        document = json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8"), parse_int=_bounded_int)
+    except _HugeInteger as exc:
+        raise UserError(f"{command}: {path}: {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UserError(f"{command}: {path}: not JSON ({type(exc).__name__}: {exc})") from None
     if isinstance(document, dict) and document.get("schema_version") != \
             report.RESULTS_SCHEMA_VERSION:
-        raise UserError(f"{command}: {path}: schema_version {document.get('schema_version')!r}, "
+        raise UserError(f"{command}: {path}: schema_version "
+                        f"{repr(document.get('schema_version'))[:40]}, "
                         f"but this harness {reads}")
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(document))
@@ -130,6 +150,11 @@ def read_document(path: Path) -> dict:
         except ValueError as exc:
             raise UserError(f"merge: {path}: {exc}") from None
     for i, r in enumerate(document["results"]):
+        for j, t in enumerate(r["timings"]):
+            median = (t["stats"] or {}).get("median_s", 1.0)
+            if not (math.isfinite(median) and median > 0):  # jsonschema takes NaN as a number
+                raise UserError(f"merge: {path}: results[{i}].timings[{j}].stats.median_s: "
+                                f"{median!r} is no time (finite and positive)")
         if r["machine"] not in document["machines"]:
             raise UserError(f"merge: {path}: results[{i}].machine: {r['machine'][:100]!r} is "
                             "not one of its machines")

@@ -40,7 +40,7 @@ from .envs import UserError
 from .executors import Unit, UnitOutcome, failed_outcome, finish_backend_run, new_backend_run
 from .machine import Machine, from_json as machine_from_json
 from .node_task import FILE_NAME, REPLY_FORMAT, code_digest, unit_payload
-from .runner import MAX_RECORD_BYTES, WorkerExit, read_worker_output
+from .runner import MAX_RECORD_BYTES, Asked, WorkerExit, read_worker_output
 from backends.protocol import failed_record
 
 #: seconds that cancelled tasks get to end their workers before they are force-cancelled
@@ -234,7 +234,9 @@ class RayExecutor:
         log.write_bytes(reply["log"])
         ex = reply["exit"]
         ended = WorkerExit(out, log, rc=ex["rc"], killed=ex["killed"], wall_s=ex["wall_s"],
-                           start_error=ex["start_error"])
+                           start_error=ex["start_error"],
+                           asked=Asked("compare", unit.checks, unit.timing is not None,
+                                       dict(unit.backend.unsupported)))
         result = read_worker_output(unit.backend.name, unit.specs, ended, unit.max_memory)
         for name, why in reply["refused"].items():
             index = name.split(".")[0]

@@ -8,6 +8,7 @@ import fcntl
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -146,9 +147,21 @@ def _alive(pid: int) -> bool:
 
 
 def point_latest(run_dir: Path) -> None:
-    """``reports/latest`` -> the newest run, replaced atomically."""
+    """``reports/latest`` -> the newest run, replaced atomically; where ``latest`` is not a
+    symbolic link (a directory or file of the user's), it is left alone and a warning says so:
+    the run itself is published either way."""
     link, tmp = REPORTS_DIR / "latest", REPORTS_DIR / f".latest.{os.getpid()}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)
+    if link.exists() and not link.is_symlink():
+        print(f"warning: {link} is not a symbolic link, so it was left alone (not pointed at "
+              f"{run_dir.name})", file=sys.stderr)
+        return
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError as exc:  # replaced by a directory in between, a read-only folder, ...
+        if tmp.is_symlink():
+            tmp.unlink()
+        print(f"warning: cannot point {link} at {run_dir.name} ({exc.strerror or exc})",
+              file=sys.stderr)

@@ -7,6 +7,7 @@ what it finished before that is kept.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -22,7 +23,9 @@ import numpy as np
 from backends import layers, protocol
 from backends.protocol import PARENT_VARIABLE
 from backends.protocol import (DoneRecord, EnvironmentRecord, FatalRecord, ProtocolError,
-                               Request, SpecRecord, Status, TimingRequest, failed_record)
+                               Request, SpecRecord, Status, TimingRecord, TimingRequest,
+                               failed_record)
+from backends.base import unsupported_reason
 
 from . import initializers as inits
 from .envs import ROOT
@@ -258,6 +261,16 @@ def run_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, *,
 
 
 @dataclass
+class Asked:
+    """What a worker was asked for, as the parent knows it (never as the worker's files say):
+    what each of its records owes (``owed_problem``)."""
+    task: str = "compare"
+    checks: bool = True
+    timing: bool = False
+    unsupported: dict = field(default_factory=dict)   # Backend.unsupported
+
+
+@dataclass
 class WorkerExit:
     """How a worker process ended, before anything it wrote is read: where its files are, its
     exit status, why it was killed, and its pid with the parent pid its /proc entry showed
@@ -272,6 +285,7 @@ class WorkerExit:
     parent_pid: int | None = None
     env: dict = field(default_factory=dict)   # the variables the harness set for it
     sampled_peak_rss: int = 0   # the largest resident memory of its process group seen
+    asked: Asked | None = None  # what it was asked for (None: its records are not held to it)
 
     def env_shown(self) -> dict:
         """The variables set for the worker that say how it runs (threads, devices), for the
@@ -321,7 +335,8 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
     if settings.get("threads"):
         set_here.update(dict.fromkeys(THREAD_VARIABLES, str(settings["threads"])))
     set_here.update(env or {})
-    ended = WorkerExit(out_dir, log_path, env=set_here)
+    ended = WorkerExit(out_dir, log_path, env=set_here,
+                       asked=Asked(task, checks, timing is not None, dict(unsupported or {})))
 
     started = time.monotonic()
     with open(log_path, "wb") as log:
@@ -338,7 +353,7 @@ def start_worker(backend: str, python: Path, specs: list[Spec], work_dir: Path, 
         try:
             ended.rc, ended.killed, _, ended.sampled_peak_rss = _supervise(
                 proc, backend, specs, out_dir, timeout, progress,
-                _LogFollower(log_path, backend, progress), max_memory)
+                _LogFollower(log_path, backend, progress), max_memory, log_path)
         except BaseException:  # Ctrl-C or any bug here: never leave a worker running
             _kill(proc)
             raise
@@ -352,7 +367,7 @@ def read_worker_output(backend: str, specs: list[Spec], ended: WorkerExit,
     if ended.start_error:
         return _failed_all(backend, specs, ended.log, ended.start_error)
     result = _collect(backend, specs, ended.out_dir, ended.log, ended.rc, ended.killed,
-                      ended.wall_s, max_memory)
+                      ended.wall_s, max_memory, ended.asked)
     result.sampled_peak_rss = ended.sampled_peak_rss
     return result
 
@@ -413,14 +428,27 @@ class Stopped(Exception):
     """The harness is stopping: this worker was killed (see STOP)."""
 
 
+#: the most bytes a worker may write to its log (a real one writes kilobytes; only the head and
+#: tail are kept): a worker flooding its output would otherwise fill the disk
+MAX_LOG_BYTES = 1 << 30
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: False,
-               max_memory: int | None = None):
+               max_memory: int | None = None, log: Path | None = None):
     """Wait for the worker, reporting progress (set up, a spec finished, or a timed step begun:
     ``follow`` says; one zoo spec's checks and timed steps can take longer than ``timeout`` in
     all, each step far less); kill it after ``timeout`` s without any, or once its process
     group's resident memory exceeds ``max_memory`` bytes.
     Returns (exit status, why it was killed or None, specs finished, the largest resident
-    memory of the group seen, sampled every 0.2 s)."""
+    memory of the group seen, sampled every 0.2 s). A worker whose ``log`` grows past
+    MAX_LOG_BYTES is killed too."""
     killed, rc, done, seen, peak = None, None, 0, 0, 0
     last_progress = time.monotonic()
     while True:
@@ -439,6 +467,12 @@ def _supervise(proc, backend, specs, out_dir, timeout, progress, follow=lambda: 
         if max_memory and rss > max_memory:
             killed = (f"exceeded the memory limit: {rss / 2**30:.2f} GiB resident, limit "
                       f"{max_memory / 2**30:.2f} GiB (--max-memory); the worker was killed")
+            _kill(proc)
+            rc = proc.returncode
+            break
+        if log is not None and _size(log) > MAX_LOG_BYTES:
+            killed = (f"wrote more than {MAX_LOG_BYTES / 2**20:,.0f} MiB to its log (a flood of "
+                      "output); the worker was killed")
             _kill(proc)
             rc = proc.returncode
             break
@@ -555,13 +589,14 @@ def _read_npz(path: Path, label: str, max_bytes: int | None) -> dict[str, np.nda
     for key, arr in arrays.items():
         if not ARRAY_KEY.match(key):
             raise ProtocolError(f"{label}: unexpected array {key[:80]!r}")
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-            raise ProtocolError(f"{label}: array {key!r} has dtype {arr.dtype}, not numbers")
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or \
+                np.issubdtype(arr.dtype, np.complexfloating):
+            raise ProtocolError(f"{label}: array {key!r} has dtype {arr.dtype}, not real numbers")
     return arrays
 
 
 def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
-             max_bytes=None) -> WorkerResult:
+             max_bytes=None, asked: Asked | None = None) -> WorkerResult:
     environment, errors = None, []
     log_tail = tail(log_path)
     if out_dir.is_symlink():  # its files would be some other directory's: read none
@@ -572,7 +607,11 @@ def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
         if (out_dir / "fatal.json").exists():
             errors.append(_read_json(out_dir / "fatal.json", FatalRecord, "fatal.json").error)
         if (out_dir / "worker.json").exists():
-            environment = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
+            read = _read_json(out_dir / "worker.json", EnvironmentRecord, "worker.json")
+            if read.backend != backend:  # its versions and device would be another's
+                raise ProtocolError(f"worker.json: of backend {read.backend[:40]!r}, but the "
+                                    f"worker was started for {backend!r}")
+            environment = read
     except ProtocolError as exc:
         errors.append(f"malformed worker output: {exc}")
     cause = errors[0] if errors else _exit_cause(rc, killed)
@@ -587,6 +626,7 @@ def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
                 if record.spec != spec.name:
                     raise ProtocolError(f"{i}.json: record of spec {record.spec!r}, "
                                         f"expected {spec.name!r}")
+                owed_problem(record, arr, spec, asked, f"{i}.json")
                 if record.status != Status.OK:
                     record.log_tail = log_tail
             except ProtocolError as exc:
@@ -597,9 +637,84 @@ def _collect(backend, specs, out_dir, log_path, rc, killed, wall_s,
     done = None
     if (out_dir / "done.json").exists():
         try:
-            done = _read_json(out_dir / "done.json", DoneRecord, "done.json")
+            read = _read_json(out_dir / "done.json", DoneRecord, "done.json")
+            if read.roofline is not None:
+                _timing_problem(read.roofline, "done.json: roofline")
+            done = read
         except ProtocolError as exc:
             errors.append(f"malformed worker output: {exc}")
     if killed or (rc not in (0, None) and not errors):
         errors.append(_exit_cause(rc, killed))
     return WorkerResult(backend, environment, records, arrays, log_path, wall_s, errors, done)
+
+
+#: the most timed blocks one timing may hold (the timer takes about min_total_s / min_block_s:
+#: tens to hundreds); more is no timer's output and would only cost the parent memory
+MAX_TIMING_BLOCKS = 100_000
+#: the phases a record's timing may be of
+TIMING_PHASES = ("inference", "train", "matmul")
+
+
+def _timing_problem(t: TimingRecord, label: str) -> None:
+    """A timing whose numbers no timer measures: ProtocolError."""
+    if t.error is not None:
+        return
+    if t.phase not in TIMING_PHASES:
+        raise ProtocolError(f"{label}: timing phase {t.phase[:40]!r} is none of {TIMING_PHASES}")
+    if t.number < 1 or t.batch < 1 or not t.block_times:
+        raise ProtocolError(f"{label}: {t.mode[:40]!r} {t.phase} timing of {t.number} calls a "
+                            f"block at batch {t.batch} over {len(t.block_times)} blocks: "
+                            "no measurement")
+    if len(t.block_times) > MAX_TIMING_BLOCKS:
+        raise ProtocolError(f"{label}: {t.mode[:40]!r} {t.phase} timing of "
+                            f"{len(t.block_times):,} blocks, more than the "
+                            f"{MAX_TIMING_BLOCKS:,} a timer takes")
+    bad = [v for v in [t.first_call_s, *t.block_times] if v is not None and
+           not (math.isfinite(v) and 0 <= v < 1e7)]
+    if bad:
+        raise ProtocolError(f"{label}: {t.mode[:40]!r} {t.phase} timing holds {bad[0]!r} "
+                            "seconds (a time is finite, not negative, and under 1e7 s)")
+
+
+def owed_problem(record: SpecRecord, arrays: dict, spec: Spec, asked: Asked | None,
+                 label: str) -> None:
+    """ProtocolError where an ``ok`` record lacks what its worker was asked for (an array, a
+    phase with neither its record, its error nor a declared reason) or claims what the
+    backend never declared (a spec or phase unsupported): left alone, a missing phase would
+    be a check never made, and the cell would pass on less than it was asked."""
+    if asked is None or asked.task != "compare":
+        return
+    declared = asked.unsupported.get("phases", {})
+    if record.status == Status.UNSUPPORTED:
+        if not unsupported_reason(spec.plan, asked.unsupported.get("layers", {})):
+            raise ProtocolError(f"{label}: says the spec is unsupported, but the backend "
+                                "declares nothing it needs unsupported")
+        return
+    if record.status == Status.FAILED:
+        return
+    if record.status != Status.OK:
+        raise ProtocolError(f"{label}: status {record.status.value!r}, which no worker writes")
+    undeclared = sorted(set(record.unsupported) - set(declared))
+    if undeclared:
+        raise ProtocolError(f"{label}: says phase {undeclared[0][:40]!r} is unsupported, but "
+                            "the backend declares no such thing")
+    for t in record.timings:
+        _timing_problem(t, label)
+    failed = {e.phase for e in record.phase_errors}
+    owed = {"timing": bool(record.timings)} if asked.timing and spec.plan.timed else {}
+    if asked.checks:
+        owed.update(gradients=record.gradients is not None,
+                    save_load=record.save_load is not None,
+                    mismatch=record.mismatch is not None)
+        owed_arrays = ("output",) + (("probe_output",) if spec.params else ()) + \
+            (("train_output",) if record.gradients else ())  # no parameters: no probe
+        for key in owed_arrays:
+            if key not in arrays:
+                raise ProtocolError(f"{label}: ok, but its arrays lack {key!r}")
+        if list(arrays["output"].shape) != record.output_shape:
+            raise ProtocolError(f"{label}: output_shape {record.output_shape}, but its 'output' "
+                                f"array is of shape {list(arrays['output'].shape)[:8]}")
+    for phase, done in owed.items():
+        if not done and phase not in failed and phase not in record.unsupported:
+            raise ProtocolError(f"{label}: ok, but no {phase} phase (neither its result, its "
+                                "error nor a declared reason)")

@@ -37,6 +37,18 @@ def _drop(*keys):
     return lambda d: {k: v for k, v in d.items() if k not in keys}
 
 
+def _npz(path: Path, edit) -> None:
+    with np.load(path) as data:
+        arrays = dict(data)
+    edit(arrays)
+    path.unlink()
+    np.savez(path, **arrays)
+
+
+def _complex(arrays: dict) -> None:
+    arrays["output"] = arrays["output"].astype(np.complex128)
+
+
 def _replace(path: Path, make) -> None:
     path.unlink(missing_ok=True)
     make(path)
@@ -63,6 +75,16 @@ SPEC_ACTIONS = {
         "0.npz" if p.name != "0.npz" else "1.npz")),
     "fifo_json": lambda j, z: _replace(j, lambda p: os.mkfifo(p)),
     "dir_json": lambda j, z: _replace(j, lambda p: p.mkdir()),
+    # well-formed, but not what the worker was asked for, or numbers no framework gives
+    "huge_integer": lambda j, z: _json(j, lambda d: {**d, "wall_s": 10**400}),
+    "complex_npz": lambda j, z: _npz(z, _complex),
+    "no_probe_output": lambda j, z: _npz(z, lambda a: a.pop("probe_output")),
+    "output_shape_lie": lambda j, z: _npz(z, lambda a: a.update(output=np.float32(1))),
+    "no_gradients": lambda j, z: _json(j, lambda d: {**d, "gradients": None}),
+    "claims_unsupported": lambda j, z: _json(j, lambda d: {**d, "status": "unsupported"}),
+    "claims_phase_unsupported": lambda j, z: _json(j, lambda d: {
+        **d, "save_load": None, "unsupported": {"save_load": "not here"}}),
+    "status_skipped": lambda j, z: _json(j, lambda d: {**d, "status": "skipped"}),
 }
 
 
@@ -78,12 +100,13 @@ WORKER_ACTIONS = {
     "worker_json_list": lambda out: (out / "worker.json").write_text("[]"),
     "fatal_empty": _fatal_empty,
     "bad_done_json": lambda out: (out / "done.json").write_text("{}"),
+    "other_backend": lambda out: _json(out / "worker.json", lambda d: {**d, "backend": "torch"}),
     "symlink_out": lambda out: (out.rename(out.with_name("elsewhere")),
                                 out.symlink_to(out.with_name("elsewhere"))),
 }
 
 #: before the worker starts (they need no post-processing)
-PRE_ACTIONS = ("child", "huge_log", "fence")
+PRE_ACTIONS = ("child", "huge_log", "fence", "flood")
 
 
 def _leave_child(pid_file: str | None) -> None:
@@ -97,6 +120,15 @@ def _leave_child(pid_file: str | None) -> None:
             Path(pid_file).write_text(str(grandchild.pid))
         os._exit(0)
     os.waitpid(pid, 0)
+
+
+def _flood() -> None:
+    """A child in the worker's process group that writes to its stdout as fast as it can,
+    until it is killed."""
+    if os.fork() == 0:
+        block = b"flood " * (1 << 16) + b"\n"
+        while True:
+            os.write(1, block)
 
 
 def _huge_log() -> None:
@@ -126,6 +158,8 @@ def main(argv: list[str]) -> int:
         _leave_child(os.environ.get("CORRUPT_CHILD_PID"))
     if "huge_log" in actions:
         _huge_log()
+    if "flood" in actions:
+        _flood()
     command = [sys.executable, *argv]
     post = [a for a in actions if a not in PRE_ACTIONS]
     if not post and "fence" not in actions:

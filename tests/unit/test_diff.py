@@ -140,6 +140,18 @@ def test_statistics_move_only_beyond_their_standard_error():
     assert diff.moved(const, {"stats": {"n": 9, "mean": 0.0, "std": 0.0}}) == ["values 8 -> 9"]
 
 
+def test_statistics_that_overflow_or_are_not_finite_are_said_not_raised():
+    """A hand-edited (or NaN-holding) results.json: a std of 1e300 (its square overflows) or
+    an integer of 400 digits is no traceback; a mean that became NaN moved."""
+    base = {"stats": {"n": 100, "mean": 0.0, "std": 1.0, "kurtosis": 3.0}}
+    for stats in ({"std": 1e300}, {"std": 10**400}, {"mean": -10**400}, {"kurtosis": 1e300}):
+        diff.moved(base, {"stats": {**base["stats"], **stats}})  # raises nothing
+    assert diff.moved(base, {"stats": {**base["stats"], "mean": float("nan")}}) == \
+        ["mean 0 -> nan (not finite)"]
+    nan = {"stats": {**base["stats"], "mean": float("nan")}}
+    assert diff.moved(nan, nan) == []
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_text("{not json"), "not JSON"),
     (lambda p: p.write_text(json.dumps({"schema_version": 1})), "schema_version 1"),
@@ -148,6 +160,8 @@ def test_statistics_move_only_beyond_their_standard_error():
                                         "results": [{"spec": 1}]})), "results[0]"),
     (lambda p: (p.unlink(), p.symlink_to("/etc/passwd")), "a symbolic link"),
     (lambda p: p.unlink(), "no such file"),
+    (lambda p: p.write_text('{"schema_version": 1%s}' % ("0" * 5000)),
+     "an integer of 5,001 digits"),
 ])
 def test_untrusted_input_is_one_line_exit_2(tmp_path, run_a, damage, message):
     good = write(tmp_path, "good", run_a)

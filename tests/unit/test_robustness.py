@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -143,7 +144,7 @@ SPEC_DAMAGE = {
     "missing_npz": "No such file",
     "object_npz": "Object arrays cannot be loaded",
     "unknown_array": "unexpected array",
-    "string_array": "not numbers",
+    "string_array": "not real numbers",
     "record_empty": "not a worker record",
     "record_list": "expected a JSON object, got list",
     "record_null": "expected a JSON object, got null",
@@ -155,6 +156,14 @@ SPEC_DAMAGE = {
     "symlink_npz": "cannot be opened",
     "fifo_json": "not a regular file",
     "dir_json": "not a regular file",
+    "huge_integer": ".json.wall_s: an integer too large for a float",
+    "complex_npz": "has dtype complex128, not real numbers",
+    "no_probe_output": "ok, but its arrays lack 'probe_output'",
+    "output_shape_lie": "output_shape [2, 3], but its 'output' array is of shape []",
+    "no_gradients": "ok, but no gradients phase (neither its result, its error nor",
+    "claims_unsupported": "says the spec is unsupported, but the backend declares nothing",
+    "claims_phase_unsupported": "says phase 'save_load' is unsupported, but the backend",
+    "status_skipped": "status 'skipped', which no worker writes",
 }
 DAMAGES = list(SPEC_DAMAGE)
 
@@ -205,6 +214,7 @@ def test_damaged_specs_leave_the_healthy_ones_intact(damaged_run):
     ("worker_json_list", "worker.json: expected a JSON object, got list"),
     ("fatal_empty", "fatal.json: not a worker record"),
     ("symlink_out", "output directory was replaced by a symbolic link"),
+    ("other_backend", "worker.json: of backend 'torch', but the worker was started for 'numpy'"),
 ])
 def test_damaged_worker_files_fail_that_backend_with_the_cause(tmp_path, monkeypatch, damage,
                                                                expected):
@@ -266,6 +276,27 @@ def test_huge_log_is_read_from_its_tail_only(tmp_path, monkeypatch):
     assert record.status == Status.FAILED and "not a worker record" in record.error
     assert "300 MiB on" in record.log_tail and "[worker] numpy: a" in record.log_tail
     assert "the start of a huge log" not in record.log_tail
+
+
+def test_a_worker_flooding_its_log_is_ended_and_recorded(tmp_path, monkeypatch):
+    """A worker (here a child in its process group) writing output as fast as it can, while
+    its spec sleeps 60 s: killed once its log passes the bound, long before the 60 s or the
+    timeout (the disk would fill first), the cause in the record."""
+    from harness import runner
+
+    monkeypatch.setattr(runner, "MAX_LOG_BYTES", 16 << 20)
+    monkeypatch.setenv("HARNESS_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("CORRUPT_MODE", "flood")
+    monkeypatch.setenv("CORRUPT_ADAPTER", FAKE_ADAPTER)
+    monkeypatch.setenv("FAKE_SLOW_S", "60")
+    started = time.monotonic()
+    with time_bound(50):
+        result = run_worker("numpy", WRAPPER, [dense_spec("slow")], tmp_path, device="cpu",
+                            timeout=120, progress=quiet)
+    assert time.monotonic() - started < 50
+    record = result.records[0]
+    assert record.status == Status.FAILED, record.error
+    assert "wrote more than 16 MiB to its log (a flood of output)" in record.error, record.error
 
 
 def test_memory_hog_is_ended_and_recorded(tmp_path, monkeypatch):
@@ -1632,3 +1663,102 @@ def test_untimed_workers_share_the_cores_and_timed_ones_get_them_all(monkeypatch
         monkeypatch.setattr(compare, "default_threads", lambda cores=cores: cores)
         args = Namespace(timing=timing, jobs=jobs)
         assert compare.local_threads(args, workers) == expected, (cores, timing, jobs, workers)
+
+
+# ------------------------------------------------ worker records held to what was asked
+
+def _timing(**changes):
+    from backends.protocol import TimingRecord
+
+    return TimingRecord(**{"mode": "eager", "phase": "inference", "batch": 2, "number": 4,
+                           "block_times": [1e-3] * 20, "first_call_s": 0.01, **changes})
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"block_times": [float("nan")] * 20}, "holds nan seconds"),
+    ({"block_times": [1e-3, -1.0]}, "holds -1.0 seconds"),
+    ({"block_times": [1e308] * 3}, "holds 1e+308 seconds"),
+    ({"first_call_s": float("inf")}, "holds inf seconds"),
+    ({"number": 0}, "of 0 calls a block"),
+    ({"batch": -3}, "at batch -3"),
+    ({"block_times": []}, "over 0 blocks: no measurement"),
+    ({"block_times": [1e-3] * 100_001}, "100,001 blocks, more than the 100,000"),
+    ({"phase": "bogus"}, "timing phase 'bogus' is none of"),
+])
+def test_timings_no_timer_measures_are_malformed_output(changes, says):
+    """Block times that are NaN, negative or astronomical (1e308 s broke the report's
+    figure), no calls, no blocks, two million blocks (the harness ran out of memory without a
+    report): the record is malformed, that cell fails; a timing's own error is left alone."""
+    from harness.runner import Asked, owed_problem
+
+    spec = dense_spec("t")
+    record = SimpleNamespace(status=Status.OK, unsupported={}, timings=[_timing(**changes)],
+                             phase_errors=[], gradients=None)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+    record.timings = [_timing(**changes, error="it raised")]
+    owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+    record.timings = []  # asked for a timing, none given: no measurement, no error, no reason
+    with pytest.raises(ValueError, match="ok, but no timing phase"):
+        owed_problem(record, {}, spec, Asked(checks=False, timing=True), "0.json")
+
+
+def test_a_workers_huge_error_is_one_bounded_line_on_the_console(tmp_path, capsys):
+    """A worker's huge error (30 MB in the attack) with newlines and terminal escapes was
+    printed whole on the console line of its cell: one line, cut, control characters
+    escaped."""
+    from backends.protocol import failed_record, unsupported_record
+    from harness.analysis import Result
+
+    error = "\x1b[2J\x1b]0;owned\x07 first\nsecond " + "E" * 1_000_000
+    results = [("k", Result("torch", failed_record("s", error))),
+               ("k", Result("gluon", unsupported_record("s", error)))]
+    assert compare._print_outcome(results, tmp_path, several=False) == 1
+    out = capsys.readouterr().out
+    assert len(out) < 1000 and out.count("\n") == 3, out[:2000]
+    assert "\x1b" not in out and "\x07" not in out and "first second EEE" in out
+
+
+def test_a_reference_that_failed_on_a_spec_fails_the_comparison_not_silently(damaged_run):
+    """The NumPy reference ran but failed on a spec (crashed, or its output was malformed):
+    another backend's cell had no numerics or gradient check at all and passed; now a failed
+    check says the comparison could not be made. Without the reference in the run, nothing
+    is claimed either way."""
+    from harness.envs import select
+
+    names, result = damaged_run
+    spec, torch = dense_spec(names[0]), select(["torch"])[0]
+
+    def analyzed(reference):
+        cell = compare.Cell(spec, torch, result.records[0], result.arrays[0])
+        compare._analyze([cell], reference)
+        return cell.result
+
+    failed_reference = analyzed({spec.name: {}})
+    assert not failed_reference.passed
+    assert any("not compared (the NumPy reference failed on this spec)" in line
+               for line in failed_reference.failures()), failed_reference.failures()
+    for reference in ({spec.name: result.arrays[0]}, {}):  # healthy, or not run at all
+        assert not any("not compared" in line for line in analyzed(reference).failures())
+
+
+def test_reports_latest_that_is_not_a_link_is_left_alone_without_a_traceback(
+        tmp_path, monkeypatch, capsys):
+    """A reports/latest that is a directory of the user's: the published run's last step
+    raised IsADirectoryError (a traceback after the run was written, a stray .latest link
+    left behind); now it is left alone, whole, with a one-line warning. A link is repointed."""
+    from harness import rundir
+
+    monkeypatch.setattr(rundir, "REPORTS_DIR", tmp_path)
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "mine.txt").write_text("keep")
+    rundir.point_latest(tmp_path / "20260101-000000")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and err.count("\n") == 1 and "left alone" in err
+    assert (tmp_path / "latest" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    (tmp_path / "latest" / "mine.txt").unlink()
+    (tmp_path / "latest").rmdir()
+    (tmp_path / "latest").symlink_to("old")
+    rundir.point_latest(tmp_path / "20260101-000000")
+    assert os.readlink(tmp_path / "latest") == "20260101-000000"

@@ -179,6 +179,13 @@ def _damaged(two_runs, tmp_path, edit):
     (lambda d, p: d.pop("machines"), "'machines' is a required property"),
     (lambda d, p: d.update(machine_runs=[{"kind": "x", "path": "../../etc"}]),
      "machine_runs[0].path: '../../etc' is not a machines/<kind> directory"),
+    (lambda d, p: d["results"][0]["timings"].append(
+        {"mode": "eager", "phase": "train", "batch": 2, "stats": {"median_s": float("nan")}}),
+     "results[0].timings[0].stats.median_s: nan is no time"),
+    (lambda d, p: d["machines"]["other-host"].update(memory_bytes=10**400),
+     "an integer of 401 digits"),
+    (lambda d, p: d["machines"]["other-host"].update(cores=-2),
+     "machines.other-host.cores: -2 is negative"),
 ])
 def test_merge_refuses_a_bad_results_json_in_one_line(two_runs, tmp_path, edit, says):
     bad = _damaged(two_runs, tmp_path, edit)
