@@ -63,7 +63,6 @@ class Generator:
         self.types: set[str] = set()
         self.inits_used: set[tuple[str, str]] = set()   # (layer type, role) with an own init
         self.path: list[str] = []                       # names of the enclosing sequentials
-        self.open: list[str] = []                       # dotted paths of the open blocks
 
     # ---------------------------------------------------------------- draws
     def chance(self, p: float) -> bool:
@@ -205,8 +204,7 @@ class Generator:
 
     def ref(self, shape):
         """A ref to an earlier layer that takes this shape and keeps it (or None)."""
-        targets = [t for t in self.shareable if t[2][1:] == shape[1:] and t[3][1:] == shape[1:]
-                   and not any(t[0] == o or t[0].startswith(o + ".") for o in self.open)]
+        targets = [t for t in self.shareable if t[2][1:] == shape[1:] and t[3][1:] == shape[1:]]
         if not targets:
             return None
         path = self.pick(targets)[0]
@@ -218,11 +216,11 @@ class Generator:
         """A named nested sequential of ``body(shape, depth + 1)``."""
         name = self.name("block")
         self.path.append(name)
-        self.open.append(".".join(self.path))
         layers, out = body(shape, depth + 1)
-        self.open.pop()
         self.path.pop()
         self.types.add("sequential")
+        if out == shape:   # a block may be used again as a whole (ref to the block)
+            self.shareable.append((self.full(name), "sequential", shape, out))
         return {"type": "sequential", "name": name, "layers": layers}, out
 
     def residual(self, body, shape, depth, shortcut=None):
@@ -274,10 +272,18 @@ class Generator:
 
     def dense_shortcut(self, shape, out):
         """A shortcut giving ``out`` from ``shape``: one dense layer, or a block of one."""
-        layer, sc_out = self.dense(shape, out[-1])
         if self.chance(0.3):
-            return {"type": "sequential", "name": self.name("proj"), "layers": [layer]}, sc_out
-        return layer, sc_out
+            return self.wrapped("proj", lambda: [self.dense(shape, out[-1])])
+        return self.dense(shape, out[-1])
+
+    def wrapped(self, prefix, steps):
+        """A named sequential of the (layer, shape) pairs ``steps()`` gives (drawn inside it,
+        so that their paths are the block's)."""
+        name = self.name(prefix)
+        self.path.append(name)
+        pairs = steps()
+        self.path.pop()
+        return {"type": "sequential", "name": name, "layers": [p[0] for p in pairs]}, pairs[-1][1]
 
     # ---------------------------------------------------------------- image (N, C, H, W)
     def conv(self, shape, channels=None, kernel=None, stride=None, padding=None):
@@ -362,13 +368,15 @@ class Generator:
         return layers, out
 
     def conv_shortcut(self, shape, out):
+        """A strided 1x1 conv, alone or with a batch norm in a block (torchvision's
+        ``downsample``)."""
         stride = 1 if out[2:] == shape[2:] else 2
-        layer, sc_out = self.conv(shape, out[1], [1, 1], [stride, stride], [0, 0])
-        if sc_out[0] * sc_out[2] * sc_out[3] >= 2 and self.chance(0.5):
-            bn, sc_out = self.batch_norm(sc_out)
-            return {"type": "sequential", "name": self.name("downsample"),
-                    "layers": [layer, bn]}, sc_out
-        return layer, sc_out
+        if out[0] * out[2] * out[3] >= 2 and self.chance(0.5):
+            def steps():
+                conv = self.conv(shape, out[1], [1, 1], [stride, stride], [0, 0])
+                return [conv, self.batch_norm(conv[1])]
+            return self.wrapped("downsample", steps)
+        return self.conv(shape, out[1], [1, 1], [stride, stride], [0, 0])
 
     # ---------------------------------------------------------------- sequence (N, T, E)
     def recurrent(self, shape, last=False):
