@@ -501,7 +501,8 @@ class Adapter(JaxDevices, base.BaseAdapter):
     def init_by_type(self, model, layer_type, roles):
         """No module objects hold the values after ``init``: a ``tree_map_with_path`` over the
         variables replaces the leaves under the paths whose module (``module_paths``) is an
-        instance of the type's class."""
+        instance of the type's class, except the modules inside another layer of the spec
+        (``nn.GRUCell`` holds one ``nn.Dense`` per gate: the GRU's own, not a dense layer)."""
         paths = self._module_paths(model)
         scopes = {pos.node.path: self.share_key(model, pos)
                   for pos in base.positions(model.plan) if pos.is_owner}
@@ -510,10 +511,12 @@ class Adapter(JaxDevices, base.BaseAdapter):
         classes = self.owner_classes(model, layer_type,
                                      lambda node: paths["/".join(scopes[node.path])])
         refs = {ref.handle: ref for ref in self.param_refs(model)}
+        layer_scopes = set(scopes.values())
         todo = {}
         for path, module in paths.items():
-            if isinstance(module, classes):
-                scope = tuple(path.split("/"))
+            scope = tuple(path.split("/"))
+            inside = any(scope[:i] in layer_scopes for i in range(1, len(scope)))
+            if isinstance(module, classes) and not inside:
                 node = node_at[scope]
                 for role, init in roles.items():
                     ref = refs.get((TRAINABLE_COLLECTION, *scope, self.native_role(node, role)))

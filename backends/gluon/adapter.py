@@ -553,7 +553,10 @@ class Adapter(base.BaseAdapter):
             shape = self.describe(model, ref).shape
             initializer, impl = self._initializer(init, shape)
             drawn = self.mx.nd.zeros(shape, ctx=self.device)
-            initializer(self.mx.init.InitDesc(param.name), drawn)
+            # as Parameter.initialize(init=...) calls it: with `__init__`, an Initializer draws
+            # by `_init_weight` whatever the name; without it, a name ending in `bias` gets
+            # `_init_bias`, zeros, whatever the initializer (mx.init.One() included)
+            initializer(self.mx.init.InitDesc(param.name, {"__init__": initializer}), drawn)
             self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.asnumpy()))})
             return impl + f" on PyTorch's packed {shape}, split into {ref.native_name}"
         initializer, impl = self._initializer(init, param.shape)
