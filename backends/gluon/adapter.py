@@ -579,7 +579,9 @@ class Adapter(base.BaseAdapter):
         reached = {}
         for name, param in model.net.collect_params(select).items():
             ref = refs[id(param)]
-            init, note = self.resolve_init(model, ref, roles[role_of[name.rsplit("_", 1)[1]]])
+            # a native role may hold underscores itself (an LSTM's l0_i2h_weight)
+            native = next(n for n in role_of if name.endswith("_" + n))
+            init, note = self.resolve_init(model, ref, roles[role_of[native]])
             reached[ref.name] = self.init_param(model, ref, init) + note
         return (f"net.collect_params('{select}') then Parameter.initialize(init, "
                 "force_reinit=True) on each"), reached
