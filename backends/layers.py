@@ -311,7 +311,8 @@ def _recurrent(name: str, gates: int, pointwise: int, doc: str) -> LayerType:
         in_size="input_size", in_axis=-1, ranks=(3,),
         takes="a 3-D (batch, seq, features) input", shapes=_recurrent_shapes(gates),
         output=_recurrent_output, flops=_recurrent_flops(gates, pointwise),
-        memory=_recurrent_memory(gates), fan_role="weight_hh_l0")
+        memory=_recurrent_memory(gates), fan_role="weight_hh_l0",
+        settings={"no_bias": lambda a: not a["bias"]})
 def _attention_shapes(attrs, n):
     """PyTorch's packed layout: q, k, v projections stacked in the rows of in_proj_weight."""
     return {"in_proj_weight": (None if n is None else 3 * n, n),

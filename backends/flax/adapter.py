@@ -208,7 +208,7 @@ def _recurrent(kind):
             raise base.Unsupported(f"{node.path}: flax's {'LSTM' if kind == 'lstm' else 'GRU'}"
                                    "Cell always has its biases (no use_bias field in flax "
                                    "0.12.8): bias: false cannot be built")
-        return a.Recurrent(kind, node.units, node.return_sequences)
+        return a.Recurrent[kind](node.units, node.return_sequences)
     return make
 
 
@@ -486,9 +486,17 @@ class Adapter(JaxDevices, base.BaseAdapter):
             raise ValueError(f"unsupported initializer {kind!r}")
         fn, impl = INITIALIZERS[kind](self, init, args)
         if self.kernel_layout_of(node) == "canonical":  # a table in torch's layout (an embedding's):
-            return (lambda key, shape, dtype:  # drawn as the (in, out) kernel JAX's fans expect
-                    fn(key, tuple(shape)[::-1], dtype).T), impl
-        return fn, impl
+            draw = (lambda key, shape, dtype:  # drawn as the (in, out) kernel JAX's fans expect
+                    fn(key, tuple(shape)[::-1], dtype).T)
+        else:
+            draw = fn
+
+        def initializer(key, shape, dtype=self.jnp.float32):
+            """JAX's initializer protocol: the dtype is optional (``self.param(name, init_fn,
+            shape)`` in a hand-made module, MyDense, passes none); the custom ones above
+            take it positionally."""
+            return draw(key, shape, dtype)
+        return initializer, impl
 
     def _module_paths(self, model) -> dict:
         """``Module.module_paths``: every module linen ran (``init`` under ``jax.eval_shape``),
@@ -501,7 +509,8 @@ class Adapter(JaxDevices, base.BaseAdapter):
     def init_by_type(self, model, layer_type, roles):
         """No module objects hold the values after ``init``: a ``tree_map_with_path`` over the
         variables replaces the leaves under the paths whose module (``module_paths``) is an
-        instance of the type's class."""
+        instance of the type's class, except the modules inside another layer of the spec
+        (``nn.GRUCell`` holds one ``nn.Dense`` per gate: the GRU's own, not a dense layer)."""
         paths = self._module_paths(model)
         scopes = {pos.node.path: self.share_key(model, pos)
                   for pos in base.positions(model.plan) if pos.is_owner}
@@ -509,18 +518,25 @@ class Adapter(JaxDevices, base.BaseAdapter):
                    if n.type == layer_type and n.path in scopes}
         classes = self.owner_classes(model, layer_type,
                                      lambda node: paths["/".join(scopes[node.path])])
-        refs = {ref.handle: ref for ref in self.param_refs(model)}
-        todo = {}
+        refs = {(ref.node.path, ref.role): ref for ref in self.param_refs(model)}
+        layer_scopes = set(scopes.values())
+        todo, laid_out = {}, []
         for path, module in paths.items():
-            if isinstance(module, classes):
-                scope = tuple(path.split("/"))
+            scope = tuple(path.split("/"))
+            inside = any(scope[:i] in layer_scopes for i in range(1, len(scope)))
+            if isinstance(module, classes) and not inside:
                 node = node_at[scope]
                 for role, init in roles.items():
-                    ref = refs.get((TRAINABLE_COLLECTION, *scope, self.native_role(node, role)))
-                    if ref is not None:  # else a layer without it (use_bias=False)
-                        init, note = self.resolve_init(model, ref, init)
-                        draw, impl = self._initializer(init, node, role)
+                    ref = refs.get((node.path, role))
+                    if ref is None:  # a layer without it (use_bias=False)
+                        continue
+                    init, note = self.resolve_init(model, ref, init)
+                    draw, impl = self._initializer(init, node, role)
+                    if self.layout(ref) is None:
                         todo[ref.handle] = (len(todo), draw, ref.name, impl + note)
+                    else:  # held in parts (per gate, per head): drawn on torch's matrix
+                        laid_out.append((ref, draw, impl + " on PyTorch's packed layout, split "
+                                                          "into the parts" + note))
         key = self._next_key()
 
         def new_leaf(path, leaf):
@@ -532,11 +548,17 @@ class Adapter(JaxDevices, base.BaseAdapter):
         model.variables = self.jax.block_until_ready(
             self.jax.tree_util.tree_map_with_path(new_leaf, model.variables))
         model.jitted = {}
+        for i, (ref, draw, _) in enumerate(laid_out):
+            shape = self.canonical_shape(ref, self.describe(model, ref))
+            drawn = np.asarray(draw(self.jax.random.fold_in(key, len(todo) + i), shape[::-1],
+                                    self.jnp.float32)).T
+            self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn))})
         names = " or ".join(f"nn.{c.__name__}" if c.__module__.startswith("flax.") else
                             c.__name__ for c in classes)
         return (f"jax.tree_util.tree_map_with_path over the variables, drawing anew the leaves "
                 f"under paths whose module is an instance of {names} (Module.module_paths())"), \
-            {name: impl for _, _, name, impl in todo.values()}
+            {**{name: impl for _, _, name, impl in todo.values()},
+             **{ref.name: impl for ref, _, impl in laid_out}}
 
     def module_walk(self, model):
         """No module objects after ``init``: ``Module.module_paths()`` re-runs ``init``
@@ -876,18 +898,26 @@ def _module_classes(nn, jnp):
         """``nn.RNN`` over a cell named ``cell`` (``OptimizedLSTMCell`` or ``GRUCell`` of
         ``units``), batch-major, zero initial carry; the output sequence, or its last step."""
 
-        kind: str
         units: int
         return_sequences: bool = True
+        cell_type = None  # a class attribute, not a field: LSTM and GRU below set it
 
         @nn.compact
         def __call__(self, x):
-            cell = (nn.OptimizedLSTMCell if self.kind == "lstm" else nn.GRUCell)(
-                self.units, name="cell")
-            y = nn.RNN(cell, name="rnn")(x)
+            y = nn.RNN(self.cell_type(self.units, name="cell"), name="rnn")(x)
             return y if self.return_sequences else y[:, -1]
 
-    return Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention, Recurrent
+    class LSTM(Recurrent):
+        """``Recurrent`` over ``nn.OptimizedLSTMCell``: a class of its own, so that a walk
+        testing classes (``init_by_type``) tells an LSTM from a GRU."""
+        cell_type = nn.OptimizedLSTMCell
+
+    class GRU(Recurrent):
+        """``Recurrent`` over ``nn.GRUCell``."""
+        cell_type = nn.GRUCell
+
+    return (Sequential, Residual, Center, LastCanonicalAxis, MyDense, SelfAttention,
+            {"lstm": LSTM, "gru": GRU})
 
 
 def _input_dtype(plan):

@@ -553,7 +553,10 @@ class Adapter(base.BaseAdapter):
             shape = self.describe(model, ref).shape
             initializer, impl = self._initializer(init, shape)
             drawn = self.mx.nd.zeros(shape, ctx=self.device)
-            initializer(self.mx.init.InitDesc(param.name), drawn)
+            # as Parameter.initialize(init=...) calls it: with `__init__`, an Initializer draws
+            # by `_init_weight` whatever the name; without it, a name ending in `bias` gets
+            # `_init_bias`, zeros, whatever the initializer (mx.init.One() included)
+            initializer(self.mx.init.InitDesc(param.name, {"__init__": initializer}), drawn)
             self.write(model, {ref.name: (ref, self.param_to_native(ref, drawn.asnumpy()))})
             return impl + f" on PyTorch's packed {shape}, split into {ref.native_name}"
         initializer, impl = self._initializer(init, param.shape)
@@ -576,7 +579,9 @@ class Adapter(base.BaseAdapter):
         reached = {}
         for name, param in model.net.collect_params(select).items():
             ref = refs[id(param)]
-            init, note = self.resolve_init(model, ref, roles[role_of[name.rsplit("_", 1)[1]]])
+            # a native role may hold underscores itself (an LSTM's l0_i2h_weight)
+            native = next(n for n in role_of if name.endswith("_" + n))
+            init, note = self.resolve_init(model, ref, roles[role_of[native]])
             reached[ref.name] = self.init_param(model, ref, init) + note
         return (f"net.collect_params('{select}') then Parameter.initialize(init, "
                 "force_reinit=True) on each"), reached

@@ -524,13 +524,14 @@ class Adapter(base.BaseAdapter):
         return self._new(self.keras.Sequential, layers, name=node.name)
 
     def make_residual(self, node, body, shortcut, activation):
-        """A ``Residual`` layer of a Sequential body, the shortcut (a Sequential of its calls)
-        and the activation layer."""
+        """A ``Residual`` layer of a Sequential body, the shortcut and the activation (each a
+        Sequential of its calls where it has several: a softmax on an NHWC activation is
+        permuted to the canonical last axis and back)."""
         body = self._new(self.keras.Sequential, body)
-        if shortcut is not None:
-            shortcut = shortcut[0] if len(shortcut) == 1 else \
-                self._new(self.keras.Sequential, shortcut)
-        return self._new(self.Residual, body, shortcut, activation and activation[0])
+        shortcut, activation = (calls and (calls[0] if len(calls) == 1 else
+                                           self._new(self.keras.Sequential, calls))
+                                for calls in (shortcut, activation))
+        return self._new(self.Residual, body, shortcut, activation)
 
     def _new(self, cls, *args, name: str = "", **kwargs):
         """``cls(*args, name=name, **kwargs)`` with a name no other layer of this model has:

@@ -235,15 +235,18 @@ class Adapter(TorchDevices, base.BaseAdapter):
         raise ValueError(f"unsupported initializer {kind!r}")
 
     def init_by_type(self, model, layer_type, roles):
-        """The lessons' idiom: ``net.apply(init_fn)``, where ``init_fn`` tests each module with
-        ``isinstance`` and initializes the parameters of those that match."""
+        """The lessons' idiom: ``net.apply(init_fn)``, where ``init_fn`` tests each module's
+        class, ``type(m) == nn.Linear`` as d2l writes it, and initializes the parameters of
+        those that match. Not ``isinstance``: ``nn.MultiheadAttention.out_proj`` is a
+        ``NonDynamicallyQuantizableLinear``, a subclass of ``nn.Linear``, which an
+        ``isinstance`` test would re-initialize as a dense layer of the spec."""
         classes = self.owner_classes(model, layer_type,
                                      lambda node: _submodule(model.net, node.path))
         refs = {id(ref.handle): ref for ref in self.param_refs(model)}
         reached = {}
 
         def init_fn(m):
-            if isinstance(m, classes):
+            if type(m) in classes:
                 for role, init in roles.items():
                     if getattr(m, role, None) is None:
                         continue  # a layer without it (bias: false)
@@ -254,7 +257,7 @@ class Adapter(TorchDevices, base.BaseAdapter):
         model.net.apply(init_fn)
         names = " or ".join(f"nn.{c.__name__}" if c.__module__.startswith("torch.") else
                             c.__name__ for c in classes)
-        return f"net.apply(init_fn), init_fn testing isinstance(m, {names})", reached
+        return f"net.apply(init_fn), init_fn testing type(m) == {names}", reached
 
     def module_walk(self, model):
         """``named_children()`` (the first level) and ``named_modules()`` (every module, the

@@ -54,6 +54,22 @@ def test_a_backend_may_lack_a_setting_of_a_layer_type_not_the_type():
     assert "avg_pool2d.exclude_padding" in layers.CAPABILITIES
 
 
+@pytest.mark.parametrize("backend", ["gluon", "flax"])
+def test_a_recurrent_layer_without_bias_is_declared_unsupported_where_no_cell_lacks_one(backend):
+    """Gluon's rnn.LSTM/GRU and Flax's cells always have their biases: ``bias: false`` is a
+    declared refusal ("not supported", not a failure of the run); with biases it runs."""
+    lacking = discover()[backend].unsupported.get("layers", {})
+
+    def plan(kind, bias):
+        return build_spec(doc([{"type": kind, "units": 3, "name": "rnn", "bias": bias}],
+                              input=(2, 4, 3))).plan
+
+    for kind in ("lstm", "gru"):
+        assert unsupported_reason(plan(kind, True), lacking) is None
+        assert unsupported_reason(plan(kind, False), lacking).startswith(
+            f"{kind} with no_bias (at rnn) is not supported: bias: false: "), backend
+
+
 def test_plan_nodes_read_their_attributes_by_name():
     node = build_spec(doc([{"type": "conv2d", "channels": 3, "kernel": [3, 1]}],
                           input=(2, 2, 5, 5))).plan.layers[0]
