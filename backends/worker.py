@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -150,8 +151,9 @@ class _Spec:
         """Probe parameters, one training-mode forward, loss sum(output * C), backward (first
         in inference mode too where the spec asks: ``inference_grad/<name>``)."""
         a = self.adapter
-        self.inference_gradients(model)
+        self.arrays.update(self.inference_gradients(model))
         self.load_probe(model)
+        variances = a.variances_computed() if self.request.reference_variants else 0
         y, grads = a.gradients(model, self.x, self.cotangent)
         self.arrays["train_output"] = y
         self.arrays.update({f"grad/{n}": g for n, g in grads.items()})
@@ -166,29 +168,45 @@ class _Spec:
             finally:
                 a.running_var_estimator = "unbiased"
             self.arrays.update({f"reference_biased/{n}": v for n, v in a.values(model).items()})
-            self.float32_twin(model)
+            self.float32_twin(model, a.variances_computed() > variances)
 
-    def inference_gradients(self, model, prefix: str = "") -> None:
+    def inference_gradients(self, model, prefix: str = "") -> dict:
         """The spec's ``inference_gradients``: the gradient pass with batch norm from its
-        (probe) running statistics."""
-        if self.plan.inference_gradients:
-            self.load_probe(model)
-            _, grads = self.adapter.gradients(model, self.x, self.cotangent, training=False)
-            self.arrays.update({f"{prefix}inference_grad/{n}": g for n, g in grads.items()})
+        (probe) running statistics (no arrays where the spec does not ask for it)."""
+        if not self.plan.inference_gradients:
+            return {}
+        self.load_probe(model)
+        _, grads = self.adapter.gradients(model, self.x, self.cotangent, training=False)
+        return {f"{prefix}inference_grad/{n}": g for n, g in grads.items()}
 
-    def float32_twin(self, model) -> None:
+    def float32_twin(self, model, variances: bool) -> None:
         """The reference's float32 twin: the probe forward and the gradient pass again, the
         reference computing in float32. How far that moves each result from the float64 one is
-        how much float32 rounding alone can move it on this spec (the parent's tolerances)."""
+        how much float32 rounding alone can move it on this spec (the parent's tolerances).
+        A spec that computes ``variances`` (batch and layer norms) runs it twice, with the
+        one-pass variance Flax and Keras on PyTorch compute (which cancels where a normalized
+        input's mean is large against its spread) and then the two-pass one, and keeps per
+        array the run further from float64: float32 arithmetic a framework does by default
+        moves a result that far."""
+        one_pass = self._float32_run(model, one_pass_variance=True) if variances else {}
+        twin = self._float32_run(model, one_pass_variance=False)
+        for key, value in one_pass.items():
+            want = np.asarray(self.arrays[key.removeprefix("float32/")], np.float64)
+            if _distance(value, want) > _distance(twin[key], want):
+                twin[key] = value
+        self.arrays.update(twin)
+
+    def _float32_run(self, model, one_pass_variance: bool) -> dict:
         a = self.adapter
-        with a.computing_in(np.float32):
-            self.inference_gradients(model, "float32/")
+        with a.computing_in(np.float32, one_pass_variance):
+            out = self.inference_gradients(model, "float32/")
             self.load_probe(model)  # an inference-mode forward changes nothing: loaded once
-            self.arrays["float32/probe_output"] = a.forward(model, self.x)
+            out["float32/probe_output"] = a.forward(model, self.x)
             y, grads = a.gradients(model, self.x, self.cotangent)
-            self.arrays["float32/train_output"] = y
-            self.arrays.update({f"float32/grad/{n}": g for n, g in grads.items()})
-            self.arrays.update({f"float32/trained/{n}": v for n, v in a.values(model).items()})
+            out["float32/train_output"] = y
+            out.update({f"float32/grad/{n}": g for n, g in grads.items()})
+            out.update({f"float32/trained/{n}": v for n, v in a.values(model).items()})
+        return out
 
     def save_load(self, model) -> None:
         """Native save, a fresh model of the same plan, native load, the same output?"""
@@ -414,6 +432,15 @@ def _by_plan(flat: dict[str, np.ndarray], keyed: bool) -> dict[str, dict[str, np
         index, _, name = key.partition("/")
         out.setdefault(index, {})[name or ("x" if keyed else "")] = value
     return out
+
+
+def _distance(got, want: np.ndarray) -> float:
+    """max |got - want| (inf where the shapes differ or a value is not finite)."""
+    got = np.asarray(got, np.float64)
+    if got.shape != want.shape:
+        return math.inf
+    d = float(np.max(np.abs(got - want))) if got.size else 0.0
+    return d if math.isfinite(d) else math.inf
 
 
 def main(argv: list[str]) -> int:

@@ -357,7 +357,7 @@ class _BatchNorm(_Layer):
         if n < 2:  # torch: "Expected more than 1 value per channel when training"
             raise ValueError(f"batch_norm {node.path!r}: training mode needs more than 1 value "
                              f"per channel, got input shape {list(x.shape)}")
-        mean, var = x.mean(axis=axes), x.var(axis=axes)  # var: biased (divides by n)
+        mean, var = x.mean(axis=axes), kernels.variance(x, axes)  # biased (divides by n)
         batch_var = var * n / (n - 1) if ps.running_var_estimator == "unbiased" else var
         m = node.momentum
         ps.update(node, "running_mean", (1 - m) * p["running_mean"] + m * mean)
@@ -702,9 +702,14 @@ class Adapter(BaseAdapter):
         """The reference computes in float64 (its float32 twin in float32): a copy."""
         return np.array(arr, dtype=kernels.COMPUTE)
 
-    def computing_in(self, dtype):
-        """The reference's arithmetic in ``dtype`` while the context lasts: its float32 twin."""
-        return kernels.computing_in(dtype)
+    def computing_in(self, dtype, one_pass_variance: bool = False):
+        """The reference's arithmetic in ``dtype`` while the context lasts: its float32 twin
+        (variances in one pass where ``one_pass_variance``: ``kernels.ONE_PASS_VARIANCE``)."""
+        return kernels.computing_in(dtype, one_pass_variance)
+
+    def variances_computed(self) -> int:
+        """How many variances the reference has computed so far (batch and layer norms)."""
+        return kernels.VARIANCES
 
     def to_numpy(self, value) -> np.ndarray:
         """Outputs and gradients leave the reference as float32, as every framework's do."""

@@ -32,17 +32,37 @@ import numpy as np
 #: float32 rounding alone moves each result of a spec (``harness.analysis`` widens a check's
 #: tolerance to a multiple of that where the spec is ill-conditioned).
 COMPUTE = np.float64
+#: How ``variance`` computes: False, two passes, ``mean((x - mean(x))^2)`` (NumPy's ``var``, the
+#: reference); True, one pass, ``max(mean(x^2) - mean(x)^2, 0)``, as Flax's normalizations do by
+#: default (``use_fast_variance=True``) and Keras's ``ops.moments`` on PyTorch does: where a
+#: normalized input's mean is large against its spread that formula cancels, and a float32 twin
+#: computing it so shows how far that alone moves a result.
+ONE_PASS_VARIANCE = False
+#: how many variances were computed (``variance``): whether a spec computes any at all
+VARIANCES = 0
 
 
 @contextmanager
-def computing_in(dtype):
-    """The reference's arithmetic in ``dtype`` for the duration (parameters stay float32)."""
-    global COMPUTE
-    before, COMPUTE = COMPUTE, np.dtype(dtype).type
+def computing_in(dtype, one_pass_variance: bool = False):
+    """The reference's arithmetic in ``dtype`` for the duration (parameters stay float32),
+    variances in one pass where ``one_pass_variance``."""
+    global COMPUTE, ONE_PASS_VARIANCE
+    before = COMPUTE, ONE_PASS_VARIANCE
+    COMPUTE, ONE_PASS_VARIANCE = np.dtype(dtype).type, one_pass_variance
     try:
         yield
     finally:
-        COMPUTE = before
+        COMPUTE, ONE_PASS_VARIANCE = before
+
+
+def variance(x: np.ndarray, axis, keepdims: bool = False) -> np.ndarray:
+    """The biased variance of ``x`` over ``axis``, as ``ONE_PASS_VARIANCE`` says."""
+    global VARIANCES
+    VARIANCES += 1
+    if not ONE_PASS_VARIANCE:
+        return x.var(axis=axis, keepdims=keepdims)
+    mean = x.mean(axis=axis, keepdims=keepdims)
+    return np.maximum((x * x).mean(axis=axis, keepdims=keepdims) - mean * mean, 0)
 
 
 def _real(a) -> np.ndarray:
@@ -178,7 +198,7 @@ class LayerNorm:
         d = x.shape[-1]
         p = _params("layer_norm", p, {"weight": (d,), "bias": (d,)}, ("weight", "bias"))
         mean = x.mean(axis=-1, keepdims=True)
-        inv_std = 1 / np.sqrt(x.var(axis=-1, keepdims=True) + eps)
+        inv_std = 1 / np.sqrt(variance(x, -1, keepdims=True) + eps)
         xhat = (x - mean) * inv_std
         y = xhat * p["weight"] + p["bias"] if p else xhat
         return y, (p, xhat, inv_std)

@@ -822,6 +822,28 @@ def test_the_float32_twin_computes_in_float32_and_only_inside_its_context():
     assert kernels.COMPUTE is np.float64 and a.vjp(m, x, c)[0].dtype == np.float64
 
 
+def test_the_one_pass_variance_cancels_where_the_mean_dwarfs_the_spread():
+    """``computing_in(float32, one_pass_variance=True)``: the variance as E[x^2] - E[x]^2 (Flax's
+    and Keras-on-PyTorch's default), which in float32 loses the variance of values around 1000
+    spread by 0.01 where the two-pass one keeps it; the same formula in float64 agrees with
+    NumPy's; both formulas only inside the context, each call counted."""
+    from backends.numpy import kernels
+    x = (1000 + 0.01 * np.random.default_rng(0).standard_normal((4, 64))).astype(np.float32)
+    exact = x.astype(np.float64).var(axis=-1)
+    counted = kernels.VARIANCES
+    with kernels.computing_in(np.float32):
+        two_pass = kernels.variance(kernels._real(x), -1)
+    with kernels.computing_in(np.float32, one_pass_variance=True):
+        one_pass = kernels.variance(kernels._real(x), -1)
+    with kernels.computing_in(np.float64, one_pass_variance=True):
+        one_pass64 = kernels.variance(kernels._real(x), -1)
+    assert np.abs(two_pass - exact).max() < 1e-3 * exact.max()
+    assert np.abs(one_pass - exact).max() > 0.5 * exact.max()
+    assert np.abs(one_pass64 - exact).max() < 1e-3 * exact.max()
+    assert (one_pass >= 0).all() and not kernels.ONE_PASS_VARIANCE
+    assert kernels.VARIANCES == counted + 3
+
+
 # ----------------------------------------------------------- layer norm, GELU, dropout, embedding
 
 @pytest.mark.parametrize("fields,input_shape", [({}, (3, 5)), ({"affine": False}, (2, 3, 5)),
