@@ -302,14 +302,25 @@ def numerics_check(output: np.ndarray, reference: np.ndarray, detail: str,
                   float32)
 
 
+def reference_failed_check() -> Check:
+    """Where the NumPy reference ran but failed on a spec, every other backend's outputs and
+    gradients go uncompared: a failed check saying so, never a pass without its witness."""
+    return Check(NUMERICS, False, "not compared (the NumPy reference failed on this spec)",
+                 "the NumPy reference's outputs and gradients",
+                 "nothing to compare outputs and gradients with: see the numpy row")
+
+
 def analyze(spec: Spec, defaults: dict, backend: str, record: SpecRecord, arrays: dict,
             reference: dict | None, semantics: dict | None = None) -> Result:
     """Every check of one backend's record of one spec. ``reference`` is the NumPy
-    reference's arrays for the same spec (None: not compared); ``semantics`` what the
-    backend's backend.yaml declares (e.g. ``batch_norm_running_var: biased``)."""
+    reference's arrays for the same spec (None: not compared; empty: the reference ran but
+    failed on it, a failed check says so); ``semantics`` what the backend's backend.yaml
+    declares (e.g. ``batch_norm_running_var: biased``)."""
     result = Result(backend, record)
     if record.status != Status.OK:
         return result
+    if reference is not None and not reference:
+        result.checks.append(reference_failed_check())
     _structure_checks(result, spec, record)
     reported = {q.name: q for q in record.params}
     result.params = [_param_result(p, reported.get(p.name), arrays.get(f"param/{p.name}"),
